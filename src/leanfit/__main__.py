@@ -1,0 +1,5 @@
+import sys
+
+from leanfit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,170 @@
+"""The ``leanfit`` command line: a thin argparse layer over the registry and the runner.
+
+Errors caused by input or environment (:class:`leanfit.core.errors.LeanfitError`, argparse usage errors) print
+one line and exit with code 2. Heavy imports (torch, transformers) happen only inside the subcommands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+__all__ = ["build_parser", "main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (exit 2) instead of usage text + error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _add_run_options(p: argparse.ArgumentParser, *, default_out: str, resumable: bool) -> None:
+    p.add_argument("name", metavar="NAME", help="registered name (see `leanfit list`)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, dotted for nested fields (train.steps=100); see --help-config")  # fmt: skip
+    p.add_argument("--preset", default="quick", help="preset: quick (minutes) or full (what results quote)")
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config values (applied after the preset)")
+    p.add_argument("--out", default=default_out, metavar="DIR", help=f"output root (default: {default_out})")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--help-config", action="store_true", help="list every config key with type, default and help")
+    if resumable:
+        p.add_argument("--resume", action="store_true",
+                       help="continue the run folder of this command from its newest checkpoint")  # fmt: skip
+        p.add_argument("--run-id", metavar="ID",
+                       help="run folder name (default: <preset>-seed<seed>-<config hash>)")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from leanfit import __version__
+
+    parser = _Parser(prog="leanfit", description="Five recent methods in PyTorch, reproduced on offline data.")
+    parser.add_argument("--version", action="version", version=f"leanfit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    sub.add_parser("list", help="registered experiments and benchmarks")
+    p = sub.add_parser("run", help="run an experiment; writes OUT/<name>/<run-id>/ with a report")
+    _add_run_options(p, default_out=os.environ.get("LEANFIT_OUT", "runs"), resumable=True)
+    p = sub.add_parser("bench", help="run a micro-benchmark; writes CSV/JSON + plot with machine info")
+    _add_run_options(p, default_out="benchmarks/results", resumable=False)
+    p = sub.add_parser("report", help="(re)render a run's report.md from its records")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `leanfit run`")
+    p = sub.add_parser("demo", help="quick preset of every registered experiment, then an index report")
+    p.add_argument("--out", default="runs/demo", metavar="DIR", help="output root (default: runs/demo)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--fresh", action="store_true", help="rerun experiments whose quick run already completed")
+    p = sub.add_parser("data", help="offline data assets")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION", parser_class=_Parser)
+    dsub.add_parser("status", help="which offline assets are present, and how to install the missing ones")
+    pp = dsub.add_parser("prepare", help="build caches (tokenizers, converted models)")
+    pp.add_argument("assets", nargs="*", metavar="ASSET", help="asset names (default: every present asset)")
+    return parser
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from leanfit.core import registry
+
+    for kind, command in (("experiment", "run"), ("benchmark", "bench")):
+        print(f"{kind}s (leanfit {command} NAME):")
+        for e in registry.entries(kind):
+            print(f"  {e.name:<22} {e.description}")
+    return 0
+
+
+def _print_config_help(kind: str, name: str) -> int:
+    from leanfit.core import registry
+    from leanfit.core.config import config_help
+
+    entry = registry.get(kind, name)
+    print(f"config keys of {name} (presets: {', '.join(entry.presets)}):")
+    for key, tp, default, help_text in config_help(entry.config_cls):
+        print(f"  {key}: {tp} = {default}\n      {help_text}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    if args.help_config:
+        return _print_config_help("experiment", args.name)
+    from leanfit.core.runner import run_experiment
+
+    path, results = run_experiment(
+        args.name, preset=args.preset, config_file=args.config, overrides=args.overrides, out=args.out,
+        seed=args.seed, resume=args.resume, run_id=args.run_id,
+    )  # fmt: skip
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: {path}/report.md")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.help_config:
+        return _print_config_help("benchmark", args.name)
+    from leanfit.core.runner import run_benchmark
+
+    path = run_benchmark(args.name, preset=args.preset, config_file=args.config, overrides=args.overrides,
+                         out=args.out, seed=args.seed)  # fmt: skip
+    print(f"done: {path}/results.csv, {path}/report.md")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from leanfit.core.report import render_run
+
+    print(render_run(args.run_dir))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from leanfit.core.runner import run_demo
+
+    print(f"done: {run_demo(out=args.out, seed=args.seed, fresh=args.fresh)}")
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from leanfit.data import assets
+
+    if args.data_command == "prepare":
+        for message in assets.prepare(args.assets or None):
+            print(message)
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="leanfit offline assets")
+    for col in ("asset", "kind", "status", "description", "install"):
+        table.add_column(col)
+    rows = assets.status()
+    for r in rows:
+        status = "[green]present[/green]" if r["present"] else "[red]missing[/red]"
+        table.add_row(r["asset"], r["kind"], status, r["description"], "" if r["present"] else r["install"])
+    Console(width=160).print(table)
+    missing = [r for r in rows if not r["present"]]
+    print(f"{len(rows) - len(missing)} of {len(rows)} assets present" + (
+        "; install the missing ones with the commands above" if missing else ""))  # fmt: skip
+    return 0
+
+
+_COMMANDS = {"list": _cmd_list, "run": _cmd_run, "bench": _cmd_bench, "report": _cmd_report,
+             "demo": _cmd_demo, "data": _cmd_data}  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from leanfit.core.errors import LeanfitError
+
+    try:
+        return _COMMANDS[args.command](args)
+    except LeanfitError as exc:
+        print(f"leanfit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"leanfit {args.command}: interrupted; continue a run with the same command and --resume",
+              file=sys.stderr)  # fmt: skip
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Typed experiment configs: dataclasses with per-field help, YAML files and ``key=value`` overrides.
+
+A config is a ``@dataclass`` subclass of :class:`BaseConfig` whose fields are declared with :func:`option`
+(which records the help text). Values from YAML files and from the command line pass through one converter
+(:func:`coerce`) driven by the field annotations, so ``steps=200`` becomes an ``int`` and ``steps=2e2`` an error.
+Unknown keys are errors that list the valid ones. Nested dataclass fields are addressed with dotted keys
+(``model.d_model=128``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+from leanfit.core.errors import ConfigError
+
+__all__ = [
+    "BaseConfig",
+    "coerce",
+    "config_help",
+    "load_yaml",
+    "merge_nested",
+    "option",
+    "parse_overrides",
+]
+
+C = TypeVar("C", bound="BaseConfig")
+_MISSING = dataclasses.MISSING
+
+
+def option(default: Any = _MISSING, *, help: str, default_factory: Any = _MISSING) -> Any:  # noqa: A002
+    """A dataclass field with help text (shown by ``leanfit run NAME --help-config``)."""
+    if default is not _MISSING and default_factory is not _MISSING:
+        raise TypeError("option() takes default or default_factory, not both")
+    if isinstance(default, list | dict | set):
+        raise TypeError("use default_factory for mutable defaults")
+    kwargs: dict[str, Any] = {"metadata": {"help": help}}
+    if default is not _MISSING:
+        kwargs["default"] = default
+    if default_factory is not _MISSING:
+        kwargs["default_factory"] = default_factory
+    return dataclasses.field(**kwargs)
+
+
+@dataclasses.dataclass
+class BaseConfig:
+    """Base of every leanfit config. Subclasses validate cross-field constraints in ``__post_init__``."""
+
+    @classmethod
+    def from_dict(cls: type[C], values: Mapping[str, Any], *, where: str = "") -> C:
+        """Build a config from (possibly nested) plain values, converting types and rejecting unknown keys."""
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{where or cls.__name__} must be a mapping of keys to values, got {values!r}")
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            prefix = f"{where}." if where else ""
+            raise ConfigError(
+                f"unknown config key {prefix}{unknown[0]!r} for {cls.__name__}; valid keys: "
+                + ", ".join(prefix + k for k in fields)
+            )
+        kwargs = {}
+        for name, value in values.items():
+            key = f"{where}.{name}" if where else name
+            kwargs[name] = coerce(value, hints[name], key)
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(str(exc)) from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain (YAML/JSON-safe) nested dict of the fields."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def updated(self: C, values: Mapping[str, Any]) -> C:
+        """A copy with (nested) ``values`` applied on top of this config."""
+        return type(self).from_dict(merge_nested(self.to_dict(), values))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseConfig):
+        return value.to_dict()
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def merge_nested(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge: mappings in ``update`` merge into mappings in ``base``; other values replace."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_nested(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, name: str) -> Any:  # noqa: C901 - a flat dispatch on annotation kinds
+    """Convert ``value`` (typed YAML or a command-line string) to annotation ``tp``, or raise ConfigError."""
+    origin, args = get_origin(tp), get_args(tp)
+    if isinstance(value, str) and tp is not str and not (origin is Literal and value in args):
+        value = _parse_scalar(value)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, arg, name)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{name}={value!r} is invalid: expected {_type_name(tp)}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{name}={value!r} is invalid: expected one of {', '.join(repr(a) for a in args)}")
+    if isinstance(tp, type) and issubclass(tp, BaseConfig):
+        if isinstance(value, tp):
+            return value
+        return tp.from_dict(value, where=name)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            valid = ", ".join(repr(m.value) for m in tp)
+            raise ConfigError(f"{name}={value!r} is invalid: expected one of {valid}") from None
+    if origin in (list, tuple, Sequence) or tp in (list, tuple):
+        if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+            raise ConfigError(f"{name}={value!r} is invalid: expected a list such as [1, 2]")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{name}={value!r} is invalid: expected {len(args)} items")
+            return tuple(coerce(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+        item_tp = args[0] if args else Any
+        items = [coerce(v, item_tp, f"{name}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple or tp is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{name}={value!r} is invalid: expected a mapping such as {{a: 1}}")
+        return dict(value)
+    return _coerce_scalar(value, tp, name)
+
+
+def _coerce_scalar(value: Any, tp: Any, name: str) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}={value!r} is invalid: expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}={value!r} is invalid: expected an integer such as 100")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{name}={value!r} is invalid: expected a number such as 0.001")
+    if tp is str:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{name}={value!r} is invalid: expected a string")
+    if tp is Path:
+        if isinstance(value, str | os.PathLike):
+            return Path(value)
+        raise ConfigError(f"{name}={value!r} is invalid: expected a path")
+    raise TypeError(f"config field {name} has an unsupported annotation {tp!r}")
+
+
+def _parse_scalar(text: str) -> Any:
+    """Interpret a command-line string as YAML (``1`` -> int, ``1e-3`` -> float, ``[1,2]`` -> list)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string; accept it as a float
+            return float(value) if any(c.isdigit() for c in value) and value.strip() == text.strip() else value
+        except ValueError:
+            return value
+    return value
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["a=1", "model.d=2"]`` -> ``{"a": "1", "model": {"d": "2"}}`` (values stay strings for :func:`coerce`)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is invalid: expected key=value, for example steps=100")
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
+        node[parts[-1]] = value
+    return out
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML config file with ``yaml.safe_load``; the top level must be a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config={str(path)!r} is invalid: no such file; pass the path of a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError(f"--config={str(path)!r} is not valid YAML{where}; fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config={str(path)!r} must hold a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def config_help(cls: type[BaseConfig], prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """Rows (key, type, default, help) describing every field, nested fields with dotted keys."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = prefix + f.name
+        if isinstance(tp, type) and issubclass(tp, BaseConfig):
+            rows.extend(config_help(tp, key + "."))
+            continue
+        if f.default is not _MISSING:
+            default = repr(_plain(f.default))
+        elif f.default_factory is not _MISSING:
+            default = repr(_plain(f.default_factory()))
+        else:
+            default = "(required)"
+        rows.append((key, _type_name(tp), default, f.metadata.get("help", "")))
+    return rows

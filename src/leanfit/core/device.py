@@ -1,0 +1,75 @@
+"""Device, dtype and CPU-thread policy, in one place.
+
+``auto`` device picks CUDA, then MPS, then CPU. The thread policy exists because small CPU workloads (the tiny
+models of the quick presets) run fastest with one intra-op thread: see ``leanfit bench threads`` and
+``benchmarks/results/threads``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from leanfit.core.errors import ConfigError, bad_value
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["configure_threads", "resolve_device", "resolve_dtype"]
+
+_DTYPES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "float64": "float64", "fp64": "float64", "double": "float64",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+}  # fmt: skip
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps`` -> ``torch.device``, refusing devices that are absent."""
+    import torch
+
+    name = str(name).strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(bad_value("device", name, "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(bad_value("device", name, "a device present on this machine", "use device=auto or cpu"))
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(bad_value("device", name, f"an index below {torch.cuda.device_count()}"))
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
+    """``auto`` (bf16 on CUDA with support, else float32) or a name such as ``fp32``/``bf16``/``float64``."""
+    import torch
+
+    key = str(name).strip().lower()
+    if key == "auto":
+        if device is not None and device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if key not in _DTYPES:
+        raise ConfigError(bad_value("dtype", name, "auto, float32, float64, bfloat16 or float16"))
+    return getattr(torch, _DTYPES[key])
+
+
+def configure_threads(threads: int, *, small_workload: bool) -> int:
+    """Set torch's intra-op threads: ``threads > 0`` is taken as is; ``0`` (auto) picks 1 for small CPU
+    workloads and leaves torch's default (one per physical core) otherwise. Returns the number in force."""
+    import torch
+
+    if threads < 0:
+        raise ConfigError(bad_value("threads", threads, "0 (auto) or a positive count"))
+    if threads == 0:
+        env = os.environ.get("LEANFIT_THREADS")
+        threads = int(env) if env else (1 if small_workload else torch.get_num_threads())
+    torch.set_num_threads(threads)
+    return threads

@@ -1,0 +1,39 @@
+"""User-facing errors.
+
+Every error a user can cause derives from :class:`LeanfitError`. The CLI prints such errors as one line and exits
+with code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "LeanfitError",
+    "MissingDependencyError",
+    "RunExistsError",
+    "bad_value",
+]
+
+
+class LeanfitError(Exception):
+    """Base class of errors caused by input, environment or missing assets (CLI exit code 2)."""
+
+
+class ConfigError(LeanfitError, ValueError):
+    """A configuration key, value or combination is invalid."""
+
+
+class MissingDependencyError(LeanfitError, ImportError):
+    """An optional package or offline asset is not installed; the message says how to install it."""
+
+
+class RunExistsError(LeanfitError, FileExistsError):
+    """A run folder already exists and `--resume` was not given."""
+
+
+def bad_value(param: str, value: Any, expected: str, fix: str | None = None) -> str:
+    """Format the standard message: parameter, value received, what was expected, and the fix."""
+    msg = f"{param}={value!r} is invalid: expected {expected}"
+    return f"{msg}; {fix}" if fix else msg

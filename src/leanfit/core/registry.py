@@ -1,0 +1,112 @@
+"""Registry of experiments (``leanfit run NAME``) and benchmarks (``leanfit bench NAME``).
+
+A method registers its own entries from ``leanfit/<method>/experiment.py`` or ``bench.py``; :func:`discover`
+imports those modules (and any third-party ``leanfit.plugins`` entry point), so no central file names methods.
+Registration modules must stay light (configs only, heavy imports inside the run functions) because
+``leanfit list`` imports all of them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import pkgutil
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from leanfit.core.config import BaseConfig
+from leanfit.core.errors import ConfigError
+
+__all__ = ["Entry", "discover", "entries", "get", "register"]
+
+Kind = Literal["experiment", "benchmark"]
+_NAME = re.compile(r"^[a-z][a-z0-9-]*$")
+_REGISTRY: dict[Kind, dict[str, Entry]] = {"experiment": {}, "benchmark": {}}
+_DISCOVERED = False
+_REGISTRATION_MODULES = ("experiment", "bench")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered experiment or benchmark.
+
+    ``run(ctx) -> dict`` does the work and returns the results written to ``results.json``;
+    ``report(run, results) -> Report`` (optional) renders the markdown report; ``presets`` maps a preset name to
+    config overrides applied on top of the config defaults.
+    """
+
+    name: str
+    kind: Kind
+    description: str
+    config_cls: type[BaseConfig]
+    run: Callable[..., dict[str, Any]]
+    presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    report: Callable[..., Any] | None = None
+    in_demo: bool = True
+
+
+def register(
+    name: str,
+    *,
+    kind: Kind,
+    description: str,
+    config_cls: type[BaseConfig],
+    presets: Mapping[str, Mapping[str, Any]] | None = None,
+    report: Callable[..., Any] | None = None,
+    in_demo: bool = True,
+) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., dict[str, Any]]]:
+    """Decorator registering ``fn(ctx) -> results`` under ``name``."""
+    if not _NAME.match(name):
+        raise ValueError(f"name={name!r} is invalid: expected lowercase letters, digits and '-', e.g. 'lm-baseline'")
+    presets = dict(presets or {"quick": {}, "full": {}})
+    for required in ("quick", "full"):
+        if required not in presets:
+            raise ValueError(f"presets of {name!r} lack {required!r}; every entry defines 'quick' and 'full'")
+
+    def decorator(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+        existing = _REGISTRY[kind].get(name)
+        if existing is not None and existing.run.__module__ != fn.__module__:
+            raise ValueError(f"{kind} {name!r} is already registered by {existing.run.__module__}")
+        _REGISTRY[kind][name] = Entry(name, kind, description, config_cls, fn, presets, report, in_demo)
+        return fn
+
+    return decorator
+
+
+def discover() -> None:
+    """Import every ``leanfit.<pkg>.experiment`` / ``.bench`` module and ``leanfit.plugins`` entry points."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    import leanfit
+
+    for info in sorted(pkgutil.iter_modules(leanfit.__path__), key=lambda i: i.name):
+        if not info.ispkg or info.name == "core":
+            continue
+        for mod in _REGISTRATION_MODULES:
+            qual = f"leanfit.{info.name}.{mod}"
+            if importlib.util.find_spec(qual) is not None:
+                importlib.import_module(qual)
+    for ep in importlib.metadata.entry_points(group="leanfit.plugins"):
+        ep.load()
+    _DISCOVERED = True
+
+
+def entries(kind: Kind) -> list[Entry]:
+    discover()
+    return [_REGISTRY[kind][k] for k in sorted(_REGISTRY[kind])]
+
+
+def get(kind: Kind, name: str) -> Entry:
+    discover()
+    try:
+        return _REGISTRY[kind][name]
+    except KeyError:
+        valid = ", ".join(sorted(_REGISTRY[kind])) or "(none registered)"
+        command = "run" if kind == "experiment" else "bench"
+        raise ConfigError(
+            f"{kind} {name!r} is unknown; valid names: {valid} (see `leanfit list`, then `leanfit {command} NAME`)"
+        ) from None

@@ -1,0 +1,222 @@
+"""Resolve an experiment's config, prepare its run folder, run it, write results and the report.
+
+Config precedence (later wins): dataclass defaults < ``--preset`` < ``--config FILE.yaml`` < ``key=value``.
+The default run id is ``<preset>-seed<seed>-<hash of the resolved config>``, so re-issuing the same command with
+``--resume`` finds the same folder, and a changed config never resumes someone else's checkpoints.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from leanfit.core import registry
+from leanfit.core.config import BaseConfig, load_yaml, merge_nested, parse_overrides
+from leanfit.core.errors import ConfigError, LeanfitError, RunExistsError, bad_value
+from leanfit.core.io import sha256_bytes
+from leanfit.core.runs import RunDir, is_main_process
+
+__all__ = ["RunContext", "resolve_config", "run_experiment", "run_id_for"]
+
+
+@dataclass
+class RunContext:
+    """What an experiment's ``run(ctx)`` receives."""
+
+    name: str
+    config: Any
+    seed: int
+    run: RunDir
+    resume: bool
+    preset: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return is_main_process()
+
+
+def resolve_config(
+    entry: registry.Entry,
+    preset: str = "quick",
+    config_file: str | os.PathLike | None = None,
+    overrides: Sequence[str] | Mapping[str, Any] = (),
+) -> BaseConfig:
+    if preset not in entry.presets:
+        raise ConfigError(bad_value("--preset", preset, "one of " + ", ".join(entry.presets)))
+    values: dict[str, Any] = dict(entry.presets[preset])
+    if config_file is not None:
+        values = merge_nested(values, load_yaml(config_file))
+    extra = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    values = merge_nested(values, extra)
+    return entry.config_cls.from_dict(values)
+
+
+def run_id_for(preset: str, seed: int, config: BaseConfig) -> str:
+    digest = sha256_bytes(json.dumps(config.to_dict(), sort_keys=True).encode())[:8]
+    return f"{preset}-seed{seed}-{digest}"
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".leanfit-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST):
+            raise LeanfitError(
+                f"--out={str(out)!r} is not writable ({reason}); choose a writable folder with --out DIR"
+            ) from None
+        raise
+
+
+def _prepare_folder(run: RunDir, record: dict[str, Any], resume: bool) -> bool:
+    """Create or reopen the folder; returns True when the run is already complete."""
+    if run.path.exists() and any(run.path.iterdir()):
+        if not resume:
+            raise RunExistsError(
+                f"run folder {str(run.path)!r} already exists; pass --resume to continue it, "
+                "or --run-id NAME / --out DIR to start a new run"
+            )
+        saved = run.read_config()
+        if saved.get("config") != record["config"] or saved.get("seed") != record["seed"]:
+            diff = _first_difference(saved.get("config", {}), record["config"])
+            raise ConfigError(
+                f"--resume of {str(run.path)!r} with a different config ({diff}); "
+                "rerun with the original settings or start a new run with --run-id NAME"
+            )
+        return run.complete
+    return False
+
+
+def _first_difference(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> str:
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            if (found := _first_difference(va, vb, f"{prefix}{key}.")) != "no difference":
+                return found
+        elif va != vb:
+            return f"{prefix}{key}: saved {va!r}, now {vb!r}"
+    return "no difference"
+
+
+def run_experiment(
+    name: str,
+    *,
+    preset: str = "quick",
+    config_file: str | os.PathLike | None = None,
+    overrides: Sequence[str] | Mapping[str, Any] = (),
+    out: str | os.PathLike = "runs",
+    seed: int = 0,
+    resume: bool = False,
+    run_id: str | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Run experiment ``name`` and return (run folder, results)."""
+    from leanfit.core.env import environment_info
+    from leanfit.core.report import render_run
+    from leanfit.core.seed import seed_everything
+
+    entry = registry.get("experiment", name)
+    config = resolve_config(entry, preset, config_file, overrides)
+    if seed < 0:
+        raise ConfigError(bad_value("--seed", seed, "a non-negative integer"))
+    out = Path(out)
+    run = RunDir(out / name / (run_id or run_id_for(preset, seed, config)))
+    record = {"experiment": name, "kind": "experiment", "preset": preset, "seed": seed, "config": config.to_dict()}
+    if is_main_process():
+        _check_writable(out)
+        if _prepare_folder(run, record, resume):
+            return run.path, run.results() or {}
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.write_config(record)
+        run.write_env(environment_info())
+    seed_everything(seed)
+    ctx = RunContext(name=name, config=config, seed=seed, run=run, resume=resume, preset=preset)
+    start = time.perf_counter()
+    results = entry.run(ctx)
+    results = {**results, "wall_seconds": time.perf_counter() - start}
+    if is_main_process():
+        run.write_env(environment_info())
+        run.write_results(results)
+        render_run(run.path)
+    return run.path, results
+
+
+def run_benchmark(
+    name: str,
+    *,
+    preset: str = "quick",
+    config_file: str | os.PathLike | None = None,
+    overrides: Sequence[str] | Mapping[str, Any] = (),
+    out: str | os.PathLike = "benchmarks/results",
+    seed: int = 0,
+) -> Path:
+    """Run benchmark ``name`` into ``OUT/<name>/`` (replacing earlier results there): ``results.csv`` (one row
+    per measurement), ``results.json`` (rows + summary), ``env.json`` (machine), ``report.md`` and plots."""
+    from leanfit.core.env import environment_info
+    from leanfit.core.io import atomic_write_text
+    from leanfit.core.report import render_run
+    from leanfit.core.seed import seed_everything
+
+    entry = registry.get("benchmark", name)
+    config = resolve_config(entry, preset, config_file, overrides)
+    out = Path(out)
+    _check_writable(out)
+    run = RunDir(out / name)
+    run.path.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.jsonl", "results.json"):
+        (run.path / stale).unlink(missing_ok=True)
+    run.write_config({"experiment": name, "kind": "benchmark", "preset": preset, "seed": seed,
+                      "config": config.to_dict()})  # fmt: skip
+    seed_everything(seed)
+    ctx = RunContext(name=name, config=config, seed=seed, run=run, resume=False, preset=preset)
+    start = time.perf_counter()
+    results = entry.run(ctx)
+    results = {**results, "wall_seconds": time.perf_counter() - start}
+    run.write_env(environment_info())
+    run.write_results(results)
+    atomic_write_text(run.path / "results.csv", _csv(results.get("rows", [])))
+    render_run(run.path)
+    return run.path
+
+
+def _csv(rows: Sequence[Mapping[str, Any]]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def run_demo(out: str | os.PathLike = "runs/demo", seed: int = 0, fresh: bool = False) -> Path:
+    """The quick preset of every registered experiment, then ``OUT/index.md`` linking their reports.
+
+    Completed quick runs are reused (so a repeated ``make demo`` is cheap) unless ``fresh`` is set."""
+    import shutil
+
+    from leanfit.core.report import render_index
+
+    out = Path(out)
+    done = []
+    for entry in registry.entries("experiment"):
+        if not entry.in_demo:
+            continue
+        run_id = f"quick-seed{seed}"
+        if fresh:
+            shutil.rmtree(out / entry.name / run_id, ignore_errors=True)
+        print(f"== {entry.name}: {entry.description}")
+        path, results = run_experiment(entry.name, preset="quick", out=out, seed=seed, resume=True, run_id=run_id)
+        done.append((entry.name, path, results.get("headline", {})))
+    return render_index(out, done)
