@@ -151,8 +151,20 @@ _COMMANDS = {"list": _cmd_list, "run": _cmd_run, "bench": _cmd_bench, "report": 
              "demo": _cmd_demo, "data": _cmd_data}  # fmt: skip
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse, accepting ``key=value`` overrides anywhere after NAME (also after options such as --out)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     from leanfit.core.errors import LeanfitError
 
     try:

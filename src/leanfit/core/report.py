@@ -128,6 +128,8 @@ def default_report(run: RunDir, results: Mapping[str, Any]) -> Report:
     """Results table and one plot per numeric metric, for entries without a report function."""
     report = Report("Results")
     report.table([{"metric": k, "value": v} for k, v in results.items() if not isinstance(v, dict | list)])
+    if results.get("rows"):
+        report.table(results["rows"])
     metrics = run.metrics()
     keys = sorted({k for r in metrics for k, v in r.items() if k != "step" and isinstance(v, int | float)})
     for key in keys:

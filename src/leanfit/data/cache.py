@@ -37,13 +37,17 @@ def verify_folder(path: Path) -> bool:
 
 def cached_folder(path: Path, build: Callable[[Path], None], *, meta: dict | None = None) -> Path:
     """Return ``path`` after verifying it; (re)build it atomically with ``build(tmp_folder)`` when missing or
-    corrupted."""
-    if path.exists():
-        if verify_folder(path):
-            return path
-        log.warning("cache entry %s is corrupted (hash mismatch); rebuilding it", path)
-        shutil.rmtree(path, ignore_errors=True)
-    with atomic_dir(path) as tmp:
-        build(tmp)
-        atomic_write_json(tmp / MANIFEST, {"meta": meta or {}, "files": sha256_tree(tmp, exclude=(MANIFEST,))})
+    corrupted. A file lock makes concurrent processes (e.g. the ranks of a ``torchrun`` job) build it once."""
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            if verify_folder(path):
+                return path
+            log.warning("cache entry %s is corrupted (hash mismatch); rebuilding it", path)
+            shutil.rmtree(path, ignore_errors=True)
+        with atomic_dir(path) as tmp:
+            build(tmp)
+            atomic_write_json(tmp / MANIFEST, {"meta": meta or {}, "files": sha256_tree(tmp, exclude=(MANIFEST,))})
     return path

@@ -121,7 +121,7 @@ def train_lm(
     seed: int,
     resume: bool,
     loss_fn: LossFn = next_token_loss,
-    small_workload: bool = True,
+    small_workload: bool = False,
     description: str = "training",
     final_eval: dict[str, torch.Tensor] | None = None,
 ) -> tuple[Any, TrainResult]:
