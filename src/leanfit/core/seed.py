@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 
-__all__ = ["derive_seed", "seed_everything", "set_deterministic"]
+__all__ = ["derive_seed", "seed_everything"]
 
 
 def seed_everything(seed: int) -> None:
@@ -24,13 +23,3 @@ def derive_seed(seed: int, *parts: object) -> int:
     text = "/".join([str(seed), *map(str, parts)])
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
-
-def set_deterministic(enabled: bool = True) -> None:
-    """Ask torch for deterministic kernels (warn-only, so ops without one still run)."""
-    import torch
-
-    if enabled:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(enabled, warn_only=True)
-    if torch.backends.cudnn.is_available():
-        torch.backends.cudnn.benchmark = not enabled

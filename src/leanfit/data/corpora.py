@@ -141,9 +141,14 @@ def gcide() -> list[Document]:
         text = fh.read()
     groups: dict[str, list[str]] = {}
     for entry in re.split(r"\n(?=\S)", text):
-        key = entry[:1].lower()
-        if key.isalpha():
-            groups.setdefault(key, []).append(entry.strip())
+        entry = entry.strip()
+        # dictd entries are a headword line followed by indented definition lines; the licence header lines,
+        # the 00-database-* metadata and the ===/Begin-file banners are not entries
+        if entry.startswith(("00-", "=")) or "\n" not in entry:
+            continue
+        key = next((c.lower() for c in entry.split("\n", 1)[0] if c.isalpha()), None)
+        if key is not None and key.isascii():
+            groups.setdefault(key, []).append(entry)
     return [Document(f"gcide/{k}", "\n".join(v)) for k, v in sorted(groups.items())]
 
 
@@ -153,7 +158,9 @@ def local_text(path: str | Path) -> list[Document]:
     files = [path] if path.is_file() else sorted(path.rglob("*.txt"))
     if not files:
         raise ConfigError(bad_value("corpus", str(path), "a .txt file or a folder containing .txt files"))
-    return [Document(f.relative_to(path).as_posix() if path.is_dir() else f.name, f.read_text("utf-8")) for f in files]
+    if path.is_file():
+        return [Document(path.name, path.read_text("utf-8"))]
+    return [Document(f"{path.name}/{f.relative_to(path).as_posix()}", f.read_text("utf-8")) for f in files]
 
 
 def hf_dataset(spec: str, text_column: str = "text") -> list[Document]:
@@ -212,6 +219,11 @@ def split_documents(
     ordered = sorted(docs, key=lambda d: hashlib.sha256(d.name.encode()).hexdigest())
     n_valid = max(1, round(valid_fraction * len(docs))) if valid_fraction else 0
     n_test = max(1, round(test_fraction * len(docs))) if test_fraction else 0
+    if n_valid + n_test >= len(docs):
+        raise ConfigError(
+            f"valid_fraction={valid_fraction}, test_fraction={test_fraction} leave no training document out of "
+            f"{len(docs)}; lower the fractions or add documents"
+        )
     valid, test = ordered[:n_valid], ordered[n_valid : n_valid + n_test]
     train = sorted(ordered[n_valid + n_test :], key=lambda d: d.name)
     return train, sorted(valid, key=lambda d: d.name), sorted(test, key=lambda d: d.name)

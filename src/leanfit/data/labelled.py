@@ -10,6 +10,7 @@ import hashlib
 import io
 from dataclasses import dataclass
 
+from leanfit.core.errors import ConfigError, bad_value
 from leanfit.data._packages import package_dir
 
 __all__ = ["LabelledText", "bbc_news", "rotten_tomatoes"]
@@ -30,6 +31,9 @@ class LabelledText:
 
     def split(self, valid_fraction: float = 0.1, test_fraction: float = 0.1) -> dict[str, LabelledText]:
         """Deterministic split by group hash into ``train``/``valid``/``test``."""
+        if not 0 <= valid_fraction < 1 or not 0 <= test_fraction < 1 or valid_fraction + test_fraction >= 1:
+            raise ConfigError(bad_value("valid_fraction/test_fraction", (valid_fraction, test_fraction),
+                                        "fractions in [0, 1) summing below 1"))  # fmt: skip
         buckets: dict[str, list[int]] = {"train": [], "valid": [], "test": []}
         for i, group in enumerate(self.groups):
             u = int(hashlib.sha256(group.encode()).hexdigest()[:8], 16) / 16**8

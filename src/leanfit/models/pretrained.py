@@ -10,12 +10,12 @@ Cached conversions are verified by sha256 on load and rebuilt when corrupted.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from leanfit.core.io import sha256_bytes
 from leanfit.data._packages import package_dir
 from leanfit.data.cache import cache_dir, cached_folder
 
@@ -57,7 +57,8 @@ def convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
 
 def _smollm2() -> Path:
     folder, gguf_file = _smollm2_source()
-    key = f"smollm2-135m-instruct-{os.stat(folder / gguf_file).st_size}"
+    with open(folder / gguf_file, "rb") as fh:  # the first MiB identifies the release (header + metadata)
+        key = f"smollm2-135m-instruct-{sha256_bytes(fh.read(1 << 20))[:16]}"
     return cached_folder(cache_dir("models", key), lambda tmp: convert_gguf(folder, gguf_file, tmp),
                          meta={"source": str(folder / gguf_file)})  # fmt: skip
 

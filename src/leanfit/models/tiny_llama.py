@@ -29,11 +29,13 @@ def tiny_llama(
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if d_model % n_heads:
-        raise ConfigError(bad_value("d_model", d_model, f"a multiple of n_heads={n_heads}"))
-    for name, value in (("vocab_size", vocab_size), ("n_layers", n_layers), ("max_seq_len", max_seq_len)):
+    sizes = {"vocab_size": vocab_size, "d_model": d_model, "n_layers": n_layers, "n_heads": n_heads,
+             "max_seq_len": max_seq_len}  # fmt: skip
+    for name, value in sizes.items():
         if value < 1:
             raise ConfigError(bad_value(name, value, "a positive integer"))
+    if d_model % n_heads:
+        raise ConfigError(bad_value("d_model", d_model, f"a multiple of n_heads={n_heads}"))
     intermediate = int(round(ffn_mult * d_model / 32)) * 32 or 32
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=d_model, intermediate_size=intermediate, num_hidden_layers=n_layers,
@@ -41,8 +43,8 @@ def tiny_llama(
         tie_word_embeddings=tie_embeddings, bos_token_id=0, eos_token_id=0, pad_token_id=1,
         attention_dropout=0.0, rms_norm_eps=1e-5,
     )  # fmt: skip
+    if seed is None:
+        return LlamaForCausalLM(config)
     with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    return model
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
