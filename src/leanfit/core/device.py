@@ -1,8 +1,8 @@
 """Device, dtype and CPU-thread policy, in one place.
 
 ``auto`` device picks CUDA, then MPS, then CPU. Thread policy, from ``leanfit bench threads``
-(``benchmarks/results/threads``): training even the smallest tiny Llama of the presets (d_model 32-512) is
-1.7-1.85x faster with 2 threads than with 1 on a 2-core machine, so LM work keeps torch's default (one thread per
+(``benchmarks/results/threads``): training tiny Llamas of d_model 32-512 (V=8,192) is
+1.6-1.8x faster with 2 threads than with 1 on a 2-core machine, so LM work keeps torch's default (one thread per
 core); workloads made of many tiny ops (per-sample solvers, small estimators) declare ``small_workload`` and get
 one thread, which avoids thread-pool overhead that exceeds their per-op work.
 """
