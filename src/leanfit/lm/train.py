@@ -154,7 +154,7 @@ def train_lm(
         start = resumed_from = state["step"]
         train_seconds, loss_n = state["train_seconds"], state["loss_n"]
         loss_sum = torch.tensor(state["loss_sum"], dtype=torch.float64)
-        run.truncate_metrics(start)
+    run.truncate_metrics(start)  # records logged after the checkpoint (or before a first one) are redone
     tokens_per_step = cfg.batch_size * cfg.seq_len
     with progress_bar(cfg.steps, description, enabled=acc.is_main_process, completed=start) as bar:
         for step in range(start + 1, cfg.steps + 1):
