@@ -1,0 +1,30 @@
+"""VQ-Logits (arXiv 2505.10202): a K-code output head with exact collapsed loss, log-probs and decoding.
+
+Names are imported lazily so that registering this package's experiments does not import torch."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ClusterTables": "functional",
+    "cluster_log_normalizers": "functional",
+    "collapsed_argmax": "functional",
+    "collapsed_cross_entropy": "functional",
+    "collapsed_log_prob": "functional",
+    "collapsed_sample": "functional",
+    "materialized_logits": "functional",
+    "VQLogitsHead": "head",
+    "MAPPINGS": "mapping",
+    "build_mapping": "mapping",
+    "unigram_floor": "mapping",
+    "validate_mapping": "mapping",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"leanfit.vq_logits.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'leanfit.vq_logits' has no attribute {name!r}")

@@ -1,0 +1,252 @@
+"""Exact collapsed computations for a VQ-Logits output head, never materialising N x V logits.
+
+The head scores token ``v`` as ``l_v = z_{M(v)} + b_v`` with ``z = h C^T`` (codebook ``C``: K x d, map ``M``: V -> K,
+optional per-token bias ``b``). With ``B_k = logsumexp_{v in k} b_v`` (``log n_k`` without bias, ``-inf`` for an
+empty cluster):
+
+- ``logsumexp_v l_v = logsumexp_k (z_k + B_k)``, so the full-softmax loss is a K-way computation plus lookups:
+  ``-log p(y) = logsumexp_k(z_k + B_k) - z_{M(y)} - b_y``;
+- ``p(v) = softmax(z + B)_{M(v)} * exp(b_v - B_{M(v)})``: sampling draws a cluster, then a token of that cluster
+  from a fixed table (:class:`ClusterTables`);
+- greedy decoding is ``argmax_k (z_k + max_{v in k} b_v)``, then that cluster's best token.
+
+All functions use plain differentiable torch ops (no custom autograd), so gradients are exact by construction;
+the tests compare every quantity with the materialised head in float64. ``materialized_logits`` exists only for
+parity checks and as the paper's gather form (``mode="gather"``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "ClusterTables",
+    "cluster_log_normalizers",
+    "collapsed_argmax",
+    "collapsed_cross_entropy",
+    "collapsed_log_prob",
+    "collapsed_logsumexp",
+    "collapsed_sample",
+    "materialized_logits",
+]
+
+Reduction = Literal["mean", "sum", "none"]
+
+
+def code_logits(hidden: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """``z = hidden @ codebook.T`` upcast to at least float32: (N, K)."""
+    z = hidden @ codebook.t()
+    return z if z.dtype in (torch.float32, torch.float64) else z.float()
+
+
+def cluster_log_normalizers(mapping: torch.Tensor, num_codes: int, bias: torch.Tensor | None = None,
+                            dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
+    """``B_k = logsumexp_{v: M(v)=k} b_v`` (``log n_k`` without bias; ``-inf`` for empty clusters): (K,).
+
+    Differentiable in ``bias`` (the per-cluster max is a detached shift)."""
+    if bias is None:
+        counts = torch.bincount(mapping, minlength=num_codes).to(dtype)
+        return counts.log()  # log 0 = -inf for empty clusters
+    b = bias.to(torch.promote_types(bias.dtype, dtype))
+    shift = torch.full((num_codes,), -math.inf, dtype=b.dtype, device=b.device)
+    shift = shift.scatter_reduce(0, mapping, b.detach(), reduce="amax", include_self=True)
+    finite = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    sums = torch.zeros(num_codes, dtype=b.dtype, device=b.device).index_add(0, mapping, (b - finite[mapping]).exp())
+    return sums.log() + finite  # empty: log 0 + 0 = -inf
+
+
+def collapsed_logsumexp(z: torch.Tensor, log_norm: torch.Tensor) -> torch.Tensor:
+    """``logsumexp_v l_v`` per row from code logits ``z`` (N, K) and ``B`` (K,): (N,)."""
+    return torch.logsumexp(z + log_norm.to(z.dtype), dim=-1)
+
+
+def collapsed_cross_entropy(
+    hidden: torch.Tensor,
+    codebook: torch.Tensor,
+    mapping: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """Cross-entropy over the full vocabulary of the VQ head, in O(N K + V).
+
+    hidden: (N, d); codebook: (K, d); mapping: (V,) int64 in [0, K); labels: (N,) in [0, V) or ``ignore_index``;
+    bias: (V,) or None. ``reduction="mean"`` averages over non-ignored labels (as ``F.cross_entropy``)."""
+    z = code_logits(hidden, codebook)
+    log_norm = cluster_log_normalizers(mapping, codebook.shape[0], bias, dtype=z.dtype)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    nll = collapsed_logsumexp(z, log_norm) - z.gather(1, mapping[safe].unsqueeze(1)).squeeze(1)
+    if bias is not None:
+        nll = nll - bias[safe].to(nll.dtype)
+    nll = torch.where(valid, nll, torch.zeros_like(nll))
+    if reduction == "none":
+        return nll
+    if reduction == "sum":
+        return nll.sum()
+    return nll.sum() / valid.sum()  # 0/0 = nan when every label is ignored, as F.cross_entropy
+
+
+def collapsed_log_prob(hidden: torch.Tensor, codebook: torch.Tensor, mapping: torch.Tensor, tokens: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """``log p(tokens[i] | hidden[i])``: (N,)."""
+    return -collapsed_cross_entropy(hidden, codebook, mapping, tokens, bias, ignore_index=-(2**62), reduction="none")
+
+
+def materialized_logits(hidden: torch.Tensor, codebook: torch.Tensor, mapping: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The (N, V) logits by gathering code logits (the paper's form); for parity checks and fallbacks only."""
+    logits = code_logits(hidden, codebook)[:, mapping]
+    return logits if bias is None else logits + bias.to(logits.dtype)
+
+
+@dataclass(frozen=True)
+class ClusterTables:
+    """Per-cluster decoding tables, built once per (mapping, bias) in O(V log V).
+
+    Tokens are laid out cluster by cluster (``offsets``), by descending bias within a cluster (``order``,
+    ``sorted_bias``). ``keys`` lets one ``searchsorted`` count, for any cluster and threshold, how many of its
+    tokens have bias >= threshold: ``keys[j] = cluster(j) * R + rank(-sorted_bias[j])`` with ``uniq`` the sorted
+    distinct values of ``-sorted_bias``; integers, so the counts are exact.
+    """
+
+    num_codes: int
+    order: torch.Tensor  # (V,) token ids, grouped by cluster, bias descending
+    offsets: torch.Tensor  # (K + 1,)
+    sorted_bias: torch.Tensor  # (V,) float64
+    bias_max: torch.Tensor  # (K,) float64, -inf for empty clusters
+    keys: torch.Tensor  # (V,) int64
+    uniq: torch.Tensor  # (U,) float64 ascending
+    segment: torch.Tensor  # (V,) cluster of each position
+
+    @classmethod
+    def build(cls, mapping: torch.Tensor, num_codes: int, bias: torch.Tensor | None = None) -> ClusterTables:
+        b = (bias.detach() if bias is not None else torch.zeros(mapping.numel(), device=mapping.device)).double()
+        # sort by cluster, then bias descending: lexicographic via two stable sorts
+        by_bias = torch.argsort(-b, stable=True)
+        order = by_bias[torch.argsort(mapping[by_bias], stable=True)]
+        segment = mapping[order]
+        counts = torch.bincount(mapping, minlength=num_codes)
+        offsets = torch.zeros(num_codes + 1, dtype=torch.long, device=mapping.device)
+        offsets[1:] = counts.cumsum(0)
+        sorted_bias = b[order]
+        bias_max = torch.full((num_codes,), -math.inf, dtype=torch.float64, device=b.device)
+        nonempty = counts > 0
+        bias_max[nonempty] = sorted_bias[offsets[:-1][nonempty]]
+        uniq, rank = torch.unique(-sorted_bias, sorted=True, return_inverse=True)
+        keys = segment * (uniq.numel() + 1) + rank
+        return cls(num_codes, order, offsets, sorted_bias, bias_max, keys, uniq, segment)
+
+    def count_at_least(self, thresholds: torch.Tensor) -> torch.Tensor:
+        """For thresholds (N, K): number of tokens of cluster k with bias >= thresholds[i, k]: (N, K) int64."""
+        # bias >= x  <=>  -bias <= -x  <=>  rank(-bias) < #(uniq <= -x)
+        q = torch.searchsorted(self.uniq, (-thresholds).contiguous(), right=True)
+        cluster = torch.arange(self.num_codes, device=q.device)
+        ends = torch.searchsorted(self.keys, cluster * (self.uniq.numel() + 1) + q, right=False)
+        return ends - self.offsets[:-1]
+
+    def prefix_mass(self, temperature: float) -> torch.Tensor:
+        """Prefix sums of ``exp((b - max_k b) / T)`` in layout order with a leading 0: (V + 1,) float64. The kept
+        prefix of cluster k holding ``c`` tokens has mass ``pm[offsets[k] + c] - pm[offsets[k]]`` (each cluster's
+        best token contributes exactly 1, so cluster masses never underflow)."""
+        shifted = ((self.sorted_bias - self.bias_max[self.segment]) / temperature).exp()
+        pm = torch.zeros(shifted.numel() + 1, dtype=torch.float64, device=shifted.device)
+        pm[1:] = shifted.cumsum(0)
+        return pm
+
+
+def collapsed_argmax(hidden: torch.Tensor, codebook: torch.Tensor, tables: ClusterTables) -> torch.Tensor:
+    """Greedy token per row, ``argmax_v l_v``, in O(N K): (N,)."""
+    z = code_logits(hidden, codebook).double()
+    k = (z + tables.bias_max).argmax(dim=-1)
+    return tables.order[tables.offsets[k]]
+
+
+def _top_k_thresholds(z: torch.Tensor, tables: ClusterTables, top_k: int) -> torch.Tensor:
+    """Per-cluster bias thresholds (N, K) keeping every token whose logit is >= the k-th largest logit.
+
+    The top-k tokens lie in the top-k clusters by best-token logit and among each one's top-k biases, so k*k
+    candidates give the k-th value ``z_c + b`` exactly; it is kept in bias space (``b`` for its own cluster, so the
+    boundary token is never lost to rounding)."""
+    kc = min(top_k, tables.num_codes)
+    top_clusters = (z + tables.bias_max).topk(kc, dim=-1).indices  # (N, kc)
+    pos = tables.offsets[top_clusters].unsqueeze(-1) + torch.arange(top_k, device=z.device)  # (N, kc, k)
+    inside = pos < tables.offsets[top_clusters + 1].unsqueeze(-1)
+    cand_bias = torch.where(inside, tables.sorted_bias[pos.clamp(max=tables.sorted_bias.numel() - 1)], -math.inf)
+    cand = (z.gather(1, top_clusters).unsqueeze(-1) + cand_bias).flatten(1)
+    idx = cand.topk(min(top_k, cand.shape[1]), dim=-1).indices[:, -1]  # the k-th largest candidate
+    c_star = top_clusters.gather(1, (idx // top_k).unsqueeze(1)).squeeze(1)
+    b_star = cand_bias.flatten(1).gather(1, idx.unsqueeze(1)).squeeze(1)
+    thresholds = b_star.unsqueeze(1) + (z.gather(1, c_star.unsqueeze(1)) - z)
+    return thresholds.scatter(1, c_star.unsqueeze(1), b_star.unsqueeze(1))
+
+
+def collapsed_sample(
+    hidden: torch.Tensor,
+    codebook: torch.Tensor,
+    tables: ClusterTables,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Sample one token per row from ``softmax(l / T)`` restricted as Hugging Face's top-k (keep every token whose
+    logit is >= the k-th largest) and then top-p (smallest set of most likely tokens with mass >= p) warpers do.
+
+    Cost per row is O(K log V) (O(K d) for the code logits), independent of V up to the logarithm: a cluster is
+    drawn from the truncated cluster masses, then a token by inverse CDF within that cluster's kept prefix."""
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} is invalid: expected > 0; use argmax() for greedy decoding")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} is invalid: expected a probability in (0, 1]")
+    z = code_logits(hidden, codebook).double()  # (N, K)
+    thresholds = torch.full_like(z, -math.inf)
+    if top_k is not None and top_k > 0:
+        thresholds = _top_k_thresholds(z, tables, top_k)
+    pm = tables.prefix_mass(temperature)
+    starts = tables.offsets[:-1]
+
+    def kept(bias_thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(counts, log masses) of the kept prefix of every cluster: (N, K) each."""
+        counts = tables.count_at_least(bias_thresholds)
+        within = pm[starts + counts] - pm[starts]
+        best = (z + tables.bias_max) / temperature
+        return counts, torch.where(counts > 0, best + within.clamp_min(1e-300).log(), -math.inf)
+
+    counts, log_w = kept(thresholds)
+    if top_p is not None and top_p < 1.0:
+        counts, log_w = _nucleus(kept, thresholds, log_w, z, top_p, tables.bias_max)
+    cluster = torch.multinomial(torch.softmax(log_w, dim=-1), 1, generator=generator).squeeze(1)
+    # inverse CDF within the kept prefix of the drawn cluster
+    start = starts[cluster]
+    n_kept = counts.gather(1, cluster.unsqueeze(1)).squeeze(1)
+    u = torch.rand(z.shape[0], generator=generator, dtype=torch.float64, device=z.device)
+    target = pm[start] + u * (pm[start + n_kept] - pm[start])
+    pos = torch.searchsorted(pm, target, right=True) - 1  # pm[pos] <= target < pm[pos + 1]
+    pos = torch.minimum(torch.maximum(pos, start), start + n_kept - 1)
+    return tables.order[pos]
+
+
+def _nucleus(kept, thresholds, log_w, z, top_p, bias_max):  # noqa: ANN001, ANN202 - helper of collapsed_sample
+    """Raise each row's logit cutoff to the largest value whose >= set still holds mass >= top_p of what top-k
+    left, by bisection on the cutoff (every step is an exact count); z: (N, K) code logits."""
+    best = z + bias_max
+    total = torch.logsumexp(log_w, dim=-1)
+    lo = torch.where(torch.isfinite(best), best, math.inf).min(dim=-1).values - 1.0  # keeps all top-k left
+    hi = best.max(dim=-1).values  # keeps only the best token(s)
+    log_p = math.log(top_p)
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        _, lw = kept(torch.maximum(thresholds, mid.unsqueeze(1) - z))
+        enough = torch.logsumexp(lw, dim=-1) - total >= log_p
+        lo, hi = torch.where(enough, mid, lo), torch.where(enough, hi, mid)
+        if bool(((hi - lo) <= 1e-13 * hi.abs().clamp_min(1.0)).all()):
+            break
+    return kept(torch.maximum(thresholds, lo.unsqueeze(1) - z))

@@ -1,0 +1,178 @@
+"""``VQLogitsHead``: a K-code output head (codebook + fixed token->code map + optional per-token bias) with the
+exact collapsed loss, log-probs, greedy choice and sampling of :mod:`leanfit.vq_logits.functional`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import nn
+
+from leanfit.vq_logits import functional as VF
+from leanfit.vq_logits.mapping import build_mapping, unigram_floor, validate_mapping
+
+__all__ = ["VQLogitsHead"]
+
+Mode = Literal["collapsed", "gather"]
+
+
+class VQLogitsHead(nn.Module):
+    """Output head scoring token ``v`` as ``h . C[M(v)] + b_v``.
+
+    Parameters: ``codebook`` (K, d) and, with ``token_bias``, ``bias`` (V,); buffer ``mapping`` (V,) int64.
+    ``mode="collapsed"`` (default) computes the loss in O(N K + V); ``mode="gather"`` materialises the N x V
+    logits first, as the paper does (for comparison). ``forward(hidden)`` returns the materialised logits so the
+    head can stand in for an ``nn.Linear`` anywhere; use :meth:`loss` / :meth:`sample` for the fast paths.
+    """
+
+    def __init__(self, hidden_size: int, mapping: torch.Tensor, num_codes: int, *, token_bias: bool = True,
+                 mode: Mode = "collapsed", device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:  # fmt: skip
+        super().__init__()
+        if hidden_size < 1:
+            raise ValueError(f"hidden_size={hidden_size} is invalid: expected a positive integer")
+        if mode not in ("collapsed", "gather"):
+            raise ValueError(f"mode={mode!r} is invalid: expected 'collapsed' or 'gather'")
+        vocab_size = mapping.numel() if isinstance(mapping, torch.Tensor) else 0
+        if not 1 <= num_codes <= max(vocab_size, 1):
+            raise ValueError(f"num_codes={num_codes} is invalid: expected 1 <= num_codes <= V={vocab_size}")
+        self.hidden_size, self.vocab_size, self.num_codes, self.mode = hidden_size, vocab_size, num_codes, mode
+        self.register_buffer("mapping", validate_mapping(mapping, vocab_size, num_codes).to(device))
+        self.codebook = nn.Parameter(torch.empty(num_codes, hidden_size, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(vocab_size, device=device, dtype=dtype)) if token_bias else None
+        nn.init.normal_(self.codebook, std=hidden_size**-0.5)
+        self._tables: tuple[tuple[int, ...], VF.ClusterTables] | None = None
+
+    # --- constructors ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_scratch(cls, hidden_size: int, vocab_size: int, num_codes: int, *,
+                     mapping: str | Callable[..., torch.Tensor] = "equal_mass", counts: torch.Tensor | None = None,
+                     token_bias: bool = True, seed: int = 0, mode: Mode = "collapsed") -> VQLogitsHead:  # fmt: skip
+        """A freshly initialised head; frequency-based maps need token ``counts`` (V,)."""
+        m = build_mapping(mapping, vocab_size=vocab_size, num_codes=num_codes, counts=counts, seed=seed,
+                          embeddings=torch.randn(vocab_size, hidden_size, generator=torch.Generator().manual_seed(seed)))  # fmt: skip
+        head = cls(hidden_size, m, num_codes, token_bias=token_bias, mode=mode)
+        if token_bias and counts is not None:
+            head._init_bias_from_counts(counts)
+        return head
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, num_codes: int, *,
+                    mapping: str | Callable[..., torch.Tensor] | torch.Tensor = "kmeans",
+                    counts: torch.Tensor | None = None, token_bias: bool = True, seed: int = 0,
+                    mode: Mode = "collapsed") -> VQLogitsHead:  # fmt: skip
+        """Compress a trained output layer (the paper's Option A): codes are the mean output embedding of their
+        tokens; with ``token_bias`` and ``counts`` the bias starts at each token's log-share of its cluster's
+        unigram mass (plus the layer's own bias, if any)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear={type(linear).__name__} is invalid: expected an nn.Linear output layer (V x d)")
+        weight = linear.weight.detach()
+        vocab_size, hidden_size = weight.shape
+        if isinstance(mapping, torch.Tensor):
+            m = validate_mapping(mapping, vocab_size, num_codes)
+        else:
+            m = build_mapping(mapping, vocab_size=vocab_size, num_codes=num_codes, embeddings=weight, counts=counts,
+                              seed=seed)  # fmt: skip
+        head = cls(hidden_size, m.to(weight.device), num_codes, token_bias=token_bias, mode=mode,
+                   device=weight.device, dtype=weight.dtype)  # fmt: skip
+        with torch.no_grad():
+            sums = torch.zeros(num_codes, hidden_size, dtype=torch.float64, device=weight.device)
+            sums.index_add_(0, head.mapping, weight.double())
+            n = torch.bincount(head.mapping, minlength=num_codes).clamp_min(1).unsqueeze(1)
+            head.codebook.copy_((sums / n).to(weight.dtype))
+            if token_bias and counts is not None:
+                head._init_bias_from_counts(counts)
+            if token_bias and linear.bias is not None:
+                head.bias.add_(linear.bias.detach())
+        return head
+
+    def _init_bias_from_counts(self, counts: torch.Tensor) -> None:
+        with torch.no_grad():
+            p = counts.double().to(self.mapping.device) + 0.5
+            mass = torch.zeros(self.num_codes, dtype=torch.float64, device=p.device).index_add(0, self.mapping, p)
+            self.bias.copy_((p / mass[self.mapping]).log().to(self.bias.dtype))
+
+    # --- checks ----------------------------------------------------------------------------------------------
+    def _flat(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden has size {hidden.shape[-1]} in its last dimension: expected {self.hidden_size} "
+                             "(the head's hidden_size)")  # fmt: skip
+        if not torch.isfinite(hidden).all():
+            raise ValueError("hidden contains NaN or inf: the trunk diverged or received bad inputs; "
+                             "check the learning rate and mixed-precision settings")  # fmt: skip
+        return hidden.reshape(-1, self.hidden_size)
+
+    def _check_tokens(self, tokens: torch.Tensor, name: str, ignore_index: int | None = None) -> torch.Tensor:
+        flat = tokens.reshape(-1)
+        bad = (flat < 0) | (flat >= self.vocab_size)
+        if ignore_index is not None:
+            bad &= flat != ignore_index
+        if bad.any():
+            value = int(flat[bad][0])
+            allowed = f"[0, {self.vocab_size})" + (f" or ignore_index={ignore_index}" if ignore_index is not None else "")
+            raise ValueError(f"{name} contains {value}: expected token ids in {allowed}")
+        return flat
+
+    # --- computations ----------------------------------------------------------------------------------------
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Materialised logits (..., V): the drop-in ``nn.Linear`` behaviour (O(N V) memory)."""
+        return self.logits(hidden)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        flat = self._flat(hidden)
+        return VF.materialized_logits(flat, self.codebook, self.mapping, self.bias).reshape(*hidden.shape[:-1], -1)
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
+             reduction: VF.Reduction = "mean") -> torch.Tensor:  # fmt: skip
+        """Cross-entropy over the full vocabulary (exact); hidden (..., d), labels (...)."""
+        flat, y = self._flat(hidden), self._check_tokens(labels, "labels", ignore_index)
+        if y.numel() != flat.shape[0]:
+            raise ValueError(f"labels has {y.numel()} entries for {flat.shape[0]} hidden states: shapes must match")
+        if self.mode == "gather":
+            logits = VF.materialized_logits(flat, self.codebook, self.mapping, self.bias)
+            return torch.nn.functional.cross_entropy(logits, y, ignore_index=ignore_index, reduction=reduction)
+        out = VF.collapsed_cross_entropy(flat, self.codebook, self.mapping, y, self.bias, ignore_index=ignore_index,
+                                         reduction=reduction)  # fmt: skip
+        return out.reshape(labels.shape) if reduction == "none" else out
+
+    def log_prob(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """``log p(tokens | hidden)``: shape of ``tokens``."""
+        flat, t = self._flat(hidden), self._check_tokens(tokens, "tokens")
+        return VF.collapsed_log_prob(flat, self.codebook, self.mapping, t, self.bias).reshape(tokens.shape)
+
+    def tables(self) -> VF.ClusterTables:
+        """Decoding tables, rebuilt only when the bias or map changed (O(V log V) once, not per token)."""
+        key = (self.mapping._version, id(self.mapping), *((self.bias._version, id(self.bias)) if self.bias is not None else ()))
+        if self._tables is None or self._tables[0] != key:
+            self._tables = (key, VF.ClusterTables.build(self.mapping, self.num_codes, self.bias))
+        return self._tables[1]
+
+    @torch.no_grad()
+    def argmax(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Greedy token ids: shape ``hidden.shape[:-1]``."""
+        return VF.collapsed_argmax(self._flat(hidden), self.codebook, self.tables()).reshape(hidden.shape[:-1])
+
+    @torch.no_grad()
+    def sample(self, hidden: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+        """Token ids drawn from ``softmax(logits / temperature)`` with HF-style top-k/top-p: ``hidden.shape[:-1]``."""
+        out = VF.collapsed_sample(self._flat(hidden), self.codebook, self.tables(), temperature=temperature,
+                                  top_k=top_k, top_p=top_p, generator=generator)  # fmt: skip
+        return out.reshape(hidden.shape[:-1])
+
+    # --- accounting ------------------------------------------------------------------------------------------
+    def parameter_counts(self) -> dict[str, int]:
+        """Stored numbers of the head: codebook K*d, bias V (if any), map V (an index per token)."""
+        counts = {"codebook": self.codebook.numel(), "bias": self.bias.numel() if self.bias is not None else 0,
+                  "mapping": self.mapping.numel()}  # fmt: skip
+        counts["total"] = sum(counts.values())
+        return counts
+
+    def unigram_floor(self, counts: torch.Tensor) -> float:
+        """Excess loss floor (nats) this map imposes without a bias; 0 with a bias (see ``mapping.unigram_floor``)."""
+        return 0.0 if self.bias is not None else unigram_floor(counts, self.mapping.cpu(), self.num_codes)
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, vocab_size={self.vocab_size}, num_codes={self.num_codes}, "
+                f"token_bias={self.bias is not None}, mode={self.mode!r}")  # fmt: skip
