@@ -1,0 +1,177 @@
+"""Hugging Face integration: put a :class:`VQLogitsHead` on any ``*ForCausalLM``.
+
+``replace_lm_head(model, num_codes, ...)`` builds the head from the model's output layer (tied embeddings
+included; the paper's Option A) and turns the model into a subclass of its own class (``VQLogits<Class>``) whose
+
+- ``forward(..., labels=...)`` returns the exact full-vocabulary loss (Hugging Face's shift and ``-100`` masking,
+  ``num_items_in_batch`` for gradient accumulation) without materialising N x V logits (``logits`` is ``None``
+  then); without labels it returns the logits of the kept positions, as usual;
+- ``generate(...)`` decodes greedy or sampled (temperature, top-k, top-p) with the head's O(K) argmax/sampler and
+  the KV cache, so a step never touches V-sized tensors; other generation options fall back to the standard
+  ``GenerationMixin.generate`` on materialised logits;
+- ``save_pretrained`` / :func:`from_pretrained` round-trip (config key ``vq_logits``, head in the safetensors).
+
+The subclass is made by wrapping, not by editing model code: it calls the model's own decoder
+(``model.get_decoder()``) and replaces only the output head.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from leanfit.vq_logits.head import VQLogitsHead
+
+__all__ = ["from_pretrained", "replace_lm_head", "vq_causal_lm_class"]
+
+_FAST_GENERATE_KEYS = {"input_ids", "attention_mask", "max_new_tokens", "max_length", "do_sample", "temperature",
+                       "top_k", "top_p", "eos_token_id", "pad_token_id", "generation_config", "generator"}  # fmt: skip
+
+
+def _spec(config: Any) -> dict[str, Any]:
+    spec = getattr(config, "vq_logits", None)
+    if not isinstance(spec, dict):
+        raise ValueError("config has no 'vq_logits' entry: load a model saved after replace_lm_head(...)")
+    return spec
+
+
+def _vq_forward(self: Any, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0, **kwargs: Any) -> Any:  # fmt: skip
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    num_items = kwargs.pop("num_items_in_batch", None)
+    kwargs.pop("return_dict", None)
+    outputs = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    hidden = outputs.last_hidden_state
+    head: VQLogitsHead = self.get_output_embeddings()
+    loss = logits = None
+    if labels is not None:
+        shift = nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]  # as transformers' ForCausalLMLoss
+        if num_items is None:
+            loss = head.loss(hidden, shift)
+        else:
+            loss = head.loss(hidden, shift, reduction="sum") / num_items
+    else:
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = head.logits(hidden[:, keep, :])
+    return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions)  # fmt: skip
+
+
+@torch.no_grad()
+def _fast_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *, max_new_tokens: int,
+                   do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
+                   eos_token_id: list[int], pad_token_id: int | None, generator: torch.Generator | None) -> torch.Tensor:  # fmt: skip
+    """Greedy/sampled decoding with the KV cache and the head's O(K) argmax/sampler."""
+    from transformers import DynamicCache
+
+    head: VQLogitsHead = model.get_output_embeddings()
+    head.tables()  # build once, before the loop
+    decoder = model.get_decoder()
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    cache = DynamicCache()
+    out = decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                  use_cache=True)  # fmt: skip
+    sequences, done = input_ids, torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    eos = torch.tensor(eos_token_id or [], dtype=torch.long, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        last = out.last_hidden_state[:, -1, :]
+        if do_sample:
+            nxt = head.sample(last, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        else:
+            nxt = head.argmax(last)
+        if pad_token_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+        sequences = torch.cat([sequences, nxt[:, None]], dim=1)
+        done |= torch.isin(nxt, eos)
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = positions[:, -1:] + 1
+        out = decoder(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache,
+                      use_cache=True)  # fmt: skip
+    return sequences
+
+
+def _vq_generate(self: Any, inputs: torch.Tensor | None = None, **kwargs: Any) -> Any:
+    import copy
+
+    if inputs is not None:
+        kwargs["input_ids"] = inputs
+    if set(kwargs) - _FAST_GENERATE_KEYS or kwargs.get("input_ids") is None:
+        kwargs.pop("generator", None)
+        return super(type(self), self).generate(**kwargs)  # standard path on materialised logits
+    config = copy.deepcopy(kwargs.pop("generation_config", None) or self.generation_config)
+    generator = kwargs.pop("generator", None)
+    input_ids, attention_mask = kwargs.pop("input_ids"), kwargs.pop("attention_mask", None)
+    config.update(**kwargs)
+    if (getattr(config, "num_beams", 1) or 1) > 1 or (getattr(config, "repetition_penalty", 1.0) or 1.0) != 1.0:
+        return super(type(self), self).generate(input_ids=input_ids, attention_mask=attention_mask,
+                                                generation_config=config)  # fmt: skip
+    max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - input_ids.shape[1]
+    eos = config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return _fast_generate(
+        self, input_ids, attention_mask, max_new_tokens=max(0, max_new), do_sample=bool(config.do_sample),
+        temperature=config.temperature or 1.0, top_k=config.top_k or None, top_p=config.top_p,
+        eos_token_id=eos, pad_token_id=config.pad_token_id, generator=generator,
+    )  # fmt: skip
+
+
+def _vq_init(self: Any, config: Any, *args: Any, **kwargs: Any) -> None:
+    spec = _spec(config)
+    super(type(self), self).__init__(config, *args, **kwargs)
+    placeholder = torch.zeros(spec["vocab_size"], dtype=torch.long)  # the real map is loaded with the weights
+    self.set_output_embeddings(VQLogitsHead(spec["hidden_size"], placeholder, spec["num_codes"],
+                                            token_bias=spec["token_bias"], mode=spec["mode"]))  # fmt: skip
+
+
+@functools.cache
+def vq_causal_lm_class(base: type) -> type:
+    """``VQLogits<Base>``: ``base`` with the VQ head's forward, generate and untied weights."""
+    return type(f"VQLogits{base.__name__}", (base,), {
+        "__init__": _vq_init, "forward": _vq_forward, "generate": _vq_generate, "_tied_weights_keys": {},
+        "__module__": __name__,
+    })  # fmt: skip
+
+
+def replace_lm_head(model: Any, num_codes: int, *, mapping: str | Callable[..., torch.Tensor] | torch.Tensor = "kmeans",
+                    counts: torch.Tensor | None = None, token_bias: bool = True, mode: str = "collapsed",
+                    seed: int = 0) -> Any:  # fmt: skip
+    """Replace ``model``'s output layer by a VQ head built from it, in place; returns the model."""
+    linear = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(linear, nn.Linear):
+        raise ValueError(
+            f"model={type(model).__name__} has no recognisable output layer (get_output_embeddings() returned "
+            f"{type(linear).__name__}); pass a transformers *ForCausalLM model"
+        )
+    for attr in ("final_logit_softcapping", "logit_scale"):
+        if getattr(model.config, attr, None) not in (None, 1.0):
+            raise ValueError(f"model.config.{attr}={getattr(model.config, attr)!r} transforms the logits, which a VQ "
+                             "head cannot represent exactly; use a model without it")  # fmt: skip
+    head = VQLogitsHead.from_linear(linear, num_codes, mapping=mapping, counts=counts, token_bias=token_bias,
+                                    seed=seed, mode=mode)  # fmt: skip
+    model.config.vq_logits = {"num_codes": num_codes, "vocab_size": head.vocab_size, "hidden_size": head.hidden_size,
+                              "token_bias": token_bias, "mode": mode}  # fmt: skip
+    model.config.tie_word_embeddings = False
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().tie_word_embeddings = False
+    model.__class__ = vq_causal_lm_class(type(model))
+    model.set_output_embeddings(head)
+    return model
+
+
+def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> Any:
+    """Load a model saved after :func:`replace_lm_head` (``save_pretrained``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    _spec(config)
+    base = AutoModelForCausalLM._model_mapping[type(config)]
+    return vq_causal_lm_class(base).from_pretrained(path, config=config, **kwargs)
