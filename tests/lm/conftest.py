@@ -1,20 +1,10 @@
-"""A small real corpus (five plays from the shakespeare package) and tiny LM settings for fast runs."""
+"""Tiny LM settings for fast runs on the shared ``tiny_corpus``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-
-
-@pytest.fixture(scope="session")
-def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from leanfit.data.corpora import shakespeare
-
-    root = tmp_path_factory.mktemp("tiny-corpus")
-    for doc in shakespeare()[:5]:
-        (root / f"{doc.name.split('/')[-1]}.txt").write_text(doc.text[:60_000], encoding="utf-8")
-    return root
 
 
 @pytest.fixture(scope="session")

@@ -47,6 +47,9 @@ def test_loss_matches_cross_entropy_of_materialised_logits(vq_model):
     logits = vq_model(input_ids=x).logits
     ref = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
     torch.testing.assert_close(out.loss, ref, rtol=1e-12, atol=0)
+    shifted = vq_model(input_ids=x[:, :-1], shift_labels=labels[:, 1:]).loss  # the LM training loop's form
+    ref_short = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(shifted, ref_short, rtol=1e-12, atol=0)
     n_items = int((labels[:, 1:] != -100).sum())
     summed = vq_model(input_ids=x, labels=labels, num_items_in_batch=2 * n_items).loss
     torch.testing.assert_close(summed, ref / 2, rtol=1e-12, atol=0)

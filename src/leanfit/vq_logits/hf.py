@@ -45,13 +45,14 @@ def _vq_forward(self: Any, input_ids: torch.Tensor | None = None, attention_mask
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     num_items = kwargs.pop("num_items_in_batch", None)
+    shift_labels = kwargs.pop("shift_labels", None)  # already-shifted targets, as transformers' ForCausalLMLoss
     kwargs.pop("return_dict", None)
     outputs = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     hidden = outputs.last_hidden_state
     head: VQLogitsHead = self.get_output_embeddings()
     loss = logits = None
-    if labels is not None:
-        shift = nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]  # as transformers' ForCausalLMLoss
+    if labels is not None or shift_labels is not None:
+        shift = shift_labels if shift_labels is not None else nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
         if num_items is None:
             loss = head.loss(hidden, shift)
         else:
