@@ -18,6 +18,22 @@ def vq_cross_entropy_reference(hidden, codebook, mapping, labels, bias=None, ign
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
 
 
+def residual_log_probs_reference(hidden, codebook, mapping, bias, proj, emb) -> torch.Tensor:
+    """log p(v | h) of the factorised head, cluster by cluster with explicit loops: (N, V)."""
+    z = hidden @ codebook.t()
+    b = torch.zeros(mapping.numel(), dtype=hidden.dtype) if bias is None else bias
+    scores = b + (hidden @ proj.t()) @ emb.t()
+    out = torch.full_like(scores, -float("inf"))
+    cluster_logits = torch.stack([z[:, k] + torch.logsumexp(b[mapping == k], 0) if (mapping == k).any()
+                                  else torch.full_like(z[:, k], -float("inf")) for k in range(codebook.shape[0])], 1)  # fmt: skip
+    log_pk = torch.log_softmax(cluster_logits, dim=-1)
+    for k in range(codebook.shape[0]):
+        members = (mapping == k).nonzero().squeeze(1)
+        if members.numel():
+            out[:, members] = log_pk[:, k : k + 1] + torch.log_softmax(scores[:, members], dim=-1)
+    return out
+
+
 def nucleus_mask_reference(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     """Tokens kept by top-p with ties kept whole: every token whose logit is >= the largest value ``u`` such that
     the tokens with logit >= ``u`` hold probability >= ``top_p``. Without ties this is Hugging Face's

@@ -32,25 +32,28 @@ def test_quick_grid_at_tiny_sizes(tmp_path, pretrained_folder, tiny_corpus):
         "model.d_model=32", "model.n_heads=2", "model.n_layers=1", "train.steps=12", "train.batch_size=8",
         "train.seq_len=32", "train.eval_every=6", "train.checkpoint_every=6", "train.eval_tokens=1024",
         "train.log_every=6", "scratch.mappings=[equal_mass,random]", "scratch.code_fractions=[16]",
+        "scratch.residual_ranks=[0,2]",
         f"pretrained.model={pretrained_folder}", f"pretrained.eval_corpus={tiny_corpus}", "pretrained.num_codes=[8]",
         "pretrained.train_tokens=256", "pretrained.eval_tokens=256", "pretrained.seq_len=64", "pretrained.steps=3",
         f"pretrained.train_corpus={tiny_corpus}",
     ]  # fmt: skip
     path, results = run_experiment("vq-logits", out=tmp_path, overrides=overrides)
     names = sorted(p.name for p in (path / "runs").iterdir())
-    assert names == ["K20-equal_mass-bias-s0", "K20-kmeans-nobias-s0", "K20-random-bias-s0", "full-s0"]
-    rows = {(r["mapping"], r["bias"]): r for r in results["rows"]}
-    full = rows[("-", False)]
-    for key in [("equal_mass", True), ("random", True), ("kmeans", False)]:
+    assert names == ["K20-equal_mass-bias-r2-s0", "K20-equal_mass-bias-s0", "K20-kmeans-nobias-s0",
+                     "K20-random-bias-r2-s0", "K20-random-bias-s0", "full-s0"]  # fmt: skip
+    rows = {(r["mapping"], r["bias"], r["rank"]): r for r in results["rows"]}
+    full = rows[("-", False, 0)]
+    for key in [("equal_mass", True, 0), ("random", True, 2), ("kmeans", False, 0)]:
         r = rows[key]
         assert r["K"] == 20
         assert r["ppl_ratio"] == pytest.approx(math.exp(r["val_loss"] - full["val_loss"]), rel=1e-12)
-        params = 20 * 32 + 320 * (2 if r["bias"] else 1)
+        params = 20 * 32 + 320 * (2 if r["bias"] else 1) + r["rank"] * (32 + 320)
         assert r["head_params"] == params and r["reduction"] == pytest.approx(1 - params / (320 * 32))
-    assert rows[("equal_mass", True)]["unigram_floor"] < rows[("random", True)]["unigram_floor"]
+    assert rows[("equal_mass", True, 0)]["unigram_floor"] < rows[("random", True, 0)]["unigram_floor"]
     pre = results["pretrained"]["rows"]
-    assert pre[0]["head"] == "original" and pre[0]["ppl_ratio"] == 1.0 and pre[1]["K"] == 8
-    assert pre[1]["reduction"] > 0.5 and math.isfinite(pre[1]["eval_loss"])
+    assert [(r["head"] == "original", r["K"], r["rank"]) for r in pre[1:]] == [(False, 8, 0), (False, 8, 16)]
+    assert pre[0]["head"] == "original" and pre[0]["head_params"] == pre[0]["K"] * 32
+    assert pre[0]["ppl_ratio"] == 1.0 and all(math.isfinite(r["eval_loss"]) for r in pre)
     report = (path / "report.md").read_text()
     assert "plots/pareto.png" in report and (path / "plots" / "pareto.png").stat().st_size > 1000
 

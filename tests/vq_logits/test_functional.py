@@ -6,8 +6,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy.stats import chisquare
-from tests.reference import vq_cross_entropy_reference, vq_logits_reference, warped_probs_reference
+from tests.reference import (
+    residual_log_probs_reference,
+    vq_cross_entropy_reference,
+    vq_logits_reference,
+    warped_probs_reference,
+)
 from tests.tolerances import EXACT
 
 from leanfit.vq_logits.functional import (
@@ -17,6 +23,9 @@ from leanfit.vq_logits.functional import (
     collapsed_cross_entropy,
     collapsed_log_prob,
     collapsed_sample,
+    dense_sample,
+    residual_cross_entropy,
+    residual_log_probs,
 )
 
 
@@ -162,3 +171,46 @@ def test_sampler_rejects_bad_settings(kwargs, fragment):
     h, c, m, b, _ = make_problem()
     with pytest.raises(ValueError, match=fragment):
         collapsed_sample(h.detach(), c.detach(), ClusterTables.build(m, c.shape[0], b), **kwargs)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_residual_loss_and_gradients_match_explicit_reference(bias, dtype):
+    h, c, m, b, y = make_problem(bias=bias, dtype=dtype)
+    g = torch.Generator().manual_seed(7)
+    proj = (torch.randn(3, h.shape[1], generator=g, dtype=torch.float64) * 0.3).to(dtype).requires_grad_()
+    emb = torch.randn(m.numel(), 3, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    got = residual_cross_entropy(h, c, m, y, b, proj, emb)
+    leaves = [t for t in (h, c, b, proj, emb) if t is not None]
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    args = dict(zip(["h", "c", "b", "proj", "emb"] if bias else ["h", "c", "proj", "emb"], leaves64, strict=True))
+    ref_lp = residual_log_probs_reference(args["h"], args["c"], m, args.get("b"), args["proj"], args["emb"])
+    ref = F.nll_loss(ref_lp, y, ignore_index=-100)
+    rtol, _ = EXACT[dtype]
+    assert _rel_err(got, ref) <= rtol
+    for got_g, ref_g in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(ref, leaves64), strict=True):
+        assert _rel_err(got_g, ref_g) <= 10 * rtol
+    fast_lp = residual_log_probs(*(t.detach().double() for t in (h, c)), m, None if b is None else b.detach().double(),
+                                 proj.detach().double(), emb.detach().double())  # fmt: skip
+    assert _rel_err(fast_lp[torch.isfinite(ref_lp)], ref_lp.detach()[torch.isfinite(ref_lp)]) <= 1e-12
+
+
+def test_residual_gradcheck_float64():
+    h, c, m, b, y = make_problem(n=4, d=3, k=3, v=9, empty=1)
+    proj = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    emb = torch.randn(9, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: residual_cross_entropy(a[0], a[1], m, y, a[2], a[3], a[4]),
+                                    (h, c, b, proj, emb))  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ["plain", "top-k", "top-p"])
+def test_dense_sampler_matches_warped_softmax(case):
+    logits = torch.randn(1, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    probs = warped_probs_reference(logits, **CASES[case])[0]
+    got = dense_sample(logits.expand(20_000, -1), generator=torch.Generator().manual_seed(0), **CASES[case])
+    counts = torch.bincount(got, minlength=40).double()
+    assert counts[probs == 0].sum() == 0
+    big = probs * 20_000 >= 5
+    obs = torch.cat([counts[big], counts[~big].sum(0, keepdim=True)])
+    exp = torch.cat([probs[big], probs[~big].sum(0, keepdim=True)]) * 20_000
+    assert chisquare(obs[exp > 0].numpy(), exp[exp > 0].numpy()).pvalue > 1e-3

@@ -85,7 +85,10 @@ def test_decoding_tables_follow_bias_updates():
 
 
 def test_parameter_counts_include_map_and_bias():
-    assert _head(v=50, d=8, k=7).parameter_counts() == {"codebook": 56, "bias": 50, "mapping": 50, "total": 156}
+    assert _head(v=50, d=8, k=7).parameter_counts() == {"codebook": 56, "bias": 50, "mapping": 50, "residual": 0,
+                                                        "total": 156}  # fmt: skip
+    residual = VQLogitsHead(8, torch.arange(50) % 7, 7, residual_rank=3).parameter_counts()
+    assert residual["residual"] == 3 * 8 + 50 * 3 and residual["total"] == 56 + 50 + 50 + 174
     assert _head(bias=False).parameter_counts()["bias"] == 0
 
 
@@ -138,3 +141,20 @@ def test_constructor_errors(kwargs, error, fragment):
 def test_from_linear_refuses_non_linear_layers():
     with pytest.raises(TypeError, match=r"linear=Embedding is invalid: expected an nn.Linear"):
         VQLogitsHead.from_linear(nn.Embedding(10, 4), 2)
+
+
+def test_residual_head_starts_as_the_plain_head_and_stays_normalised():
+    torch.manual_seed(0)
+    plain = _head()
+    res = VQLogitsHead(8, plain.mapping, 7, residual_rank=4).double()
+    res.load_state_dict(plain.state_dict(), strict=False)
+    h = torch.randn(5, 8, dtype=torch.float64)
+    y = torch.randint(0, 50, (5,))
+    torch.testing.assert_close(res.loss(h, y), plain.loss(h, y), rtol=1e-12, atol=0)
+    with torch.no_grad():
+        res.residual_emb.normal_()
+    probs = res.logits(h).exp()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(5, dtype=torch.float64), rtol=1e-12, atol=0)
+    torch.testing.assert_close(res.log_prob(h, y), res.logits(h).gather(1, y[:, None]).squeeze(1), rtol=1e-12, atol=0)
+    assert torch.equal(res.argmax(h), res.logits(h).argmax(-1))
+    assert res.sample(h, top_k=3, generator=torch.Generator().manual_seed(0)).shape == (5,)

@@ -24,14 +24,19 @@ def _gpt2():
     return GPT2LMHeadModel(config).double().eval()
 
 
-MODELS = {"llama-untied": lambda: _llama(False), "llama-tied": lambda: _llama(True), "gpt2": _gpt2}
+MODELS = {"llama-untied": (lambda: _llama(False), 0), "llama-tied": (lambda: _llama(True), 0), "gpt2": (_gpt2, 0),
+          "llama-residual": (lambda: _llama(False), 4)}  # fmt: skip
 
 
 @pytest.fixture(params=list(MODELS))
 def vq_model(request):
-    model = MODELS[request.param]()
+    build, rank = MODELS[request.param]
     counts = torch.rand(V, generator=torch.Generator().manual_seed(1)) * 100
-    return replace_lm_head(model, 24, mapping="equal_mass", counts=counts)
+    model = replace_lm_head(build(), 24, mapping="equal_mass", counts=counts, residual_rank=rank)
+    if rank:
+        with torch.no_grad():
+            model.get_output_embeddings().residual_emb.normal_(generator=torch.Generator().manual_seed(2))
+    return model
 
 
 def _ids(batch=3, length=10, seed=0):

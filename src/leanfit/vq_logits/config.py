@@ -20,6 +20,7 @@ class ScratchGridConfig(BaseConfig):
     mappings: list[str] = option(default_factory=lambda: ["equal_mass", "kmeans", "random", "hybrid"],
                                  help="token->code maps (kmeans/hybrid cluster the seed-0 baseline's trained head)")  # fmt: skip
     bias: list[bool] = option(default_factory=lambda: [True], help="per-token bias on/off")
+    residual_ranks: list[int] = option(default_factory=lambda: [0], help="within-cluster low-rank term ranks (0 = off)")
     paper_recipe: bool = option(True, help="also run the paper's recipe (kmeans map, no bias) at every K")
     seeds: list[int] = option(default_factory=lambda: [0], help="seeds; every head and the baseline use each")
 
@@ -37,6 +38,7 @@ class PretrainedHeadConfig(BaseConfig):
     model: str = option("smollm2-135m-instruct", help="pretrained causal LM (alias, folder or hub id)")
     num_codes: list[int] = option(default_factory=lambda: [768], help="codebook sizes K (768 = V/64 for SmolLM2)")
     mapping: str = option("kmeans", help="token->code map built from the model's output embeddings")
+    residual_ranks: list[int] = option(default_factory=lambda: [0, 16], help="within-cluster term ranks to compare")
     train_corpus: str = option("shakespeare", help="text the head is fine-tuned on (train split)")
     eval_corpus: str = option("auto", help="held-out text from another corpus; auto = austen, else kjv, else the "
                                            "train corpus's test split")  # fmt: skip

@@ -28,7 +28,7 @@ PRESETS = {
     "full": {
         "train": {"steps": 600, "eval_every": 200, "checkpoint_every": 200, "eval_tokens": 65536},
         "scratch": {"code_fractions": [16, 64, 256], "mappings": ["equal_mass", "kmeans", "random", "hybrid"],
-                    "bias": [True, False], "seeds": [0, 1]},
+                    "bias": [True, False], "residual_ranks": [0, 16], "seeds": [0, 1]},
         "pretrained": {"num_codes": [768, 3072], "train_tokens": 65536, "eval_tokens": 32768, "steps": 400},
     },
 }  # fmt: skip
@@ -70,14 +70,15 @@ def _train_one(ctx: Any, name: str, build: Any, data: dict[str, Any], vq: bool, 
     return record
 
 
-def _scratch_grid(cfg: VQLogitsExperimentConfig) -> list[tuple[int, str, bool, int]]:
+def _scratch_grid(cfg: VQLogitsExperimentConfig) -> list[tuple[int, str, bool, int, int]]:
+    """(fraction, mapping, bias, residual rank, seed) of every VQ head; the paper's recipe is kmeans, no bias, r=0."""
     grid = []
     for seed in cfg.scratch.seeds:
         for f in cfg.scratch.code_fractions:
-            combos = [(m, b) for m in cfg.scratch.mappings for b in cfg.scratch.bias]
-            if cfg.scratch.paper_recipe and ("kmeans", False) not in combos:
-                combos.append(("kmeans", False))
-            grid += [(f, m, b, seed) for m, b in combos]
+            combos = [(m, b, r) for m in cfg.scratch.mappings for b in cfg.scratch.bias for r in cfg.scratch.residual_ranks]
+            if cfg.scratch.paper_recipe and ("kmeans", False, 0) not in combos:
+                combos.append(("kmeans", False, 0))
+            grid += [(f, m, b, r, seed) for m, b, r in combos]
     return grid
 
 
@@ -105,21 +106,25 @@ def run_scratch(ctx: Any, data: dict[str, Any]) -> list[dict[str, Any]]:
                  for s in cfg.scratch.seeds}  # fmt: skip
     trained_head = load_file(str(ctx.run.path / "runs" / f"full-s{cfg.scratch.seeds[0]}" / "head.safetensors"))["weight"]
     full_params = vocab * m.d_model
-    rows = [{"head": "full softmax", "K": vocab, "mapping": "-", "bias": False, "seed": s, "val_loss": b["val_loss"],
+    rows = [{"head": "full softmax", "K": vocab, "mapping": "-", "bias": False, "rank": 0, "seed": s,
+             "val_loss": b["val_loss"],
              "val_ppl": math.exp(b["val_loss"]), "ppl_ratio": 1.0, "head_params": full_params, "reduction": 0.0,
              "unigram_floor": 0.0} for s, b in baselines.items()]  # fmt: skip
-    for f, mapping, bias, seed in _scratch_grid(cfg):
+    for f, mapping, bias, rank, seed in _scratch_grid(cfg):
         k = max(1, vocab // f)
         tokens_to_code = build_mapping(mapping, vocab_size=vocab, num_codes=k, embeddings=trained_head, counts=counts,
                                        seed=seed)  # fmt: skip
-        name = f"K{k}-{mapping}-{'bias' if bias else 'nobias'}-s{seed}"
+        name = f"K{k}-{mapping}-{'bias' if bias else 'nobias'}{f'-r{rank}' if rank else ''}-s{seed}"
 
-        def build(seed: int = seed, tokens_to_code: Any = tokens_to_code, k: int = k, bias: bool = bias) -> Any:
-            return replace_lm_head(trunk(seed_of(seed)), k, mapping=tokens_to_code, counts=counts, token_bias=bias)
+        def build(seed: int = seed, tokens_to_code: Any = tokens_to_code, k: int = k, bias: bool = bias,
+                  rank: int = rank) -> Any:  # fmt: skip
+            return replace_lm_head(trunk(seed_of(seed)), k, mapping=tokens_to_code, counts=counts, token_bias=bias,
+                                   residual_rank=rank)  # fmt: skip
 
         rec = _train_one(ctx, name, build, data, vq=True, seed=seed_of(seed))
-        params = k * m.d_model + (vocab if bias else 0) + vocab
-        rows.append({"head": "vq", "K": k, "mapping": mapping, "bias": bias, "seed": seed, "val_loss": rec["val_loss"],
+        params = k * m.d_model + (vocab if bias else 0) + vocab + rank * (m.d_model + vocab)
+        rows.append({"head": "vq", "K": k, "mapping": mapping, "bias": bias, "rank": rank, "seed": seed,
+                     "val_loss": rec["val_loss"],
                      "val_ppl": math.exp(rec["val_loss"]),
                      "ppl_ratio": math.exp(rec["val_loss"] - baselines[seed]["val_loss"]),
                      "head_params": params, "reduction": 1 - params / full_params,
@@ -133,11 +138,11 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["head"], r["K"], r["mapping"], r["bias"]), []).append(r)
+        groups.setdefault((r["head"], r["K"], r["mapping"], r["bias"], r["rank"]), []).append(r)
     out = []
-    for (head, k, mapping, bias), rs in groups.items():
+    for (head, k, mapping, bias, rank), rs in groups.items():
         ratios = [r["ppl_ratio"] for r in rs]
-        out.append({"head": head, "K": k, "mapping": mapping, "bias": bias, "seeds": len(rs),
+        out.append({"head": head, "K": k, "mapping": mapping, "bias": bias, "rank": rank, "seeds": len(rs),
                     "ppl_ratio_mean": statistics.fmean(ratios),
                     "ppl_ratio_std": statistics.stdev(ratios) if len(ratios) > 1 else 0.0,
                     "val_ppl_mean": statistics.fmean(r["val_ppl"] for r in rs), "reduction": rs[0]["reduction"],
@@ -203,11 +208,12 @@ def run_pretrained(ctx: Any) -> dict[str, Any]:
     counts = torch.bincount(y_train, minlength=vocab).double()
     with torch.no_grad():
         base = F.cross_entropy(lm_head(h_eval).float(), y_eval).item()
-    rows = [{"head": "original", "K": vocab, "bias": False, "eval_loss": base, "eval_ppl": math.exp(base),
+    rows = [{"head": "original", "K": vocab, "bias": False, "rank": 0, "eval_loss": base, "eval_ppl": math.exp(base),
              "ppl_ratio": 1.0, "head_params": lm_head.weight.numel(), "reduction": 0.0}]  # fmt: skip
     gen = torch.Generator().manual_seed(ctx.seed)
-    for k in pc.num_codes:
-        head = VQLogitsHead.from_linear(lm_head, k, mapping=pc.mapping, counts=counts, seed=ctx.seed)
+    for k, rank in [(k, r) for k in pc.num_codes for r in pc.residual_ranks]:
+        head = VQLogitsHead.from_linear(lm_head, k, mapping=pc.mapping, counts=counts, residual_rank=rank,
+                                        seed=ctx.seed)  # fmt: skip
         with torch.no_grad():
             before = head.loss(h_eval, y_eval).item()
         opt = torch.optim.AdamW(head.parameters(), lr=pc.lr, weight_decay=0.0)
@@ -220,7 +226,7 @@ def run_pretrained(ctx: Any) -> dict[str, Any]:
         with torch.no_grad():
             after = head.loss(h_eval, y_eval).item()
         params = head.parameter_counts()["total"]
-        rows.append({"head": f"vq {pc.mapping} (Option A + head fine-tune)", "K": k, "bias": True,
+        rows.append({"head": f"vq {pc.mapping} (Option A + head fine-tune)", "K": k, "bias": True, "rank": rank,
                      "eval_loss": after, "eval_ppl": math.exp(after), "ppl_ratio": math.exp(after - base),
                      "ppl_ratio_before_finetune": math.exp(before - base), "head_params": params,
                      "reduction": 1 - params / lm_head.weight.numel()})  # fmt: skip
@@ -237,7 +243,7 @@ def report(run: Any, results: dict[str, Any]) -> Any:
     rep.text(f"V = {results['vocab_size']}, d = {results['d_model']}; ratio = exp(val loss - full-softmax val loss of "
              "the same seed); reduction counts codebook + bias + map against V x d. Unigram floor: excess loss (nats) "
              "a bias-free head with this map cannot avoid.")  # fmt: skip
-    rep.table(results["summary"], ["head", "K", "mapping", "bias", "seeds", "ppl_ratio_mean", "ppl_ratio_std",
+    rep.table(results["summary"], ["head", "K", "mapping", "bias", "rank", "seeds", "ppl_ratio_mean", "ppl_ratio_std",
                                    "val_ppl_mean", "reduction", "unigram_floor"])  # fmt: skip
     _pareto(run, results["summary"])
     rep.figure("plots/pareto.png", "Validation perplexity ratio against head-parameter reduction, per map")
@@ -263,12 +269,13 @@ def _pareto(run: Any, summary: list[dict[str, Any]]) -> None:
     from leanfit.core.io import atomic_write_bytes
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    for (mapping, bias), marker in zip(sorted({(r["mapping"], r["bias"]) for r in summary if r["head"] == "vq"}),
-                                       "osD^v<>ph*", strict=False):  # fmt: skip
+    keys = sorted({(r["mapping"], r["bias"], r["rank"]) for r in summary if r["head"] == "vq"})
+    for (mapping, bias, rank), marker in zip(keys, "osD^v<>ph*XP" * 3, strict=False):
         pts = sorted((100 * r["reduction"], r["ppl_ratio_mean"], r["ppl_ratio_std"]) for r in summary
-                     if r["head"] == "vq" and r["mapping"] == mapping and r["bias"] == bias)  # fmt: skip
+                     if r["head"] == "vq" and (r["mapping"], r["bias"], r["rank"]) == (mapping, bias, rank))  # fmt: skip
         xs, ys, es = zip(*pts, strict=True)
-        ax.errorbar(xs, ys, yerr=es, marker=marker, capsize=3, label=f"{mapping}, {'bias' if bias else 'no bias'}")
+        label = f"{mapping}, {'bias' if bias else 'no bias'}" + (f", r={rank}" if rank else "")
+        ax.errorbar(xs, ys, yerr=es, marker=marker, capsize=3, label=label)
     ax.axhline(1.0, color="k", lw=0.8, ls="--", label="full softmax")
     ax.axhline(1.04, color="grey", lw=0.8, ls=":", label="paper's claim (+4%)")
     ax.set(xlabel="head-parameter reduction (%)", ylabel="validation perplexity ratio", title="vq-logits (a)")

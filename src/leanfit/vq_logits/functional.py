@@ -31,7 +31,11 @@ __all__ = [
     "collapsed_log_prob",
     "collapsed_logsumexp",
     "collapsed_sample",
+    "cluster_layout",
+    "dense_sample",
     "materialized_logits",
+    "residual_cross_entropy",
+    "residual_log_probs",
 ]
 
 Reduction = Literal["mean", "sum", "none"]
@@ -250,3 +254,104 @@ def _nucleus(kept, thresholds, log_w, z, top_p, bias_max):  # noqa: ANN001, ANN2
         if bool(((hi - lo) <= 1e-13 * hi.abs().clamp_min(1.0)).all()):
             break
     return kept(torch.maximum(thresholds, lo.unsqueeze(1) - z))
+
+
+# --- within-cluster low-rank residual --------------------------------------------------------------------------
+# An exact class-based factorisation that lets tokens of one cluster differ by context:
+#   p(v | h) = softmax_k(z_k + B_k)[M(v)] * softmax_{v' in M(v)}(b_v' + u_v' . P h)[v],
+# with P (r x d) and U (V x r). With U = 0 it is the plain head. The loss needs the target cluster's members
+# only, so a token costs O(K d + r d + n_k r) where n_k is the size of its target cluster.
+
+
+def cluster_layout(mapping: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, offsets): token ids grouped by cluster (V,), and cluster start positions (K + 1,)."""
+    order = torch.argsort(mapping, stable=True)
+    offsets = torch.zeros(num_codes + 1, dtype=torch.long, device=mapping.device)
+    offsets[1:] = torch.bincount(mapping, minlength=num_codes).cumsum(0)
+    return order, offsets
+
+
+def _segment_logsumexp(values: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
+    shift = torch.full((n,), -math.inf, dtype=values.dtype, device=values.device)
+    shift = shift.scatter_reduce(0, segment, values.detach(), reduce="amax", include_self=True)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    sums = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, segment, (values - shift[segment]).exp())
+    return sums.log() + shift
+
+
+def residual_cross_entropy(
+    hidden: torch.Tensor,
+    codebook: torch.Tensor,
+    mapping: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    proj: torch.Tensor,
+    emb: torch.Tensor,
+    *,
+    layout: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """Cross-entropy of the factorised head with a rank-r within-cluster term (see above); proj: (r, d),
+    emb: (V, r). Cost O(N K d + sum_i n_{k_i} r); never builds N x V."""
+    z = code_logits(hidden, codebook)
+    k_total = codebook.shape[0]
+    log_norm = cluster_log_normalizers(mapping, k_total, bias, dtype=z.dtype)
+    order, offsets = layout or cluster_layout(mapping, k_total)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    k = mapping[safe]
+    cluster_term = z.gather(1, k[:, None]).squeeze(1) + log_norm[k] - collapsed_logsumexp(z, log_norm)
+    ph = hidden.to(z.dtype) @ proj.to(z.dtype).t()  # (N, r)
+    b = torch.zeros(mapping.numel(), dtype=z.dtype, device=z.device) if bias is None else bias.to(z.dtype)
+    # all (position, member of its target cluster) pairs, flattened
+    sizes = torch.where(valid, offsets[k + 1] - offsets[k], torch.zeros_like(k))
+    pos = torch.repeat_interleave(torch.arange(labels.numel(), device=labels.device), sizes)
+    local = torch.arange(pos.numel(), device=labels.device) - torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes)
+    member = order[offsets[k][pos] + local]
+    scores = b[member] + (emb[member].to(z.dtype) * ph[pos]).sum(-1)
+    within_norm = _segment_logsumexp(scores, pos, labels.numel())
+    own = b[safe] + (emb[safe].to(z.dtype) * ph).sum(-1)
+    nll = -(cluster_term + own - within_norm)
+    nll = torch.where(valid, nll, torch.zeros_like(nll))
+    if reduction == "none":
+        return nll
+    return nll.sum() if reduction == "sum" else nll.sum() / valid.sum()
+
+
+def residual_log_probs(hidden: torch.Tensor, codebook: torch.Tensor, mapping: torch.Tensor,
+                       bias: torch.Tensor | None, proj: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Full (N, V) log-probabilities of the factorised head: O(N V r); for decoding and parity checks."""
+    z = code_logits(hidden, codebook)
+    k_total = codebook.shape[0]
+    log_norm = cluster_log_normalizers(mapping, k_total, bias, dtype=z.dtype)
+    b = torch.zeros(mapping.numel(), dtype=z.dtype, device=z.device) if bias is None else bias.to(z.dtype)
+    scores = b + (hidden.to(z.dtype) @ proj.to(z.dtype).t()) @ emb.to(z.dtype).t()  # (N, V)
+    shift = torch.full((z.shape[0], k_total), -math.inf, dtype=z.dtype, device=z.device)
+    idx = mapping.expand_as(scores)
+    shift = shift.scatter_reduce(1, idx, scores.detach(), reduce="amax", include_self=True)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    sums = torch.zeros_like(shift).scatter_add(1, idx, (scores - shift.gather(1, idx)).exp())
+    within = scores - (sums.log() + shift).gather(1, idx)
+    cluster = z + log_norm - collapsed_logsumexp(z, log_norm)[:, None]
+    return cluster[:, mapping] + within
+
+
+def dense_sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+    """Sample from (N, V) logits with the same rules as :func:`collapsed_sample` (ties at a cutoff kept whole);
+    the O(V) path used by heads whose distribution does not factor per cluster at T != 1."""
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} is invalid: expected > 0; use argmax() for greedy decoding")
+    scores = logits.double() / temperature
+    if top_k is not None and top_k > 0:
+        kth = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p={top_p} is invalid: expected a probability in (0, 1]")
+        sorted_scores, _ = scores.sort(dim=-1, descending=True)
+        cum = torch.softmax(sorted_scores, dim=-1).cumsum(-1)
+        first = (cum < top_p).sum(-1, keepdim=True).clamp(max=scores.shape[-1] - 1)
+        scores = scores.masked_fill(scores < sorted_scores.gather(1, first), -math.inf)
+    return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)

@@ -21,13 +21,16 @@ class VQLogitsHead(nn.Module):
     """Output head scoring token ``v`` as ``h . C[M(v)] + b_v``.
 
     Parameters: ``codebook`` (K, d) and, with ``token_bias``, ``bias`` (V,); buffer ``mapping`` (V,) int64.
+    With ``residual_rank`` r > 0 the head also learns ``residual_proj`` (r, d) and ``residual_emb`` (V, r): tokens
+    of one cluster then differ by context through an exact within-cluster softmax (see
+    ``functional.residual_cross_entropy``); the loss stays O(N K d + N n_k r), decoding becomes O(V r) per token.
     ``mode="collapsed"`` (default) computes the loss in O(N K + V); ``mode="gather"`` materialises the N x V
     logits first, as the paper does (for comparison). ``forward(hidden)`` returns the materialised logits so the
     head can stand in for an ``nn.Linear`` anywhere; use :meth:`loss` / :meth:`sample` for the fast paths.
     """
 
     def __init__(self, hidden_size: int, mapping: torch.Tensor, num_codes: int, *, token_bias: bool = True,
-                 mode: Mode = "collapsed", device: torch.device | str | None = None,
+                 residual_rank: int = 0, mode: Mode = "collapsed", device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:  # fmt: skip
         super().__init__()
         if hidden_size < 1:
@@ -42,17 +45,27 @@ class VQLogitsHead(nn.Module):
         self.codebook = nn.Parameter(torch.empty(num_codes, hidden_size, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(vocab_size, device=device, dtype=dtype)) if token_bias else None
         nn.init.normal_(self.codebook, std=hidden_size**-0.5)
+        if residual_rank < 0:
+            raise ValueError(f"residual_rank={residual_rank} is invalid: expected 0 (off) or a positive rank")
+        self.residual_rank = residual_rank
+        self.residual_proj = self.residual_emb = None
+        if residual_rank:  # starts at U = 0, i.e. exactly the plain head
+            self.residual_proj = nn.Parameter(torch.randn(residual_rank, hidden_size, device=device, dtype=dtype)
+                                              * hidden_size**-0.5)  # fmt: skip
+            self.residual_emb = nn.Parameter(torch.zeros(vocab_size, residual_rank, device=device, dtype=dtype))
+        self._layout: tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
         self._tables: tuple[tuple[int, ...], VF.ClusterTables] | None = None
 
     # --- constructors ----------------------------------------------------------------------------------------
     @classmethod
     def from_scratch(cls, hidden_size: int, vocab_size: int, num_codes: int, *,
                      mapping: str | Callable[..., torch.Tensor] = "equal_mass", counts: torch.Tensor | None = None,
-                     token_bias: bool = True, seed: int = 0, mode: Mode = "collapsed") -> VQLogitsHead:  # fmt: skip
+                     token_bias: bool = True, residual_rank: int = 0, seed: int = 0,
+                     mode: Mode = "collapsed") -> VQLogitsHead:  # fmt: skip
         """A freshly initialised head; frequency-based maps need token ``counts`` (V,)."""
         m = build_mapping(mapping, vocab_size=vocab_size, num_codes=num_codes, counts=counts, seed=seed,
                           embeddings=torch.randn(vocab_size, hidden_size, generator=torch.Generator().manual_seed(seed)))  # fmt: skip
-        head = cls(hidden_size, m, num_codes, token_bias=token_bias, mode=mode)
+        head = cls(hidden_size, m, num_codes, token_bias=token_bias, residual_rank=residual_rank, mode=mode)
         if token_bias and counts is not None:
             head._init_bias_from_counts(counts)
         return head
@@ -60,8 +73,8 @@ class VQLogitsHead(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, num_codes: int, *,
                     mapping: str | Callable[..., torch.Tensor] | torch.Tensor = "kmeans",
-                    counts: torch.Tensor | None = None, token_bias: bool = True, seed: int = 0,
-                    mode: Mode = "collapsed") -> VQLogitsHead:  # fmt: skip
+                    counts: torch.Tensor | None = None, token_bias: bool = True, residual_rank: int = 0,
+                    seed: int = 0, mode: Mode = "collapsed") -> VQLogitsHead:  # fmt: skip
         """Compress a trained output layer (the paper's Option A): codes are the mean output embedding of their
         tokens; with ``token_bias`` and ``counts`` the bias starts at each token's log-share of its cluster's
         unigram mass (plus the layer's own bias, if any)."""
@@ -74,8 +87,8 @@ class VQLogitsHead(nn.Module):
         else:
             m = build_mapping(mapping, vocab_size=vocab_size, num_codes=num_codes, embeddings=weight, counts=counts,
                               seed=seed)  # fmt: skip
-        head = cls(hidden_size, m.to(weight.device), num_codes, token_bias=token_bias, mode=mode,
-                   device=weight.device, dtype=weight.dtype)  # fmt: skip
+        head = cls(hidden_size, m.to(weight.device), num_codes, token_bias=token_bias, residual_rank=residual_rank,
+                   mode=mode, device=weight.device, dtype=weight.dtype)  # fmt: skip
         with torch.no_grad():
             sums = torch.zeros(num_codes, hidden_size, dtype=torch.float64, device=weight.device)
             sums.index_add_(0, head.mapping, weight.double())
@@ -120,8 +133,21 @@ class VQLogitsHead(nn.Module):
         return self.logits(hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., V) logits whose softmax is the head's distribution (log-probs when ``residual_rank`` > 0)."""
         flat = self._flat(hidden)
-        return VF.materialized_logits(flat, self.codebook, self.mapping, self.bias).reshape(*hidden.shape[:-1], -1)
+        if self.residual_rank:
+            out = VF.residual_log_probs(flat, self.codebook, self.mapping, self.bias, self.residual_proj,
+                                        self.residual_emb)  # fmt: skip
+        else:
+            out = VF.materialized_logits(flat, self.codebook, self.mapping, self.bias)
+        return out.reshape(*hidden.shape[:-1], -1)
+
+    def layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens grouped by cluster and the cluster offsets, rebuilt only when the map changes."""
+        key = (self.mapping._version, id(self.mapping))
+        if self._layout is None or self._layout[0] != key:
+            self._layout = (key, VF.cluster_layout(self.mapping, self.num_codes))
+        return self._layout[1]
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
              reduction: VF.Reduction = "mean") -> torch.Tensor:  # fmt: skip
@@ -130,15 +156,25 @@ class VQLogitsHead(nn.Module):
         if y.numel() != flat.shape[0]:
             raise ValueError(f"labels has {y.numel()} entries for {flat.shape[0]} hidden states: shapes must match")
         if self.mode == "gather":
-            logits = VF.materialized_logits(flat, self.codebook, self.mapping, self.bias)
-            return torch.nn.functional.cross_entropy(logits, y, ignore_index=ignore_index, reduction=reduction)
-        out = VF.collapsed_cross_entropy(flat, self.codebook, self.mapping, y, self.bias, ignore_index=ignore_index,
-                                         reduction=reduction)  # fmt: skip
+            logits = self.logits(flat)
+            out = torch.nn.functional.cross_entropy(logits, y, ignore_index=ignore_index, reduction=reduction)
+        elif self.residual_rank:
+            out = VF.residual_cross_entropy(flat, self.codebook, self.mapping, y, self.bias, self.residual_proj,
+                                            self.residual_emb, layout=self.layout(), ignore_index=ignore_index,
+                                            reduction=reduction)  # fmt: skip
+        else:
+            out = VF.collapsed_cross_entropy(flat, self.codebook, self.mapping, y, self.bias,
+                                             ignore_index=ignore_index, reduction=reduction)  # fmt: skip
         return out.reshape(labels.shape) if reduction == "none" else out
 
     def log_prob(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """``log p(tokens | hidden)``: shape of ``tokens``."""
         flat, t = self._flat(hidden), self._check_tokens(tokens, "tokens")
+        if self.residual_rank:
+            nll = VF.residual_cross_entropy(flat, self.codebook, self.mapping, t, self.bias, self.residual_proj,
+                                            self.residual_emb, layout=self.layout(), ignore_index=-(2**62),
+                                            reduction="none")  # fmt: skip
+            return (-nll).reshape(tokens.shape)
         return VF.collapsed_log_prob(flat, self.codebook, self.mapping, t, self.bias).reshape(tokens.shape)
 
     def tables(self) -> VF.ClusterTables:
@@ -151,28 +187,35 @@ class VQLogitsHead(nn.Module):
     @torch.no_grad()
     def argmax(self, hidden: torch.Tensor) -> torch.Tensor:
         """Greedy token ids: shape ``hidden.shape[:-1]``."""
+        if self.residual_rank:
+            return self.logits(hidden).argmax(-1)
         return VF.collapsed_argmax(self._flat(hidden), self.codebook, self.tables()).reshape(hidden.shape[:-1])
 
     @torch.no_grad()
     def sample(self, hidden: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
         """Token ids drawn from ``softmax(logits / temperature)`` with HF-style top-k/top-p: ``hidden.shape[:-1]``."""
-        out = VF.collapsed_sample(self._flat(hidden), self.codebook, self.tables(), temperature=temperature,
-                                  top_k=top_k, top_p=top_p, generator=generator)  # fmt: skip
+        if self.residual_rank:
+            out = VF.dense_sample(self.logits(self._flat(hidden)), temperature=temperature, top_k=top_k, top_p=top_p,
+                                  generator=generator)  # fmt: skip
+        else:
+            out = VF.collapsed_sample(self._flat(hidden), self.codebook, self.tables(), temperature=temperature,
+                                      top_k=top_k, top_p=top_p, generator=generator)  # fmt: skip
         return out.reshape(hidden.shape[:-1])
 
     # --- accounting ------------------------------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:
         """Stored numbers of the head: codebook K*d, bias V (if any), map V (an index per token)."""
         counts = {"codebook": self.codebook.numel(), "bias": self.bias.numel() if self.bias is not None else 0,
-                  "mapping": self.mapping.numel()}  # fmt: skip
+                  "mapping": self.mapping.numel(),
+                  "residual": sum(p.numel() for p in (self.residual_proj, self.residual_emb) if p is not None)}  # fmt: skip
         counts["total"] = sum(counts.values())
         return counts
 
     def unigram_floor(self, counts: torch.Tensor) -> float:
         """Excess loss floor (nats) this map imposes without a bias; 0 with a bias (see ``mapping.unigram_floor``)."""
-        return 0.0 if self.bias is not None else unigram_floor(counts, self.mapping.cpu(), self.num_codes)
+        return 0.0 if self.bias is not None or self.residual_rank else unigram_floor(counts, self.mapping.cpu(), self.num_codes)
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, vocab_size={self.vocab_size}, num_codes={self.num_codes}, "
-                f"token_bias={self.bias is not None}, mode={self.mode!r}")  # fmt: skip
+                f"token_bias={self.bias is not None}, residual_rank={self.residual_rank}, mode={self.mode!r}")  # fmt: skip
