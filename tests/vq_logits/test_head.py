@@ -21,7 +21,7 @@ def _head(v=50, d=8, k=7, bias=True, mode="collapsed", seed=0):
 def test_from_linear_with_one_code_per_token_reproduces_the_layer():
     torch.manual_seed(0)
     linear = nn.Linear(8, 20).double()
-    head = VQLogitsHead.from_linear(linear, 20, mapping=torch.arange(20), counts=torch.ones(20))
+    head = VQLogitsHead.from_linear(linear, 20, mapping=torch.arange(20), counts=torch.ones(20), bias_init="unigram")
     h = torch.randn(5, 8, dtype=torch.float64)
     torch.testing.assert_close(head(h), linear(h), rtol=1e-12, atol=1e-12)
 
@@ -31,7 +31,7 @@ def test_from_linear_codes_are_cluster_means_and_bias_is_within_cluster_log_shar
     linear = nn.Linear(4, 6, bias=False).double()
     m = torch.tensor([0, 0, 1, 1, 1, 2])
     counts = torch.tensor([3.0, 1.0, 1.0, 1.0, 2.0, 5.0])
-    head = VQLogitsHead.from_linear(linear, 3, mapping=m, counts=counts)
+    head = VQLogitsHead.from_linear(linear, 3, mapping=m, counts=counts, bias_init="unigram")
     torch.testing.assert_close(head.codebook[1], linear.weight[2:5].mean(0), rtol=1e-12, atol=0)
     p = counts.double() + 0.5
     torch.testing.assert_close(head.bias[:2], (p[:2] / p[:2].sum()).log(), rtol=1e-12, atol=0)
@@ -158,3 +158,22 @@ def test_residual_head_starts_as_the_plain_head_and_stays_normalised():
     torch.testing.assert_close(res.log_prob(h, y), res.logits(h).gather(1, y[:, None]).squeeze(1), rtol=1e-12, atol=0)
     assert torch.equal(res.argmax(h), res.logits(h).argmax(-1))
     assert res.sample(h, top_k=3, generator=torch.Generator().manual_seed(0)).shape == (5,)
+
+
+def test_residual_from_linear_is_the_best_rank_r_fit_of_what_codes_discard():
+    torch.manual_seed(0)
+    linear = nn.Linear(6, 30, bias=False).double()
+    m = torch.arange(30) % 4
+    full = VQLogitsHead.from_linear(linear, 4, mapping=m, residual_rank=6)  # r = d: nothing is discarded
+    h = torch.randn(7, 6, dtype=torch.float64)
+    ref = torch.log_softmax(linear(h), -1)
+    within_ref = ref - torch.logsumexp(ref.unsqueeze(-1).expand(-1, -1, 4).masked_fill(
+        m[None, :, None] != torch.arange(4)[None, None, :], -float("inf")), dim=1).gather(1, m.expand(7, -1))  # fmt: skip
+    within = full.logits(h) - torch.logsumexp(full.logits(h).unsqueeze(-1).expand(-1, -1, 4).masked_fill(
+        m[None, :, None] != torch.arange(4)[None, None, :], -float("inf")), dim=1).gather(1, m.expand(7, -1))  # fmt: skip
+    torch.testing.assert_close(within, within_ref, rtol=1e-6, atol=1e-6)  # within-cluster distributions recovered
+
+
+def test_unigram_bias_init_needs_counts():
+    with pytest.raises(ValueError, match="bias_init='unigram' is invalid"):
+        VQLogitsHead.from_linear(nn.Linear(4, 10), 2, mapping=torch.arange(10) % 2, bias_init="unigram")

@@ -47,7 +47,7 @@ class PretrainedHeadConfig(BaseConfig):
     seq_len: int = option(256, help="tokens per window")
     steps: int = option(150, help="head fine-tuning steps")
     batch_tokens: int = option(2048, help="tokens per fine-tuning step")
-    lr: float = option(5e-3, help="AdamW learning rate for the head")
+    lr: float = option(1e-3, help="AdamW learning rate for the head")
 
     def __post_init__(self) -> None:
         if self.mapping not in _MAPPINGS:

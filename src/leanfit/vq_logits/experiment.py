@@ -119,7 +119,7 @@ def run_scratch(ctx: Any, data: dict[str, Any]) -> list[dict[str, Any]]:
         def build(seed: int = seed, tokens_to_code: Any = tokens_to_code, k: int = k, bias: bool = bias,
                   rank: int = rank) -> Any:  # fmt: skip
             return replace_lm_head(trunk(seed_of(seed)), k, mapping=tokens_to_code, counts=counts, token_bias=bias,
-                                   residual_rank=rank)  # fmt: skip
+                                   residual_rank=rank, bias_init="unigram" if bias else "zeros")  # fmt: skip
 
         rec = _train_one(ctx, name, build, data, vq=True, seed=seed_of(seed))
         params = k * m.d_model + (vocab if bias else 0) + vocab + rank * (m.d_model + vocab)

@@ -145,7 +145,7 @@ def vq_causal_lm_class(base: type) -> type:
 
 def replace_lm_head(model: Any, num_codes: int, *, mapping: str | Callable[..., torch.Tensor] | torch.Tensor = "kmeans",
                     counts: torch.Tensor | None = None, token_bias: bool = True, residual_rank: int = 0,
-                    mode: str = "collapsed", seed: int = 0) -> Any:  # fmt: skip
+                    bias_init: str = "zeros", mode: str = "collapsed", seed: int = 0) -> Any:  # fmt: skip
     """Replace ``model``'s output layer by a VQ head built from it, in place; returns the model."""
     linear = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(linear, nn.Linear):
@@ -158,7 +158,7 @@ def replace_lm_head(model: Any, num_codes: int, *, mapping: str | Callable[..., 
             raise ValueError(f"model.config.{attr}={getattr(model.config, attr)!r} transforms the logits, which a VQ "
                              "head cannot represent exactly; use a model without it")  # fmt: skip
     head = VQLogitsHead.from_linear(linear, num_codes, mapping=mapping, counts=counts, token_bias=token_bias,
-                                    residual_rank=residual_rank, seed=seed, mode=mode)  # fmt: skip
+                                    residual_rank=residual_rank, bias_init=bias_init, seed=seed, mode=mode)  # fmt: skip
     model.config.vq_logits = {"num_codes": num_codes, "vocab_size": head.vocab_size, "hidden_size": head.hidden_size,
                               "token_bias": token_bias, "residual_rank": residual_rank, "mode": mode}  # fmt: skip
     model.config.tie_word_embeddings = False
