@@ -48,6 +48,8 @@ def _vq_loss(model: Any, inputs: Any, targets: Any) -> Any:
 
 def _train_one(ctx: Any, name: str, build: Any, data: dict[str, Any], vq: bool, seed: int) -> dict[str, Any]:
     """Train (or resume, or reuse) one sub-run; returns its record."""
+    import shutil
+
     from leanfit.core.io import atomic_write_json, read_json
     from leanfit.lm.train import next_token_loss, train_lm
 
@@ -67,6 +69,7 @@ def _train_one(ctx: Any, name: str, build: Any, data: dict[str, Any], vq: bool, 
                   str(sub.path / "head.safetensors"))  # fmt: skip
     if ctx.is_main:
         atomic_write_json(done, record)
+        shutil.rmtree(sub.checkpoint_dir, ignore_errors=True)  # a finished sub-run is never resumed
     return record
 
 
