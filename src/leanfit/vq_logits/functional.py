@@ -47,6 +47,15 @@ def code_logits(hidden: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return z if z.dtype in (torch.float32, torch.float64) else z.float()
 
 
+def _segment_logsumexp(values: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
+    """logsumexp of ``values`` within each of ``n`` segments (-inf for empty ones); the max is a detached shift."""
+    shift = torch.full((n,), -math.inf, dtype=values.dtype, device=values.device)
+    shift = shift.scatter_reduce(0, segment, values.detach(), reduce="amax", include_self=True)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    sums = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, segment, (values - shift[segment]).exp())
+    return sums.log() + shift
+
+
 def cluster_log_normalizers(mapping: torch.Tensor, num_codes: int, bias: torch.Tensor | None = None,
                             dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
     """``B_k = logsumexp_{v: M(v)=k} b_v`` (``log n_k`` without bias; ``-inf`` for empty clusters): (K,).
@@ -55,12 +64,7 @@ def cluster_log_normalizers(mapping: torch.Tensor, num_codes: int, bias: torch.T
     if bias is None:
         counts = torch.bincount(mapping, minlength=num_codes).to(dtype)
         return counts.log()  # log 0 = -inf for empty clusters
-    b = bias.to(torch.promote_types(bias.dtype, dtype))
-    shift = torch.full((num_codes,), -math.inf, dtype=b.dtype, device=b.device)
-    shift = shift.scatter_reduce(0, mapping, b.detach(), reduce="amax", include_self=True)
-    finite = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    sums = torch.zeros(num_codes, dtype=b.dtype, device=b.device).index_add(0, mapping, (b - finite[mapping]).exp())
-    return sums.log() + finite  # empty: log 0 + 0 = -inf
+    return _segment_logsumexp(bias.to(torch.promote_types(bias.dtype, dtype)), mapping, num_codes)
 
 
 def collapsed_logsumexp(z: torch.Tensor, log_norm: torch.Tensor) -> torch.Tensor:
@@ -269,14 +273,6 @@ def cluster_layout(mapping: torch.Tensor, num_codes: int) -> tuple[torch.Tensor,
     offsets = torch.zeros(num_codes + 1, dtype=torch.long, device=mapping.device)
     offsets[1:] = torch.bincount(mapping, minlength=num_codes).cumsum(0)
     return order, offsets
-
-
-def _segment_logsumexp(values: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
-    shift = torch.full((n,), -math.inf, dtype=values.dtype, device=values.device)
-    shift = shift.scatter_reduce(0, segment, values.detach(), reduce="amax", include_self=True)
-    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    sums = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, segment, (values - shift[segment]).exp())
-    return sums.log() + shift
 
 
 def residual_cross_entropy(
