@@ -76,3 +76,15 @@ def test_sha256_file_matches_hashlib(tmp_path):
     data = os.urandom(5_000_000)
     path.write_bytes(data)
     assert sha256_file(path, chunk=1 << 16) == hashlib.sha256(data).hexdigest()
+
+
+def test_atomic_save_tensors_round_trips(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from leanfit.core.io import atomic_save_tensors
+
+    w = torch.randn(3, 4).t()  # non-contiguous
+    atomic_save_tensors(tmp_path / "t.safetensors", {"w": w})
+    assert torch.equal(load_file(str(tmp_path / "t.safetensors"))["w"], w)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors"]

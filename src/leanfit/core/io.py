@@ -21,6 +21,7 @@ import yaml
 __all__ = [
     "append_jsonl",
     "atomic_dir",
+    "atomic_save_tensors",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
@@ -62,6 +63,13 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 def atomic_write_yaml(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False))
+
+
+def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, Any]) -> Path:
+    """Save a dict of tensors as safetensors, atomically."""
+    from safetensors.torch import save
+
+    return atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
 
 
 @contextlib.contextmanager

@@ -50,7 +50,7 @@ def _train_one(ctx: Any, name: str, build: Any, data: dict[str, Any], vq: bool, 
     """Train (or resume, or reuse) one sub-run; returns its record."""
     import shutil
 
-    from leanfit.core.io import atomic_write_json, read_json
+    from leanfit.core.io import atomic_save_tensors, atomic_write_json, read_json
     from leanfit.lm.train import next_token_loss, train_lm
 
     sub = _sub_run(ctx, name)
@@ -62,12 +62,9 @@ def _train_one(ctx: Any, name: str, build: Any, data: dict[str, Any], vq: bool, 
                              seed=seed, resume=ctx.resume, loss_fn=_vq_loss if vq else next_token_loss,
                              description=name)  # fmt: skip
     record = {"name": name, "val_loss": result.val_loss, "tokens_per_s": result.tokens_per_s}
-    if not vq:
-        from safetensors.torch import save_file
-
-        save_file({"weight": model.get_output_embeddings().weight.detach().contiguous()},
-                  str(sub.path / "head.safetensors"))  # fmt: skip
     if ctx.is_main:
+        if not vq:  # the trained full head: kmeans/hybrid maps cluster it
+            atomic_save_tensors(sub.path / "head.safetensors", {"weight": model.get_output_embeddings().weight})
         atomic_write_json(done, record)
         shutil.rmtree(sub.checkpoint_dir, ignore_errors=True)  # a finished sub-run is never resumed
     return record
