@@ -193,6 +193,7 @@ def run_pretrained(ctx: Any) -> dict[str, Any]:
     from leanfit.data.corpora import load_corpus
     from leanfit.models.pretrained import load_pretrained
     from leanfit.vq_logits.head import VQLogitsHead
+    from leanfit.vq_logits.mapping import build_mapping
 
     pc = ctx.config.pretrained
     model, tokenizer = load_pretrained(pc.model)
@@ -211,9 +212,10 @@ def run_pretrained(ctx: Any) -> dict[str, Any]:
     rows = [{"head": "original", "K": vocab, "bias": False, "rank": 0, "eval_loss": base, "eval_ppl": math.exp(base),
              "ppl_ratio": 1.0, "head_params": lm_head.weight.numel(), "reduction": 0.0}]  # fmt: skip
     gen = torch.Generator().manual_seed(ctx.seed)
+    maps = {k: build_mapping(pc.mapping, vocab_size=vocab, num_codes=k, embeddings=lm_head.weight.detach(),
+                             counts=counts, seed=ctx.seed) for k in pc.num_codes}  # once per K, shared by ranks  # fmt: skip
     for k, rank in [(k, r) for k in pc.num_codes for r in pc.residual_ranks]:
-        head = VQLogitsHead.from_linear(lm_head, k, mapping=pc.mapping, counts=counts, residual_rank=rank,
-                                        seed=ctx.seed)  # fmt: skip
+        head = VQLogitsHead.from_linear(lm_head, k, mapping=maps[k], residual_rank=rank)
         with torch.no_grad():
             before = head.loss(h_eval, y_eval).item()
         opt = torch.optim.AdamW(head.parameters(), lr=pc.lr, weight_decay=0.0)
