@@ -280,9 +280,10 @@ def _pareto(run: Any, summary: list[dict[str, Any]]) -> None:
         ax.errorbar(xs, ys, yerr=es, marker=marker, capsize=3, label=label)
     ax.axhline(1.0, color="k", lw=0.8, ls="--", label="full softmax")
     ax.axhline(1.04, color="grey", lw=0.8, ls=":", label="paper's claim (+4%)")
-    ax.set(xlabel="head-parameter reduction (%)", ylabel="validation perplexity ratio", title="vq-logits (a)")
+    ax.set(xlabel="head-parameter reduction (%)", ylabel="validation perplexity ratio (log scale)",
+           title="vq-logits (a)", yscale="log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
