@@ -1,0 +1,166 @@
+"""One explicit embedded Runge-Kutta step, the error norm, and the automatic initial step size.
+
+Conventions shared by the solver core:
+
+- State ``y`` is batched: ``(batch, *state)``; it keeps its dtype (float32 or float64).
+- Time ``t`` and step ``h`` are float64 ``(batch,)`` tensors internally; Python numbers and 0-d tensors are
+  broadcast to the batch.
+- The vector field is called as ``f(t, y)`` with ``t`` a float64 ``(batch,)`` tensor (one time per sample) and
+  must return a tensor of ``y``'s shape. A field that ignores ``t`` needs nothing; one that uses it broadcasts it
+  itself (``t[:, None]``) and casts it to the state dtype if it concatenates it to ``y``.
+- Everything is plain differentiable torch; nothing is detached here except in :func:`initial_step_size`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from leanfit.core.errors import bad_value
+from leanfit.neural_de.tableaus import TSIT5, ButcherTableau, get_tableau
+
+__all__ = ["StepResult", "VectorField", "call_vector_field", "error_ratio", "initial_step_size", "rk_step"]
+
+VectorField = Callable[[Tensor, Tensor], Tensor]
+TimeLike = float | Tensor
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Result of :func:`rk_step`.
+
+    y_next: ``(batch, *state)``, the propagated (higher-order) solution at ``t + h``.
+    error_estimate: ``(batch, *state)``, ``h * sum_i b_error_i k_i`` = propagated minus embedded solution.
+    stages: the ``s`` stage derivatives ``k_i``, each ``(batch, *state)``; for an FSAL tableau ``stages[-1]`` is
+        ``f(t + h, y_next)``, i.e. the first stage of the next step.
+    """
+
+    y_next: Tensor
+    error_estimate: Tensor
+    stages: tuple[Tensor, ...]
+
+
+def check_tolerances(rtol: float, atol: float) -> None:
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if not (isinstance(value, (int, float)) and value > 0 and value == value and value != float("inf")):
+            raise ValueError(bad_value(name, value, "a finite float > 0", f"pass e.g. {name}=1e-6"))
+
+
+def as_batch_time(x: TimeLike, batch: int, name: str, device: torch.device) -> Tensor:
+    """``x`` as a float64 ``(batch,)`` tensor: a Python number or 0-d tensor is broadcast, ``(batch,)`` is kept."""
+    x = torch.as_tensor(x, dtype=torch.float64, device=device) if not isinstance(x, Tensor) else x.to(device, torch.float64)
+    if x.dim() == 0:
+        return x.expand(batch)
+    if x.shape != (batch,):
+        raise ValueError(
+            bad_value(f"{name}.shape", tuple(x.shape), f"a scalar or ({batch},), one value per sample",
+                      f"pass {name} as a float or a 1-D tensor with one entry per row of y")  # fmt: skip
+        )
+    return x
+
+
+def batch_view(x: Tensor, like: Tensor) -> Tensor:
+    """``(batch,)`` -> ``(batch, 1, ..., 1)`` in ``like``'s dtype, ready to multiply a ``(batch, *state)`` tensor."""
+    return x.to(like.dtype).reshape(x.shape[0], *([1] * (like.dim() - 1)))
+
+
+def call_vector_field(f: VectorField, t: Tensor, y: Tensor) -> Tensor:
+    """``f(t, y)`` with its output shape checked against ``y``."""
+    out = f(t, y)
+    if not isinstance(out, Tensor) or out.shape != y.shape:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            f"f(t, y) returned shape {got}, expected y's shape {tuple(y.shape)} (batch, *state); the vector field "
+            "must map a (batch, *state) state and (batch,) times to a derivative of the same shape"
+        )
+    return out
+
+
+def _combine(weights: Sequence[float], ks: Sequence[Tensor]) -> Tensor:
+    """``sum_i weights[i] * ks[i]``, skipping zero weights."""
+    acc = None
+    for w, k in zip(weights, ks, strict=True):
+        if w != 0.0:
+            acc = k * w if acc is None else torch.add(acc, k, alpha=w)
+    return torch.zeros_like(ks[0]) if acc is None else acc
+
+
+def rk_step(f: VectorField, t: TimeLike, y: Tensor, h: TimeLike, tableau: ButcherTableau | str = TSIT5,
+            k1: Tensor | None = None) -> StepResult:  # fmt: skip
+    """One step of an explicit embedded Runge-Kutta pair from any state, batched and differentiable.
+
+    f: vector field ``f(t, y)``, ``t`` float64 ``(batch,)``. t, h: scalars or ``(batch,)`` (per-sample times and
+    steps; ``h`` may be negative or zero). y: ``(batch, *state)``. k1: ``f(t, y)`` if already known (FSAL), which
+    saves one evaluation. Calls ``f`` ``s`` times (``s - 1`` when ``k1`` is given), ``s`` = number of stages.
+    """
+    tab = get_tableau(tableau)
+    t_b = as_batch_time(t, y.shape[0], "t", y.device)
+    h_b = as_batch_time(h, y.shape[0], "h", y.device)
+    h_y = batch_view(h_b, y)
+    if k1 is not None and k1.shape != y.shape:
+        raise ValueError(bad_value("k1.shape", tuple(k1.shape), f"y's shape {tuple(y.shape)}", "pass k1=f(t, y)"))
+    ks = [call_vector_field(f, t_b, y) if k1 is None else k1]
+    y_stage = y
+    for i in range(1, tab.stages):
+        y_stage = y + h_y * _combine(tab.a[i], ks)
+        ks.append(call_vector_field(f, t_b + tab.c[i] * h_b, y_stage))
+    # FSAL: the last stage is evaluated at y_next itself (a[-1] == b), so y_next is already computed.
+    y_next = y_stage if tab.fsal else y + h_y * _combine(tab.b, ks)
+    return StepResult(y_next=y_next, error_estimate=h_y * _combine(tab.b_error, ks), stages=tuple(ks))
+
+
+def _norm(x: Tensor, norm: str, per_sample_norm: bool) -> Tensor:
+    """RMS or max norm of ``x: (batch, *state)`` per sample, or over the whole batch broadcast to ``(batch,)``."""
+    flat = x.reshape(x.shape[0], -1) if per_sample_norm else x.reshape(1, -1)
+    out = flat.pow(2).mean(1).sqrt() if norm == "rms" else flat.abs().amax(1)
+    return out if per_sample_norm else out.expand(x.shape[0])
+
+
+def error_ratio(error: Tensor, y0: Tensor, y1: Tensor, rtol: float, atol: float,
+                norm: Literal["rms", "max"] = "rms", per_sample: bool = True) -> Tensor:  # fmt: skip
+    """Scaled error ``EEst``: ``|| error / (atol + rtol * max(|y0|, |y1|)) ||``; a step is acceptable if ``<= 1``.
+
+    error, y0, y1: ``(batch, *state)``. norm: ``"rms"`` (Hairer's, the paper's) or ``"max"``. per_sample: one
+    norm per sample, or one over the whole batch array (the paper's joint norm) broadcast to every sample.
+    Returns ``(batch,)`` in the state dtype; differentiable (through ``y0``/``y1`` too, detach them if unwanted).
+    """
+    check_tolerances(rtol, atol)
+    if norm not in ("rms", "max"):
+        raise ValueError(bad_value("norm", norm, "'rms' or 'max'", "use norm='rms' (Hairer's and the paper's)"))
+    scale = atol + rtol * torch.maximum(y0.abs(), y1.abs())
+    return _norm(error / scale, norm, per_sample)
+
+
+@torch.no_grad()
+def initial_step_size(f: VectorField, t0: TimeLike, y0: Tensor, rtol: float, atol: float, order: int,
+                      f0: Tensor | None = None, per_sample: bool = True) -> Tensor:  # fmt: skip
+    """Automatic initial step of Hairer, Norsett & Wanner, Solving ODEs I, II.4 (the ``HINIT`` routine).
+
+    With ``sc = atol + rtol |y0|`` and RMS norms: ``d0 = ||y0/sc||``, ``d1 = ||f0/sc||``; ``h0 = 0.01 d0/d1``
+    (``1e-6`` if either is below ``1e-5``); one explicit Euler step gives ``f1 = f(t0 + h0, y0 + h0 f0)`` and
+    ``d2 = ||(f1 - f0)/sc|| / h0``; ``h1 = (0.01 / max(d1, d2))**(1/(order+1))`` (``max(1e-6, 1e-3 h0)`` if
+    ``max(d1, d2) <= 1e-15``); the result is ``min(100 h0, h1)``. ``order`` is the method's order (5 for Tsit5 and
+    Dopri5, as in Hairer's DOPRI5 and OrdinaryDiffEq.jl). Calls ``f`` once, twice when ``f0`` is not given.
+
+    Returns float64 ``(batch,)``, detached (the paper treats this step size as a constant). per_sample=False
+    uses norms over the whole batch, so every sample gets the same step.
+    """
+    check_tolerances(rtol, atol)
+    t0_b = as_batch_time(t0, y0.shape[0], "t0", y0.device)
+    f0 = call_vector_field(f, t0_b, y0) if f0 is None else f0
+    scale = atol + rtol * y0.abs()
+    d0 = _norm(y0 / scale, "rms", per_sample).double()
+    d1 = _norm(f0 / scale, "rms", per_sample).double()
+    small = (d0 < 1e-5) | (d1 < 1e-5)
+    h0 = torch.where(small, torch.full_like(d0, 1e-6), 0.01 * d0 / torch.where(small, torch.ones_like(d1), d1))
+    f1 = call_vector_field(f, t0_b + h0, y0 + batch_view(h0, y0) * f0)
+    d2 = _norm((f1 - f0) / scale, "rms", per_sample).double() / h0
+    dmax = torch.maximum(d1, d2)
+    tiny = dmax <= 1e-15
+    h1 = torch.where(tiny, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / torch.where(tiny, 1.0, dmax)) ** (1.0 / (order + 1)))
+    return torch.minimum(100 * h0, h1)
+
