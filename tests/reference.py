@@ -124,3 +124,14 @@ def initial_step_reference(fun, t0, y0, rtol, atol, order):
         h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1.0 / (order + 1))
         out.append(min(100 * h0, h1))
     return out
+
+
+class Counter:
+    """Wraps a vector field and counts its calls (the NFE reference)."""
+
+    def __init__(self, f):
+        self.f, self.calls = f, 0
+
+    def __call__(self, t, y):
+        self.calls += 1
+        return self.f(t, y)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from tests.reference import linear_ode_reference, solve_ivp_reference
+from tests.reference import Counter, linear_ode_reference, solve_ivp_reference
 
 from leanfit.neural_de.solver import Solution, solve
 
@@ -48,13 +48,6 @@ def scaled_error(ys: np.ndarray, ref: np.ndarray, rtol: float = RTOL, atol: floa
     return float((np.abs(ys - ref) / (atol + rtol * np.abs(ref).max(1, keepdims=True))).max())
 
 
-class Counter:
-    def __init__(self, f):
-        self.f, self.calls = f, 0
-
-    def __call__(self, t, y):
-        self.calls += 1
-        return self.f(t, y)
 
 
 @pytest.mark.parametrize("method", METHODS)

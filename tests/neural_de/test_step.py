@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tests.reference import error_ratio_reference, initial_step_reference, solve_ivp_reference
+from tests.reference import Counter, error_ratio_reference, initial_step_reference, solve_ivp_reference
 
 from leanfit.neural_de.step import error_ratio, initial_step_size, rk_step
 from leanfit.neural_de.tableaus import DOPRI5, TSIT5, ButcherTableau
@@ -24,15 +24,6 @@ def duffing_np(t: float, y: np.ndarray, i: int) -> np.ndarray:
     return np.array([y[1], -y[0] - y[0] ** 3 - 0.1 * y[1] + 0.3 * np.cos(t)])
 
 
-class Counter:
-    """Wraps a vector field and counts its calls."""
-
-    def __init__(self, f):
-        self.f, self.calls = f, 0
-
-    def __call__(self, t, y):
-        self.calls += 1
-        return self.f(t, y)
 
 
 def fixed_step_errors(tab: ButcherTableau, ns: list[int], span: float = 6.0) -> tuple[list[float], list[float]]:

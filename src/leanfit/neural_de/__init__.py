@@ -7,8 +7,7 @@ Names are imported lazily so that registering this package's experiments does no
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from leanfit.core.lazy import lazy_getattr
 
 _EXPORTS = {
     "DOPRI5": "tableaus",
@@ -28,8 +27,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"leanfit.neural_de.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'leanfit.neural_de' has no attribute {name!r}")
+__getattr__ = lazy_getattr("leanfit.neural_de", _EXPORTS)

@@ -4,8 +4,7 @@ Names are imported lazily so that registering this package's experiments does no
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from leanfit.core.lazy import lazy_getattr
 
 _EXPORTS = {
     "ClusterTables": "functional",
@@ -26,8 +25,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"leanfit.vq_logits.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'leanfit.vq_logits' has no attribute {name!r}")
+__getattr__ = lazy_getattr("leanfit.vq_logits", _EXPORTS)
