@@ -24,6 +24,7 @@ from leanfit.vq_logits.functional import (
     collapsed_log_prob,
     collapsed_sample,
     dense_sample,
+    kept_clusters,
     residual_cross_entropy,
     residual_log_probs,
 )
@@ -147,6 +148,41 @@ def test_sampler_matches_warped_softmax_chi_square(case, bias):
         exp = torch.cat([p[big], p[~big].sum(0, keepdim=True)]) * draws
         keep = exp > 0
         assert chisquare(obs[keep].numpy(), exp[keep].numpy()).pvalue > 1e-3, (case, row)
+
+
+@pytest.mark.parametrize("case", ["top-p", "top-k+top-p", "heavy-tail", "ties", "one-token"])
+def test_kept_set_equals_the_warped_support_exactly(case):
+    """The kept prefixes reproduce the reference support token for token, including rows whose mass sits mostly in
+    low-bias tails (the cutoff falls below every cluster's best token) and tie groups at the boundary."""
+    h, c, m, b, _ = make_problem(n=40, d=8, k=9, v=300, seed=5)
+    h, c, b = h.detach(), c.detach(), b.detach()
+    kwargs = {"temperature": 1.0, "top_p": 0.9}
+    if case == "top-k+top-p":
+        kwargs = {"temperature": 0.7, "top_k": 25, "top_p": 0.6}
+    elif case == "heavy-tail":  # one high-bias token per cluster, many low ones that carry most of the mass
+        b = torch.where(torch.rand(b.shape, generator=torch.Generator().manual_seed(1)) < 0.05, 6.0, 0.0) + 0.01 * b
+        kwargs = {"temperature": 1.0, "top_p": 0.95}
+    elif case == "ties":
+        b, h = torch.round(b * 2) / 2, torch.round(h * 2) / 2
+        c = torch.round(c * 2) / 2
+    elif case == "one-token":  # the best token alone holds more than top_p
+        b = b.clone()
+        b[int(m.argmax())] = 40.0
+    tables = ClusterTables.build(m, c.shape[0], b)
+    counts, log_w = kept_clusters((h @ c.t()).double(), tables, **kwargs)
+    got = torch.zeros(h.shape[0], m.numel(), dtype=torch.bool)
+    for k in range(c.shape[0]):
+        start = int(tables.offsets[k])
+        for i in range(h.shape[0]):
+            got[i, tables.order[start : start + int(counts[i, k])]] = True
+    expected = warped_probs_reference(vq_logits_reference(h, c, m, b), **kwargs) > 0
+    assert torch.equal(got, expected)
+    if case == "one-token":
+        assert (got.sum(-1) == 1).any()
+    # the cluster masses are those of the kept tokens
+    probs = torch.softmax(vq_logits_reference(h, c, m, b) / kwargs["temperature"], dim=-1)
+    mass = torch.zeros(h.shape[0], c.shape[0], dtype=torch.float64).index_add(1, m, probs * got)
+    assert torch.allclose(torch.softmax(log_w, -1), mass / mass.sum(-1, keepdim=True), rtol=1e-10, atol=1e-14)
 
 
 def test_nucleus_reference_equals_transformers_without_ties():

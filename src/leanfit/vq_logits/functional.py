@@ -18,7 +18,7 @@ parity checks and as the paper's gather form (``mode="gather"``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -132,6 +132,7 @@ class ClusterTables:
     keys: torch.Tensor  # (V,) int64
     uniq: torch.Tensor  # (U,) float64 ascending
     segment: torch.Tensor  # (V,) cluster of each position
+    _prefix_mass: dict[float, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, mapping: torch.Tensor, num_codes: int, bias: torch.Tensor | None = None) -> ClusterTables:
@@ -162,10 +163,16 @@ class ClusterTables:
     def prefix_mass(self, temperature: float) -> torch.Tensor:
         """Prefix sums of ``exp((b - max_k b) / T)`` in layout order with a leading 0: (V + 1,) float64. The kept
         prefix of cluster k holding ``c`` tokens has mass ``pm[offsets[k] + c] - pm[offsets[k]]`` (each cluster's
-        best token contributes exactly 1, so cluster masses never underflow)."""
+        best token contributes exactly 1, so cluster masses never underflow). Cached per temperature: O(V) once,
+        not per decoded token."""
+        if temperature in self._prefix_mass:
+            return self._prefix_mass[temperature]
         shifted = ((self.sorted_bias - self.bias_max[self.segment]) / temperature).exp()
         pm = torch.zeros(shifted.numel() + 1, dtype=torch.float64, device=shifted.device)
         pm[1:] = shifted.cumsum(0)
+        if len(self._prefix_mass) >= 8:  # a few temperatures per model in practice; bound the memory anyway
+            self._prefix_mass.pop(next(iter(self._prefix_mass)))
+        self._prefix_mass[temperature] = pm
         return pm
 
 
@@ -215,22 +222,8 @@ def collapsed_sample(
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p} is invalid: expected a probability in (0, 1]")
     z = code_logits(hidden, codebook).double()  # (N, K)
-    thresholds = torch.full_like(z, -math.inf)
-    if top_k is not None and top_k > 0:
-        thresholds = _top_k_thresholds(z, tables, top_k)
-    pm = tables.prefix_mass(temperature)
-    starts = tables.offsets[:-1]
-
-    def kept(bias_thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(counts, log masses) of the kept prefix of every cluster: (N, K) each."""
-        counts = tables.count_at_least(bias_thresholds)
-        within = pm[starts + counts] - pm[starts]
-        best = (z + tables.bias_max) / temperature
-        return counts, torch.where(counts > 0, best + within.clamp_min(1e-300).log(), -math.inf)
-
-    counts, log_w = kept(thresholds)
-    if top_p is not None and top_p < 1.0:
-        counts, log_w = _nucleus(kept, thresholds, log_w, z, top_p, tables.bias_max)
+    counts, log_w = kept_clusters(z, tables, temperature=temperature, top_k=top_k, top_p=top_p)
+    pm, starts = tables.prefix_mass(temperature), tables.offsets[:-1]
     cluster = torch.multinomial(torch.softmax(log_w, dim=-1), 1, generator=generator).squeeze(1)
     # inverse CDF within the kept prefix of the drawn cluster
     start = starts[cluster]
@@ -242,21 +235,49 @@ def collapsed_sample(
     return tables.order[pos]
 
 
-def _nucleus(kept, thresholds, log_w, z, top_p, bias_max):  # noqa: ANN001, ANN202 - helper of collapsed_sample
-    """Raise each row's logit cutoff to the largest value whose >= set still holds mass >= top_p of what top-k
-    left, by bisection on the cutoff (every step is an exact count); z: (N, K) code logits."""
-    best = z + bias_max
+def kept_clusters(z: torch.Tensor, tables: ClusterTables, *, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """What top-k then top-p keep, cluster by cluster, from code logits ``z`` (N, K) float64: ``counts`` (N, K), the
+    kept tokens of cluster k being its first ``counts[:, k]`` in ``tables.order`` (bias descending), and their
+    log masses ``log_w`` (N, K) under ``softmax(l / T)`` up to a per-row constant."""
+    thresholds = torch.full_like(z, -math.inf)
+    if top_k is not None and top_k > 0:
+        thresholds = _top_k_thresholds(z, tables, top_k)
+    pm, starts = tables.prefix_mass(temperature), tables.offsets[:-1]
+    best = (z + tables.bias_max) / temperature
+
+    def kept(bias_thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = tables.count_at_least(bias_thresholds)
+        within = pm[starts + counts] - pm[starts]
+        return counts, torch.where(counts > 0, best + within.clamp_min(1e-300).log(), -math.inf)
+
+    counts, log_w = kept(thresholds)
+    if top_p is None or top_p >= 1.0:
+        return counts, log_w
+    # Raise each row's logit cutoff c (keep l_v >= c) to the largest value whose kept set still holds mass >= top_p
+    # of what top-k left, by bisection; every step is an exact count. [lo, hi) brackets the cutoff: the set at lo
+    # is enough, the set at hi is not. It stops once one token (or one tie of equal logits) separates them.
+    nonempty = tables.offsets[1:] > starts
+    bias_min = torch.where(nonempty, tables.sorted_bias[(tables.offsets[1:] - 1).clamp_min(0)], math.inf)
+    lowest = torch.where(nonempty, z + bias_min, math.inf).min(dim=-1).values
     total = torch.logsumexp(log_w, dim=-1)
-    lo = torch.where(torch.isfinite(best), best, math.inf).min(dim=-1).values - 1.0  # keeps all top-k left
-    hi = best.max(dim=-1).values  # keeps only the best token(s)
+    lo, hi = lowest - 1.0, (z + tables.bias_max).max(dim=-1).values  # lo keeps all top-k left; hi only the best
     log_p = math.log(top_p)
+    c_hi, lw_hi = kept(torch.maximum(thresholds, hi.unsqueeze(1) - z))
+    n_lo, n_hi = counts.sum(-1), c_hi.sum(-1)
+    best_enough = torch.logsumexp(lw_hi, dim=-1) - total >= log_p  # the best token(s) alone hold mass >= top_p
+    lo, n_lo = torch.where(best_enough, hi, lo), torch.where(best_enough, n_hi, n_lo)
     for _ in range(200):
-        mid = (lo + hi) / 2
-        _, lw = kept(torch.maximum(thresholds, mid.unsqueeze(1) - z))
-        enough = torch.logsumexp(lw, dim=-1) - total >= log_p
-        lo, hi = torch.where(enough, mid, lo), torch.where(enough, hi, mid)
-        if bool(((hi - lo) <= 1e-13 * hi.abs().clamp_min(1.0)).all()):
+        active = (n_lo - n_hi > 1) & ((hi - lo) > 1e-13 * hi.abs().clamp_min(1.0))
+        if not bool(active.any()):
             break
+        mid = (lo + hi) / 2
+        c_mid, lw = kept(torch.maximum(thresholds, mid.unsqueeze(1) - z))
+        enough = (torch.logsumexp(lw, dim=-1) - total >= log_p) & active
+        short = ~enough & active
+        n_mid = c_mid.sum(-1)
+        lo, n_lo = torch.where(enough, mid, lo), torch.where(enough, n_mid, n_lo)
+        hi, n_hi = torch.where(short, mid, hi), torch.where(short, n_mid, n_hi)
     return kept(torch.maximum(thresholds, lo.unsqueeze(1) - z))
 
 
