@@ -135,3 +135,27 @@ class Counter:
     def __call__(self, t, y):
         self.calls += 1
         return self.f(t, y)
+
+
+# --- moe: Gaussian MoE estimator (one sample at a time, plain floats) ---
+
+
+def gaussian_moe_loglik_reference(X, y, gate_coef, gate_intercept, coef, intercept, var, top_k, selection):
+    """log p(y_i | x_i) of the top-K gated Gaussian MoE by explicit loops: the K experts with the largest selection
+    score (ties to the lower index), softmax of the full logits over them, Gaussian experts (var = variance)."""
+    import math
+
+    out = []
+    k = len(gate_intercept)
+    for x, target in zip(X.tolist(), y.tolist(), strict=True):
+        logits = [sum(b * v for b, v in zip(gate_coef[j], x, strict=True)) + gate_intercept[j] for j in range(k)]
+        scores = logits if selection == "full_logits" else [logit - gate_intercept[j] for j, logit in enumerate(logits)]
+        chosen = sorted(range(k), key=lambda j: (-scores[j], j))[:top_k]
+        norm = sum(math.exp(logits[j]) for j in chosen)
+        p = 0.0
+        for j in chosen:
+            mean = sum(a * v for a, v in zip(coef[j], x, strict=True)) + intercept[j]
+            dens = math.exp(-0.5 * (target - mean) ** 2 / var[j]) / math.sqrt(2 * math.pi * var[j])
+            p += math.exp(logits[j]) / norm * dens
+        out.append(math.log(p))
+    return out
