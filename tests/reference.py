@@ -159,3 +159,28 @@ def gaussian_moe_loglik_reference(X, y, gate_coef, gate_intercept, coef, interce
             p += math.exp(logits[j]) / norm * dens
         out.append(math.log(p))
     return out
+
+
+# --- moe: sparse MoE layer (token by token) ---
+
+
+def sparse_moe_reference(x, router_weight, gate_up, down, top_k, renormalize=True, capacity=None):
+    """Top-K SwiGLU MoE one token at a time (float64 in, float64 out): softmax over all experts, keep the K largest
+    (renormalised or not); with ``capacity`` an expert serves only the first ``capacity`` (token, slot) pairs in
+    token order. x: (T, d); router_weight: (E, d); gate_up: (E, 2I, d); down: (E, d, I)."""
+    import torch
+
+    out = torch.zeros_like(x)
+    served = [0] * router_weight.shape[0]
+    for t in range(x.shape[0]):
+        probs = torch.softmax(router_weight @ x[t], dim=-1)
+        top = probs.topk(top_k)
+        w = top.values / top.values.sum() if renormalize else top.values
+        for weight, e in zip(w, top.indices.tolist(), strict=True):
+            if capacity is not None:
+                if served[e] >= capacity:
+                    continue
+                served[e] += 1
+            g, u = (gate_up[e] @ x[t]).chunk(2)
+            out[t] = out[t] + weight * (down[e] @ (torch.nn.functional.silu(g) * u))
+    return out
