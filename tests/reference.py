@@ -164,23 +164,31 @@ def gaussian_moe_loglik_reference(X, y, gate_coef, gate_intercept, coef, interce
 # --- moe: sparse MoE layer (token by token) ---
 
 
-def sparse_moe_reference(x, router_weight, gate_up, down, top_k, renormalize=True, capacity=None):
-    """Top-K SwiGLU MoE one token at a time (float64 in, float64 out): softmax over all experts, keep the K largest
-    (renormalised or not); with ``capacity`` an expert serves only the first ``capacity`` (token, slot) pairs in
-    token order. x: (T, d); router_weight: (E, d); gate_up: (E, 2I, d); down: (E, d, I)."""
+def sparse_moe_reference(x, router_weight, gate_up, down, top_k, renormalize=True, capacity=None, real=None):
+    """Top-K SwiGLU MoE one token at a time: softmax over all experts, keep the K largest (renormalised or not).
+    With ``capacity``, an expert serves at most ``capacity`` (token, slot) pairs, slot-major: all first choices in
+    token order, then all second choices, ...; ``real`` (T bools) leaves padding tokens out (zero output).
+    x: (T, d); router_weight: (E, d); gate_up: (E, 2I, d); down: (E, d, I). Returns (output (T, d), dropped)."""
     import torch
 
-    out = torch.zeros_like(x)
-    served = [0] * router_weight.shape[0]
-    for t in range(x.shape[0]):
+    tokens = [t for t in range(x.shape[0]) if real is None or bool(real[t])]
+    chosen = {}
+    for t in tokens:
         probs = torch.softmax(router_weight @ x[t], dim=-1)
         top = probs.topk(top_k)
-        w = top.values / top.values.sum() if renormalize else top.values
-        for weight, e in zip(w, top.indices.tolist(), strict=True):
-            if capacity is not None:
-                if served[e] >= capacity:
-                    continue
-                served[e] += 1
-            g, u = (gate_up[e] @ x[t]).chunk(2)
-            out[t] = out[t] + weight * (down[e] @ (torch.nn.functional.silu(g) * u))
-    return out
+        chosen[t] = (top.values / top.values.sum() if renormalize else top.values, top.indices.tolist())
+    served, kept, dropped = [0] * router_weight.shape[0], set(), 0
+    for slot in range(top_k):
+        for t in tokens:
+            e = chosen[t][1][slot]
+            if capacity is not None and served[e] >= capacity:
+                dropped += 1
+                continue
+            served[e] += 1
+            kept.add((t, slot))
+    out = torch.zeros_like(x)
+    for t, slot in sorted(kept):
+        weight, e = chosen[t][0][slot], chosen[t][1][slot]
+        g, u = (gate_up[e] @ x[t]).chunk(2)
+        out[t] = out[t] + weight * (down[e] @ (torch.nn.functional.silu(g) * u))
+    return out, dropped
