@@ -10,10 +10,10 @@ import pytest
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import adjusted_rand_score
 from sklearn.utils.estimator_checks import parametrize_with_checks
-from tests.reference import gaussian_moe_loglik_reference
 
 from leanfit.moe.estimator import MoEParams, TopKGaussianMoE, log_likelihood_terms
 from leanfit.moe.voronoi import per_parameter_errors, voronoi_loss
+from tests.reference import gaussian_moe_loglik_reference
 
 # The well-separated truth of the simulation study: k* = 3 experts, K = 2, d = 1, X ~ U[-1, 1].
 TRUTH = {"gate_coef": [[-6.0], [-3.0], [0.0]], "gate_intercept": [0.0, 0.5, 0.0], "coef": [[2.0], [-1.0], [2.0]],

@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-from tests.reference import sparse_moe_reference
-from tests.tolerances import EXACT
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock, load_balancing_loss_func
 
 from leanfit.moe.layer import SparseMoE
+from tests.reference import sparse_moe_reference
+from tests.tolerances import EXACT
 
 D, INTER = 16, 24
 CASES = [(4, 1), (4, 2), (8, 2), (4, 4), (8, 3)]

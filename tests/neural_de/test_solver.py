@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from tests.reference import Counter, linear_ode_reference, solve_ivp_reference
 
 from leanfit.neural_de.solver import Solution, solve
+from tests.reference import Counter, linear_ode_reference, solve_ivp_reference
 
 F64 = torch.float64
 METHODS = [pytest.param("tsit5", id="tsit5"), pytest.param("dopri5", id="dopri5")]

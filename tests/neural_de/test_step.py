@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tests.reference import Counter, error_ratio_reference, initial_step_reference, solve_ivp_reference
 
 from leanfit.neural_de.step import error_ratio, initial_step_size, rk_step
 from leanfit.neural_de.tableaus import DOPRI5, TSIT5, ButcherTableau
+from tests.reference import Counter, error_ratio_reference, initial_step_reference, solve_ivp_reference
 
 TABS = [pytest.param(TSIT5, id="tsit5"), pytest.param(DOPRI5, id="dopri5")]
 Y0 = np.array([[1.0, 0.0], [0.5, 0.5]])

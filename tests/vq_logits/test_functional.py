@@ -8,13 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy.stats import chisquare
-from tests.reference import (
-    residual_log_probs_reference,
-    vq_cross_entropy_reference,
-    vq_logits_reference,
-    warped_probs_reference,
-)
-from tests.tolerances import EXACT
 
 from leanfit.vq_logits.functional import (
     ClusterTables,
@@ -28,6 +21,13 @@ from leanfit.vq_logits.functional import (
     residual_cross_entropy,
     residual_log_probs,
 )
+from tests.reference import (
+    residual_log_probs_reference,
+    vq_cross_entropy_reference,
+    vq_logits_reference,
+    warped_probs_reference,
+)
+from tests.tolerances import EXACT
 
 
 def make_problem(n=37, d=16, k=11, v=203, bias=True, empty=2, dtype=torch.float64, seed=0):
@@ -186,8 +186,9 @@ def test_kept_set_equals_the_warped_support_exactly(case):
 
 
 def test_nucleus_reference_equals_transformers_without_ties():
-    from tests.reference import nucleus_mask_reference
     from transformers import TopPLogitsWarper
+
+    from tests.reference import nucleus_mask_reference
 
     scores = torch.randn(20, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     hf = torch.isfinite(TopPLogitsWarper(0.7)(torch.zeros(20, 1, dtype=torch.long), scores.clone()))

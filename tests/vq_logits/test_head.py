@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.reference import vq_cross_entropy_reference, vq_logits_reference
 from torch import nn
 
 from leanfit.vq_logits.head import VQLogitsHead
+from tests.reference import vq_cross_entropy_reference, vq_logits_reference
 
 
 def _head(v=50, d=8, k=7, bias=True, mode="collapsed", seed=0):
