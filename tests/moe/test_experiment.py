@@ -30,6 +30,9 @@ def test_study_records_every_fit_and_reports(study):
     assert {(r["setting"], r["quantity"]) for r in results["slopes"]} >= {("exact", "loss"), ("over", "split_coef")}
     assert (path / "plots" / "exact.png").is_file() and (path / "plots" / "over.png").is_file()
     assert "D1 slope" in results["headline"] and "reach the truth" in results["headline"]
+    # a fit below the truth is refitted from the truth; ECM never lowers the likelihood, so every kept fit reaches it
+    assert all(f["refit"] == (not f["reached_truth_first"]) for f in fits)
+    assert all(f["reached_truth"] and f["loglik"] >= f["truth_loglik"] - 1e-9 for f in fits)
     # the over-specified fits start with the split expert doubled: its cell holds two atoms
     assert all(f["cell_sizes"].count(2) == 1 for f in fits if f["setting"] == "over")
 
@@ -66,6 +69,15 @@ def test_starts_do_not_depend_on_n_and_split_the_chosen_expert():
     assert math.exp(a["gate_intercept"][0]) + math.exp(a["gate_intercept"][2]) == pytest.approx(
         math.exp(TRUTH["gate_intercept"][1]), rel=0.5)
     assert always_selected(TRUTH, 2) == [1]
+
+
+def test_split_needs_a_log2_margin_over_the_unselected_experts():
+    # expert 1's logit minus the best unselected one is min(3x + 1, 1 - 3x) >= 1 on [-1, 1]; with intercept 0.5 the
+    # margin falls to 0.5 < log 2 at x = 0, where half-weight atoms drop below an unselected expert
+    assert always_selected(TRUTH, 2, margin=math.log(2)) == [1]
+    assert always_selected(TRUTH, 2, margin=1.01) == []
+    weaker = {**TRUTH, "gate_intercept": [0.0, 0.5, 0.0]}
+    assert always_selected(weaker, 2) == [1] and always_selected(weaker, 2, margin=math.log(2)) == []
 
 
 @pytest.mark.parametrize(("override", "fragment"), [("split_expert=0", "contains the truth"),

@@ -17,9 +17,10 @@ lowers the observed log-likelihood:
 4. gate, routing free: a coordinate pattern search on the observed log-likelihood (only when K < number of
    experts), so the boundaries between routing regions can move. Step sizes adapt per coordinate.
 
-Known limitation: in over-specified fits the two atoms of a split expert can drift to different gate slopes so that
-the top-K excludes one copy where it should exclude another expert; coordinate moves do not leave that trap, and
-such fits end below the truth's log-likelihood (see the topk-moe study).
+Over-specified fits (more experts and a larger K than the truth) contain the truth only when splitting a true
+expert into atoms keeps every atom above the experts the truth leaves out: with an even split of two, the expert's
+gate logit must exceed theirs by more than log 2 everywhere. Otherwise the best fit stays below the truth's
+likelihood by an amount growing with n; the topk-moe study checks this condition for its truth.
 
 The gate is anchored on the last expert (``beta_1 = 0``, ``beta_0 = 0``): softmax and top-K selection are invariant to
 a common translation of all gate parameters, so only differences to a reference are identifiable. With K = 1 the
