@@ -137,6 +137,88 @@ class Counter:
         return self.f(t, y)
 
 
+# --- neural_de: regularisers (one sample at a time, explicit loops over the Tsit5 tableau) ---
+
+
+def tsit5_step_reference(f, t: float, y, h: float, k1=None):
+    """One Tsit5 step for ONE sample y: (1, n), stage by stage. Returns (y1, error, ks, stage states); ks[0] is
+    ``k1`` if given. y1 = y + h sum_j b_j k_j; error = h sum_j b_error_j k_j."""
+    import torch
+
+    from leanfit.neural_de.tableaus import TSIT5 as tab
+
+    def at(tt):
+        return torch.tensor([tt], dtype=torch.float64)
+
+    ks, states = [f(at(t), y) if k1 is None else k1], [y]
+    for s in range(1, tab.stages):
+        g = y
+        for j in range(s):
+            g = g + h * tab.a[s][j] * ks[j]
+        states.append(g)
+        ks.append(f(at(t + tab.c[s] * h), g))
+    y1 = y
+    for j in range(tab.stages):
+        y1 = y1 + h * tab.b[j] * ks[j]
+    error = sum(h * tab.b_error[j] * ks[j] for j in range(tab.stages))
+    return y1, error, ks, states
+
+
+def local_regularizer_reference(f, t, y, h, rtol, atol, points="batch", estimate="error", stability=3.5068,
+                                k1_graph=False):  # fmt: skip
+    """The local regulariser sample by sample: y (batch, n) and h are constants, k1 = f(t_i, y_i) is computed
+    without gradient (with it if ``k1_graph``), the other stages with it. t, h: per-sample floats. ``points="batch"``: one RMS over the
+    residuals of all samples (h[0] is the shared step); ``"sample"``: per-sample RMS, then the mean.
+    error: RMS(e / (atol + rtol max(|y|, |y1|))) |h|; stiffness: RMS(k7 - k6) / (RMS(y1 - g6) + eps) / stability."""
+    import torch
+
+    y = y.detach()
+    res, dk, dg = [], [], []
+    for i in range(y.shape[0]):
+        yi = y[i : i + 1]
+        with torch.set_grad_enabled(k1_graph):
+            k1 = f(torch.tensor([float(t[i])], dtype=torch.float64), yi)
+        y1, err, ks, states = tsit5_step_reference(f, float(t[i]), yi, float(h[i]), k1=k1)
+        res.append((err / (atol + rtol * torch.maximum(yi.abs(), y1.abs()))).reshape(-1))
+        dk.append((ks[6] - ks[5]).reshape(-1))
+        dg.append((y1 - states[5]).reshape(-1))
+    if points == "batch":
+        groups = [(torch.cat(res), torch.cat(dk), torch.cat(dg), h[0])]
+    else:
+        groups = list(zip(res, dk, dg, h, strict=True))
+
+    def rms(v):
+        return torch.sqrt(torch.mean(v * v))
+
+    eps = torch.finfo(torch.float64).eps
+    vals = [rms(r) * abs(float(hh)) if estimate == "error" else rms(a) / (rms(b) + eps) / stability
+            for r, a, b, hh in groups]  # fmt: skip
+    return sum(vals) / len(vals)
+
+
+def global_regularizer_reference(f, step_t, step_h, step_y, n_accepted, rtol, atol, per_sample=True):
+    """ERNODE's sum_j EEst_j |h_j| per sample (per-sample norms), re-stepping every recorded step with
+    :func:`tsit5_step_reference`; returns the mean over samples (a float). ``per_sample=False`` (a joint solve,
+    every sample takes the same steps): EEst_j is one RMS over the residuals of the whole batch at step j."""
+    import math
+
+    def residuals(i, j):
+        yj, hj = step_y[i, j : j + 1].detach(), float(step_h[i, j])
+        y1, err, _, _ = tsit5_step_reference(f, float(step_t[i, j]), yj, hj)
+        return (err / (atol + rtol * yj.abs().maximum(y1.abs()))).reshape(-1).tolist()
+
+    def rms(r):
+        return math.sqrt(sum(v * v for v in r) / len(r))
+
+    if not per_sample:
+        batch = range(len(n_accepted))
+        return sum(rms([v for i in batch for v in residuals(i, j)]) * abs(float(step_h[0, j]))
+                   for j in range(int(n_accepted[0])))  # fmt: skip
+    total = [sum(rms(residuals(i, j)) * abs(float(step_h[i, j])) for j in range(int(n)))
+             for i, n in enumerate(n_accepted)]  # fmt: skip
+    return sum(total) / len(total)
+
+
 # --- moe: Gaussian MoE estimator (one sample at a time, plain floats) ---
 
 
@@ -192,3 +274,42 @@ def sparse_moe_reference(x, router_weight, gate_up, down, top_k, renormalize=Tru
         g, u = (gate_up[e] @ x[t]).chunk(2)
         out[t] = out[t] + weight * (down[e] @ (torch.nn.functional.silu(g) * u))
     return out, dropped
+
+
+# --- neural_de: SDE (Euler-Maruyama one sample at a time, explicit loops) ---
+
+
+def sde_step_reference(drift, diffusion, t: float, y, h: float, dw1, dw2):
+    """One step-doubled Euler-Maruyama step for ONE sample in plain floats. drift(t, y), diffusion(t, y): lists of
+    floats -> lists (diagonal noise); y, dw1, dw2: lists. Returns (y_next from two half steps, y_next - full step)."""
+    f0, g0 = drift(t, y), diffusion(t, y)
+    full = [v + h * f + g * (a + b) for v, f, g, a, b in zip(y, f0, g0, dw1, dw2, strict=True)]
+    y_mid = [v + h / 2 * f + g * a for v, f, g, a in zip(y, f0, g0, dw1, strict=True)]
+    f1, g1 = drift(t + h / 2, y_mid), diffusion(t + h / 2, y_mid)
+    y_next = [v + h / 2 * f + g * b for v, f, g, b in zip(y_mid, f1, g1, dw2, strict=True)]
+    return y_next, [a - b for a, b in zip(y_next, full, strict=True)]
+
+
+def euler_maruyama_reference(drift, diffusion, times, y0, w):
+    """Plain Euler-Maruyama for ONE sample y0: (1, n) on the grid ``times`` (floats) with the Brownian values
+    ``w[k]``: (1, n) at ``times[k]``: y_{k+1} = y_k + (t_{k+1} - t_k) f(t_k, y_k) + g(t_k, y_k) (w_{k+1} - w_k).
+    The fields get t as a float64 (1,) tensor. Returns the states at every grid point (differentiable)."""
+    import torch
+
+    ys = [y0]
+    for k in range(len(times) - 1):
+        t = torch.tensor([times[k]], dtype=torch.float64)
+        y = ys[-1]
+        dw = (w[k + 1] - w[k]).to(y.dtype)
+        ys.append(y + (times[k + 1] - times[k]) * drift(t, y) + diffusion(t, y) * dw)
+    return ys
+
+
+def fixed_grid_reference(t_eval, dt: float):
+    """Times of fixed steps of ``dt`` from t_eval[0] that land on every t_eval point (a step within 1 % of the next
+    point is stretched onto it, as in Hairer's DOPRI5), as plain floats."""
+    grid = [float(t_eval[0])]
+    for t_out in t_eval[1:]:
+        while grid[-1] < t_out:
+            grid.append(float(t_out) if grid[-1] + 1.01 * dt >= t_out else grid[-1] + dt)
+    return grid

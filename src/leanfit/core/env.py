@@ -13,7 +13,7 @@ __all__ = ["cpu_model", "environment_info", "git_commit"]
 
 _PACKAGES = (
     "leanfit", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors",
-    "numpy", "scipy", "scikit-learn", "matplotlib",
+    "numpy", "scipy", "scikit-learn", "matplotlib", "joblib", "torchdiffeq", "torchode",
 )  # fmt: skip
 
 

@@ -1,7 +1,9 @@
-"""Locally regularised neural differential equations (Pal, Edelman & Rackauckas, ICML 2023): the solver core.
+"""Locally regularised neural differential equations (Pal, Edelman & Rackauckas, ICML 2023).
 
 A batched explicit embedded Runge-Kutta solver (Tsit5, Dopri5) that exposes what the regularisers need: a public
-single step returning its error estimate, the automatic initial step, per-sample step-size control and statistics.
+single step returning its error estimate, the automatic initial step, per-sample step-size control and statistics;
+the local (one random step) and global (every accepted step) error regularisers; an adaptive Euler-Maruyama SDE
+solver with a step-doubling error estimate for the neural SDE variant.
 
 Names are imported lazily so that registering this package's experiments does not import torch."""
 
@@ -24,6 +26,26 @@ _EXPORTS = {
     "Solution": "solver",
     "SolveStats": "solver",
     "solve": "solver",
+    "STABILITY_SIZE": "regularizers",
+    "LocalRegularizerInfo": "regularizers",
+    "global_regularizer": "regularizers",
+    "local_regularizer": "regularizers",
+    "regularize_solution": "regularizers",
+    "sample_times": "regularizers",
+    "with_times": "regularizers",
+    "SDE_CONTROLLER": "sde",
+    "BrownianPath": "sde",
+    "SDESolveStats": "sde",
+    "SDEStepResult": "sde",
+    "sde_solve": "sde",
+    "sde_step": "sde",
+    "ConcatTanhMLP": "models",
+    "DEClassifierOutput": "models",
+    "NeuralODEClassifier": "models",
+    "NeuralSDEClassifier": "models",
+    "REGULARIZER_PRESETS": "models",
+    "RegularizerSpec": "models",
+    "sde_local_regularizer": "models",
 }
 __all__ = sorted(_EXPORTS)
 

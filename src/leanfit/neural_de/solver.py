@@ -8,8 +8,10 @@ still evaluated on the whole batch, so one call of ``f`` serves every sample: ``
 share one step sequence.
 
 Gradients flow through the accepted steps and the dense output (discretize-then-optimize); the step-size
-decisions themselves (error ratio, controller, initial step) are detached. Time, step sizes and tolerances are
-float64; the state keeps its dtype.
+decisions themselves (error ratio, controller, initial step) are detached. With ``record_steps=True`` the error
+ratio of every accepted step is also kept *with* its graph (``stats.step_error``), together with the state each
+step started from (``stats.step_y``): what the global error regulariser and the step-sampling local regulariser
+need. Time, step sizes and tolerances are float64; the state keeps its dtype.
 """
 
 from __future__ import annotations
@@ -89,6 +91,11 @@ class SolveStats:
     nfe_joint: calls of ``f`` on the whole batch (what a wall clock pays for). n_attempts: loop iterations.
     step_t, step_h: float64 ``(batch, max_accepted)``, start time and size of every accepted step, padded with
     NaN after ``n_accepted[i]`` entries (a padded tensor rather than lists: one indexable, device-resident object).
+    step_error: ``(batch, max_accepted)`` in the state dtype, the scaled error ``EEst`` of every accepted step with
+    its autograd graph (differentiable w.r.t. the vector field's parameters), NaN-padded; only with
+    ``record_steps=True``, else ``None``.
+    step_y: ``(batch, max_accepted, *state)``, the state every accepted step started from (graph kept), zero-padded;
+    only with ``record_steps=True``, else ``None``.
     """
 
     nfe: Tensor
@@ -98,6 +105,8 @@ class SolveStats:
     n_attempts: int
     step_t: Tensor
     step_h: Tensor
+    step_error: Tensor | None = None
+    step_y: Tensor | None = None
 
 
 @dataclass
@@ -128,6 +137,7 @@ class _State:
     nfe_joint: int = 0
     outputs: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)  # (rows, t_eval idx, values)
     record: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)  # (t, h, accepted) per attempt
+    steps: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (EEst with graph, y) per attempt, if recorded
 
 
 def _check_inputs(y0: Tensor, t_eval: Sequence[float] | Tensor, max_steps: int) -> Tensor:
@@ -218,7 +228,7 @@ def _write_outputs(state: _State, tab: ButcherTableau, how: str, ts: Tensor, acc
 
 
 def _attempt(f: VectorField, state: _State, tab: ButcherTableau, ctrl: PIController, ts: Tensor, rtol: float,
-             atol: float, norm: str, per_sample: bool, how: str) -> None:  # fmt: skip
+             atol: float, norm: str, per_sample: bool, how: str, record_steps: bool) -> None:  # fmt: skip
     """One batched step attempt: every active sample tries its own ``h``; accepted ones advance."""
     t_end = ts[-1]
     remaining = t_end - state.t
@@ -227,8 +237,18 @@ def _attempt(f: VectorField, state: _State, tab: ButcherTableau, ctrl: PIControl
     h_try = torch.where(state.active, h_try, torch.zeros_like(h_try))
     res = rk_step(f, state.t, state.y, h_try, tab, k1=state.f0)
     calls = tab.stages - 1
+    # Recording computes the ratio once with its graph (for the global regulariser); the controller sees it detached.
+    # A finished sample tries h = 0, and the backward of its norm sqrt(0) is 0/0 = NaN even though the record drops
+    # that attempt: give those rows a constant error (they are never accepted, their ratio is unused).
+    kept = None
+    if record_steps:
+        live = state.active.reshape(-1, *([1] * (state.y.dim() - 1)))
+        err = torch.where(live, res.error_estimate, torch.ones_like(res.error_estimate))
+        kept = error_ratio(err, state.y, res.y_next, rtol, atol, norm, per_sample)
+        state.steps.append((kept, state.y))
     with torch.no_grad():
-        ratio = error_ratio(res.error_estimate, state.y, res.y_next, rtol, atol, norm, per_sample).double()
+        ratio = (error_ratio(res.error_estimate, state.y, res.y_next, rtol, atol, norm, per_sample)
+                 if kept is None else kept.detach()).double()  # fmt: skip
         finite = torch.isfinite(ratio)
         ratio = torch.where(finite, ratio, torch.full_like(ratio, float("inf")))
     accepted = state.active & (ratio <= 1.0)
@@ -279,24 +299,33 @@ def _check_progress(state: _State, ts: Tensor, max_steps: int, n_attempts: int) 
         )
 
 
-def _pack_record(record: list[tuple[Tensor, Tensor, Tensor]], n_accepted: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-attempt ``(t, h, accepted)`` -> NaN-padded ``(batch, max_accepted)`` start times and step sizes."""
+def _pack_record(record: list[tuple[Tensor, Tensor, Tensor]], n_accepted: Tensor,
+                 steps: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, ...]:  # fmt: skip
+    """Per-attempt records -> per-sample padded ``(batch, max_accepted, ...)`` tensors of the accepted steps.
+
+    Returns ``step_t, step_h`` (NaN-padded float64) and, if ``steps`` were recorded, ``step_error`` (NaN-padded)
+    and ``step_y`` (zero-padded), written with the differentiable ``index_put`` so their graphs are kept.
+    """
     t_all, h_all, acc = (torch.stack(x) for x in zip(*record, strict=True))  # (attempts, batch)
     width = int(n_accepted.max()) if n_accepted.numel() else 0
-    step_t = torch.full((acc.shape[1], width), float("nan"), dtype=torch.float64, device=acc.device)
-    step_h = step_t.clone()
-    pos = acc.long().cumsum(0) - 1
     i, b = acc.nonzero(as_tuple=True)
-    step_t[b, pos[i, b]] = t_all[i, b]
-    step_h[b, pos[i, b]] = h_all[i, b]
-    return step_t, step_h
+    where = (b, (acc.long().cumsum(0) - 1)[i, b])
+
+    def pack(values: Tensor, fill: float) -> Tensor:  # values: (attempts, batch, *rest)
+        return values.new_full((acc.shape[1], width, *values.shape[2:]), fill).index_put(where, values[i, b])
+
+    out = (pack(t_all, float("nan")), pack(h_all, float("nan")))
+    if not steps:
+        return out
+    err_all, y_all = (torch.stack(x) for x in zip(*steps, strict=True))
+    return (*out, pack(err_all, float("nan")), pack(y_all, 0.0))
 
 
 def solve(f: VectorField, y0: Tensor, t_eval: Sequence[float] | Tensor, method: str | ButcherTableau = "tsit5",
           rtol: float = 1e-6, atol: float = 1e-8, max_steps: int = 10_000, per_sample: bool = True,
           h0: float | Tensor | None = None, norm: Literal["rms", "max"] = "rms",
-          interpolation: Literal["tableau", "hermite"] = "tableau",
-          controller: PIController | None = None) -> Solution:  # fmt: skip
+          interpolation: Literal["tableau", "hermite"] = "tableau", controller: PIController | None = None,
+          record_steps: bool = False) -> Solution:  # fmt: skip
     """Integrate ``dy/dt = f(t, y)`` from ``t_eval[0]`` to ``t_eval[-1]`` for a batch of initial states.
 
     f: ``f(t, y)`` with ``t`` float64 ``(batch,)`` (each sample's own time) and ``y`` ``(batch, *state)``.
@@ -307,6 +336,9 @@ def solve(f: VectorField, y0: Tensor, t_eval: Sequence[float] | Tensor, method: 
     interpolation: dense output by the tableau's free 4th-order interpolant (default; falls back to
     ``"hermite"`` when the tableau has none) or cubic Hermite from ``y, y1, f0, f1``.
     controller: step-size controller; default :meth:`PIController.for_tableau`.
+    record_steps: also keep, for every accepted step, its error ratio with the autograd graph and its start
+    state (``stats.step_error``, ``stats.step_y``), as the global and local regularisers need; costs no extra
+    evaluation of ``f``, only the memory of one ``(batch,)`` ratio and one state per step attempt.
     Returns :class:`Solution` with ``ys`` ``(batch, len(t_eval), *state)`` and :class:`SolveStats`.
     """
     tab = get_tableau(method)
@@ -322,11 +354,10 @@ def solve(f: VectorField, y0: Tensor, t_eval: Sequence[float] | Tensor, method: 
     n_attempts = 0
     while bool(state.active.any()):
         _check_progress(state, ts, max_steps, n_attempts)
-        _attempt(f, state, tab, ctrl, ts, rtol, atol, norm, per_sample, how)
+        _attempt(f, state, tab, ctrl, ts, rtol, atol, norm, per_sample, how, record_steps)
         n_attempts += 1
     rows, cols, values = (torch.cat(x) for x in zip(*state.outputs, strict=True))
     ys = y0.new_zeros(y0.shape[0], ts.numel(), *y0.shape[1:]).index_put((rows, cols), values)
-    step_t, step_h = _pack_record(state.record, state.n_accepted)
-    stats = SolveStats(nfe=state.nfe, n_accepted=state.n_accepted, n_rejected=state.n_rejected,
-                       nfe_joint=state.nfe_joint, n_attempts=n_attempts, step_t=step_t, step_h=step_h)  # fmt: skip
+    packed = _pack_record(state.record, state.n_accepted, state.steps)
+    stats = SolveStats(state.nfe, state.n_accepted, state.n_rejected, state.nfe_joint, n_attempts, *packed)
     return Solution(ts=ts, ys=ys, stats=stats)

@@ -116,7 +116,12 @@ def rk_step(f: VectorField, t: TimeLike, y: Tensor, h: TimeLike, tableau: Butche
 def _norm(x: Tensor, norm: str, per_sample_norm: bool) -> Tensor:
     """RMS or max norm of ``x: (batch, *state)`` per sample, or over the whole batch broadcast to ``(batch,)``."""
     flat = x.reshape(x.shape[0], -1) if per_sample_norm else x.reshape(1, -1)
-    out = flat.pow(2).mean(1).sqrt() if norm == "rms" else flat.abs().amax(1)
+    if norm == "rms":  # sqrt with a zero (not NaN) gradient at 0: an exactly zero error must not poison backward
+        ms = flat.pow(2).mean(1)
+        zero = ms == 0
+        out = torch.where(zero, torch.zeros_like(ms), torch.where(zero, torch.ones_like(ms), ms).sqrt())
+    else:
+        out = flat.abs().amax(1)
     return out if per_sample_norm else out.expand(x.shape[0])
 
 
