@@ -6,8 +6,9 @@ of every accepted step, backpropagated through the solver); the paper's local re
 point of the solve), both with the first stage ``k_1`` a constant as in the paper's code; and leanfit's variants
 ``local_taken`` (the step the solver actually took at ``t_r``, one point per sample, ``k_1`` differentiated: its
 gradient is the error estimate's own, and ``T * EEst`` is an unbiased estimate of the global sum) and
-``local_sample`` (the paper's regulariser at one point and error norm per sample). The loss is ``cross-entropy + lambda_t * R`` with the paper's exponential decay of ``lambda_t`` from
-``lambda_decay * lambda`` to ``lambda``.
+``local_sample`` (the paper's regulariser at one point and error norm per sample). The loss is
+``cross-entropy + lambda_t * R`` with the paper's exponential decay of ``lambda_t`` from ``lambda_decay * lambda``
+to ``lambda``.
 
 Protocol: the data are split once (stratified, fixed seed) into train / validation / test. For every regularised arm
 a short sweep over ``lambdas`` runs on the first seed and picks, on validation, the lambda with the fewest NFE among
