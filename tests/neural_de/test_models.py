@@ -292,7 +292,8 @@ def test_sde_preset_forward_and_gradients(name: str) -> None:
     model = _sde()
     out = model(_x(), name, generator=_gen())
     assert out.logits.shape == (BATCH, CLASSES) and torch.isfinite(out.logits).all()
-    assert out.nfe_joint > 0 and out.reg_nfe == {"vanilla": 0, "global": 0, "local_taken": 4}.get(name, 6)
+    # Milstein's step-doubled step: 2 drift + 5 diffusion calls; "initial" adds the 2 drift calls of the step guess
+    assert out.nfe_joint > 0 and out.reg_nfe == {"vanilla": 0, "global": 0, "local_taken": 7}.get(name, 9)
     if name == "vanilla":
         out.logits.square().sum().backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
@@ -304,11 +305,12 @@ def test_sde_preset_forward_and_gradients(name: str) -> None:
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0, name
 
 
-def test_sde_global_equals_direct_record_steps_solve() -> None:
-    model, x = _sde(), _x()
+@pytest.mark.parametrize("scheme", ["milstein", "euler"])
+def test_sde_global_equals_direct_record_steps_solve(scheme: str) -> None:
+    model, x = _sde(scheme=scheme), _x()
     out = model(x, "global", generator=_gen(4))
     sol = sde_solve(model.drift, model.diffusion, model.encoder(x), [0.0, 1.0], rtol=0.1, atol=0.1,
-                    per_sample=False, generator=_gen(4), record_steps=True)  # fmt: skip
+                    per_sample=False, generator=_gen(4), record_steps=True, scheme=scheme)  # fmt: skip
     assert torch.equal(out.logits, model.head(sol.ys[:, -1]))
     assert out.reg is not None and torch.equal(out.reg, global_regularizer(sol))
 
@@ -333,50 +335,64 @@ def test_sde_zero_diffusion_is_step_doubled_euler_of_the_drift() -> None:
     assert 1e-5 < err < 0.03, f"Euler error {err:.3g}"
 
 
-def _naive_em_regularizer(drift, diffusion, t, y, h, dw1, dw2, rtol, atol) -> torch.Tensor:
-    """Sample by sample: EEst * h of one step-doubled Euler-Maruyama step, averaged over the samples."""
+def _naive_sde_step(scheme, drift, diffusion, t, y, h: float, dw):
+    """One step of one sample y: (1, n): Euler-Maruyama, plus for Milstein s (g(t, y_hat) - g) (dW^2 - h) /
+    (2 sqrt(h)) with y_hat = y + f h + s g sqrt(h), s = sign(dW) entry by entry."""
+    f, g = drift(t, y), diffusion(t, y)
+    out = y + h * f + g * dw
+    if scheme == "euler":
+        return out
+    side = torch.tensor([[1.0 if float(v) >= 0 else -1.0 for v in dw.flatten()]], dtype=y.dtype)
+    g_hat = diffusion(t, y + h * f + side * g * h**0.5)
+    return out + side * (g_hat - g) * (dw * dw - h) / (2 * h**0.5)
+
+
+def _naive_regularizer(scheme, drift, diffusion, t, y, h, dw1, dw2, rtol, atol) -> torch.Tensor:
+    """Sample by sample: EEst * h of one step-doubled step of the scheme, averaged over the samples."""
     values = []
     for i in range(y.shape[0]):
         ti, yi, hi = t[i : i + 1], y[i : i + 1], float(h[i])
-        f0, g0 = drift(ti, yi), diffusion(ti, yi)
-        full = yi + hi * f0 + g0 * (dw1[i] + dw2[i])
-        mid = yi + hi / 2 * f0 + g0 * dw1[i]
-        nxt = mid + hi / 2 * drift(ti + hi / 2, mid) + diffusion(ti + hi / 2, mid) * dw2[i]
+        full = _naive_sde_step(scheme, drift, diffusion, ti, yi, hi, (dw1[i] + dw2[i])[None])
+        mid = _naive_sde_step(scheme, drift, diffusion, ti, yi, hi / 2, dw1[i][None])
+        nxt = _naive_sde_step(scheme, drift, diffusion, ti + hi / 2, mid, hi / 2, dw2[i][None])
         scale = atol + rtol * torch.maximum(yi.abs(), nxt.abs())
         values.append(((nxt - full) / scale).pow(2).mean().sqrt() * hi)
     return torch.stack(values).mean()
 
 
+@pytest.mark.parametrize("scheme", ["milstein", "euler"])
 @pytest.mark.parametrize("sampling", ["unbiased", "biased"])
 @pytest.mark.parametrize("step", ["taken", "initial"])
-def test_sde_local_regularizer_matches_naive_reference(sampling: str, step: str) -> None:
+def test_sde_local_regularizer_matches_naive_reference(sampling: str, step: str, scheme: str) -> None:
     model, x = _sde(per_sample=True).double(), _x(F64)
     with torch.no_grad():
         sol = sde_solve(model.drift, model.diffusion, model.encoder(x), [0.0, 1.0], rtol=0.1, atol=0.1,
-                        generator=_gen(2), record_steps=True)  # fmt: skip
+                        generator=_gen(2), record_steps=True, scheme=scheme)  # fmt: skip
     dw = tuple(0.1 * torch.randn(BATCH, 6, generator=_gen(s), dtype=F64) for s in (10, 11))
     value, info = sde_local_regularizer(model.drift, model.diffusion, sol, sampling=sampling, step=step,
-                                        points="sample", dw=dw, generator=_gen(3))  # fmt: skip
+                                        points="sample", dw=dw, generator=_gen(3), scheme=scheme)  # fmt: skip
     stats = sol.stats
     hit = (stats.step_t == info.t[:, None]) & (stats.step_y == info.y[:, None]).all(-1)
     assert hit.any(1).all(), "every sample steps from a recorded step start"
     if step == "taken":
         assert ((stats.step_h == info.h[:, None]) & hit).any(1).all()
-    ref = _naive_em_regularizer(model.drift, model.diffusion, info.t, info.y, info.h, *dw, 0.1, 0.1)
+    ref = _naive_regularizer(scheme, model.drift, model.diffusion, info.t, info.y, info.h, *dw, 0.1, 0.1)
     assert torch.allclose(value, ref, rtol=1e-12, atol=0), f"{value.item()!r} vs {ref.item()!r}"
-    assert info.nfe == (4 if step == "taken" else 6)
+    assert info.nfe == {"milstein": 7, "euler": 4}[scheme] + (step == "initial") * 2
 
 
-def test_sde_local_regularizer_gradcheck() -> None:
+@pytest.mark.parametrize("scheme", ["milstein", "euler"])
+def test_sde_local_regularizer_gradcheck(scheme: str) -> None:
     """float64 gradcheck w.r.t. a drift matrix and a diffusion scale, at a fixed point, step and increments."""
     y0 = torch.randn(3, 2, generator=_gen(0), dtype=F64)
     with torch.no_grad():
-        sol = sde_solve(lambda t, y: -y, lambda t, y: 0.3 * y, y0, [0.0, 1.0], generator=_gen(1), record_steps=True)
+        sol = sde_solve(lambda t, y: -y, lambda t, y: 0.3 * y, y0, [0.0, 1.0], generator=_gen(1), record_steps=True,
+                        scheme=scheme)  # fmt: skip
     dw = tuple(0.2 * torch.randn(3, 2, generator=_gen(s), dtype=F64) for s in (5, 6))
 
     def value(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         drift, diffusion = (lambda t, y: torch.tanh(y @ w)), (lambda t, y: s * y)
-        return sde_local_regularizer(drift, diffusion, sol, t_r=0.4, points="sample", dw=dw)[0]
+        return sde_local_regularizer(drift, diffusion, sol, t_r=0.4, points="sample", dw=dw, scheme=scheme)[0]
 
     w = torch.tensor([[-1.0, 0.5], [0.2, -0.7]], dtype=F64, requires_grad=True)
     s = torch.tensor([0.3, 0.6], dtype=F64, requires_grad=True)
@@ -395,6 +411,10 @@ def test_sde_local_regularizer_gradcheck() -> None:
         pytest.param(lambda m, x: sde_local_regularizer(m.drift, m.diffusion, None, step=-1.0), r"step=-1.0",
                      id="step"),
         pytest.param(lambda m, x: _sde(latent=0), r"latent=0 is invalid", id="latent"),
+        pytest.param(lambda m, x: _sde(scheme="heun"), r"scheme='heun' is invalid: expected 'milstein' or 'euler'",
+                     id="scheme"),
+        pytest.param(lambda m, x: sde_local_regularizer(m.drift, m.diffusion, None, scheme="sri"),
+                     r"scheme='sri' is invalid.*main solve's scheme", id="regularizer-scheme"),
     ],
 )  # fmt: skip
 def test_sde_errors(call, match: str) -> None:

@@ -2,8 +2,9 @@
 
 A batched explicit embedded Runge-Kutta solver (Tsit5, Dopri5) that exposes what the regularisers need: a public
 single step returning its error estimate, the automatic initial step, per-sample step-size control and statistics;
-the local (one random step) and global (every accepted step) error regularisers; an adaptive Euler-Maruyama SDE
-solver with a step-doubling error estimate for the neural SDE variant.
+the local (one random step) and global (every accepted step) error regularisers; an adaptive SDE solver (Milstein
+or Euler-Maruyama, step-doubling error estimate, Brownian bridge memory) for the neural SDE variant; the paper's
+ODE and SDE classifiers.
 
 Names are imported lazily so that registering this package's experiments does not import torch."""
 

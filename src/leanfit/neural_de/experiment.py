@@ -23,7 +23,7 @@ only, without evaluations), each also as a ratio to vanilla of the same seed.
 ODE model: :class:`~leanfit.neural_de.models.NeuralODEClassifier` (``y0 = x``, time-concatenated tanh MLP field,
 linear head; the paper's MNIST NODE is 784 -> 100 -> 784, Tsit5). SDE model:
 :class:`~leanfit.neural_de.models.NeuralSDEClassifier` (linear encoder, tanh drift, diagonal linear diffusion,
-adaptive Euler-Maruyama), arms ``vanilla``, ``global``, ``local_unbiased`` and ``local_biased``.
+adaptive Milstein with step doubling), arms ``vanilla``, ``global``, ``local_unbiased`` and ``local_biased``.
 
 Every trained model has a folder under ``runs/`` (metrics, weights, result); ``--resume`` skips finished ones.
 Training runs through ``accelerate``'s ``Accelerator`` (one process here; launched with ``torchrun`` it is data
@@ -78,7 +78,7 @@ class DEArmConfig(BaseConfig):
 
 @dataclass
 class SDEArmConfig(DEArmConfig):
-    """The neural SDE family: its own defaults (Euler-Maruyama needs loose tolerances, see the model)."""
+    """The neural SDE family: its own defaults (a strong-order-1 scheme needs loose tolerances, see the model)."""
 
     methods: list[str] = option(default_factory=lambda: list(SDE_METHODS), help="regulariser presets to compare")
     lambdas: list[float] = option(default_factory=lambda: [1.0, 10.0, 100.0], help="lambda sweep (first seed, "

@@ -11,7 +11,8 @@ regulariser value and the extra NFE it cost, so that training loops log the pape
 NFE side by side.
 
 The SDE local regulariser (:func:`sde_local_regularizer`) is the ODE one carried over to this package's adaptive
-Euler-Maruyama: one step-doubled step from a recorded step start, with fresh Brownian increments.
+SDE solver (Milstein by default, or Euler-Maruyama): one step-doubled step from a recorded step start, with fresh
+Brownian increments.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from leanfit.neural_de.regularizers import (
     sample_times,
     with_times,
 )
-from leanfit.neural_de.sde import sde_solve, sde_step
+from leanfit.neural_de.sde import Scheme, sde_solve, sde_step
 from leanfit.neural_de.solver import Solution, solve
 from leanfit.neural_de.step import as_batch_time, batch_view, check_tolerances, error_ratio, initial_step_size
 from leanfit.neural_de.tableaus import get_tableau
@@ -60,6 +61,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "estimate": ("error", "stiffness"),
     "first_stage": ("constant", "graph"),
 }
+_SCHEMES = ("milstein", "euler")
+# Batched (drift, diffusion) calls of one step-doubled SDE step from a fresh state (sde.sde_step's docstring).
+_SDE_STEP_CALLS = {"milstein": (2, 5), "euler": (2, 2)}
 
 
 def _check_int(name: str, value: object, minimum: int = 1) -> None:
@@ -338,8 +342,9 @@ class NeuralODEClassifier(nn.Module):
 def sde_local_regularizer(drift: Field, diffusion: Field, sol: Solution, *, sampling: str = "unbiased",
                           step: str | float = "taken", points: str = "batch", rtol: float = 0.1, atol: float = 0.1,
                           t_r: float | Tensor | None = None, dw: tuple[Tensor, Tensor] | None = None,
-                          generator: torch.Generator | None = None) -> tuple[Tensor, LocalRegularizerInfo]:  # fmt: skip
-    """The local error regulariser of an SDE solve: ``EEst * |h|`` of one step-doubled Euler-Maruyama step.
+                          generator: torch.Generator | None = None,
+                          scheme: Scheme = "milstein") -> tuple[Tensor, LocalRegularizerInfo]:  # fmt: skip
+    """The local error regulariser of an SDE solve: ``EEst * |h|`` of one step-doubled step of the solve's scheme.
 
     sol: an :func:`~leanfit.neural_de.sde.sde_solve` result with ``record_steps=True``. A recorded step ``j`` is
     picked as for ODEs (:func:`~leanfit.neural_de.regularizers.regularize_solution`): ``"unbiased"`` takes the step
@@ -352,14 +357,17 @@ def sde_local_regularizer(drift: Field, diffusion: Field, sol: Solution, *, samp
     and a new draw gives an unbiased sample of the step's error over the noise.
 
     Unlike the paper's ODE regulariser (constant ``k_1``), the drift and diffusion at the start point keep their
-    graph: the step has only two evaluations of each, and dropping the first would leave the diffusion's gradient
-    to the midpoint alone. points: ``"batch"`` (one point and joint norm; the record must be shared, i.e. a
-    ``per_sample=False`` solve) or ``"sample"``. rtol, atol: the main solve's. Returns the scalar value and
-    :class:`~leanfit.neural_de.regularizers.LocalRegularizerInfo` (``nfe`` counts drift and diffusion calls: 4, +2
-    for ``"initial"``).
+    graph: the step has only two drift evaluations, and ``g`` at the start enters every other evaluation (the
+    midpoint, Milstein's support points), so dropping it would cut most of the diffusion's gradient. points:
+    ``"batch"`` (one point and joint norm; the record must be shared, i.e. a ``per_sample=False`` solve) or
+    ``"sample"``. rtol, atol, scheme: the main solve's (``"milstein"`` or ``"euler"``, see
+    :func:`~leanfit.neural_de.sde.sde_step`). Returns the scalar value and
+    :class:`~leanfit.neural_de.regularizers.LocalRegularizerInfo` (``nfe`` counts drift and diffusion calls: 7 for
+    Milstein, 4 for Euler-Maruyama, +2 for ``"initial"``).
     """
     _check_choice("sampling", sampling, _CHOICES["sampling"], "use sampling='unbiased'")
     _check_choice("points", points, _CHOICES["points"], "use points='batch' (the paper's joint norm)")
+    _check_choice("scheme", scheme, _SCHEMES, "use the main solve's scheme (sde_solve's default: 'milstein')")
     check_tolerances(rtol, atol)
     if isinstance(step, str):
         _check_choice("step", step, _CHOICES["step"], "pass 'taken', 'initial' or a float > 0")
@@ -370,7 +378,7 @@ def sde_local_regularizer(drift: Field, diffusion: Field, sol: Solution, *, samp
     j = _pick_steps(sol, sampling, points, t_r, generator)
     step_t, step_h, step_y, _ = _step_record(sol, "the SDE local regulariser")
     rows = torch.arange(j.numel(), device=j.device)
-    t, y, joint, nfe = step_t[rows, j], step_y[rows, j].detach(), points == "batch", 4
+    t, y, joint, nfe = step_t[rows, j], step_y[rows, j].detach(), points == "batch", sum(_SDE_STEP_CALLS[scheme])
     if step == "taken":
         h = step_h[rows, j]
     elif step == "initial":
@@ -382,7 +390,7 @@ def sde_local_regularizer(drift: Field, diffusion: Field, sol: Solution, *, samp
         gen_device = generator.device if generator is not None else y.device
         draw = [torch.randn(y.shape, generator=generator, dtype=y.dtype, device=gen_device) for _ in range(2)]
         dw = (sd * draw[0].to(y.device), sd * draw[1].to(y.device))
-    res = sde_step(drift, diffusion, t, y, h, dw)
+    res = sde_step(drift, diffusion, t, y, h, dw, scheme=scheme)
     eest = error_ratio(res.error_estimate, y, res.y_next, rtol, atol, "rms", per_sample=not joint)
     info = LocalRegularizerInfo(t=t, h=h, y=y, eest=eest.detach(), nfe=nfe)
     return (eest * h.abs().to(eest.dtype)).mean(), info
@@ -405,23 +413,27 @@ class NeuralSDEClassifier(nn.Module):
 
     drift ``f``: :class:`ConcatTanhMLP` ``latent -> hidden -> latent`` (time_dependent=False by default, as the
     paper's ``32 -> 64 -> 32``); diffusion ``g``: a linear map ``latent -> latent`` used as the diagonal noise.
-    Solver: this package's adaptive Euler-Maruyama with step doubling (the paper: SOSRI at 0.14). rtol = atol =
-    0.1 by default: the error estimate is ``O(h)`` for multiplicative noise, so Euler-Maruyama needs a tolerance
-    near the paper's to take a handful to tens of steps on a unit-scale latent state; NFE are comparable
-    between runs here, not with the paper's. per_sample: per-sample step control, or the paper's joint norm
-    (default). Regularisers: ``global`` (``sum_j EEst_j |h_j|`` over the recorded steps) and ``local``
-    (:func:`sde_local_regularizer`; ``step="initial"`` or ``"taken"``; ``estimate="error"`` only).
+    Solver: :func:`~leanfit.neural_de.sde.sde_solve` with step doubling (the paper: SOSRI at 0.14), scheme
+    ``"milstein"`` (default) or ``"euler"`` (Euler-Maruyama: cheaper per step, but its adaptive steps are biased
+    with multiplicative noise such as this diffusion's; see :mod:`leanfit.neural_de.sde`). The diffusion mixes the
+    latent entries, so the noise is not commutative and both schemes have strong order 0.5 here. rtol = atol = 0.1
+    by default, near the paper's: at initialisation (32-entry latent state, batch 256, joint norm) Milstein takes
+    11 steps (78 drift and diffusion calls), Euler-Maruyama 7 (29 calls). NFE are comparable between runs here,
+    not with the paper's. per_sample: per-sample step control, or the paper's joint norm (default). Regularisers:
+    ``global`` (``sum_j EEst_j |h_j|`` over the recorded steps) and ``local`` (:func:`sde_local_regularizer` with
+    the same scheme; ``step="initial"`` or ``"taken"``; ``estimate="error"`` only).
     """
 
     def __init__(self, in_features: int, latent: int = 32, hidden: int = 64, n_classes: int = 10, t1: float = 1.0,
-                 rtol: float = 0.1, atol: float = 0.1, per_sample: bool = False,
-                 time_dependent: bool = False) -> None:  # fmt: skip
+                 rtol: float = 0.1, atol: float = 0.1, per_sample: bool = False, time_dependent: bool = False,
+                 scheme: Scheme = "milstein") -> None:  # fmt: skip
         super().__init__()
         for name, value in (("in_features", in_features), ("latent", latent), ("n_classes", n_classes)):
             _check_int(name, value)
         _check_span(t1, rtol, atol)
+        _check_choice("scheme", scheme, _SCHEMES, "use scheme='milstein' (or 'euler' for Euler-Maruyama)")
         self.in_features, self.t1, self.rtol, self.atol = in_features, float(t1), rtol, atol
-        self.per_sample = bool(per_sample)
+        self.per_sample, self.scheme = bool(per_sample), scheme
         self.encoder = nn.Linear(in_features, latent)
         self.drift = ConcatTanhMLP(latent, hidden, time_dependent)
         self.diffusion = _DiagonalDiffusion(latent)
@@ -439,14 +451,15 @@ class NeuralSDEClassifier(nn.Module):
                                        "estimate is for Runge-Kutta stages)", "use estimate='error'"))  # fmt: skip
         _check_points(spec, self.per_sample, needs_record=True)  # every SDE local regulariser uses the record
         sol = sde_solve(self.drift, self.diffusion, z0, [0.0, self.t1], rtol=self.rtol, atol=self.atol,
-                        per_sample=self.per_sample, generator=generator, record_steps=spec.kind != "none")  # fmt: skip
+                        per_sample=self.per_sample, generator=generator, record_steps=spec.kind != "none",
+                        scheme=self.scheme)  # fmt: skip
         reg, info = None, None
         if spec.kind == "global":
             reg = global_regularizer(sol)
         elif spec.kind == "local":
             reg, info = sde_local_regularizer(self.drift, self.diffusion, sol, sampling=spec.sampling, step=spec.step,
                                               points=spec.points, rtol=self.rtol, atol=self.atol,
-                                              generator=generator)  # fmt: skip
+                                              generator=generator, scheme=self.scheme)  # fmt: skip
         state = sol.ys[:, -1]
         return DEClassifierOutput(logits=self.head(state), state=state, nfe=sol.stats.nfe,
                                   nfe_joint=sol.stats.nfe_joint, reg=reg, reg_nfe=0 if info is None else info.nfe,
