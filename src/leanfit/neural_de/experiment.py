@@ -27,7 +27,7 @@ adaptive Milstein with step doubling), arms ``vanilla``, ``global``, ``local_unb
 
 Every trained model has a folder under ``runs/`` (metrics, weights, result); ``--resume`` skips finished ones.
 Training runs through ``accelerate``'s ``Accelerator`` (one process here; launched with ``torchrun`` it is data
-parallel, each process solving its shard of the batch).
+parallel, each process solving its shard of every batch; scoring and timing run on the main process only).
 """
 
 from __future__ import annotations
@@ -236,7 +236,7 @@ def train_one(ctx: Any, data: dict[str, Any], family: str, method: str, lam: flo
         for step in range(arm.steps):
             if pos + arm.batch_size > len(y):
                 order, pos = torch.randperm(len(y), generator=batches), 0
-            idx = order[pos : pos + arm.batch_size]
+            idx = order[pos : pos + arm.batch_size][acc.process_index :: acc.num_processes]  # this process's shard
             pos += arm.batch_size
             began = time.perf_counter()
             out = model(X[idx], regularizer=regularizer, generator=draws)
@@ -266,6 +266,7 @@ def train_one(ctx: Any, data: dict[str, Any], family: str, method: str, lam: flo
     if ctx.is_main:
         atomic_save_tensors(sub / "model.safetensors", {k: v.detach() for k, v in model.state_dict().items()})
         atomic_write_json(sub / "result.json", result)
+    acc.wait_for_everyone()  # the other processes read these files next
     return result
 
 
@@ -498,7 +499,8 @@ def run(ctx: Any) -> dict[str, Any]:
         records = run_family(ctx, data, family)
         sweeps += [{"family": family, "method": r["method"], **s, "chosen": s["lambda"] == r["lambda"]}
                    for r in records if "sweep" in r for s in r["sweep"]]  # fmt: skip
-        rows += score(ctx, data, family, records)
+        if ctx.is_main:  # scored and timed in one process (concurrent timings would measure each other)
+            rows += score(ctx, data, family, records)
     summary = summarise(rows)
     return {"dataset": cfg.dataset, "splits": {k: len(data[k][1]) for k in ("train", "val", "test")},
             "threads": threads, "rows": rows, "summary": summary, "targets": targets(summary), "sweeps": sweeps,
