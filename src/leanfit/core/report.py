@@ -16,7 +16,7 @@ from typing import Any
 from leanfit.core.io import atomic_write_bytes, atomic_write_text
 from leanfit.core.runs import RunDir
 
-__all__ = ["Report", "line_plot", "render_index", "render_run"]
+__all__ = ["Report", "line_plot", "render_index", "render_run", "save_figure"]
 
 
 class Report:
@@ -94,6 +94,13 @@ def line_plot(
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend()
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | os.PathLike) -> Path:
+    """Lay out, save as PNG (atomically) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -341,15 +341,13 @@ def report(run: Any, results: dict[str, Any]) -> Any:
 
 
 def _rate_plot(path: Any, setting: str, rows: list[dict[str, Any]], slopes: list[dict[str, Any]]) -> None:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from leanfit.core.io import atomic_write_bytes
+    from leanfit.core.report import save_figure
 
     ns = np.asarray([r["n"] for r in rows], dtype=float)
     fig, ax = plt.subplots(figsize=(7.0, 4.6), dpi=110)
@@ -367,11 +365,7 @@ def _rate_plot(path: Any, setting: str, rows: list[dict[str, Any]], slopes: list
            title=f"top-K Gaussian MoE, {setting}-specified")  # fmt: skip
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 def _headline(slopes: list[dict[str, Any]], fits: list[dict[str, Any]]) -> str:

@@ -435,14 +435,13 @@ def _require_baselines(methods: list[str]) -> None:
 def _ratio_bars(path: Any, rows: list[dict[str, Any]], base: str) -> bool:
     """Geometric mean over each problem's cells of the wall, NFE and error ratios of every method against ``base``:
     one bar group per problem, one panel per ratio. Returns False when nothing has that baseline."""
-    import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from leanfit.core.io import atomic_write_bytes
+    from leanfit.core.report import save_figure
 
     baselines = {BASELINES[base].format(tableau=t) for t in ("tsit5", "dopri5")}
     methods = [m for m in METHODS if m not in baselines and any(m == r["method"] and f"wall_vs_{base}" in r
@@ -464,11 +463,7 @@ def _ratio_bars(path: Any, rows: list[dict[str, Any]], base: str) -> bool:
         ax.set(title=f"{label} / {base} (below 1: better)", ylabel="ratio, geometric mean over cells")
         ax.grid(alpha=0.3, axis="y")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
     return True
 
 

@@ -424,15 +424,14 @@ def report(run: Any, results: dict[str, Any]) -> Any:
 
 
 def _plots(run: Any, results: dict[str, Any], family: str) -> None:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from leanfit.core.io import atomic_write_bytes, read_jsonl
+    from leanfit.core.io import read_jsonl
+    from leanfit.core.report import save_figure
 
     rows = [r for r in results["rows"] if r["family"] == family]
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -448,11 +447,7 @@ def _plots(run: Any, results: dict[str, Any], family: str) -> None:
     ax.set(xlabel="training step", ylabel="NFE per step (main solve, joint)", title=f"{family}: NFE during training")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(run.plots_dir / f"{family}_nfe_training.png", buf.getvalue())
+    save_figure(fig, run.plots_dir / f"{family}_nfe_training.png")
 
     fig, ax = plt.subplots(figsize=(6.0, 4.4), dpi=110)
     for i, m in enumerate(methods):
@@ -462,11 +457,7 @@ def _plots(run: Any, results: dict[str, Any], family: str) -> None:
     ax.set(xlabel="test NFE per batch (joint)", ylabel="test accuracy (%)", title=f"{family}: accuracy vs NFE")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(run.plots_dir / f"{family}_acc_vs_nfe.png", buf.getvalue())
+    save_figure(fig, run.plots_dir / f"{family}_acc_vs_nfe.png")
 
 
 def _headline(summary: list[dict[str, Any]]) -> str:

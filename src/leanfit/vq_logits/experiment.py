@@ -261,14 +261,12 @@ def report(run: Any, results: dict[str, Any]) -> Any:
 
 
 def _pareto(run: Any, summary: list[dict[str, Any]]) -> None:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from leanfit.core.io import atomic_write_bytes
+    from leanfit.core.report import save_figure
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     keys = sorted({(r["mapping"], r["bias"], r["rank"]) for r in summary if r["head"] == "vq"})
@@ -284,11 +282,7 @@ def _pareto(run: Any, summary: list[dict[str, Any]]) -> None:
            title="vq-logits (a)", yscale="log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(run.plots_dir / "pareto.png", buf.getvalue())
+    save_figure(fig, run.plots_dir / "pareto.png")
 
 
 def _curves(run: Any) -> None:
