@@ -113,3 +113,15 @@ def test_benchmark_writes_csv_json_and_machine_info(tmp_path):
     assert [(int(r["n"]), float(r["value"])) for r in rows] == [(0, 0.0), (1, 0.5), (2, 1.0), (3, 1.5)]
     assert RunDir(path).read_env()["cpu_count"] >= 1
     assert "| n | value |" in (path / "report.md").read_text()
+
+
+def test_demo_index_takes_mapping_and_sentence_headlines(tmp_path):
+    """Experiments report their headline as a mapping of numbers or as a sentence (topk-moe, neural-de): the demo
+    index renders both, with pipes escaped so the table keeps its columns."""
+    from leanfit.core.report import render_index
+
+    a, b = tmp_path / "a" / "r", tmp_path / "b" / "r"
+    index = render_index(tmp_path, [("a", a, {"ppl": 2.5}), ("b", b, "D1 slope -0.48 | 96% reach\nthe truth")])
+    rows = index.read_text().splitlines()[4:]
+    assert rows == ["| a | [a/r/report.md](a/r/report.md) | ppl = 2.5 |",
+                    "| b | [b/r/report.md](b/r/report.md) | D1 slope -0.48 \\| 96% reach the truth |"]  # fmt: skip

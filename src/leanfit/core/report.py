@@ -175,12 +175,15 @@ def render_run(run_dir: str | os.PathLike) -> Path:
     return atomic_write_text(run.path / "report.md", text)
 
 
-def render_index(out: str | os.PathLike, runs: Sequence[tuple[str, Path, Mapping[str, Any]]]) -> Path:
-    """``index.md`` linking each run's report with its headline numbers."""
+def render_index(out: str | os.PathLike, runs: Sequence[tuple[str, Path, Mapping[str, Any] | str]]) -> Path:
+    """``index.md`` linking each run's report with its headline (a mapping of numbers, or a sentence)."""
     out = Path(out)
     lines = ["# leanfit demo", "", "| experiment | report | headline |", "|---|---|---|"]
     for name, path, headline in runs:
         rel = os.path.relpath(path / "report.md", out)
-        summary = ", ".join(f"{k} = {fmt(v)}" for k, v in headline.items())
+        if isinstance(headline, Mapping):
+            summary = ", ".join(f"{k} = {fmt(v)}" for k, v in headline.items())
+        else:
+            summary = str(headline).replace("|", "\\|").replace("\n", " ")
         lines.append(f"| {name} | [{rel}]({rel}) | {summary} |")
     return atomic_write_text(out / "index.md", "\n".join(lines) + "\n")
