@@ -455,8 +455,7 @@ def sde_solve(drift: Field, diffusion: Field, y0: Tensor, t_eval: Sequence[float
     ctrl = _CONTROLLERS[scheme] if controller is None else controller
     state = _initial_state(drift, diffusion, y0, ts, path, rtol, atol, per_sample, dt0, adaptive)
     n_attempts = 0
-    while bool(state.active.any()):
-        _check_progress(state, ts, max_steps, n_attempts)
+    while _check_progress(state, ts, max_steps, n_attempts):
         _attempt(drift, diffusion, state, path, ctrl, ts, rtol, atol, norm, per_sample, adaptive,
                  record_steps and adaptive, scheme)  # fmt: skip
         n_attempts += 1

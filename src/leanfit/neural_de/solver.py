@@ -189,25 +189,40 @@ def _initial_state(f: VectorField, y0: Tensor, ts: Tensor, tab: ButcherTableau, 
     return state
 
 
-def _interpolate(tab: ButcherTableau, how: str, y: Tensor, y1: Tensor, ks: Sequence[Tensor], f1: Tensor,
-                 h: Tensor, theta: Tensor) -> Tensor:  # fmt: skip
-    """Dense output inside one step for selected rows. y, y1, ks[i], f1: ``(P, *state)``; h, theta: ``(P,)``.
+def _interpolate(tab: ButcherTableau, how: str, rows: Tensor, y: Tensor, y1: Tensor, ks: Sequence[Tensor],
+                 f1: Tensor, h: Tensor, theta: Tensor) -> Tensor:  # fmt: skip
+    """Dense output inside one step for the batch rows ``rows`` (``(P,)``, repeats allowed: one per output time).
 
+    y, y1, ks[i], f1: ``(batch, *state)``; h, theta: ``(P,)``. Returns ``(P, *state)``.
     ``"hermite"``: cubic Hermite through ``y, y1, f0 = ks[0], f1 = f(t + h, y1)`` (local error O(h^4)).
     ``"tableau"``: the tableau's own 4th-order continuous extension ``y + h sum_i b_i(theta) k_i`` (error O(h^5)).
     """
+    y = y[rows]
     th = batch_view(theta, y)
     hy = batch_view(h, y)
     if how == "hermite":
         th2, th3 = th * th, th * th * th
-        return ((2 * th3 - 3 * th2 + 1) * y + (th3 - 2 * th2 + th) * hy * ks[0]
-                + (3 * th2 - 2 * th3) * y1 + (th3 - th2) * hy * f1)  # fmt: skip
-    acc = torch.zeros_like(y)
-    for coeffs, k in zip(tab.interpolant, ks, strict=True):
-        if any(coeffs):
-            w = sum(c * th ** (p + 1) for p, c in enumerate(coeffs) if c != 0.0)
-            acc = acc + w * k
-    return y + hy * acc
+        return ((2 * th3 - 3 * th2 + 1) * y + (th3 - 2 * th2 + th) * hy * ks[0][rows]
+                + (3 * th2 - 2 * th3) * y1[rows] + (th3 - th2) * hy * f1[rows])  # fmt: skip
+    # One small GEMM for the stage weights b_i(theta), one gather and one batched contraction, instead of a Python
+    # loop of per-stage, per-power tensor ops (dense output runs on every step that passes a t_eval point).
+    coeffs = _interpolant_matrix(tab, y.dtype, y.device)  # (stages, degree)
+    powers = theta.to(y.dtype)[:, None] ** torch.arange(1, coeffs.shape[1] + 1, device=y.device)
+    used = [i for i, row in enumerate(tab.interpolant) if any(row)]
+    weights = (powers @ coeffs.T)[:, None, used]  # (P, 1, used stages)
+    stacked = torch.stack([ks[i] for i in used], 1)[rows].reshape(rows.numel(), len(used), -1)
+    return y + hy * torch.bmm(weights, stacked).reshape(y.shape)
+
+
+_INTERPOLANTS: dict[tuple[tuple[tuple[float, ...], ...], torch.dtype, torch.device], Tensor] = {}
+
+
+def _interpolant_matrix(tab: ButcherTableau, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``tab.interpolant`` as a ``(stages, degree)`` tensor, cached per tableau, dtype and device."""
+    key = (tab.interpolant, dtype, device)
+    if key not in _INTERPOLANTS:
+        _INTERPOLANTS[key] = torch.tensor(tab.interpolant, dtype=dtype, device=device)
+    return _INTERPOLANTS[key]
 
 
 def _write_outputs(state: _State, tab: ButcherTableau, how: str, ts: Tensor, accepted: Tensor, t_old: Tensor,
@@ -217,11 +232,11 @@ def _write_outputs(state: _State, tab: ButcherTableau, how: str, ts: Tensor, acc
     j = torch.arange(ts.numel(), device=ts.device)
     mask = accepted[:, None] & (j >= state.next_out[:, None]) & (j < new_out[:, None])
     state.next_out = torch.where(accepted, new_out, state.next_out)
-    if not mask.any():
+    rows, cols = mask.nonzero(as_tuple=True)  # one host sync; most attempts pass no t_eval point
+    if rows.numel() == 0:
         return
-    rows, cols = mask.nonzero(as_tuple=True)
     theta = ((ts[cols] - t_old[rows]) / h[rows]).clamp(0.0, 1.0)
-    values = _interpolate(tab, how, y_old[rows], y_new[rows], [k[rows] for k in ks], f1[rows], h[rows], theta)
+    values = _interpolate(tab, how, rows, y_old, y_new, ks, f1, h[rows], theta)
     at_end = (theta == 1.0).reshape(-1, *([1] * (values.dim() - 1)))
     values = torch.where(at_end, y_new[rows], values)  # exactly y_next at a step's end
     state.outputs.append((rows, cols, values))
@@ -275,12 +290,22 @@ def _attempt(f: VectorField, state: _State, tab: ButcherTableau, ctrl: PIControl
     state.active = state.active & (state.t < t_end)
 
 
-def _check_progress(state: _State, ts: Tensor, max_steps: int, n_attempts: int) -> None:
-    """Raise on step-size underflow or an exhausted step budget, naming the sample, the time reached and a fix."""
-    t_end = ts[-1].item()
+def _check_progress(state: _State, ts: Tensor, max_steps: int, n_attempts: int) -> bool:
+    """Whether any sample is still integrating; raise on step-size underflow or an exhausted step budget, naming
+    the sample, the time reached and a fix. One host synchronisation per call."""
     spacing = torch.nextafter(state.t, torch.full_like(state.t, float("inf"))) - state.t
     under = state.active & (state.h < 10 * spacing)
-    if under.any():
+    any_active, any_under = torch.stack((state.active.any(), under.any())).tolist()
+    if not any_active:
+        return False
+    if any_under or n_attempts >= max_steps:
+        _raise_no_progress(state, ts[-1].item(), under if any_under else None, max_steps)
+    return True
+
+
+def _raise_no_progress(state: _State, t_end: float, under: Tensor | None, max_steps: int) -> None:
+    """The error for step-size underflow (``under``: the samples concerned) or for ``max_steps`` exhausted."""
+    if under is not None:
         i = int(under.nonzero()[0, 0])
         where = f"step size underflow at t={state.t[i].item()!r} (t1={t_end!r}) for sample {i}, h={state.h[i].item()!r}"
         if state.last_nonfinite[i]:
@@ -288,7 +313,7 @@ def _check_progress(state: _State, ts: Tensor, max_steps: int, n_attempts: int) 
                                "parameters near that time")  # fmt: skip
         raise RuntimeError(f"{where}: the solution may blow up near that time, or the problem is too stiff for an "
                            "explicit method; check the vector field, loosen rtol/atol, or end t_eval earlier")  # fmt: skip
-    if n_attempts >= max_steps and state.active.any():
+    else:
         t_min = state.t.masked_fill(~state.active, float("inf")).min()
         i = int((state.t == t_min).logical_and(state.active).nonzero()[0, 0])
         raise RuntimeError(
@@ -352,8 +377,7 @@ def solve(f: VectorField, y0: Tensor, t_eval: Sequence[float] | Tensor, method: 
     ctrl = PIController.for_tableau(tab) if controller is None else controller
     state = _initial_state(f, y0, ts, tab, rtol, atol, per_sample, h0)
     n_attempts = 0
-    while bool(state.active.any()):
-        _check_progress(state, ts, max_steps, n_attempts)
+    while _check_progress(state, ts, max_steps, n_attempts):
         _attempt(f, state, tab, ctrl, ts, rtol, atol, norm, per_sample, how, record_steps)
         n_attempts += 1
     rows, cols, values = (torch.cat(x) for x in zip(*state.outputs, strict=True))
