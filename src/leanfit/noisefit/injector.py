@@ -1,0 +1,357 @@
+"""Gaussian noise added to the outputs of chosen decoder blocks, through forward hooks.
+
+- :func:`find_decoder_layers` finds the decoder blocks of a causal LM (PEFT, DDP and ``torch.compile`` wrappers
+  unwrapped): the ``nn.ModuleList`` whose length is the config's number of hidden layers.
+- :func:`token_noise_std` is leanfit's noise scale, :func:`paper_v1_noise_std` the reference v1 one; both map a
+  hidden state ``(B, T, d)`` to a per-element standard deviation.
+- :class:`NoiseInjector` hooks the chosen blocks. Noise is added only inside ``with injector.noisy(...)`` and
+  only while the block is in training mode, so evaluation and ``generate()`` are never noisy; ``rows`` restricts
+  it to some batch rows so that clean and noisy branches share one batched forward.
+
+leanfit's scale is relative to each token's RMS over the hidden dimension, so ``rel_noise`` is dimensionless: the
+token's noise RMS is ``rel_noise * RMS_t(h)`` (times the token factor below), whatever the activation size. With
+``token_adaptive`` the std of element ``e`` of token ``t`` is ``rel_noise * RMS_t * f_t * w_te / RMS_e(w_t)``
+with ``f_t = min(var_t / mean_valid(var), max_token_factor)`` and ``w_te = exp(-beta |h_te - median_t| / MAD_t)``.
+The weights are renormalised to unit RMS per token, so they only redistribute noise away from outlier channels
+and the token's relative noise is exactly ``rel_noise * f_t``; averaged over valid tokens that is ``rel_noise``
+times ``mean(f_t)``, which is 1 unless tokens hit the clip. Statistics (the mean variance) use only the valid
+tokens given by ``token_mask`` (no padding, no prompt); ``noise_mask`` says where noise lands. The std is
+computed without gradient: the noise is a constant perturbation (E[h~|h] = h). The reference v1 scale keeps
+its quadratic dependence on the activation size and its gradient path, see :func:`paper_v1_noise_std`.
+
+Randomness comes from a ``torch.Generator`` per device seeded with ``config.seed``, so runs are reproducible and
+the model's own random stream (dropout) is untouched. Gradient checkpointing: from transformers 5 the decoder
+blocks checkpoint ``forward`` and keep module hooks outside the checkpoint, so the noise is added once, by
+ordinary autograd ops, and never recomputed (tested). Where a hook runs inside a checkpointed region (blocks
+wrapped by hand in ``torch.utils.checkpoint``, several blocks per segment, or transformers 4.x, which
+checkpointed ``__call__``), the recomputation calls the hook again; it must then draw the same noise, or the
+gradients of everything downstream in the segment (and of the v1 noise scale) are wrong. Pass
+``generator="global"``: the draw uses the global RNG, which ``preserve_rng_state`` restores for the
+recomputation, and run ``backward()`` inside the ``noisy()`` block so that the recomputation is noisy too
+(tested with a reentrant checkpoint over two blocks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+
+from leanfit.core.errors import ConfigError, bad_value
+from leanfit.noisefit.config import NoiseFiTConfig
+
+if TYPE_CHECKING:
+    from leanfit.noisefit.calibration import CalibrationResult
+
+__all__ = ["NoiseInjector", "find_decoder_layers", "paper_v1_noise_std", "token_noise_std", "unwrap_model"]
+
+_BLOCK_LIST_NAMES = ("layers", "h", "blocks", "block", "layer")
+_EPS = 1e-6  # relative floor of MAD (times the token RMS) and the reference's stabiliser
+_V1_EPS = 1e-6
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare model under PEFT (``get_base_model()``), DDP/DataParallel (``.module``) and ``torch.compile``."""
+    for _ in range(8):
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):
+            inner = model.get_base_model()
+        elif isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            inner = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            inner = model._orig_mod
+        else:
+            return model
+        if inner is model:
+            return model
+        model = inner
+    return model
+
+
+def _num_hidden_layers(config: Any) -> int | None:
+    for cfg in (config, getattr(config, "get_text_config", lambda: None)()):
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of ``model``: the ``nn.ModuleList`` whose length is ``config.num_hidden_layers``.
+
+    Lists named ``layers``/``h``/``blocks``/``block``/``layer`` are preferred (``.model.layers`` of Llama/Qwen,
+    ``.transformer.h`` of GPT-2); without a config, such a named list is taken as is."""
+    base = unwrap_model(model)
+    n_layers = _num_hidden_layers(getattr(base, "config", None))
+    lists = [(name, mod) for name, mod in base.named_modules() if isinstance(mod, nn.ModuleList) and len(mod) > 0]
+    named = [(n, m) for n, m in lists if n.rsplit(".", 1)[-1] in _BLOCK_LIST_NAMES]
+    if n_layers is not None:
+        named = [(n, m) for n, m in named if len(m) == n_layers]
+        others = [(n, m) for n, m in lists if len(m) == n_layers and len({type(b) for b in m}) == 1]
+        found = named or others
+    else:
+        found = named
+    if not found:
+        expected = f"of length config.num_hidden_layers={n_layers}" if n_layers else "(the model has no config)"
+        raise ConfigError(bad_value("model", type(base).__name__, f"a causal LM with an nn.ModuleList of decoder "
+                                    f"blocks {expected}; searched ModuleLists named {', '.join(_BLOCK_LIST_NAMES)} "
+                                    "and any list of one block type", "pass a decoder-only transformer"))  # fmt: skip
+    return found[0][1]
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values`` (B, T) over ``mask`` (B, T) bool; over everything when the mask is None or empty.
+    Written without boolean indexing so that it does not synchronise with the GPU."""
+    if mask is None:
+        return values.mean()
+    weight = mask.to(values.dtype)
+    count = weight.sum()
+    return torch.where(count > 0, (values * weight).sum() / count.clamp_min(1), values.mean())
+
+
+@torch.no_grad()
+def token_noise_std(hidden: torch.Tensor, token_mask: torch.Tensor | None = None, *, scale: float,
+                    token_adaptive: bool = True, beta: float = 0.1,
+                    max_factor: float = 5.0) -> torch.Tensor:  # fmt: skip
+    """leanfit's noise std: ``hidden`` (B, T, d) -> float32 (B, T, d), or (B, T, 1) when not ``token_adaptive``.
+
+    ``token_mask`` (B, T) bool marks the valid tokens whose variances form the mean variance of the token
+    factor (None = all; no valid token = all). See the module docstring for the formula."""
+    h = hidden.detach().float()
+    rms = h.pow(2).mean(-1, keepdim=True).sqrt()
+    if not token_adaptive:
+        return scale * rms
+    var = h.var(-1, keepdim=True, correction=0)
+    mean_var = _masked_mean(var.squeeze(-1), token_mask)
+    factor = (var / mean_var.clamp_min(torch.finfo(torch.float32).tiny)).clamp(max=max_factor)
+    median = h.median(-1, keepdim=True).values
+    dev = (h - median).abs()
+    mad = dev.median(-1, keepdim=True).values.clamp_min(_EPS * rms).clamp_min(torch.finfo(torch.float32).tiny)
+    weight = torch.exp(-beta * dev / mad)
+    weight = weight / weight.pow(2).mean(-1, keepdim=True).sqrt()
+    return scale * rms * factor * weight
+
+
+def paper_v1_noise_std(hidden: torch.Tensor, base: float, *, beta: float = 0.1,
+                       max_factor: float = 5.0) -> torch.Tensor:  # fmt: skip
+    """The reference v1 per-element std ``base * MAD_t * exp(-beta|h - med_t|/MAD_t) * min(exp(var_t/mean var), 5)``.
+
+    hidden: (B, T, d) -> (B, T, d) float32, differentiable in ``hidden`` as in the reference (no detach);
+    statistics over every token, padding included. The reference's ``base`` is ``noise_std * std(h)`` in its SNR
+    probe but ``noise_std**2 * std(h)`` in training (``noise_std`` applied twice), with std over the whole tensor;
+    MAD_t makes the noise grow with the square of the activation size."""
+    h = hidden.float()
+    var = h.var(-1, keepdim=True)
+    factor = torch.exp(var / (var.mean() + _V1_EPS)).clamp(max=max_factor)
+    median = h.median(-1, keepdim=True).values
+    mad = (h - median).abs().median(-1, keepdim=True).values
+    mad = torch.maximum(mad, _V1_EPS * h.norm(dim=-1, keepdim=True))
+    weight = torch.exp(-beta * (h - median).abs() / (mad + _V1_EPS))
+    return base * mad * weight * factor
+
+
+@dataclass
+class _NoiseState:
+    rows: torch.Tensor | None
+    rows_len: int | None  # length of a bool ``rows`` mask, checked against the batch
+    token_mask: torch.Tensor | None
+    noise_mask: torch.Tensor | None
+    force: bool
+
+
+def _as_rows(rows: Any) -> torch.Tensor | None:
+    if rows is None:
+        return None
+    rows = torch.as_tensor(rows)
+    if rows.dtype == torch.bool:
+        return rows.reshape(-1).nonzero().reshape(-1)
+    if rows.dtype.is_floating_point or rows.dim() > 1:
+        raise ConfigError(bad_value("rows", rows, "a bool mask (B,) or a 1-D tensor of row indices"))
+    return rows.long()
+
+
+def _rows_for(rows: torch.Tensor | None, raw_len: int | None, batch: int, device: torch.device) -> torch.Tensor | None:
+    if rows is None:
+        return None
+    if raw_len is not None and raw_len != batch:
+        raise ConfigError(bad_value("rows", f"bool mask of length {raw_len}", f"a mask of length batch={batch}"))
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= batch):
+        raise ConfigError(bad_value("rows", rows.tolist(), f"row indices in [0, {batch})"))
+    return rows.to(device)
+
+
+def _mask_for(mask: torch.Tensor | None, name: str, shape: tuple[int, int],
+              device: torch.device) -> torch.Tensor | None:  # fmt: skip
+    if mask is None:
+        return None
+    if tuple(mask.shape) != shape:
+        raise ConfigError(bad_value(name, f"tensor of shape {tuple(mask.shape)}", f"shape (batch, seq)={shape}, "
+                                    "the whole batch of the forward (noisy and clean rows)"))  # fmt: skip
+    return mask.to(device=device, dtype=torch.bool)
+
+
+class NoiseInjector:
+    """Forward hooks adding Gaussian noise to the outputs of chosen decoder blocks, only inside :meth:`noisy`.
+
+    layers: block indices (default: the explicit ``config.layers``; "auto"/"snr_*" need :func:`calibrate` first,
+    see :meth:`from_calibration`); scales: relative noise per layer (default ``config.rel_noise``);
+    generator: "private" (a seeded generator per device) or "global" (the global RNG, for hooks that run inside
+    a checkpointed region). Usable as a context manager that removes the hooks on exit."""
+
+    def __init__(self, model: nn.Module, config: NoiseFiTConfig, layers: Sequence[int] | None = None,
+                 scales: Mapping[int, float] | None = None, *,
+                 generator: Literal["private", "global"] = "private") -> None:  # fmt: skip
+        self.config = config
+        blocks = find_decoder_layers(model)
+        self.layers = self._check_layers(config, layers, len(blocks))
+        self.scales: dict[int, float] = {i: float(config.rel_noise) for i in self.layers}
+        for i, s in (scales or {}).items():
+            if i not in self.scales or not s > 0:
+                raise ConfigError(bad_value("scales", dict(scales), f"positive scales for layers {self.layers}"))
+            self.scales[i] = float(s)
+        if generator not in ("private", "global"):
+            raise ConfigError(bad_value("generator", generator, "'private' or 'global'"))
+        self.generator_kind = generator
+        self._seed = int(config.seed)
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._state: _NoiseState | None = None
+        self._token_mask: torch.Tensor | None = None
+        self._noise_mask: torch.Tensor | None = None
+        self._stats: dict[int, torch.Tensor] = {}
+        self._handles = [blocks[i].register_forward_hook(self._make_hook(i)) for i in self.layers]
+
+    @classmethod
+    def from_calibration(cls, model: nn.Module, config: NoiseFiTConfig, result: CalibrationResult,
+                         **kwargs: Any) -> NoiseInjector:  # fmt: skip
+        """An injector on the layers and scales chosen by :func:`leanfit.noisefit.calibration.calibrate`."""
+        return cls(model, config, layers=result.layers, scales=result.scales, **kwargs)
+
+    @staticmethod
+    def _check_layers(config: NoiseFiTConfig, layers: Sequence[int] | None, n_blocks: int) -> tuple[int, ...]:
+        if layers is None:
+            spec = config.layer_spec()
+            if spec.kind != "explicit":
+                raise ConfigError(bad_value("layers", config.layers, "explicit layer indices here",
+                                            "run calibrate(model, batches, config) and pass layers=result.layers, "
+                                            "scales=result.scales (or NoiseInjector.from_calibration)"))  # fmt: skip
+            layers = spec.indices
+        layers = tuple(int(i) for i in layers)
+        if not layers or len(set(layers)) != len(layers) or any(not 0 <= i < n_blocks for i in layers):
+            raise ConfigError(bad_value("layers", list(layers), f"distinct indices in [0, {n_blocks}) (the model "
+                                        f"has {n_blocks} decoder blocks)"))  # fmt: skip
+        return tuple(sorted(layers))
+
+    # ----------------------------------------------------------------------------------------------- activation
+    def set_token_mask(self, mask: torch.Tensor | None, noise_mask: torch.Tensor | None = None) -> None:
+        """Default masks for later :meth:`noisy` blocks: ``mask`` (B, T) bool = valid tokens for the statistics,
+        ``noise_mask`` (B, T) bool = positions that receive noise (None = all)."""
+        self._token_mask, self._noise_mask = mask, noise_mask
+
+    @contextlib.contextmanager
+    def noisy(self, rows: Any = None, token_mask: torch.Tensor | None = None, noise_mask: torch.Tensor | None = None,
+              force: bool = False) -> Iterator[NoiseInjector]:  # fmt: skip
+        """Add noise in forwards run inside this block (blocks in training mode only, unless ``force``).
+
+        rows: bool mask (B,) or indices of the batch rows to perturb (None = all); token_mask / noise_mask: as in
+        :meth:`set_token_mask`, for this block only. Masks have the shape of the whole batch, not of ``rows``."""
+        if not self._handles:
+            raise RuntimeError("this NoiseInjector was removed; build a new one")
+        raw = None if rows is None else torch.as_tensor(rows)
+        rows_len = raw.numel() if raw is not None and raw.dtype == torch.bool else None
+        token_mask = self._token_mask if token_mask is None else token_mask
+        noise_mask = self._noise_mask if noise_mask is None else noise_mask
+        prev, self._state = self._state, _NoiseState(_as_rows(raw), rows_len, token_mask, noise_mask, force)
+        try:
+            yield self
+        finally:
+            self._state = prev
+
+    @property
+    def active(self) -> bool:
+        """Whether a :meth:`noisy` block is open (noise still needs training mode or ``force``)."""
+        return self._state is not None
+
+    def reseed(self, seed: int | None = None) -> None:
+        """Restart the private generators from ``seed`` (default ``config.seed``)."""
+        self._seed = int(self.config.seed if seed is None else seed)
+        self._generators.clear()
+
+    @property
+    def last_stats(self) -> dict[int, float]:
+        """Measured relative noise of the last noisy forward per layer: RMS(noise) / RMS(h) over valid tokens."""
+        return {i: float(v) for i, v in sorted(self._stats.items())}
+
+    def remove(self) -> None:
+        """Remove every hook; the model then computes exactly what it computed before."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._state = None
+
+    def __enter__(self) -> NoiseInjector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    # ------------------------------------------------------------------------------------------------- the hook
+    def _make_hook(self, layer: int):  # noqa: ANN202 - a closure over the layer index
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            state = self._state
+            if state is None or not (module.training or state.force):
+                return None
+            if isinstance(output, torch.Tensor):
+                return self._perturb(layer, output, state)
+            if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
+                return type(output)([self._perturb(layer, output[0], state), *output[1:]])
+            raise TypeError(f"decoder block {layer} returned {type(output).__name__}; NoiseInjector handles a "
+                            "hidden-state tensor or a tuple whose first item is one")  # fmt: skip
+
+        return hook
+
+    def _draw(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        if self.generator_kind == "global":
+            return torch.randn(shape, device=device, dtype=torch.float32)
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device=device)
+            gen.manual_seed(self._seed)
+        return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+
+    def _perturb(self, layer: int, hidden: torch.Tensor, state: _NoiseState) -> torch.Tensor:
+        """hidden (B, T, d) -> hidden with noise on ``state.rows``."""
+        if hidden.dim() != 3:
+            raise TypeError(f"decoder block {layer} output has shape {tuple(hidden.shape)}; expected (B, T, d)")
+        batch, seq = hidden.shape[:2]
+        rows = _rows_for(state.rows, state.rows_len, batch, hidden.device)
+        tmask = _mask_for(state.token_mask, "token_mask", (batch, seq), hidden.device)
+        nmask = _mask_for(state.noise_mask, "noise_mask", (batch, seq), hidden.device)
+        sub = hidden if rows is None else hidden.index_select(0, rows)
+        if rows is not None:
+            tmask = None if tmask is None else tmask.index_select(0, rows)
+            nmask = None if nmask is None else nmask.index_select(0, rows)
+        std = self._std(layer, sub, tmask)
+        noise = self._draw(sub.shape, sub.device) * std
+        if nmask is not None and not self.config.paper_v1:
+            noise = noise * nmask.unsqueeze(-1)
+        noise = noise.to(hidden.dtype)
+        self._record(layer, sub, noise, tmask)
+        return sub + noise if rows is None else hidden.index_add(0, rows, noise)
+
+    def _std(self, layer: int, sub: torch.Tensor, tmask: torch.Tensor | None) -> torch.Tensor:
+        cfg, scale = self.config, self.scales[layer]
+        if cfg.paper_v1:  # training noise: noise_std applied twice, as the reference's hook does
+            base = scale * scale * sub.detach().float().std().item()
+            return paper_v1_noise_std(sub, base, beta=cfg.robust_beta, max_factor=cfg.max_token_factor)
+        return token_noise_std(sub, tmask, scale=scale, token_adaptive=cfg.token_adaptive, beta=cfg.robust_beta,
+                               max_factor=cfg.max_token_factor)  # fmt: skip
+
+    @torch.no_grad()
+    def _record(self, layer: int, sub: torch.Tensor, noise: torch.Tensor, tmask: torch.Tensor | None) -> None:
+        n2, h2 = noise.detach().float().pow(2).sum(-1), sub.detach().float().pow(2).sum(-1)
+        ratio = _masked_mean(n2, tmask) / _masked_mean(h2, tmask).clamp_min(torch.finfo(torch.float32).tiny)
+        self._stats[layer] = ratio.sqrt()
