@@ -1,0 +1,85 @@
+"""The adapter config of instruction-aware prompt tuning (IAPT): one :class:`IAPTConfig` per adapter.
+
+It is saved beside the adapter weights as ``adapter_config.json`` (with ``peft_type`` set to ``LEANFIT_IAPT``)
+and records the backbone it was made for (``base_model_name_or_path``, ``hidden_size``, ``num_layers``), so that
+loading onto another backbone fails with a clear message.
+
+Zero-initialised up-projection (``init_scale=0``, the default): every soft token starts as the zero vector, so
+an untrained adapter adds no content. It still changes the backbone's outputs slightly: the soft tokens are extra
+sequence positions that every later token attends to, and their keys (from a zero or normalised-zero hidden
+state) take a share of the attention softmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from leanfit.core.config import BaseConfig, option
+from leanfit.core.errors import ConfigError, bad_value
+
+__all__ = ["PEFT_TYPE", "IAPTConfig"]
+
+PEFT_TYPE = "LEANFIT_IAPT"
+
+
+@dataclass
+class IAPTConfig(BaseConfig):
+    num_soft_tokens: int = option(4, help="soft tokens per layer (the paper uses 4)")
+    bottleneck: int = option(64, help="width m of the generator's down-projection d -> m (MiLoRA's IAPT: 320)")
+    pooler: Literal["self_attn", "mean", "last"] = option(
+        "self_attn", help="pooling of instruction tokens: one learned query per soft token (paper), or the "
+                          "mean / last instruction token plus a learned per-token offset (ablations)")  # fmt: skip
+    activation: Literal["rational", "gelu"] = option("rational", help="learnable rational per layer, or fixed GELU")
+    rational_num_degree: int = option(5, help="numerator degree of the rational activation (MiLoRA: 6)")
+    rational_den_degree: int = option(4, help="denominator degree of the rational activation (MiLoRA: 5)")
+    rational_init: Literal["gelu", "relu", "silu"] = option("gelu", help="function the rational is fitted to")
+    rational_range: float = option(3.0, help="the rational is fitted on [-r, r] and continued linearly beyond it")
+    pre_act_norm: bool = option(True, help="LayerNorm on the pooled vectors before the activation")
+    layers: Literal["all"] | list[int] = option("all", help="layers that get a generator: 'all' or indices")
+    init_scale: float = option(0.0, help="std of the up-projection's initial weights; 0 = zero init (no content)")
+    dropout: float = option(0.0, help="dropout on the activated vectors, before the up-projection")
+    slot_position: Literal["after_first", "start"] = option(
+        "after_first", help="where the soft tokens go: after the first real token (BOS / [CLS]) or before it")
+    layers_path: str | None = option(None, help="dotted path of the layer ModuleList (e.g. 'model.layers'); "
+                                                "None = the one ModuleList of config.num_hidden_layers modules")  # fmt: skip
+    base_model_name_or_path: str | None = option(None, help="backbone id, recorded when the adapter is created")
+    hidden_size: int | None = option(None, help="backbone hidden size, recorded when the adapter is created")
+    num_layers: int | None = option(None, help="backbone layer count, recorded when the adapter is created")
+
+    def __post_init__(self) -> None:
+        positive = {"num_soft_tokens": self.num_soft_tokens, "bottleneck": self.bottleneck,
+                    "rational_num_degree": self.rational_num_degree, "rational_den_degree": self.rational_den_degree}  # fmt: skip
+        for name, value in positive.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(bad_value(name, value, "an integer >= 1"))
+        for name in ("hidden_size", "num_layers"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(bad_value(name, value, "None or an integer >= 1", "leave it None; it is recorded"))
+        if not self.rational_range > 0:
+            raise ConfigError(bad_value("rational_range", self.rational_range, "a number > 0", "for example 3.0"))
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(bad_value("dropout", self.dropout, "a number in [0, 1)"))
+        if not self.init_scale >= 0.0:
+            raise ConfigError(bad_value("init_scale", self.init_scale, "a number >= 0", "0 gives a zero init"))
+        self._check_layers()
+
+    def _check_layers(self) -> None:
+        if isinstance(self.layers, str):
+            if self.layers != "all":
+                raise ConfigError(bad_value("layers", self.layers, "'all' or a list of layer indices"))
+            return
+        ok = all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers)
+        if not self.layers or not ok or len(set(self.layers)) != len(self.layers):
+            raise ConfigError(bad_value("layers", self.layers, "'all' or a non-empty list of distinct indices >= 0"))
+        if self.num_layers is not None and max(self.layers) >= self.num_layers:
+            raise ConfigError(bad_value("layers", self.layers, f"indices below num_layers={self.num_layers}"))
+
+    def layer_indices(self, num_layers: int) -> list[int]:
+        """The adapted layers of a backbone with ``num_layers`` layers, ascending."""
+        if self.layers == "all":
+            return list(range(num_layers))
+        if max(self.layers) >= num_layers:
+            raise ConfigError(bad_value("layers", self.layers, f"indices below the backbone's {num_layers} layers"))
+        return sorted(self.layers)

@@ -1,0 +1,124 @@
+"""IAPT's per-layer prompt generator: instruction hidden states in, ``num_soft_tokens`` soft tokens out.
+
+One :class:`PromptGenerator` runs before each adapted Transformer layer ``l``. From the hidden states of the
+instruction tokens at the input of layer ``l`` it computes
+
+    z = down(h)                                   d -> m, every position
+    pooled_k = sum_t softmax_t(z_t . q_k / sqrt(m)) z_t      over instruction positions only, one query per token
+    prompt_k = up(dropout(act(LayerNorm(pooled_k))))         m -> d
+
+The pooler is single-head with no key/value projections (the queries ``q`` are an (k, m) parameter). The ablation
+poolers "mean" and "last" take the masked mean or the last instruction position, and add the same (k, m)
+parameter as a per-token offset so that the k soft tokens can differ; all three poolers have the same parameter
+count. :func:`iapt_parameter_count` is the exact count of an adapter's trainable parameters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from leanfit.core.errors import ConfigError, bad_value
+from leanfit.iapt.config import IAPTConfig
+from leanfit.iapt.rational import RationalActivation
+
+__all__ = ["PromptGenerator", "generator_parameter_count", "iapt_parameter_count", "pool"]
+
+
+def _check_mask(hidden: Tensor, instruction_mask: Tensor) -> Tensor:
+    if instruction_mask.shape != hidden.shape[:2]:
+        raise ConfigError(bad_value("instruction_mask.shape", tuple(instruction_mask.shape),
+                                    f"(batch, seq) = {tuple(hidden.shape[:2])}"))  # fmt: skip
+    mask = instruction_mask.bool()
+    empty = (~mask.any(dim=1)).nonzero().flatten()
+    if empty.numel():
+        raise ConfigError(bad_value(f"instruction_mask[{empty[0].item()}]", "all False",
+                                    "at least one instruction token per row",
+                                    "mark the row's instruction (prompt) tokens True"))  # fmt: skip
+    return mask
+
+
+def pool(z: Tensor, mask: Tensor, query: Tensor, pooler: str) -> Tensor:
+    """Pool ``z`` (B, T, m) over the positions where ``mask`` (B, T) is True into (B, k, m), k = query.shape[0].
+
+    ``self_attn``: softmax over masked positions of ``z . query_k / sqrt(m)``; ``mean`` / ``last``: the masked mean
+    or the last masked position, plus ``query`` as a per-token offset."""
+    if pooler == "self_attn":
+        scores = torch.einsum("btm,km->bkt", z, query) / math.sqrt(z.shape[-1])
+        scores = scores.masked_fill(~mask[:, None, :], -math.inf)
+        return torch.einsum("bkt,btm->bkm", torch.softmax(scores, dim=-1), z)
+    if pooler == "mean":
+        weights = mask.to(z.dtype)
+        pooled = torch.einsum("bt,btm->bm", weights, z) / weights.sum(1, keepdim=True)
+    elif pooler == "last":
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        last = torch.where(mask, positions, -1).amax(dim=1)
+        pooled = z[torch.arange(z.shape[0], device=z.device), last]
+    else:
+        raise ConfigError(bad_value("pooler", pooler, "'self_attn', 'mean' or 'last'"))
+    return pooled[:, None, :] + query
+
+
+class PromptGenerator(nn.Module):
+    """Soft tokens of one layer from that layer's input hidden states.
+
+    ``forward(hidden (B, T, d), instruction_mask (B, T) bool) -> (B, num_soft_tokens, d)``; positions outside
+    the mask have no influence on the result. The generator computes in its own dtype (inputs are cast) and
+    returns that dtype."""
+
+    def __init__(self, hidden_size: int, config: IAPTConfig, *, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:  # fmt: skip
+        super().__init__()
+        kw = {"dtype": dtype or torch.get_default_dtype(), "device": device}
+        m, k = config.bottleneck, config.num_soft_tokens
+        self.pooler = config.pooler
+        self.down = nn.Linear(hidden_size, m, **kw)
+        self.query = nn.Parameter(torch.randn(k, m, **kw))
+        self.norm = nn.LayerNorm(m, **kw) if config.pre_act_norm else nn.Identity()
+        if config.activation == "rational":
+            r = config.rational_range
+            self.act = RationalActivation(config.rational_num_degree, config.rational_den_degree,
+                                          config.rational_init, (-r, r), **kw)  # fmt: skip
+        else:
+            self.act = nn.GELU()
+        self.dropout = nn.Dropout(config.dropout)
+        self.up = nn.Linear(m, hidden_size, **kw)
+        with torch.no_grad():
+            if config.init_scale > 0:
+                self.up.weight.normal_(0.0, config.init_scale)
+            else:
+                self.up.weight.zero_()
+            self.up.bias.zero_()
+
+    @property
+    def num_soft_tokens(self) -> int:
+        return self.query.shape[0]
+
+    def forward(self, hidden: Tensor, instruction_mask: Tensor) -> Tensor:
+        return self.prompts(hidden, _check_mask(hidden, instruction_mask))
+
+    def prompts(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        """:meth:`forward` without the checks of ``mask`` (bool, (B, T), no empty row), which cost a device sync;
+        for callers that validated the mask once for all layers."""
+        z = self.down(hidden.to(self.down.weight.dtype))
+        pooled = pool(z, mask, self.query, self.pooler)
+        return self.up(self.dropout(self.act(self.norm(pooled))))
+
+
+def generator_parameter_count(hidden_size: int, config: IAPTConfig) -> int:
+    """Trainable parameters of one :class:`PromptGenerator`."""
+    d, m, k = hidden_size, config.bottleneck, config.num_soft_tokens
+    count = (d * m + m) + k * m + (m * d + d)  # down, queries, up
+    if config.pre_act_norm:
+        count += 2 * m
+    if config.activation == "rational":
+        count += config.rational_num_degree + 1 + config.rational_den_degree
+    return count
+
+
+def iapt_parameter_count(hidden_size: int, num_layers: int, config: IAPTConfig) -> int:
+    """Trainable parameters of one IAPT adapter on a backbone of ``num_layers`` layers of width ``hidden_size``:
+    ``len(layers) * (2 d m + d + m + k m + [2 m if LayerNorm] + [p + 1 + q if rational])``."""
+    return len(config.layer_indices(num_layers)) * generator_parameter_count(hidden_size, config)

@@ -1,0 +1,678 @@
+"""IAPT on a Hugging Face backbone: slot insertion, per-layer injection hooks, adapters, saving and generation.
+
+:func:`get_iapt_model` wraps any HF decoder (Llama / Qwen2 style ``model.layers``, GPT-2 style ``transformer.h``)
+or encoder (BERT ``encoder.layer``; bare or with a task head) in an :class:`IAPTModel`. The backbone is frozen;
+only the prompt generators train. No model code is patched: a ``register_forward_pre_hook(with_kwargs=True)`` on
+each layer does the injection.
+
+How a call works (``forward``, ``generate`` and ``cache_prompts`` share it):
+
+1. The user passes plain inputs ``input_ids`` / ``attention_mask`` (B, T) and ``instruction_mask`` (B, T, bool;
+   the tokens the prompts are computed from). :meth:`IAPTModel.expand_inputs` inserts ``k = num_soft_tokens``
+   placeholder positions per row, giving length T + k. With ``slot_position="after_first"`` they go right after
+   the row's first real token (BOS for decoders, [CLS] for encoders), with ``"start"`` right before it; with
+   left padding that is after (or at) the first non-padding position, so padding stays in front. Placeholders
+   take the row's first real token id, attention mask 1, instruction mask False, label -100 (token-level
+   labels of non-causal models) and the first token's ``token_type_ids``. Position ids are
+   ``cumsum(attention_mask) - 1`` over the expanded sequence (0 at padding), the same rule ``generate`` uses, so
+   the placeholders occupy positions like ordinary tokens and later tokens shift by k.
+2. The pre-hook of adapted layer ``l`` computes the prompts from the hidden states of the instruction positions
+   at the input of layer ``l`` and overwrites the placeholder positions' hidden states with them. Layers not in
+   ``config.layers`` leave the placeholders' states to the backbone. In a mixed-tenant batch
+   (``adapter_names``, one per row) the rows are grouped by adapter, each group's generator runs on its rows, and
+   the results are scattered back: this works under autograd, so several adapters train in one batch.
+3. Outputs come back for the ORIGINAL positions: ``logits``, ``last_hidden_state`` and every tensor of
+   ``hidden_states`` of shape (B, T + k, ...) are gathered back to (B, T, ...), so shapes match the input.
+   ``attentions`` and the returned cache keep the expanded length (the cache must hold the soft tokens).
+   Pooled / classification outputs (B, C) are unchanged. For causal LMs with token labels the loss is the
+   backbone's own ``loss_function`` on the returned logits and the user's labels (the usual shift), so it is
+   consistent with the logits the caller sees; other models get the labels passed through (token labels with
+   -100 at the placeholders).
+
+Leakage: only instruction positions are pooled, so in a decoder the response tokens (the training targets) can
+change neither the prompts nor any output at instruction positions. ``instruction_mask`` is therefore required
+whenever token labels (B, T) are given; sequence-level labels (classification) are not in the input and need
+none. Two caveats: the soft tokens summarise the WHOLE instruction, so a loss on instruction tokens after the
+slot could peek at later instruction tokens (give them label -100, as instruction tuning does anyway); and in
+an encoder every position sees every other, so there the instruction's hidden states (and the prompts) do
+depend on the rest of the input.
+
+Decoding: the prompts are computed once, at prefill, and reach later tokens through the KV cache. The hooks are
+one-shot per call (each layer injects at most once) and act only on a call whose sequence length is the
+expanded prefill length, so decode steps (length 1, cache present) run the plain backbone.
+
+Why our own module: PEFT registers tuners only under names of its closed ``PeftType`` enum, and its prompt
+methods are hard-coded branches that inject through ``inputs_embeds`` / ``past_key_values``; IAPT's prompts
+depend on the input, so they cannot be materialised as PEFT stores prompt embeddings. We keep PEFT's file names
+(``adapter_config.json``, ``adapter_model.safetensors``) with our own ``peft_type``.
+
+Not supported: gradient checkpointing of the backbone (a recomputed layer would not see the one-shot hook),
+``inputs_embeds`` and caller-supplied ``position_ids``, ``forward`` with a non-empty cache (use ``generate``),
+chunked prefill.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from leanfit.core.errors import ConfigError, bad_value
+from leanfit.core.io import atomic_dir, atomic_save_tensors, atomic_write_json, read_json
+from leanfit.iapt.config import PEFT_TYPE, IAPTConfig
+from leanfit.iapt.generator import PromptGenerator
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "CachedPrompts", "IAPTBatch", "IAPTModel", "find_layers",
+           "get_iapt_model"]  # fmt: skip
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_HOOKED = "_leanfit_iapt_hooked"
+
+
+@dataclass
+class CachedPrompts:
+    """Per-layer prompts of one adapter for a fixed instruction: ``prompts[layer]`` is (N, k, d); N = 1 serves
+    any batch, N = B one prompt set per row. Made by :meth:`IAPTModel.cache_prompts`."""
+
+    adapter_name: str
+    prompts: dict[int, Tensor]
+
+    @property
+    def num_rows(self) -> int:
+        return next(iter(self.prompts.values())).shape[0]
+
+
+@dataclass
+class IAPTBatch:
+    """Inputs after placeholder insertion (length T + k) and what the layer hooks need.
+
+    ``keep_index`` (B, T): the expanded position of each original position; ``slot_index`` (B, k): the
+    placeholder positions; ``groups``: (adapter, rows) pairs, rows None meaning every row."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    instruction_mask: Tensor | None
+    slot_index: Tensor
+    keep_index: Tensor
+    groups: list[tuple[str, Tensor | None]]
+    cached: CachedPrompts | None = None
+    token_type_ids: Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def insert(self, values: Tensor, fill: Tensor | float | int) -> Tensor:
+        """(B, T) values -> (B, T + k) with ``fill`` (scalar or (B,)) at the placeholders."""
+        return _insert(values, self.keep_index, self.slot_index, fill)
+
+    def strip(self, values: Tensor) -> Tensor:
+        """(B*r, T + k, ...) -> (B*r, T, ...): the original positions (rows repeated r times, as beams are)."""
+        keep = self.keep_index.repeat_interleave(values.shape[0] // self.batch_size, 0)
+        return values.gather(1, keep.view(*keep.shape, *([1] * (values.ndim - 2))).expand(-1, -1, *values.shape[2:]))
+
+
+@dataclass
+class _RowView:
+    """The batch seen by a hook whose hidden states have ``repeat`` rows per input row (beams, return sequences)."""
+
+    slot_index: Tensor
+    instruction: Tensor | None
+    groups: list[tuple[str, Tensor | None]]
+    repeat: int
+
+
+@dataclass
+class _HookState:
+    batch: IAPTBatch
+    pending: set[int]
+    record: dict[int, Tensor] | None = None
+    views: dict[int, _RowView] = field(default_factory=dict)
+
+    @property
+    def seq_len(self) -> int:
+        return self.batch.input_ids.shape[1]
+
+    def view(self, rows: int) -> _RowView:
+        if rows not in self.views:
+            b = self.batch
+            if rows % b.batch_size:
+                raise RuntimeError(f"IAPT hook saw {rows} rows for a batch of {b.batch_size}")
+            r = rows // b.batch_size
+            rep = functools.partial(torch.repeat_interleave, repeats=r, dim=0)
+            groups = [(n, None if g is None else (g[:, None] * r + torch.arange(r, device=g.device)).flatten())
+                      for n, g in b.groups]  # fmt: skip
+            instruction = None if b.instruction_mask is None else rep(b.instruction_mask)
+            self.views[rows] = _RowView(rep(b.slot_index), instruction, groups, r)
+        return self.views[rows]
+
+
+def _insert(values: Tensor, keep: Tensor, slots: Tensor, fill: Tensor | float | int) -> Tensor:
+    b, t = values.shape
+    k = slots.shape[1]
+    out = values.new_zeros((b, t + k)).scatter(1, keep, values)
+    fill = torch.as_tensor(fill, dtype=values.dtype, device=values.device)
+    return out.scatter(1, slots, fill.reshape(-1, 1).expand(b, k))
+
+
+def find_layers(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
+    """The backbone's layer list: the module at dotted ``path``, or else the one ``nn.ModuleList`` holding
+    ``config.num_hidden_layers`` modules. Returns (path, list)."""
+    if path is not None:
+        try:
+            layers = model.get_submodule(path)
+        except AttributeError:
+            layers = None
+        if not isinstance(layers, nn.ModuleList):
+            raise ConfigError(bad_value("layers_path", path, "the dotted path of an nn.ModuleList in the model",
+                                        "for example 'model.layers', 'transformer.h' or 'bert.encoder.layer'"))  # fmt: skip
+        return path, layers
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if len(found) != 1:
+        names = ", ".join(repr(name) for name, _ in found) or "none"
+        raise ConfigError(bad_value("layers_path", None, f"one ModuleList of num_hidden_layers={n} modules "
+                                    f"(found: {names})", "set IAPTConfig.layers_path to the layer list"))  # fmt: skip
+    return found[0]
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    return any(cls.__name__ in names for cls in type(model).__mro__)
+
+
+def _cache_length(cache: Any) -> int:
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return int(cache[0][0].shape[-2]) if len(cache) else 0
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether HF gradient checkpointing is on (older transformers: a ``gradient_checkpointing`` flag on modules)."""
+    flag = getattr(model, "is_activation_checkpointing", None)
+    if isinstance(flag, bool):
+        return flag
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(model.forward).parameters
+
+
+class IAPTModel(nn.Module):
+    """A frozen HF backbone with one or more IAPT adapters (see the module docstring for the data flow).
+
+    ``iapt[adapter][str(layer)]`` is the :class:`PromptGenerator` of that adapter and layer; ``peft_config``
+    maps adapter names to their :class:`IAPTConfig`; ``active_adapter`` serves rows without an explicit
+    ``adapter_names`` entry. All adapters' generators are trainable; the whole backbone, task heads included,
+    is frozen (unfreeze and save a new task head yourself: ``save_pretrained`` writes only the generators)."""
+
+    def __init__(self, base_model: nn.Module, config: IAPTConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        if getattr(base_model, _HOOKED, False):
+            raise ConfigError(bad_value("model", type(base_model).__name__, "a backbone without IAPT hooks",
+                                        "add adapters to the existing IAPTModel with add_adapter(), or call its "
+                                        "unload() first"))  # fmt: skip
+        self.base_model = base_model
+        self.layers_path, layers = find_layers(base_model, config.layers_path)
+        self.num_layers = len(layers)
+        self.hidden_size = int(base_model.config.hidden_size)
+        self.iapt = nn.ModuleDict()
+        self.peft_config: dict[str, IAPTConfig] = {}
+        self.active_adapter = adapter_name
+        self._state: _HookState | None = None
+        self._hooks = [layer.register_forward_pre_hook(functools.partial(self._pre_hook, i), with_kwargs=True)
+                       for i, layer in enumerate(layers)]  # fmt: skip
+        setattr(base_model, _HOOKED, True)
+        try:
+            self.add_adapter(adapter_name, config)
+        except BaseException:
+            self.unload()  # leave the backbone as it came
+            raise
+        base_model.requires_grad_(False)
+
+    # ----------------------------------------------------------------------------------------- adapters
+    @property
+    def config(self) -> Any:
+        """The backbone's HF config."""
+        return self.base_model.config
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.iapt.keys())
+
+    def _check_adapter(self, name: str) -> None:
+        if name not in self.iapt:
+            raise ConfigError(bad_value("adapter_name", name, "one of " + ", ".join(map(repr, self.iapt)),
+                                        "add it with add_adapter(name, config) or load it"))  # fmt: skip
+
+    def _record_backbone(self, config: IAPTConfig) -> IAPTConfig:
+        """Check the backbone fields a saved config carries and fill in the ones it lacks."""
+        for name, actual in (("hidden_size", self.hidden_size), ("num_layers", self.num_layers)):
+            saved = getattr(config, name)
+            if saved is not None and saved != actual:
+                raise ConfigError(bad_value(name, saved, f"{actual}, the backbone's {name}",
+                                            "the adapter was made for another backbone: load it onto that one"))  # fmt: skip
+        name_or_path = config.base_model_name_or_path or getattr(self.config, "_name_or_path", "") or None
+        config.layer_indices(self.num_layers)  # raises for out-of-range layers
+        return dataclasses.replace(config, hidden_size=self.hidden_size, num_layers=self.num_layers,
+                                   base_model_name_or_path=name_or_path)  # fmt: skip
+
+    def add_adapter(self, adapter_name: str, config: IAPTConfig) -> None:
+        """Add a freshly initialised adapter (generators in the backbone's device, float32 or float64)."""
+        if not isinstance(adapter_name, str) or not _ADAPTER_NAME.match(adapter_name):
+            raise ConfigError(bad_value("adapter_name", adapter_name, "letters, digits, '_' or '-'"))
+        if adapter_name in self.iapt:
+            raise ConfigError(bad_value("adapter_name", adapter_name, "a new name", "delete_adapter() it first"))
+        if config.layers_path not in (None, self.layers_path):
+            raise ConfigError(bad_value("layers_path", config.layers_path, f"{self.layers_path!r} (this model's)"))
+        config = self._record_backbone(config)
+        ref = next(self.base_model.parameters())
+        dtype = ref.dtype if ref.dtype in (torch.float32, torch.float64) else torch.float32
+        self.iapt[adapter_name] = nn.ModuleDict(
+            {str(i): PromptGenerator(self.hidden_size, config, dtype=dtype, device=ref.device)
+             for i in config.layer_indices(self.num_layers)})  # fmt: skip
+        self.peft_config[adapter_name] = config
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Serve rows without an explicit adapter with ``adapter_name``."""
+        self._check_adapter(adapter_name)
+        self.active_adapter = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check_adapter(adapter_name)
+        if len(self.iapt) == 1:
+            raise ConfigError(bad_value("adapter_name", adapter_name, "not the last adapter", "unload() instead"))
+        del self.iapt[adapter_name]
+        del self.peft_config[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = next(iter(self.iapt))
+
+    def unload(self) -> nn.Module:
+        """Remove the hooks and return the bare backbone (its parameters stay frozen)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        with contextlib.suppress(AttributeError):
+            delattr(self.base_model, _HOOKED)
+        return self.base_model
+
+    def merge_and_unload(self) -> nn.Module:
+        raise NotImplementedError(
+            "IAPT adapters cannot be merged into the backbone: the soft tokens are computed from each input's "
+            "instruction and act as extra attention positions, so no fixed weight change reproduces them. Use "
+            "cache_prompts() to precompute the prompts of a repeated instruction, or unload() to drop the adapters.")
+
+    # ----------------------------------------------------------------------------------------- inputs
+    def _groups(self, batch_size: int, adapter_names: Sequence[str] | None,
+                cached: CachedPrompts | None) -> list[tuple[str, Tensor | None]]:  # fmt: skip
+        if cached is not None:
+            if adapter_names is not None:
+                raise ConfigError(bad_value("adapter_names", adapter_names, "None with cached_prompts",
+                                            "cached prompts carry their adapter"))  # fmt: skip
+            self._check_adapter(cached.adapter_name)
+            return [(cached.adapter_name, None)]
+        if adapter_names is None:
+            return [(self.active_adapter, None)]
+        if isinstance(adapter_names, str) or len(adapter_names) != batch_size:
+            raise ConfigError(bad_value("adapter_names", adapter_names, f"a list of {batch_size} adapter names "
+                                        "(one per row)"))  # fmt: skip
+        for name in adapter_names:
+            self._check_adapter(name)
+        unique = list(dict.fromkeys(adapter_names))
+        if len(unique) == 1:
+            return [(unique[0], None)]
+        device = self._device()
+        return [(n, torch.tensor([i for i, a in enumerate(adapter_names) if a == n], device=device)) for n in unique]
+
+    def _device(self) -> torch.device:
+        return next(self.base_model.parameters()).device
+
+    def _layout(self, groups: list[tuple[str, Tensor | None]]) -> tuple[int, str]:
+        """num_soft_tokens and slot_position shared by the adapters of one batch."""
+        layouts = {(self.peft_config[n].num_soft_tokens, self.peft_config[n].slot_position) for n, _ in groups}
+        if len(layouts) > 1:
+            raise ConfigError(bad_value("adapter_names", [n for n, _ in groups], "adapters with the same "
+                                        "num_soft_tokens and slot_position in one batch",
+                                        "run such adapters in separate batches"))  # fmt: skip
+        return layouts.pop()
+
+    @staticmethod
+    def _check_instruction(instruction_mask: Tensor | None, attention_mask: Tensor, has_labels: bool) -> Tensor:
+        if instruction_mask is None:
+            if has_labels:
+                raise ConfigError(bad_value("instruction_mask", None, "a (batch, seq) bool tensor when token "
+                                            "labels are given", "pass instruction_mask marking the instruction "
+                                            "(prompt) tokens, so the response tokens (the targets) are never "
+                                            "pooled into the soft tokens"))  # fmt: skip
+            return attention_mask.bool()
+        if instruction_mask.shape != attention_mask.shape or instruction_mask.is_floating_point():
+            got = f"{instruction_mask.dtype} {tuple(instruction_mask.shape)}"
+            expected = f"a bool tensor of shape {tuple(attention_mask.shape)}"
+            raise ConfigError(bad_value("instruction_mask", got, expected))
+        mask = instruction_mask.bool()
+        if (mask & ~attention_mask.bool()).any():
+            raise ConfigError(bad_value("instruction_mask", "True at padding", "True only where attention_mask is 1"))
+        empty = (~mask.any(1)).nonzero().flatten()
+        if empty.numel():
+            raise ConfigError(bad_value(f"instruction_mask[{empty[0].item()}]", "all False", "at least one "
+                                        "instruction token per row", "mark the row's instruction tokens True"))  # fmt: skip
+        return mask
+
+    def _check_cached(self, cached: CachedPrompts, batch_size: int) -> None:
+        if not isinstance(cached, CachedPrompts):
+            raise ConfigError(bad_value("cached_prompts", type(cached).__name__, "the result of cache_prompts()"))
+        if cached.num_rows not in (1, batch_size):
+            raise ConfigError(bad_value("cached_prompts", f"{cached.num_rows} rows", f"1 or {batch_size} rows"))
+
+    def expand_inputs(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                      instruction_mask: Tensor | None = None, *, labels: Tensor | None = None,
+                      adapter_names: Sequence[str] | None = None, cached_prompts: CachedPrompts | None = None,
+                      token_type_ids: Tensor | None = None) -> IAPTBatch:  # fmt: skip
+        """Insert the placeholders (see the module docstring) and validate the masks and adapter names.
+
+        ``input_ids``, ``attention_mask``, ``instruction_mask``: (B, T). ``instruction_mask`` defaults to the
+        attention mask unless token ``labels`` (B, T) are given, when it is required."""
+        if input_ids.ndim != 2:
+            raise ConfigError(bad_value("input_ids.shape", tuple(input_ids.shape), "(batch, seq)"))
+        b, t = input_ids.shape
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        if attention_mask.shape != (b, t):
+            raise ConfigError(bad_value("attention_mask.shape", tuple(attention_mask.shape), f"({b}, {t})"))
+        real = attention_mask.bool()
+        if not real.any(1).all():
+            raise ConfigError(bad_value("attention_mask", "a row of zeros", "at least one real token per row"))
+        if cached_prompts is not None:
+            self._check_cached(cached_prompts, b)
+        groups = self._groups(b, adapter_names, cached_prompts)
+        k, slot_position = self._layout(groups)
+        instruction = None
+        if cached_prompts is None:
+            token_labels = labels is not None and labels.shape == input_ids.shape
+            instruction = self._check_instruction(instruction_mask, attention_mask, token_labels)
+        first = real.int().argmax(1)
+        start = first + int(slot_position == "after_first")
+        pos = torch.arange(t, device=input_ids.device)
+        keep = pos + k * (pos[None, :] >= start[:, None])
+        slots = start[:, None] + torch.arange(k, device=input_ids.device)
+        ids = _insert(input_ids, keep, slots, input_ids.gather(1, first[:, None]))
+        mask = _insert(attention_mask, keep, slots, 1)
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        types = None if token_type_ids is None else _insert(token_type_ids, keep, slots,
+                                                             token_type_ids.gather(1, first[:, None]))  # fmt: skip
+        instruction = None if instruction is None else _insert(instruction, keep, slots, False)
+        return IAPTBatch(ids, mask, positions, instruction, slots, keep, groups, cached_prompts, types)
+
+    def _model_inputs(self, batch: IAPTBatch) -> dict[str, Tensor]:
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        if _accepts(self.base_model, "position_ids"):
+            inputs["position_ids"] = batch.position_ids
+        if batch.token_type_ids is not None:
+            inputs["token_type_ids"] = batch.token_type_ids
+        return inputs
+
+    # ----------------------------------------------------------------------------------------- hooks
+    @contextlib.contextmanager
+    def _activate(self, batch: IAPTBatch, record: dict[int, Tensor] | None = None) -> Iterator[_HookState]:
+        """Arm every layer hook for one prefill of ``batch``; raise if some layer never ran."""
+        if self._state is not None:
+            raise RuntimeError("an IAPT call is already running on this model (nested or concurrent call)")
+        state = _HookState(batch, set(range(self.num_layers)), record)
+        self._state = state
+        try:
+            yield state
+        finally:
+            self._state = None
+        if state.pending:
+            raise RuntimeError(f"IAPT hooks of layers {sorted(state.pending)} never saw the prefill (length "
+                               f"{state.seq_len}); chunked prefill and layer skipping are not supported")  # fmt: skip
+
+    def _pre_hook(self, layer: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        state = self._state
+        if state is None or layer not in state.pending:
+            return None  # not an IAPT call, or a decode step after the prefill
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if hidden is None or hidden.ndim != 3 or hidden.shape[1] != state.seq_len:
+            return None  # a decode step: the prompts already sit in the cache
+        state.pending.discard(layer)
+        new = self._inject(layer, hidden, state)
+        if new is None:
+            return None
+        return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+
+    def _inject(self, layer: int, hidden: Tensor, state: _HookState) -> Tensor | None:
+        """``hidden`` (N, T + k, d) with the placeholders overwritten by this layer's prompts (None: no change)."""
+        view = state.view(hidden.shape[0])
+        index = view.slot_index[..., None].expand(-1, -1, hidden.shape[-1])
+        cached = state.batch.cached
+        if cached is not None:
+            prompts = cached.prompts.get(layer)
+            if prompts is None:
+                return None
+            prompts = prompts.to(hidden)
+            prompts = prompts.expand(hidden.shape[0], -1, -1) if prompts.shape[0] == 1 else \
+                prompts.repeat_interleave(view.repeat, 0)  # fmt: skip
+            return hidden.scatter(1, index, prompts)
+        prompts = None
+        for name, rows in view.groups:
+            generators = self.iapt[name]
+            if str(layer) not in generators:
+                continue
+            generator = generators[str(layer)]
+            if rows is None:
+                prompts = generator.prompts(hidden, view.instruction).to(hidden.dtype)
+                continue
+            if prompts is None:
+                prompts = hidden.gather(1, index)
+            group = generator.prompts(hidden[rows], view.instruction[rows]).to(hidden.dtype)
+            prompts = prompts.index_copy(0, rows, group)
+        if prompts is None:
+            return None
+        if state.record is not None:
+            state.record[layer] = prompts.detach()
+        return hidden.scatter(1, index, prompts)
+
+    # ----------------------------------------------------------------------------------------- calls
+    def _strip_outputs(self, out: Any, batch: IAPTBatch) -> Any:
+        """Gather sequence outputs back to the original positions (see the module docstring)."""
+        n = batch.input_ids.shape[1]
+
+        def strip(x: Any) -> Any:
+            is_seq = isinstance(x, Tensor) and x.ndim == 3 and x.shape[1] == n
+            return batch.strip(x) if is_seq else x
+
+        fields = dict(out.items())
+        for key in ("logits", "last_hidden_state"):
+            if key in fields:
+                fields[key] = strip(fields[key])
+        if fields.get("hidden_states") is not None:
+            fields["hidden_states"] = tuple(strip(h) for h in fields["hidden_states"])
+        return type(out)(**fields)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                instruction_mask: Tensor | None = None, labels: Tensor | None = None,
+                adapter_names: Sequence[str] | None = None, cached_prompts: CachedPrompts | None = None,
+                **kwargs: Any) -> Any:  # fmt: skip
+        """The backbone's forward with IAPT prompts; outputs at the original (B, T) positions.
+
+        ``input_ids``/``attention_mask``/``instruction_mask``/``labels``: (B, T); ``adapter_names``: one per
+        row (default: the active adapter); ``cached_prompts`` replaces the generators (from
+        :meth:`cache_prompts`); other keyword arguments go to the backbone."""
+        for key in ("inputs_embeds", "position_ids"):
+            if kwargs.get(key) is not None:
+                raise ConfigError(bad_value(key, "a tensor", "None", "IAPT builds positions from input_ids and "
+                                            "attention_mask; pass input_ids"))  # fmt: skip
+        if max(_cache_length(kwargs.get("cache")), _cache_length(kwargs.get("past_key_values"))) > 0:
+            raise ConfigError(bad_value("cache", "a non-empty cache", "None", "decode with generate(), which "
+                                        "reuses the prompts through the cache"))  # fmt: skip
+        if self.training and _checkpointing(self.base_model):
+            raise ConfigError(bad_value("gradient_checkpointing", True, "False with IAPT", "turn it off with "
+                                        "base_model.activation_checkpointing_disable() (older transformers: "
+                                        "gradient_checkpointing_disable())"))  # fmt: skip
+        return_dict = kwargs.pop("return_dict", None)
+        batch = self.expand_inputs(input_ids, attention_mask, instruction_mask, labels=labels,
+                                   adapter_names=adapter_names, cached_prompts=cached_prompts,
+                                   token_type_ids=kwargs.pop("token_type_ids", None))  # fmt: skip
+        token_labels = labels is not None and labels.shape == input_ids.shape
+        own_loss = token_labels and _is_causal_lm(self.base_model)
+        num_items = kwargs.pop("num_items_in_batch", None) if own_loss else None
+        if labels is not None and not own_loss:
+            kwargs["labels"] = batch.insert(labels, -100) if token_labels else labels
+        with self._activate(batch):
+            out = self.base_model(**self._model_inputs(batch), **kwargs)
+        out = self._strip_outputs(out, batch)
+        if own_loss:
+            fields = dict(out.items())
+            fields["loss"] = self.base_model.loss_function(logits=out.logits, labels=labels,
+                                                           vocab_size=self.config.vocab_size,
+                                                           num_items_in_batch=num_items)  # fmt: skip
+            out = type(out)(**fields)
+        return out.to_tuple() if return_dict is False else out
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                 instruction_mask: Tensor | None = None, adapter_names: Sequence[str] | None = None,
+                 cached_prompts: CachedPrompts | None = None, **kwargs: Any) -> Any:  # fmt: skip
+        """The backbone's ``generate`` with prompts computed once at prefill; the returned sequences are the
+        ORIGINAL input (placeholders removed) followed by the new tokens, (B * num_return_sequences, T + new).
+        ``instruction_mask`` defaults to every attended input token (the whole prompt is the instruction);
+        ``adapter_names`` / ``cached_prompts`` as in :meth:`forward`. Other keyword arguments
+        (``max_new_tokens``, ``do_sample``, ``num_beams``, ...) go to the backbone's ``generate``."""
+        if kwargs.get("use_cache") is False:
+            raise ConfigError(bad_value("use_cache", False, "True (the default) with IAPT", "the prompts are "
+                                        "injected once, at prefill, and reach later tokens through the cache"))  # fmt: skip
+        batch = self.expand_inputs(input_ids, attention_mask, instruction_mask, adapter_names=adapter_names,
+                                   cached_prompts=cached_prompts)  # fmt: skip
+        with self._activate(batch):
+            out = self.base_model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
+        sequences = out if isinstance(out, Tensor) else out.sequences
+        n = batch.input_ids.shape[1]
+        stripped = torch.cat([batch.strip(sequences[:, :n]), sequences[:, n:]], 1)
+        if isinstance(out, Tensor):
+            return stripped
+        out["sequences"] = stripped
+        return out
+
+    @torch.no_grad()
+    def cache_prompts(self, input_ids: Tensor, instruction_mask: Tensor | None = None,
+                      adapter_name: str | None = None, attention_mask: Tensor | None = None) -> CachedPrompts:
+        """Prompts of ``adapter_name`` (default: active) for an instruction (B, T), every adapted layer.
+
+        Pass the result as ``forward(..., cached_prompts=...)`` / ``generate(...)`` to skip the generators for a
+        repeated instruction. For decoders whose instruction is a prefix of the later inputs (after the same
+        first token) the cached prompts equal the ones computed inline; for encoders the instruction's hidden
+        states depend on the whole input, so the cache holds the prompts of the instruction alone."""
+        name = self.active_adapter if adapter_name is None else adapter_name
+        self._check_adapter(name)
+        batch = self.expand_inputs(input_ids, attention_mask, instruction_mask,
+                                   adapter_names=[name] * input_ids.shape[0])  # fmt: skip
+        record: dict[int, Tensor] = {}
+        with self._activate(batch, record):
+            self.base_model(**self._model_inputs(batch))
+        return CachedPrompts(name, record)
+
+    # ----------------------------------------------------------------------------------------- save / load
+    def save_pretrained(self, save_directory: str | os.PathLike, adapter_names: Sequence[str] | None = None) -> None:
+        """One subfolder per adapter with ``adapter_config.json`` (the config, ``peft_type``, backbone id, hidden
+        size and layer count) and ``adapter_model.safetensors`` (keys ``iapt.<layer>.<parameter>``); each
+        subfolder is replaced atomically."""
+        names = self.adapter_names if adapter_names is None else list(adapter_names)
+        for name in names:
+            self._check_adapter(name)
+        for name in names:
+            tensors = {f"iapt.{key}": value for key, value in self.iapt[name].state_dict().items()}
+            with atomic_dir(Path(save_directory) / name) as tmp:
+                atomic_write_json(tmp / CONFIG_NAME, {"peft_type": PEFT_TYPE, **self.peft_config[name].to_dict()})
+                atomic_save_tensors(tmp / WEIGHTS_NAME, tensors)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None, *,
+                        check_base_model: bool = True) -> IAPTModel:  # fmt: skip
+        """Wrap ``base_model`` with the adapters saved under ``path`` (every subfolder, or only
+        ``adapter_name``; ``path`` may also be one adapter's folder). The first adapter loaded is active."""
+        folders = _adapter_folders(Path(path), adapter_name)
+        configs = [(name, _read_config(folder)) for name, folder in folders]
+        for _, config in configs:
+            _check_base_model(config, base_model, check_base_model)
+        model = cls(base_model, configs[0][1], folders[0][0])
+        model._load_weights(folders[0][0], folders[0][1])
+        for (name, folder), (_, config) in zip(folders[1:], configs[1:], strict=True):
+            model.add_adapter(name, config)
+            model._load_weights(name, folder)
+        return model
+
+    def load_adapter(self, path: str | os.PathLike, adapter_name: str | None = None, *,
+                     check_base_model: bool = True) -> None:  # fmt: skip
+        """Add the adapter saved in ``path`` (an adapter folder, or a folder holding ``adapter_name``)."""
+        for name, folder in _adapter_folders(Path(path), adapter_name):
+            config = _read_config(folder)
+            _check_base_model(config, self.base_model, check_base_model)
+            self.add_adapter(name, config)
+            self._load_weights(name, folder)
+
+    def _load_weights(self, name: str, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        tensors = load_file(folder / WEIGHTS_NAME, device=str(self._device()))
+        state = {key.removeprefix("iapt."): value for key, value in tensors.items()}
+        expected = set(self.iapt[name].state_dict())
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ConfigError(bad_value(str(folder / WEIGHTS_NAME), f"missing {missing[:3]}, unexpected {extra[:3]}",
+                                        "the tensors its adapter_config.json describes",
+                                        "save the adapter again with save_pretrained()"))  # fmt: skip
+        self.iapt[name].load_state_dict(state)
+
+
+def _adapter_folders(path: Path, adapter_name: str | None) -> list[tuple[str, Path]]:
+    if (path / CONFIG_NAME).is_file():
+        return [(adapter_name or path.name, path)]
+    found = sorted(p.name for p in path.iterdir() if (p / CONFIG_NAME).is_file()) if path.is_dir() else []
+    if adapter_name is None and found:
+        return [(name, path / name) for name in found]
+    if adapter_name in found:
+        return [(adapter_name, path / adapter_name)]
+    what = f"an adapter folder named {adapter_name!r}" if adapter_name else "adapter folders"
+    raise ConfigError(bad_value("path", str(path), f"a folder holding {what} (found: {found or 'none'})",
+                                "pass the folder given to save_pretrained()"))  # fmt: skip
+
+
+def _read_config(folder: Path) -> IAPTConfig:
+    data = dict(read_json(folder / CONFIG_NAME))
+    peft_type = data.pop("peft_type", None)
+    if peft_type != PEFT_TYPE:
+        raise ConfigError(bad_value(f"{folder / CONFIG_NAME}: peft_type", peft_type, repr(PEFT_TYPE),
+                                    "this folder holds another kind of adapter; load it with its own library"))  # fmt: skip
+    return IAPTConfig.from_dict(data, where=str(folder / CONFIG_NAME))
+
+
+def _check_base_model(config: IAPTConfig, base_model: nn.Module, check: bool) -> None:
+    saved = config.base_model_name_or_path
+    actual = getattr(getattr(base_model, "config", None), "_name_or_path", "") or None
+    if check and saved and actual and saved != actual:
+        raise ConfigError(bad_value("base_model_name_or_path", saved, f"the backbone's {actual!r}",
+                                    "load the adapter onto the backbone it was trained on, or pass "
+                                    "check_base_model=False if this is the same model under another name"))  # fmt: skip
+
+
+def get_iapt_model(model: nn.Module, config: IAPTConfig, adapter_name: str = "default") -> IAPTModel:
+    """Freeze ``model`` (any HF decoder or encoder) and wrap it with one fresh IAPT adapter."""
+    return IAPTModel(model, config, adapter_name)
