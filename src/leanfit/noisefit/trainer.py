@@ -1,0 +1,162 @@
+"""NoiseFiT and R-Drop as ``transformers.Trainer`` subclasses.
+
+:class:`NoiseFiTTrainer` swaps the training loss for :func:`~leanfit.noisefit.loss.noisefit_loss`; a
+:class:`NoiseFiTCallback` calibrates (when the config asks for it), attaches the noise hooks at train begin and
+removes them at train end, so evaluation, ``generate()`` and everything after ``train()`` see the bare model.
+The same loss override is mixed into TRL's ``SFTTrainer`` as ``NoiseFiTSFTTrainer`` (built on first access, TRL
+is optional). :class:`RDropTrainer` is the R-Drop baseline (two dropout passes + symmetric KL); the other
+baselines need no code: NEFTune is ``TrainingArguments(neftune_noise_alpha=...)``, label smoothing
+``TrainingArguments(label_smoothing_factor=...)``.
+
+Loss scaling: both losses are per-micro-batch token means, so ``loss_is_scaled_for_ga = False`` and the Trainer
+divides by the gradient-accumulation steps (the plain Trainer instead normalises by the tokens of the whole
+accumulated batch; the two agree when micro-batches hold equal numbers of completion tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from transformers import Trainer, TrainerCallback
+
+from leanfit.core.errors import ConfigError, bad_value
+from leanfit.noisefit.config import NoiseFiTConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from leanfit.noisefit.calibration import CalibrationResult
+    from leanfit.noisefit.injector import NoiseInjector
+
+__all__ = ["NoiseFiTCallback", "NoiseFiTMixin", "NoiseFiTTrainer", "RDropTrainer"]
+
+
+class NoiseFiTCallback(TrainerCallback):
+    """Attaches a :class:`NoiseInjector` to the trainer's model for the duration of ``train()``.
+
+    On train begin: layers/scales come from ``config.layers`` (explicit indices) or from :func:`calibrate` on the
+    first ``config.calib_batches`` batches of the train dataloader; the result is kept in ``trainer.calibration``
+    and logged. On train end (also when training stops early) the hooks are removed.
+    """
+
+    def __init__(self, trainer: NoiseFiTMixin) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._attach_noise()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._detach_noise()
+
+
+class NoiseFiTMixin:
+    """The NoiseFiT loss for any ``transformers.Trainer`` subclass (mix in before the Trainer class)."""
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args: Any, noisefit_config: NoiseFiTConfig | None = None,
+                 calibration_batches: Iterable[Mapping[str, Any]] | None = None, **kwargs: Any) -> None:  # fmt: skip
+        config = NoiseFiTConfig() if noisefit_config is None else noisefit_config
+        if not isinstance(config, NoiseFiTConfig):
+            raise TypeError(bad_value("noisefit_config", type(config).__name__, "a NoiseFiTConfig",
+                                      "build one with NoiseFiTConfig(...)"))  # fmt: skip
+        super().__init__(*args, **kwargs)
+        self.noisefit_config = config
+        self.calibration_batches = calibration_batches
+        self.injector: NoiseInjector | None = None
+        self.calibration: CalibrationResult | None = None
+        self.add_callback(NoiseFiTCallback(self))
+
+    # -- hooks lifetime --------------------------------------------------------------------------------------
+    def _attach_noise(self) -> None:
+        from leanfit.noisefit.calibration import calibrate
+        from leanfit.noisefit.injector import NoiseInjector
+
+        if self.injector is not None:
+            return
+        cfg = self.noisefit_config
+        model = self.accelerator.unwrap_model(self.model)
+        if cfg.layer_spec().kind == "explicit":
+            self.injector = NoiseInjector(model, cfg)
+            return
+        self.calibration = calibrate(model, self._calibration_batches(), cfg)
+        self.injector = NoiseInjector.from_calibration(model, cfg, self.calibration)
+
+    def _detach_noise(self) -> None:
+        if self.injector is not None:
+            self.injector.remove()
+            self.injector = None
+
+    def _calibration_batches(self) -> list[dict[str, torch.Tensor]]:
+        n = self.noisefit_config.calib_batches
+        source = self.calibration_batches if self.calibration_batches is not None else self.get_train_dataloader()
+        device = self.accelerator.device
+        batches = []
+        for batch in source:
+            batches.append({k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()})
+            if len(batches) == n:
+                break
+        if not batches:
+            raise ConfigError(bad_value("calibration_batches", "an empty iterable", f"{n} batch(es) of training data",
+                                        "pass training batches or a non-empty train_dataset"))  # fmt: skip
+        return batches
+
+    # -- loss --------------------------------------------------------------------------------------------------
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:  # fmt: skip
+        from leanfit.noisefit.loss import noisefit_loss
+
+        if self.injector is None or not model.training:  # evaluation: the plain loss, never noisy
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        out = noisefit_loss(model, inputs, self.injector, self.noisefit_config)
+        self._noisefit_parts = {k: float(getattr(out, k).detach()) for k in ("ce", "soft", "consistency")}
+        return (out.loss, {"logits": out.logits_clean}) if return_outputs else out.loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        parts = getattr(self, "_noisefit_parts", None)
+        if parts and "loss" in logs:
+            logs = {**logs, **{f"noisefit/{k}": v for k, v in parts.items()}}
+        super().log(logs, *args, **kwargs)
+
+
+class NoiseFiTTrainer(NoiseFiTMixin, Trainer):
+    """``transformers.Trainer`` with the NoiseFiT loss: ``NoiseFiTTrainer(model, args, train_dataset=...,
+    noisefit_config=NoiseFiTConfig(...))``. Works with PEFT models (only the adapters train) and under
+    ``accelerate launch``/``torchrun`` like the plain Trainer."""
+
+
+class RDropTrainer(Trainer):
+    """R-Drop baseline: CE on two dropout passes (packed in one batch) + ``rdrop_alpha`` x symmetric KL.
+
+    The model needs dropout for R-Drop to do anything (e.g. ``attention_dropout`` of a Llama config)."""
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args: Any, rdrop_alpha: float = 1.0, **kwargs: Any) -> None:
+        if not rdrop_alpha >= 0:
+            raise ConfigError(bad_value("rdrop_alpha", rdrop_alpha, "a number >= 0", "R-Drop papers use 0.3 to 5"))
+        super().__init__(*args, **kwargs)
+        self.rdrop_alpha = rdrop_alpha
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:  # fmt: skip
+        from leanfit.noisefit.loss import rdrop_loss
+
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        out = rdrop_loss(model, inputs, self.rdrop_alpha)
+        return (out.loss, {"logits": out.logits}) if return_outputs else out.loss
+
+
+def __getattr__(name: str) -> Any:
+    if name == "NoiseFiTSFTTrainer":  # TRL is optional: build the class on first access
+        from trl import SFTTrainer
+
+        cls = type("NoiseFiTSFTTrainer", (NoiseFiTMixin, SFTTrainer), {
+            "__doc__": "TRL ``SFTTrainer`` with the NoiseFiT loss (same arguments plus ``noisefit_config``).",
+            "__module__": __name__,
+        })  # fmt: skip
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
