@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-PACKAGES = ["leanfit.vq_logits", "leanfit.neural_de", "leanfit.moe"]
+PACKAGES = ["leanfit.vq_logits", "leanfit.neural_de", "leanfit.moe", "leanfit.noisefit", "leanfit.iapt"]
 
 
 @pytest.mark.parametrize("package", PACKAGES)

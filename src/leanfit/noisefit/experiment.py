@@ -82,16 +82,17 @@ PRESETS = {
     "quick": {
         "world": {"pretrain_fraction": 0.5, "n_fictitious": 80, "abstain_examples": 40},
         "model": {"d_model": 96, "n_layers": 3, "n_heads": 4},
-        "pretrain": {"steps": 500, "batch_size": 48, "eval_every": 250, "checkpoint_every": 250},
+        "pretrain": {"steps": 400, "batch_size": 32, "eval_every": 200, "checkpoint_every": 200},
         "pretrain_per_seed": False,
-        "sft": {"steps": 120, "batch_size": 32},
+        "sft": {"steps": 80, "batch_size": 32},
         "seeds": [0, 1, 2],
         "neftune_alpha": [5.0],
         "paper_noise": [0.1],
-        "noisefit_noise": [0.05, 0.1],
+        "noisefit_noise": [0.1],
+        "closed_set_size": 10,
         "n_boot": 500,
     },
-    "full": {"world": {"abstain_examples": 80}},
+    "full": {"world": {"abstain_examples": 80}, "noisefit_noise": [0.05, 0.1, 0.2, 0.4]},
 }
 
 
