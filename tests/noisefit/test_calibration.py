@@ -111,12 +111,14 @@ def test_snr_high_and_low_keep_the_extremes(spec, descending):
 
 # -------------------------------------------------------------------------------------------- propagated KL
 def massive_activation_gpt2(n_layers: int = 3, offset: float = 300.0) -> torch.nn.Module:
-    """GPT-2 whose block 1 adds a constant ``offset`` to one channel and block 2 removes it again: RMS-relative
-    noise at block 1 is then larger than the rest of the residual stream (~200x for 300), and only there."""
+    """GPT-2 whose block 1 adds a constant vector of norm ``offset`` (the same value on every channel) and block 2
+    removes it again: RMS-relative noise at block 1 is then larger than the rest of the residual stream (~200x for
+    300), and only there. (A few huge channels would not do: the noise scale ignores them, see _winsorized.)"""
     model = gpt2(n_layers=n_layers)
+    shift = offset / model.config.n_embd**0.5
     with torch.no_grad():
-        model.transformer.h[1].mlp.c_proj.bias[0] += offset
-        model.transformer.h[2].mlp.c_proj.bias[0] -= offset
+        model.transformer.h[1].mlp.c_proj.bias += shift
+        model.transformer.h[2].mlp.c_proj.bias -= shift
     return model
 
 

@@ -73,26 +73,35 @@ MODELS = {"llama": llama, "gpt2": gpt2, "qwen2": qwen2}
 
 
 # ------------------------------------------------------------------------------------------ naive references
+def winsorized_reference(x: torch.Tensor, k: float = 5.0) -> torch.Tensor:
+    """One token's channels clamped to median +- k * 1.4826 * MAD (lower medians, as torch.median)."""
+    d = x.numel()
+    med = x.sort().values[(d - 1) // 2]
+    mad = (x - med).abs().sort().values[(d - 1) // 2]
+    return x.clamp(float(med - k * 1.4826 * mad), float(med + k * 1.4826 * mad))
+
+
 def token_std_reference(h: torch.Tensor, mask: torch.Tensor | None, scale: float, adaptive: bool,
                         beta: float = 0.1, max_factor: float = 5.0) -> torch.Tensor:  # fmt: skip
     """leanfit's std token by token in float64."""
     h = h.double()
     rows, seq, d = h.shape
     out = torch.empty_like(h)
-    variances = [[float(((h[b, t] - h[b, t].mean()) ** 2).mean()) for t in range(seq)] for b in range(rows)]
+    variances = [[float(((w - w.mean()) ** 2).mean()) for w in map(winsorized_reference, h[b])] for b in range(rows)]
     valid = [variances[b][t] for b in range(rows) for t in range(seq) if mask is None or mask[b, t]]
     mean_var = sum(valid) / len(valid)
     for b in range(rows):
         for t in range(seq):
-            x = h[b, t]
+            x = winsorized_reference(h[b, t])
             rms = math.sqrt(float((x**2).mean()))
             if not adaptive:
                 out[b, t] = scale * rms
                 continue
             factor = min(variances[b][t] / mean_var, max_factor)
-            med = x.sort().values[(d - 1) // 2]
-            mad = max(float((x - med).abs().sort().values[(d - 1) // 2]), 1e-6 * rms)
-            w = torch.exp(-beta * (x - med).abs() / mad)
+            raw = h[b, t]
+            med = raw.sort().values[(d - 1) // 2]
+            mad = max(float((raw - med).abs().sort().values[(d - 1) // 2]), 1e-6 * rms)
+            w = torch.exp(-beta * (raw - med).abs() / mad)
             out[b, t] = scale * rms * factor * w / math.sqrt(float((w**2).mean()))
     return out
 
@@ -227,6 +236,22 @@ def test_token_noise_std_matches_reference(adaptive, masked):
     got = token_noise_std(h, mask, scale=0.07, token_adaptive=adaptive).expand_as(h)
     ref = token_std_reference(h, mask, 0.07, adaptive)
     torch.testing.assert_close(got.double(), ref, rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["isotropic", "token-adaptive"])
+def test_massive_channels_do_not_inflate_the_noise_of_ordinary_channels(adaptive):
+    """An attention-sink token (two channels ~1000x the rest, as SmolLM2's first token has) gets noise sized by
+    its ordinary channels, not by the plain RMS that the two channels dominate."""
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(1, 4, 64, generator=g)
+    h[0, 0, :2] = 1000.0
+    std = token_noise_std(h, scale=0.05, token_adaptive=adaptive).expand_as(h)
+    ordinary = std[0, 0, 2:].pow(2).mean().sqrt() / h[0, 0, 2:].pow(2).mean().sqrt()
+    plain_rms_ratio = h[0, 0].pow(2).mean().sqrt() / h[0, 0, 2:].pow(2).mean().sqrt()
+    assert plain_rms_ratio > 100  # what the plain RMS would have multiplied the noise by
+    # ~ rel_noise, times the token factor when adaptive (<= max_factor = 5; here ~2.5: the clamped channels still
+    # raise the token's variance); the plain RMS would have given ~1000x.
+    assert 0.03 < float(ordinary) < (0.05 * 5 if adaptive else 0.08)
 
 
 def test_padding_does_not_change_the_noise_of_valid_tokens():

@@ -50,7 +50,10 @@ def convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
-    model.hf_quantizer = None  # dequantised weights: save them as plain float32
+    # Dequantised weights: save them as plain float32, without the GGUF marker in config.json (transformers
+    # would re-attach a GGUF quantizer on every load, and Trainer refuses to train such a model).
+    model.hf_quantizer, model.is_quantized = None, False
+    model.config.__dict__.pop("quantization_config", None)
     model.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)
 
@@ -58,7 +61,7 @@ def convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
 def _smollm2() -> Path:
     folder, gguf_file = _smollm2_source()
     with open(folder / gguf_file, "rb") as fh:  # the first MiB identifies the release (header + metadata)
-        key = f"smollm2-135m-instruct-{sha256_bytes(fh.read(1 << 20))[:16]}"
+        key = f"smollm2-135m-instruct-v2-{sha256_bytes(fh.read(1 << 20))[:16]}"  # v2: no GGUF marker
     return cached_folder(cache_dir("models", key), lambda tmp: convert_gguf(folder, gguf_file, tmp),
                          meta={"source": str(folder / gguf_file)})  # fmt: skip
 

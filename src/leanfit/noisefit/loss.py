@@ -129,6 +129,20 @@ def _ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, num_item
     return total / (mask.sum() if num_items is None else num_items)
 
 
+def _branch_rows(logits: torch.Tensor, mask: torch.Tensor, n_branches: int) -> list[torch.Tensor]:
+    """The completion positions of each of ``n_branches`` stacked copies of the batch: logits (n B, T, V), mask
+    (B, T-1) -> n tensors (N, V). One boolean selection for all branches (per-branch selections would each
+    build a full-size gradient buffer in backward)."""
+    flat = logits[:, :-1][mask.repeat(n_branches, 1)]
+    return list(flat.split(flat.shape[0] // n_branches))
+
+
+def _ce_rows(rows: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, num_items: Any) -> torch.Tensor:
+    """:func:`_ce` from already selected completion rows (N, V)."""
+    total = F.cross_entropy(rows.float(), labels[:, 1:][mask], reduction="sum")
+    return total / (mask.sum() if num_items is None else num_items)
+
+
 def noisefit_loss(model: nn.Module, batch: dict[str, Any], injector: NoiseInjector | None, config: NoiseFiTConfig,
                   num_items_in_batch: int | torch.Tensor | None = None) -> NoiseFiTLossOutput:  # fmt: skip
     """NoiseFiT's loss for one batch (see the module docstring).
@@ -153,8 +167,8 @@ def noisefit_loss(model: nn.Module, batch: dict[str, Any], injector: NoiseInject
     noise_mask = None if attention is None else attention.bool().repeat(k + 1, 1)
     with injector.noisy(rows=rows, token_mask=token_mask, noise_mask=noise_mask):
         logits = model(**_model_inputs(batch, k + 1)).logits
-    clean, *noisy = (z[:, :-1][mask] for z in logits.split(n_rows, dim=0))  # (N, V) each
-    ce = _ce(logits[:n_rows], labels, mask, num_items_in_batch)
+    clean, *noisy = _branch_rows(logits, mask, k + 1)  # (N, V) each
+    ce = _ce_rows(clean, labels, mask, num_items_in_batch)
     denom = mask.sum() if num_items_in_batch is None else num_items_in_batch
     t = float(config.temperature)
     teacher = clean.detach()
@@ -215,9 +229,9 @@ def rdrop_loss(model: nn.Module, batch: dict[str, Any], alpha: float,
     labels, mask = _check_labels(batch)
     n_rows = labels.shape[0]
     logits = model(**_model_inputs(batch, 2)).logits
-    first, second = logits[:n_rows], logits[n_rows:]
-    ce = 0.5 * (_ce(first, labels, mask, num_items_in_batch) + _ce(second, labels, mask, num_items_in_batch))
-    z1, z2 = first[:, :-1][mask], second[:, :-1][mask]
+    first = logits[:n_rows]
+    z1, z2 = _branch_rows(logits, mask, 2)
+    ce = 0.5 * (_ce_rows(z1, labels, mask, num_items_in_batch) + _ce_rows(z2, labels, mask, num_items_in_batch))
     denom = mask.sum() if num_items_in_batch is None else num_items_in_batch
     kl = 0.5 * (_kl_rows(z1, z2).sum() + _kl_rows(z2, z1).sum()) / denom
     return RDropLossOutput(ce + alpha * kl, ce, kl, first)
