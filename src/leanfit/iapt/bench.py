@@ -47,7 +47,6 @@ package only imports the core.
 from __future__ import annotations
 
 import math
-import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -57,6 +56,7 @@ from typing import Any, Literal
 
 from leanfit.core.config import BaseConfig, option
 from leanfit.core.errors import ConfigError, bad_value
+from leanfit.core.memory import peak_rss_bytes, release_freed_memory, reset_peak_rss, rss_bytes, run_in_fresh_process
 from leanfit.core.registry import register
 
 __all__ = ["DECODE_TARGET", "LORA_TARGETS", "METHODS", "TINY_LLAMA", "IAPTServingBenchConfig", "Servers",
@@ -365,40 +365,6 @@ def _time_cells(cfg: IAPTServingBenchConfig, servers: Servers, todo: list[tuple[
     return times, outputs
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident set
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("VmHWM not found in /proc/self/status")
-
-
-def _release_free_heap() -> None:
-    """Return freed heap memory to the system (glibc ``malloc_trim``), so that memory the set-up freed (adapter
-    initialisation differs between methods) is not silently reused by the measured call."""
-    import contextlib
-    import ctypes
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: what the set-up left cached may hide
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def _peak_mb(servers: Servers, method: str, tenants: int, ids: Any, new_tokens: int, device: Any) -> tuple[float, str]:
     """Peak memory (MB) of one generate above what was held before it, and how it was measured."""
     import torch
@@ -414,12 +380,12 @@ def _peak_mb(servers: Servers, method: str, tenants: int, ids: Any, new_tokens: 
         for p in servers.model(method).parameters():
             p.sum()
     servers.generate(method, tenants, ids[:1, :2], 2)  # lazy initialisation of kernels and libraries
-    _release_free_heap()
-    before = _rss_bytes()
-    exact = _reset_peak_rss()
+    release_freed_memory()
+    before = rss_bytes()
+    exact = reset_peak_rss()
     servers.generate(method, tenants, ids, new_tokens)
     if exact:
-        return max(_peak_rss_bytes() - before, 0) / 2**20, "rss high-water mark"
+        return max(peak_rss_bytes() - before, 0) / 2**20, "rss high-water mark"
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before  # lifetime maximum: over-estimate
@@ -438,15 +404,6 @@ def measure_peak_memory(cfg: IAPTServingBenchConfig, method: str, tenants: int, 
     servers = build_servers(cfg, device, resolve_dtype(cfg.dtype, device), seed, [method], tenants)
     ids = _prompts(cfg, servers, seed).to(device)
     return _peak_mb(servers, method, tenants, ids, cfg.new_tokens, device)
-
-
-def _in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
-    import concurrent.futures
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(fn, *args).result()
 
 
 def _prompts(cfg: IAPTServingBenchConfig, servers: Servers, seed: int) -> Any:
@@ -649,7 +606,7 @@ def _add_memory(cfg: IAPTServingBenchConfig, servers: Servers, rows: list[dict[s
     source = ""
     for r in rows:
         if device.type == "cpu" and cfg.isolate_memory:
-            r["peak_mb"], how = _in_fresh_process(measure_peak_memory, cfg, r["method"], r["tenants"], seed, threads)
+            r["peak_mb"], how = run_in_fresh_process(measure_peak_memory, cfg, r["method"], r["tenants"], seed, threads)
             how += ", a fresh process per cell"
         else:
             r["peak_mb"], how = _peak_mb(servers, r["method"], r["tenants"], ids, cfg.new_tokens, device)

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from leanfit.core.config import BaseConfig, option
 from leanfit.core.errors import ConfigError, bad_value
+from leanfit.core.memory import peak_rss_bytes, release_freed_memory, reset_peak_rss, rss_bytes, run_in_fresh_process
 from leanfit.core.registry import register
 
 if TYPE_CHECKING:
@@ -405,18 +406,6 @@ def measure_model(name: str, cfg: NoiseFiTBenchConfig, seed: int, device: torch.
     return rows
 
 
-def _trim_heap() -> None:
-    """Give memory freed by the allocator back to the system (glibc ``malloc_trim``), so that a later step's
-    allocations raise the resident set instead of reusing pages freed earlier."""
-    import contextlib
-    import ctypes
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def _peak_mb(arm: ArmStep, optimizer: Any, device: torch.device) -> float | None:
     """Peak extra memory (MB) of one step of ``arm`` over what is held before it; None where it cannot be read."""
     import torch
@@ -429,15 +418,13 @@ def _peak_mb(arm: ArmStep, optimizer: Any, device: torch.device) -> float | None
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     if device.type != "cpu":
         return None
-    from leanfit.vq_logits.bench import _peak_bytes, _reset_peak, _rss_bytes
-
     optimizer.zero_grad(set_to_none=True)
-    _trim_heap()
-    before = _rss_bytes()
-    if not _reset_peak():
+    release_freed_memory()
+    before = rss_bytes()
+    if not reset_peak_rss():
         return None
     _step(arm, optimizer, device)
-    return max(_peak_bytes() - before, 0) / 2**20
+    return max(peak_rss_bytes() - before, 0) / 2**20
 
 
 def measure_peak(name: str, arm: str, cfg: NoiseFiTBenchConfig, seed: int, threads: int = 0) -> float | None:
@@ -569,7 +556,7 @@ def run(ctx: Any) -> dict[str, Any]:
                 model_rows = measure_model(name, cfg, ctx.seed, device)
                 bar.advance(1, model=name)
                 for row in model_rows if isolated else []:
-                    row["peak_mb"] = _in_fresh_process(measure_peak, name, row["arm"], cfg, ctx.seed, threads)
+                    row["peak_mb"] = run_in_fresh_process(measure_peak, name, row["arm"], cfg, ctx.seed, threads)
                     bar.advance(1, model=name, arm=row["arm"])
                 rows += model_rows
     finally:
@@ -580,7 +567,3 @@ def run(ctx: Any) -> dict[str, Any]:
             "versions": versions}  # fmt: skip
 
 
-def _in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
-    from leanfit.vq_logits.bench import _in_fresh_process as fresh
-
-    return fresh(fn, *args)

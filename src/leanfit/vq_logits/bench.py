@@ -20,13 +20,13 @@ Decoding: time per generated token of the head alone (batch 1), greedy and sampl
 from __future__ import annotations
 
 import math
-import os
 import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from leanfit.core.config import BaseConfig, option
+from leanfit.core.memory import peak_rss_bytes, reset_peak_rss, rss_bytes, run_in_fresh_process
 from leanfit.core.registry import register
 
 __all__ = ["METHODS", "VQLogitsBenchConfig", "measure_decode", "measure_step"]
@@ -83,28 +83,6 @@ PRESETS = {
 
 
 # --- measurements (module level so that a spawned process can run them) ---------------------------------------
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident set
-        return True
-    except OSError:
-        return False
-
-
-def _peak_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("VmHWM not found in /proc/self/status")
-
-
 def _zipf_labels(n: int, vocab_size: int, generator: Any) -> Any:
     import torch
 
@@ -159,8 +137,8 @@ def measure_step(method: str, n: int, d: int, v: int, k: int, *, warmup: int, re
         loss.backward()
         return loss.item()
 
-    before = _rss_bytes()
-    exact_peak = _reset_peak()
+    before = rss_bytes()
+    exact_peak = reset_peak_rss()
     for _ in range(warmup):
         step()
     times, loss = [], math.nan
@@ -169,7 +147,7 @@ def measure_step(method: str, n: int, d: int, v: int, k: int, *, warmup: int, re
         loss = step()
         times.append(time.perf_counter() - start)
     if exact_peak:
-        peak = _peak_bytes() - before
+        peak = peak_rss_bytes() - before
     else:  # no resettable high-water mark: the process's lifetime maximum (an over-estimate)
         import resource
 
@@ -223,15 +201,6 @@ def measure_decode(v: int, d: int, k: int, *, steps: int, rounds: int = 3, seed:
                          "us_per_token": 1e6 * min(medians), "us_per_token_max_round": 1e6 * max(medians),
                          "threads": torch.get_num_threads()})  # fmt: skip
     return rows
-
-
-def _in_fresh_process(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    import concurrent.futures
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(fn, *args, **kwargs).result()
 
 
 # --- the benchmark ----------------------------------------------------------------------------------------------
@@ -348,7 +317,7 @@ def run(ctx: Any) -> dict[str, Any]:
     from leanfit.core.runner import _csv
 
     cfg: VQLogitsBenchConfig = ctx.config
-    call = _in_fresh_process if cfg.isolate else (lambda fn, *a, **kw: fn(*a, **kw))
+    call = run_in_fresh_process if cfg.isolate else (lambda fn, *a, **kw: fn(*a, **kw))
     cells = _grid(cfg)
     rows: list[dict[str, Any]] = []
     with progress_bar(len(cells) + len(cfg.decode_vs), "vq-logits bench") as bar:
