@@ -80,9 +80,9 @@ class NoiseFiTExperimentConfig(BaseConfig):
 
 PRESETS = {
     "quick": {
-        "world": {"pretrain_fraction": 0.5, "n_fictitious": 80, "abstain_examples": 40},
+        "world": {"pretrain_fraction": 0.3, "n_fictitious": 60, "abstain_examples": 30, "max_eval_per_split": 60},
         "model": {"d_model": 96, "n_layers": 3, "n_heads": 4},
-        "pretrain": {"steps": 400, "batch_size": 32, "eval_every": 200, "checkpoint_every": 200},
+        "pretrain": {"steps": 350, "batch_size": 32, "eval_every": 175, "checkpoint_every": 175},
         "pretrain_per_seed": False,
         "sft": {"steps": 80, "batch_size": 32},
         "seeds": [0, 1, 2],
