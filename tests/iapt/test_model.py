@@ -300,6 +300,24 @@ def test_load_errors(tmp_path: Path) -> None:
         IAPTModel.from_pretrained(llama(), tmp_path, adapter_name="b")
 
 
+def test_failed_loads_leave_the_backbone_and_the_adapters_as_they_were(tmp_path: Path) -> None:
+    wrapped("llama").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "b" / CONFIG_NAME).read_text())
+    (tmp_path / "b" / CONFIG_NAME).write_text(json.dumps({**config, "layers": [0]}))  # weights no longer match
+    base = llama()
+    ids = tokens(2, 6)
+    with torch.no_grad():
+        bare = base(ids).logits
+    with pytest.raises(ConfigError, match="unexpected"):
+        IAPTModel.from_pretrained(base, tmp_path)  # "a" loads, then "b" fails
+    with torch.no_grad():
+        assert torch.equal(base(ids).logits, bare)  # no hooks left behind
+    model = get_iapt_model(base, cfg(), adapter_name="x")  # and the backbone can be wrapped again
+    with pytest.raises(ConfigError, match="unexpected"):
+        model.load_adapter(tmp_path / "b")
+    assert model.adapter_names == ["x"]
+
+
 # ------------------------------------------------------------------------------------------------ leakage
 @pytest.mark.parametrize("kind", DECODERS)
 def test_response_tokens_cannot_influence_prompts(kind: str) -> None:

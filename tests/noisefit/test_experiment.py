@@ -60,12 +60,25 @@ def test_summary_estimates_are_seed_means_with_ordered_intervals(bench):
     assert all(v["layers"] for v in calib.values())
 
 
-def test_resume_retrains_nothing(bench):
+def test_resume_reuses_finished_stages_and_redoes_only_the_missing_one(bench, tmp_path):
+    import shutil
+
     out, path, results = bench
-    stamps = {p: p.stat().st_mtime_ns for p in (path / "runs").glob("*/result.json")}
-    _, again = run_experiment("noisefit", out=out, overrides=TINY, run_id="tiny", resume=True)
-    assert {p: p.stat().st_mtime_ns for p in (path / "runs").glob("*/result.json")} == stamps
-    assert again["rows"] == results["rows"]
+    copy = tmp_path / "noisefit" / "tiny"
+    shutil.copytree(path, copy)
+    (copy / "results.json").unlink()  # an interrupted run: no final results, one fine-tuning run lost
+    shutil.rmtree(copy / "runs" / "noisefit_paper-noise0.1-s1")
+    stamps = {p.relative_to(copy): p.stat().st_mtime_ns for p in (copy / "runs").glob("*/result.json")}
+    pretrained = (copy / "runs" / "pretrain-shared" / "model" / "config.json").stat().st_mtime_ns
+    _, again = run_experiment("noisefit", out=tmp_path, overrides=TINY, run_id="tiny", resume=True)
+    assert {p.relative_to(copy): p.stat().st_mtime_ns for p in (copy / "runs").glob("*/result.json")
+            if p.parent.name != "noisefit_paper-noise0.1-s1"} == stamps  # fmt: skip
+    assert (copy / "runs" / "pretrain-shared" / "model" / "config.json").stat().st_mtime_ns == pretrained
+    assert (copy / "runs" / "noisefit_paper-noise0.1-s1" / "result.json").is_file()
+    redone = {r["name"]: r for r in again["rows"]}["noisefit_paper-noise0.1-s1"]
+    before = {r["name"]: r for r in results["rows"]}["noisefit_paper-noise0.1-s1"]
+    for key in ("em_sft_known", "confident_wrong_unknown", "ece", "heldout_loss"):
+        assert redone[key] == pytest.approx(before[key], abs=1e-9), key  # same seed, same numbers
 
 
 @pytest.mark.parametrize(("override", "param"), [

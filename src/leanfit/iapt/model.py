@@ -613,10 +613,14 @@ class IAPTModel(nn.Module):
         for _, config in configs:
             _check_base_model(config, base_model, check_base_model)
         model = cls(base_model, configs[0][1], folders[0][0])
-        model._load_weights(folders[0][0], folders[0][1])
-        for (name, folder), (_, config) in zip(folders[1:], configs[1:], strict=True):
-            model.add_adapter(name, config)
-            model._load_weights(name, folder)
+        try:
+            model._load_weights(folders[0][0], folders[0][1])
+            for (name, folder), (_, config) in zip(folders[1:], configs[1:], strict=True):
+                model.add_adapter(name, config)
+                model._load_weights(name, folder)
+        except Exception:
+            model.unload()  # leave the caller's backbone as it was: no hooks, loadable again
+            raise
         return model
 
     def load_adapter(self, path: str | os.PathLike, adapter_name: str | None = None, *,
@@ -626,7 +630,11 @@ class IAPTModel(nn.Module):
             config = _read_config(folder)
             _check_base_model(config, self.base_model, check_base_model)
             self.add_adapter(name, config)
-            self._load_weights(name, folder)
+            try:
+                self._load_weights(name, folder)
+            except Exception:
+                self.delete_adapter(name)  # no half-loaded, freshly initialised adapter left behind
+                raise
 
     def _load_weights(self, name: str, folder: Path) -> None:
         from safetensors.torch import load_file

@@ -31,14 +31,14 @@ def _setting_name(arm: str, setting: dict[str, Any], seed: int) -> str:
 
 # -- data and pretraining --------------------------------------------------------------------------------------------
 def prepare(cfg: Any) -> dict[str, Any]:
-    from leanfit.noisefit.facts_qa import heldout_sentences, pretrain_text, tokenizer_texts
+    from leanfit.noisefit.facts_qa import heldout_sentences, pretrain_text, qa_example
     from leanfit.noisefit.hallucination import build_tokenizer, qa_features
 
     world = cfg.world.build()
-    tokenizer = build_tokenizer(tokenizer_texts(world), cfg.vocab_size)
+    text = pretrain_text(world, paraphrases=cfg.paraphrases)
+    tokenizer = build_tokenizer(text + ["".join(qa_example(f)) for f in world.sft_train], cfg.vocab_size)
     return {"world": world, "tokenizer": tokenizer, "train_features": qa_features(tokenizer, world.sft_train),
-            "pretrain_text": pretrain_text(world, paraphrases=cfg.paraphrases),
-            "heldout": heldout_sentences(world)}  # fmt: skip
+            "pretrain_text": text, "heldout": heldout_sentences(world)}  # fmt: skip
 
 
 def pretrained_model(ctx: Any, data: dict[str, Any], seed: int) -> Path:
@@ -107,8 +107,10 @@ def _trainer(arm: str, setting: dict[str, Any], model: Any, data: dict[str, Any]
     return trainer
 
 
-def finetune(ctx: Any, data: dict[str, Any], arm: str, setting: dict[str, Any], seed: int) -> dict[str, Any]:
-    """Fine-tune one arm/setting/seed from its pretrained model; returns its record with validation metrics."""
+def finetune(ctx: Any, data: dict[str, Any], arm: str, setting: dict[str, Any], seed: int,
+             validate: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Fine-tune one arm/setting/seed from its pretrained model; returns its record, with validation metrics if
+    ``validate`` (only the first seed's choose a setting)."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -131,11 +133,12 @@ def finetune(ctx: Any, data: dict[str, Any], arm: str, setting: dict[str, Any], 
     model = trainer.model
     model.config.attention_dropout = 0.0
     world = data["world"]
-    scores = score_items(model, data["tokenizer"], world, world.evaluation("valid"),
-                         closed_set_size=cfg.closed_set_size)  # fmt: skip
     record = {"name": name, "arm": arm, "setting": setting, "seed": seed, "train_seconds": seconds,
-              "step_seconds": seconds / cfg.sft.steps, "train_loss": float(out.training_loss),
-              "valid": _summary(scores, cfg.tau)}  # fmt: skip
+              "step_seconds": seconds / cfg.sft.steps, "train_loss": float(out.training_loss)}  # fmt: skip
+    if validate:
+        scores = score_items(model, data["tokenizer"], world, world.evaluation("valid"),
+                             closed_set_size=cfg.closed_set_size)  # fmt: skip
+        record["valid"] = _summary(scores, cfg.tau)
     calibration = getattr(trainer, "calibration", None)
     if calibration is not None:
         record["calibration"] = calibration.to_dict()
@@ -147,11 +150,13 @@ def finetune(ctx: Any, data: dict[str, Any], arm: str, setting: dict[str, Any], 
 
 
 def _summary(scores: dict[str, Any], tau: float) -> dict[str, dict[str, float]]:
+    import numpy as np
+
     from leanfit.noisefit.metrics import evaluation_summary
 
     summary = evaluation_summary(scores["confidence"], scores["correct"], scores["abstained"], scores["split"],
                                  tau=tau)  # fmt: skip
-    known = ~(scores["closed_correct"] != scores["closed_correct"])  # not NaN
+    known = ~np.isnan(scores["closed_correct"])
     if known.any():
         summary["known"]["closed_set_accuracy"] = float(scores["closed_correct"][known].mean())
     return summary
@@ -232,7 +237,7 @@ def _run_benchmark(ctx: Any) -> dict[str, Any]:
                         "valid_cw_unknown": r["valid"]["unknown"]["confident_wrong_rate"]} for r in sweep]  # fmt: skip
             records.append(best)
             for seed in cfg.seeds[1:]:
-                records.append(finetune(ctx, data, arm, best["setting"], seed))
+                records.append(finetune(ctx, data, arm, best["setting"], seed, validate=False))
                 bar.advance(1, arm=arm)
     tests = {r["name"]: score_test(ctx, data, r) for r in records} if ctx.is_main else {}
     rows, summary = summarise(cfg, records, tests) if ctx.is_main else ([], [])

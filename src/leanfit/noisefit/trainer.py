@@ -35,9 +35,10 @@ __all__ = ["NoiseFiTCallback", "NoiseFiTMixin", "NoiseFiTTrainer", "RDropTrainer
 class NoiseFiTCallback(TrainerCallback):
     """Attaches a :class:`NoiseInjector` to the trainer's model for the duration of ``train()``.
 
-    On train begin: layers/scales come from ``config.layers`` (explicit indices) or from :func:`calibrate` on the
-    first ``config.calib_batches`` batches of the train dataloader; the result is kept in ``trainer.calibration``
-    and logged. On train end (also when training stops early) the hooks are removed.
+    On train begin: layers and per-layer scales come from :func:`calibrate` on the first ``config.calib_batches``
+    batches of the train dataloader (explicit layers with ``calibration="snr"`` skip it: all at ``rel_noise``);
+    the result is kept in ``trainer.calibration``. On train end (also when training stops early) the hooks are
+    removed.
     """
 
     def __init__(self, trainer: NoiseFiTMixin) -> None:
@@ -77,8 +78,8 @@ class NoiseFiTMixin:
             return
         cfg = self.noisefit_config
         model = self.accelerator.unwrap_model(self.model)
-        if cfg.layer_spec().kind == "explicit":
-            self.injector = NoiseInjector(model, cfg)
+        if cfg.layer_spec().kind == "explicit" and cfg.calibration_method() == "snr":
+            self.injector = NoiseInjector(model, cfg)  # explicit layers, every one at rel_noise
             return
         self.calibration = calibrate(model, self._calibration_batches(), cfg)
         self.injector = NoiseInjector.from_calibration(model, cfg, self.calibration)
