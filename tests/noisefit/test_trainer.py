@@ -172,3 +172,29 @@ def test_bad_trainer_arguments_name_the_parameter(tmp_path, kwargs, param):
     cls = RDropTrainer if "rdrop_alpha" in kwargs else NoiseFiTTrainer
     with pytest.raises((TypeError, ValueError), match=param):
         cls(model=_model(), args=_args(tmp_path), train_dataset=_features(), data_collator=_collate, **kwargs)
+
+
+def _one_sgd_step(tmp_path, cls, batch: int, accumulation: int, **kw) -> dict[str, torch.Tensor]:
+    model = _model()
+    args = _args(tmp_path / f"{cls.__name__}-{batch}x{accumulation}", steps=1, optim="sgd")
+    args.per_device_train_batch_size, args.gradient_accumulation_steps = batch, accumulation
+    data = _features(16)
+    for f in data[::3]:  # uneven completion lengths: micro-batch token means would weigh tokens differently
+        f["input_ids"], f["labels"] = f["input_ids"] + [5, 0], f["labels"] + [5, 0]
+    cls(model=model, args=args, train_dataset=data, data_collator=_collate, **kw).train()
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+@pytest.mark.parametrize("cls, kw", [
+    (NoiseFiTTrainer, {"noisefit_config": NoiseFiTConfig(layers="1", alpha=1.0, lam=0.0)}),
+    (RDropTrainer, {"rdrop_alpha": 1.0}),
+], ids=["noisefit", "rdrop"])  # fmt: skip
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, cls, kw):
+    """Two accumulated micro-batches of 4 give the SGD step of one batch of 8 (the same 8 examples): the loss is
+    scaled as the plain Trainer scales its own (plain SGD, so a wrong scale cannot hide behind Adam)."""
+    big = _one_sgd_step(tmp_path, cls, 8, 1, **kw)
+    accumulated = _one_sgd_step(tmp_path, cls, 4, 2, **kw)
+    start = {k: v.detach() for k, v in _model().named_parameters()}
+    for name, value in big.items():
+        torch.testing.assert_close(accumulated[name], value, rtol=0, atol=1e-6, msg=name)
+    assert max(float((v - start[k]).abs().max()) for k, v in big.items()) > 1e-4  # the step moved weights (~6e-4)

@@ -8,9 +8,10 @@ is optional). :class:`RDropTrainer` is the R-Drop baseline (two dropout passes +
 baselines need no code: NEFTune is ``TrainingArguments(neftune_noise_alpha=...)``, label smoothing
 ``TrainingArguments(label_smoothing_factor=...)``.
 
-Loss scaling: both losses are per-micro-batch token means, so ``loss_is_scaled_for_ga = False`` and the Trainer
-divides by the gradient-accumulation steps (the plain Trainer instead normalises by the tokens of the whole
-accumulated batch; the two agree when micro-batches hold equal numbers of completion tokens).
+Loss scaling follows the plain Trainer's: when the model takes loss kwargs the Trainer passes
+``num_items_in_batch`` (completion tokens of the whole accumulated batch, summed over processes) and both losses
+divide by it, times the process count under ``average_tokens_across_devices``, and the Trainer does not divide
+by the accumulation steps; otherwise they are per-micro-batch means and the Trainer divides.
 """
 
 from __future__ import annotations
@@ -51,10 +52,20 @@ class NoiseFiTCallback(TrainerCallback):
         self.trainer._detach_noise()
 
 
+def _token_count(trainer: Any, num_items_in_batch: Any) -> Any:
+    """The normaliser to hand to the loss: the Trainer's token count where it scales like its own loss, else None."""
+    return num_items_in_batch if getattr(trainer, "model_accepts_loss_kwargs", False) else None
+
+
+def _as_trainer_scales(trainer: Any, loss: Any, num_items: Any) -> Any:
+    """Undo the Trainer's gradient averaging over processes for a loss divided by the all-process token count."""
+    if num_items is not None and trainer.args.average_tokens_across_devices:
+        return loss * trainer.accelerator.num_processes
+    return loss
+
+
 class NoiseFiTMixin:
     """The NoiseFiT loss for any ``transformers.Trainer`` subclass (mix in before the Trainer class)."""
-
-    loss_is_scaled_for_ga = False
 
     def __init__(self, *args: Any, noisefit_config: NoiseFiTConfig | None = None,
                  calibration_batches: Iterable[Mapping[str, Any]] | None = None, **kwargs: Any) -> None:  # fmt: skip
@@ -110,7 +121,9 @@ class NoiseFiTMixin:
 
         if self.injector is None or not model.training:  # evaluation: the plain loss, never noisy
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        out = noisefit_loss(model, inputs, self.injector, self.noisefit_config)
+        num_items = _token_count(self, num_items_in_batch)
+        out = noisefit_loss(model, inputs, self.injector, self.noisefit_config, num_items_in_batch=num_items)
+        out = out._replace(loss=_as_trainer_scales(self, out.loss, num_items))
         self._noisefit_parts = {k: float(getattr(out, k).detach()) for k in ("ce", "soft", "consistency")}
         return (out.loss, {"logits": out.logits_clean}) if return_outputs else out.loss
 
@@ -132,8 +145,6 @@ class RDropTrainer(Trainer):
 
     The model needs dropout for R-Drop to do anything (e.g. ``attention_dropout`` of a Llama config)."""
 
-    loss_is_scaled_for_ga = False
-
     def __init__(self, *args: Any, rdrop_alpha: float = 1.0, **kwargs: Any) -> None:
         if not rdrop_alpha >= 0:
             raise ConfigError(bad_value("rdrop_alpha", rdrop_alpha, "a number >= 0", "R-Drop papers use 0.3 to 5"))
@@ -146,8 +157,10 @@ class RDropTrainer(Trainer):
 
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        out = rdrop_loss(model, inputs, self.rdrop_alpha)
-        return (out.loss, {"logits": out.logits}) if return_outputs else out.loss
+        num_items = _token_count(self, num_items_in_batch)
+        out = rdrop_loss(model, inputs, self.rdrop_alpha, num_items_in_batch=num_items)
+        loss = _as_trainer_scales(self, out.loss, num_items)
+        return (loss, {"logits": out.logits}) if return_outputs else loss
 
 
 def __getattr__(name: str) -> Any:
