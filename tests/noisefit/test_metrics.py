@@ -287,3 +287,15 @@ def test_relative_change():
 def test_bad_input_names_the_parameter(call, param):
     with pytest.raises(ConfigError, match=param):
         call()
+
+
+def test_relative_change_drops_replicates_with_a_zero_baseline():
+    """A rare baseline event (1 of 40 items) is absent from many replicates: the interval is taken over the
+    replicates where the change is defined instead of turning NaN."""
+    base = np.zeros(40)
+    base[3] = 1.0
+    arm = np.zeros(40)
+    arm[3] = arm[7] = 1.0
+    ci = relative_change_ci(arm, base, n_boot=400, seed=0)
+    assert ci.estimate == pytest.approx(1.0)
+    assert np.isfinite(ci.low) and np.isfinite(ci.high) and ci.low <= ci.estimate <= ci.high

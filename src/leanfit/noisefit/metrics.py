@@ -262,7 +262,12 @@ def _take(arr: np.ndarray, rows: np.ndarray | None, cols: np.ndarray) -> np.ndar
 
 
 def _interval(estimate: float, replicates: np.ndarray, level: float) -> ConfidenceInterval:
-    low, high = np.quantile(replicates, [(1 - level) / 2, (1 + level) / 2])
+    """Percentile interval over the finite replicates (a relative change is undefined, not infinite, in a
+    replicate whose baseline statistic is 0); NaN bounds if no replicate is finite."""
+    finite = replicates[np.isfinite(replicates)]
+    if finite.size == 0:
+        return ConfidenceInterval(float(estimate), float("nan"), float("nan"))
+    low, high = np.quantile(finite, [(1 - level) / 2, (1 + level) / 2])
     return ConfidenceInterval(float(estimate), float(low), float(high))
 
 
@@ -330,8 +335,8 @@ def relative_change_ci(
     level: float = 0.95,
 ) -> ConfidenceInterval:
     """Interval of ``(stat(a) - stat(b)) / stat(b)``, the relative change of arm ``a`` against baseline ``b``
-    (-0.15 is a 15% reduction), paired as in :func:`paired_bootstrap_diff`. Replicates with ``stat(b) == 0`` give
-    ±inf or NaN; the baseline's full-data statistic must be non-zero."""
+    (-0.15 is a 15% reduction), paired as in :func:`paired_bootstrap_diff`. Replicates with ``stat(b) == 0`` (rare
+    events in small samples) are left out of the interval; the baseline's full-data statistic must be non-zero."""
     base = stat(_values(b, "b"))
     if base == 0:
         raise ConfigError(bad_value("stat(b)", float(base), "a non-zero baseline", "use paired_bootstrap_diff"))
