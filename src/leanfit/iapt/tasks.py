@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from leanfit.core.errors import ConfigError, MissingDependencyError, bad_value
+from leanfit.core.errors import ConfigError, LeanfitError, MissingDependencyError, bad_value
 from leanfit.core.io import append_jsonl, atomic_save_tensors, atomic_write_json, atomic_write_text, read_json
 from leanfit.core.progress import progress_bar
 from leanfit.core.seed import derive_seed
@@ -340,7 +340,9 @@ def _load_trainable(module: nn.Module, path: Path) -> nn.Module:
 
     state = load_file(str(path))
     missing = set(_trainable_state(module)) - set(state)
-    assert not missing, f"{path} lacks {sorted(missing)[:3]}"
+    if missing:  # a run folder from another configuration or a damaged file: the run must be redone
+        raise LeanfitError(f"{path} lacks {sorted(missing)[:3]} for this configuration; delete its run folder "
+                           "(or start a new run) so that it is trained again")
     module.load_state_dict(state, strict=False)
     return module
 
