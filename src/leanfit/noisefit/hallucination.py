@@ -137,31 +137,16 @@ def closed_set_scores(model: Any, tokenizer: Any, prompts: Sequence[str], candid
 
     prompts: N strings; candidates: N lists (any lengths). Returns N arrays of log-likelihoods."""
     import numpy as np
-    import torch
 
     rows, owners = [], []
     for i, (prompt, cands) in enumerate(zip(prompts, candidates, strict=True)):
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         for cand in cands:
             c = tokenizer(f" {cand}\n", add_special_tokens=False)["input_ids"]
-            rows.append((p + c, len(p)))
+            rows.append({"input_ids": p + c, "labels": [-100] * len(p) + c})
             owners.append(i)
-    scores = np.zeros(len(rows))
-    model.eval()
-    with torch.no_grad():
-        for s in range(0, len(rows), batch_size):
-            chunk = rows[s : s + batch_size]
-            width = max(len(ids) for ids, _ in chunk)
-            ids = torch.full((len(chunk), width), tokenizer.pad_token_id)
-            mask = torch.zeros_like(ids)
-            target = torch.zeros(len(chunk), width, dtype=torch.bool)
-            for j, (seq, n_prompt) in enumerate(chunk):  # right padding: positions match the unpadded sequence
-                ids[j, : len(seq)] = torch.tensor(seq)
-                mask[j, : len(seq)] = 1
-                target[j, n_prompt : len(seq)] = True
-            logp = _upcast(model(input_ids=ids, attention_mask=mask).logits[:, :-1]).log_softmax(-1)
-            tok_logp = logp.gather(-1, ids[:, 1:, None])[..., 0]
-            scores[s : s + len(chunk)] = (tok_logp * target[:, 1:]).sum(1).double().numpy()
+    scores = np.concatenate([_sequence_logp(model, batch_to_tensors(rows[s : s + batch_size], tokenizer.pad_token_id))
+                             for s in range(0, len(rows), batch_size)]) if rows else np.zeros(0)  # fmt: skip
     out: list[list[float]] = [[] for _ in prompts]
     for owner, value in zip(owners, scores, strict=True):
         out[owner].append(float(value))
@@ -203,26 +188,24 @@ def score_items(model: Any, tokenizer: Any, world: FactWorld, items: Sequence[tu
 
 def heldout_loss(model: Any, tokenizer: Any, sentences: Sequence[str], *, batch_size: int = 256) -> float:
     """Mean next-token cross-entropy (nats/token) of ``sentences`` (each + EOS), the perplexity regression check."""
+
+    seqs = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in sentences]
+    feats = [{"input_ids": ids, "labels": ids} for ids in seqs]
+    total = sum(-_sequence_logp(model, batch_to_tensors(feats[s : s + batch_size], tokenizer.pad_token_id)).sum()
+                for s in range(0, len(feats), batch_size))  # fmt: skip
+    return float(total) / max(sum(len(ids) - 1 for ids in seqs), 1)
+
+
+def _sequence_logp(model: Any, batch: dict[str, torch.Tensor]) -> np.ndarray:
+    """Per row, the sum of log p(token | prefix) over the labelled (non -100) positions after the first; (B,)."""
     import torch
 
-    total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
-        for s in range(0, len(sentences), batch_size):
-            seqs = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                    for t in sentences[s : s + batch_size]]  # fmt: skip
-            width = max(map(len, seqs))
-            ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
-            labels = torch.full((len(seqs), width), -100)
-            for j, seq in enumerate(seqs):
-                ids[j, : len(seq)] = torch.tensor(seq)
-                labels[j, : len(seq)] = torch.tensor(seq)
-            logits = _upcast(model(input_ids=ids, attention_mask=(labels != -100).long()).logits[:, :-1])
-            tgt = labels[:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=-100, reduction="sum")
-            total += loss.item()
-            count += int((tgt != -100).sum())
-    return total / max(count, 1)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        logp = _upcast(logits).log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+        return (logp * (labels != -100)).sum(1).double().numpy()
 
 
 def batch_to_tensors(features: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
