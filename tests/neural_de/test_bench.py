@@ -176,7 +176,25 @@ def test_missing_baseline_names_the_install(monkeypatch):
     ("n_eval=1", "n_eval=1 is invalid"),
     ("ref_tol=1e-3", r"ref_tol=0.001 is invalid: expected 0 < ref_tol < min\(tols\)"),
     ("target=[torchode_tsit5,torchode]", "target=.* is invalid"),
-], ids=["method", "problem", "dtype", "batch", "no-batches", "tol", "n_eval", "ref_tol", "target"])  # fmt: skip
+    ("device=tpu", "device='tpu' is invalid"),
+], ids=["method", "problem", "dtype", "batch", "no-batches", "tol", "n_eval", "ref_tol", "target", "device"])  # fmt: skip
 def test_bad_settings_are_refused(tmp_path, override, pattern):
     with pytest.raises(ConfigError, match=pattern):
         run_benchmark("neural-de", out=tmp_path, overrides=[*TINY, override])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of an absent GPU")
+def test_absent_gpu_is_refused_before_any_solve(tmp_path):
+    with pytest.raises(ConfigError, match="device='cuda' is invalid"):
+        run_benchmark("neural-de", out=tmp_path, overrides=[*TINY, "device=cuda"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_cells_match_the_cpu_cells(tmp_path):
+    cpu = read_json(run_benchmark("neural-de", out=tmp_path / "cpu", overrides=TINY) / "results.json")
+    gpu = read_json(run_benchmark("neural-de", out=tmp_path / "gpu", overrides=[*TINY, "device=cuda"]) / "results.json")
+    for a, b in zip(cpu["rows"], gpu["rows"], strict=True):
+        assert (a["problem"], a["method"], a["tol"]) == (b["problem"], b["method"], b["tol"])
+        assert b["device"] == "cuda" and b["max_err_scaled"] < 10 * max(a["max_err_scaled"], 1.0)
+        assert abs(b["nfe_joint"] - a["nfe_joint"]) <= 0.1 * a["nfe_joint"] + 6

@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 
 from leanfit.core.errors import ConfigError
 from leanfit.core.io import read_json, read_jsonl
@@ -89,6 +90,26 @@ def test_resume_reuses_finished_models_and_retrains_the_missing_one_identically(
         assert after[key] == before[key]
 
 
+def test_parallel_training_gives_the_models_of_sequential_training(study, tmp_path):
+    _, path, _ = study
+    _, results = run_experiment("neural-de", out=tmp_path, overrides=[*TINY, "jobs=2", "sde.enabled=false"])
+    rows = {r["name"]: r for r in results["rows"]}
+    assert len(rows) == 8 and results["jobs"] == 2
+    for name, row in rows.items():
+        seq = read_json(path / "runs" / name / "result.json")
+        assert row["train_jobs"] == 2 and seq["train_jobs"] == 1 and row["train_device"] == "cpu"
+        for key in ("lambda", "val_accuracy", "val_nfe_joint", "train_nfe_per_step"):
+            assert row[key] == seq[key], (name, key)
+        par_losses = [r["loss"] for r in read_jsonl(tmp_path / "neural-de" / _folder(tmp_path) / "runs" / name /
+                                                    "metrics.jsonl")]  # fmt: skip
+        assert par_losses == [r["loss"] for r in read_jsonl(path / "runs" / name / "metrics.jsonl")]
+
+
+def _folder(out):
+    (folder,) = [p.name for p in (out / "neural-de").iterdir()]
+    return folder
+
+
 def test_choose_lambda_prefers_fewest_nfe_within_the_accuracy_band():
     recs = [{"lambda": 0.1, "val_accuracy": 0.950, "val_nfe_joint": 80.0},
             {"lambda": 1.0, "val_accuracy": 0.948, "val_nfe_joint": 50.0},
@@ -102,7 +123,22 @@ def test_choose_lambda_prefers_fewest_nfe_within_the_accuracy_band():
     ("dataset=cifar", "dataset"), ("ode.methods=[global]", "vanilla"), ("sde.methods=[vanilla,local_taken]", "sde"),
     ("ode.lambdas=[0.0]", "lambdas"), ("seeds=[0,0]", "seeds"), ("val_fraction=0.9", "val_fraction"),
     ("lambda_decay=0.5", "lambda_decay"), ("dtype=float16", "dtype"), ("ode.steps=0", "steps"),
+    ("jobs=0", "jobs"), ("backend=threading", "backend"), ("device=mps", "device"), ("device=tpu", "device"),
 ])  # fmt: skip
 def test_bad_settings_are_refused(override, match, tmp_path):
     with pytest.raises(ConfigError, match=match):
         run_experiment("neural-de", out=tmp_path, overrides=[override])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_study_runs_on_a_gpu_and_agrees_with_the_cpu(study, tmp_path):
+    _, results = run_experiment("neural-de", out=tmp_path, overrides=[*TINY, "device=cuda"])
+    cpu = {r["name"]: r for r in study[2]["rows"]}
+    assert results["device"] != "cpu" and len(results["rows"]) == len(cpu)
+    for row in results["rows"]:
+        assert row["train_device"] != "cpu" and row["predict_seconds"] > 0
+        if row["method"] in ("vanilla", "global"):  # no random draws: the same model up to rounding
+            ref = cpu[row["name"]]
+            assert abs(row["test_accuracy"] - ref["test_accuracy"]) <= 0.02
+            assert abs(row["test_nfe_joint"] - ref["test_nfe_joint"]) <= 0.1 * ref["test_nfe_joint"] + 6

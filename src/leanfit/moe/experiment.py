@@ -32,10 +32,8 @@ appended to ``fits.jsonl``, so ``--resume`` continues where an interrupted study
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -214,41 +212,6 @@ def fit_one(task: dict[str, Any]) -> dict[str, Any]:
     return {key: (float(v) if isinstance(v, np.floating) else v) for key, v in record.items()}
 
 
-# --- parallel execution --------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def joblib_backend(name: str, address: str = "") -> Iterator[None]:
-    """joblib's ``parallel_config`` for ``name``; dask and ray start (or join) their cluster first."""
-    from joblib import parallel_config
-
-    from leanfit.core.errors import LeanfitError
-
-    if name in ("loky", "threading"):
-        with parallel_config(backend=name):
-            yield
-        return
-    if name == "dask":
-        try:
-            from dask.distributed import Client
-        except ImportError as exc:
-            raise LeanfitError("backend='dask' needs dask.distributed: pip install 'dask[distributed]'") from exc
-        client = Client(address) if address else Client(processes=True, dashboard_address=None)
-        with client, parallel_config(backend="dask", wait_for_workers_timeout=60):
-            yield
-        return
-    try:
-        import ray
-        from ray.util.joblib import register_ray
-    except ImportError as exc:
-        raise LeanfitError("backend='ray' needs ray: pip install 'ray[default]'") from exc
-    register_ray()
-    ray.init(address=address or None, ignore_reinit_error=True)
-    try:
-        with parallel_config(backend="ray"):
-            yield
-    finally:
-        ray.shutdown()
-
-
 def _tasks(cfg: TopKMoEStudyConfig, seed: int) -> list[dict[str, Any]]:
     from leanfit.core.seed import derive_seed
 
@@ -390,6 +353,7 @@ def run(ctx: Any) -> dict[str, Any]:
     from joblib import Parallel, delayed
 
     from leanfit.core.io import append_jsonl, read_jsonl
+    from leanfit.core.parallel import joblib_backend
     from leanfit.core.progress import progress_bar
 
     cfg: TopKMoEStudyConfig = ctx.config

@@ -78,6 +78,7 @@ class NeuralDEBenchConfig(BaseConfig):
     ref_samples: int = option(16, help="samples compared with the scipy DOP853 reference (the first ones)")
     ref_tol: float = option(1e-12, help="rtol = atol of the scipy DOP853 reference")
     threads: int = option(0, help="torch threads (0: auto, one thread for these small-op workloads)")
+    device: str = option("cpu", help="cpu or cuda[:N]: where every library solves (timings name the device)")
     target: list[str] = option(default_factory=lambda: ["leanfit_tsit5", "torchode"],
                                help="headline: [leanfit method, baseline in torchode | torchode_pi | torchdiffeq]")  # fmt: skip
 
@@ -144,8 +145,8 @@ def _van_der_pol(batch: int, g: Any, mixed: bool) -> _Problem:
     else:
         mu = torch.ones(batch, dtype=torch.float64)
 
-    def field(dtype: Any, n: int | None = None) -> Callable[[Any, Any], Any]:
-        m = mu[:n].to(dtype)
+    def field(dtype: Any, n: int | None = None, device: Any = "cpu") -> Callable[[Any, Any], Any]:
+        m = mu[:n].to(device, dtype)
 
         def f(t: Any, y: Any) -> Any:
             x, v = y[:, 0], y[:, 1]
@@ -161,7 +162,7 @@ def _lotka_volterra(batch: int, g: Any) -> _Problem:
 
     y0 = torch.empty(batch, 2, dtype=torch.float64).uniform_(0.5, 2.0, generator=g)
 
-    def field(dtype: Any, n: int | None = None) -> Callable[[Any, Any], Any]:
+    def field(dtype: Any, n: int | None = None, device: Any = "cpu") -> Callable[[Any, Any], Any]:
         def f(t: Any, y: Any) -> Any:
             x, z = y[:, 0], y[:, 1]
             return torch.stack((1.5 * x - x * z, x * z - 3.0 * z), dim=1)
@@ -181,8 +182,8 @@ def _tanh_mlp(batch: int, g: Any, dim: int, width: int) -> _Problem:
     b1 = torch.randn(width, generator=g, dtype=torch.float64)
     w2 = 2.0 * torch.randn(dim, width, generator=g, dtype=torch.float64) / math.sqrt(width)
 
-    def field(dtype: Any, n: int | None = None) -> Callable[[Any, Any], Any]:
-        a, b, c = w1.to(dtype), b1.to(dtype), w2.to(dtype)
+    def field(dtype: Any, n: int | None = None, device: Any = "cpu") -> Callable[[Any, Any], Any]:
+        a, b, c = (w.to(device, dtype) for w in (w1, b1, w2))
 
         def f(t: Any, y: Any) -> Any:
             return torch.tanh(torch.addmm(b, y, a.t())) @ c.t()
@@ -292,7 +293,8 @@ def _torchode_solver(method: str, f: _Counted, y0: Any, ts: Any, tol: float) -> 
 
 # --- measurement ------------------------------------------------------------------------------------------------
 def _time_rounds(calls: dict[str, Callable[[], Any]], counters: dict[str, _Counted], repeats: int,
-                 min_seconds: float, warmup: int) -> tuple[dict[str, list[float]], dict[str, set[int]]]:  # fmt: skip
+                 min_seconds: float, warmup: int,
+                 sync: Callable[[], None] = lambda: None) -> tuple[dict[str, list[float]], dict[str, set[int]]]:  # fmt: skip
     """Seconds of every timed call per method, in interleaved rounds (one call of each per round) after ``warmup``
     untimed rounds, and the set of call counts of ``f`` seen per method (one value when the solver is
     deterministic)."""
@@ -305,8 +307,10 @@ def _time_rounds(calls: dict[str, Callable[[], Any]], counters: dict[str, _Count
     while rounds < repeats or (spent < min_seconds and rounds < 10 * repeats):
         for name, fn in calls.items():
             counters[name].calls = 0
+            sync()
             start = time.perf_counter()
             fn()
+            sync()  # queued GPU work belongs to the call
             times[name].append(time.perf_counter() - start)
             counts[name].add(counters[name].calls)
             spent += times[name][-1]
@@ -316,7 +320,7 @@ def _time_rounds(calls: dict[str, Callable[[], Any]], counters: dict[str, _Count
 
 def _errors(ys: Any, ref: Any, tol: float) -> dict[str, float]:
     n = ref.shape[0]
-    err = (ys[:n].double() - ref).abs()
+    err = (ys[:n].double().cpu() - ref).abs()
     return {"max_err": err.max().item(), "max_err_scaled": (err / (tol + tol * ref.abs())).max().item()}
 
 
@@ -325,9 +329,10 @@ def _cell(problem: _Problem, ref: Any, name: str, dtype_name: str, tol: float, c
     """Every method at one (problem, dtype, batch, tol): checked call, then interleaved timed rounds."""
     import torch
 
-    dtype = getattr(torch, dtype_name)
-    y0, ts = problem.y0.to(dtype), torch.linspace(0.0, problem.t_end, cfg.n_eval, dtype=torch.float64)
-    counters = {m: _Counted(problem.field(dtype)) for m in cfg.methods}
+    dtype, device = getattr(torch, dtype_name), torch.device(cfg.device)
+    y0 = problem.y0.to(device, dtype)
+    ts = torch.linspace(0.0, problem.t_end, cfg.n_eval, dtype=torch.float64, device=device)
+    counters = {m: _Counted(problem.field(dtype, None, device)) for m in cfg.methods}
     solvers = {m: _solver(m, counters[m], y0, ts, tol) for m in cfg.methods}
     calls = {m: call for m, (call, _) in solvers.items()}
     checked = {}
@@ -335,7 +340,8 @@ def _cell(problem: _Problem, ref: Any, name: str, dtype_name: str, tol: float, c
         for m, (call, stats) in solvers.items():
             counters[m].calls = 0
             checked[m] = {**stats(call()), "nfe_joint": counters[m].calls}
-        times, counts = _time_rounds(calls, counters, cfg.repeats, cfg.min_seconds, cfg.warmup)
+        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        times, counts = _time_rounds(calls, counters, cfg.repeats, cfg.min_seconds, cfg.warmup, sync)
     rows = []
     for m in cfg.methods:
         out, ts_m = checked[m], times[m]
@@ -345,7 +351,7 @@ def _cell(problem: _Problem, ref: Any, name: str, dtype_name: str, tol: float, c
                      "timed_calls": len(ts_m), "nfe_joint": out["nfe_joint"], "nfe_lib": out["nfe_lib"],
                      "nfe_sample": out["nfe_sample"], "accepted": out["accepted"], "rejected": out["rejected"],
                      "nfe_deterministic": counts[m] == {out["nfe_joint"]}, **_errors(out["ys"], ref, tol),
-                     "threads": threads})  # fmt: skip
+                     "threads": threads, "device": cfg.device})  # fmt: skip
     return rows
 
 
@@ -472,7 +478,7 @@ def report(run: Any, results: dict[str, Any]) -> Any:
 
     rows = results["rows"]
     rep = Report("Results").text(results.get("headline", ""))
-    rep.text(f"torch threads: {results.get('threads')}; baselines: "
+    rep.text(f"device: {results.get('device', 'cpu')}; torch threads: {results.get('threads')}; baselines: "
              + ", ".join(f"{k} {v}" for k, v in results.get("versions", {}).items()))  # fmt: skip
     summary = [{"comparison": k, **v} for k, v in results.get("summary", {}).items()]
     rep.section("Summary").text(
@@ -503,9 +509,10 @@ def run(ctx: Any) -> dict[str, Any]:
 
     import torch
 
-    from leanfit.core.device import configure_threads
+    from leanfit.core.device import configure_threads, resolve_device
 
     cfg: NeuralDEBenchConfig = ctx.config
+    device = resolve_device(cfg.device)  # refuses an absent device before any solve
     _require_baselines(cfg.methods)
     before = torch.get_num_threads()
     threads = configure_threads(cfg.threads, small_workload=True)
@@ -522,4 +529,5 @@ def run(ctx: Any) -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             versions[lib] = None
     return {"rows": rows, "summary": summary, "headline": _headline(summary, cfg.target), "skipped": skipped,
-            "threads": threads, "versions": versions}  # fmt: skip
+            "threads": threads, "versions": versions,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}  # fmt: skip

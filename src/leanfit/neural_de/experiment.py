@@ -102,6 +102,10 @@ class NeuralDEExperimentConfig(BaseConfig):
     eval_batch: int = option(256, help="test/validation batch (the joint NFE is per batch of this size)")
     timing_repeats: int = option(5, help="warm prediction-time repeats per model (median reported)")
     threads: int = option(0, help="torch threads (0: auto, 1 for these small workloads)")
+    device: str = option("auto", help="auto (CUDA when present, else CPU), cpu or cuda[:N]")
+    jobs: int = option(1, help="models trained at once (joblib processes; they share the machine, so keep 1 when "
+                       "training times are compared)")  # fmt: skip
+    backend: str = option("loky", help="joblib backend of jobs > 1: loky (processes), dask or ray")
     ode: DEArmConfig = option(default_factory=DEArmConfig, help="neural ODE family")
     sde: SDEArmConfig = option(default_factory=SDEArmConfig, help="neural SDE family")
 
@@ -117,6 +121,13 @@ class NeuralDEExperimentConfig(BaseConfig):
             raise ValueError(f"seeds={self.seeds} is invalid: expected distinct non-negative integers")
         if self.lambda_decay < 1:
             raise ValueError(f"lambda_decay={self.lambda_decay} is invalid: expected >= 1 (1: constant lambda)")
+        if self.jobs < 1:
+            raise ValueError(f"jobs={self.jobs} is invalid: expected an integer >= 1 (1: one model at a time)")
+        if self.backend not in ("loky", "dask", "ray"):
+            raise ValueError(f"backend={self.backend!r} is invalid: expected loky, dask or ray")
+        if self.device.strip().lower().startswith("mps"):
+            raise ValueError(f"device={self.device!r} is invalid: MPS has no float64 and per-step host syncs; use "
+                             "cpu or cuda")  # fmt: skip
         if self.eval_batch < 1 or self.timing_repeats < 1:
             raise ValueError(f"eval_batch={self.eval_batch}, timing_repeats={self.timing_repeats}: expected >= 1")
         for fam, allowed in (("ode", ODE_METHODS), ("sde", SDE_METHODS)):
@@ -134,6 +145,26 @@ PRESETS = {
              "ode": {"hidden": 100, "steps": 600, "batch_size": 256, "eval_every": 200},
              "sde": {"steps": 600, "batch_size": 256, "eval_every": 200}},
 }  # fmt: skip
+
+
+# --- device -------------------------------------------------------------------------------------------------------
+def resolve_device(name: str) -> Any:
+    """``auto`` is CUDA when present, else CPU (never MPS: no float64 there)."""
+    import torch
+
+    from leanfit.core.device import resolve_device as resolve
+
+    if name.strip().lower() == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return resolve(name)
+
+
+def _sync(device: Any) -> None:
+    """Wait for queued GPU work, so that a host timer measures it."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
@@ -185,7 +216,7 @@ def evaluate(model: Any, X: Any, y: Any, batch: int, seed: int, per_sample: bool
     """Accuracy and joint NFE over batches of ``batch`` (and, with ``per_sample``, the per-sample NFE)."""
     import torch
 
-    gen = torch.Generator().manual_seed(seed)  # the SDE's Brownian paths
+    gen = torch.Generator(device=X.device).manual_seed(seed)  # the SDE's Brownian paths
     model.eval()
     correct, nfe, nfe_sample, n_batches = 0, 0.0, 0.0, 0
     with torch.no_grad():
@@ -204,12 +235,15 @@ def evaluate(model: Any, X: Any, y: Any, batch: int, seed: int, per_sample: bool
     return _Eval(correct / len(y), nfe / n_batches, nfe_sample / len(y) if per_sample else None)
 
 
-def train_one(ctx: Any, data: dict[str, Any], family: str, method: str, lam: float, seed: int) -> dict[str, Any]:
-    """Train (or reuse) one model; returns its record (validation metrics, training time and NFE)."""
+def train_one(ctx: Any, data: dict[str, Any], family: str, method: str, lam: float, seed: int,
+              show_progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Train (or reuse) one model on ``cfg.device``; returns its record (validation metrics, training time and NFE,
+    the device it was trained on)."""
     import torch
     import torch.nn.functional as F
     from accelerate import Accelerator
 
+    from leanfit.core.device import configure_threads
     from leanfit.core.io import append_jsonl, atomic_save_tensors, atomic_write_json, read_json
     from leanfit.core.progress import progress_bar
     from leanfit.core.seed import derive_seed
@@ -222,17 +256,21 @@ def train_one(ctx: Any, data: dict[str, Any], family: str, method: str, lam: flo
         return read_json(sub / "result.json")
     sub.mkdir(parents=True, exist_ok=True)
     (sub / "metrics.jsonl").unlink(missing_ok=True)
+    configure_threads(cfg.threads, small_workload=True)  # again: joblib workers start with torch's default
+    device = resolve_device(cfg.device)
     torch.manual_seed(derive_seed(seed, family, "init"))  # the same start for every arm of a seed
     model = build_model(family, cfg, data)
-    acc = Accelerator(cpu=True)
+    acc = Accelerator(cpu=device.type == "cpu")
     optimizer = torch.optim.Adam(model.parameters(), lr=arm.lr)
     model, optimizer = acc.prepare(model, optimizer)
-    X, y = data["train"]
+    device = acc.device
+    X, y = (t.to(device) for t in data["train"])
+    val = tuple(t.to(device) for t in data["val"])
     batches = torch.Generator().manual_seed(derive_seed(seed, family, "batches"))  # the same batches for every arm
-    draws = torch.Generator().manual_seed(derive_seed(seed, family, method, "draws"))
+    draws = torch.Generator(device=device).manual_seed(derive_seed(seed, family, method, "draws"))
     regularizer = None if method == "vanilla" else method
     train_seconds, nfe_sum, order, pos = 0.0, 0, torch.randperm(len(y), generator=batches), 0
-    with progress_bar(arm.steps, name) as bar:
+    with progress_bar(arm.steps, name, enabled=show_progress) as bar:
         for step in range(arm.steps):
             if pos + arm.batch_size > len(y):
                 order, pos = torch.randperm(len(y), generator=batches), 0
@@ -246,6 +284,7 @@ def train_one(ctx: Any, data: dict[str, Any], family: str, method: str, lam: flo
             optimizer.zero_grad(set_to_none=True)
             acc.backward(loss)
             optimizer.step()
+            _sync(device)
             seconds = time.perf_counter() - began
             train_seconds += seconds
             nfe_sum += out.nfe_joint + out.reg_nfe
@@ -253,16 +292,17 @@ def train_one(ctx: Any, data: dict[str, Any], family: str, method: str, lam: flo
                       "reg": None if out.reg is None else out.reg.item(), "nfe_joint": out.nfe_joint,
                       "reg_nfe": out.reg_nfe, "seconds": seconds}  # fmt: skip
             if (step + 1) % arm.eval_every == 0 or step + 1 == arm.steps:
-                ev = evaluate(acc.unwrap_model(model), *data["val"], cfg.eval_batch, derive_seed(seed, "val"))
+                ev = evaluate(acc.unwrap_model(model), *val, cfg.eval_batch, derive_seed(seed, "val"))
                 record.update(val_accuracy=ev.accuracy, val_nfe_joint=ev.nfe_joint)
             if ctx.is_main:
                 append_jsonl(sub / "metrics.jsonl", record)
             bar.advance(1, loss=record["task_loss"], nfe=out.nfe_joint)
     model = acc.unwrap_model(model)
-    final = evaluate(model, *data["val"], cfg.eval_batch, derive_seed(seed, "val"))
+    final = evaluate(model, *val, cfg.eval_batch, derive_seed(seed, "val"))
     result = {"name": name, "family": family, "method": method, "lambda": lam, "seed": seed,
               "val_accuracy": final.accuracy, "val_nfe_joint": final.nfe_joint, "train_seconds": train_seconds,
-              "train_nfe_per_step": nfe_sum / arm.steps}  # fmt: skip
+              "train_nfe_per_step": nfe_sum / arm.steps, "train_device": _device_name(device),
+              "train_jobs": cfg.jobs}  # fmt: skip
     if ctx.is_main:
         atomic_save_tensors(sub / "model.safetensors", {k: v.detach() for k, v in model.state_dict().items()})
         atomic_write_json(sub / "result.json", result)
@@ -270,12 +310,18 @@ def train_one(ctx: Any, data: dict[str, Any], family: str, method: str, lam: flo
     return result
 
 
-def load_trained(ctx: Any, family: str, data: dict[str, Any], name: str) -> Any:
+def _device_name(device: Any) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def load_trained(ctx: Any, family: str, data: dict[str, Any], name: str, device: Any = "cpu") -> Any:
     from safetensors.torch import load_file
 
     model = build_model(family, ctx.config, data)
     model.load_state_dict(load_file(str(ctx.run.path / "runs" / name / "model.safetensors")))
-    return model.eval()
+    return model.to(device).eval()
 
 
 def choose_lambda(records: list[dict[str, Any]], vanilla_acc: float, max_drop_points: float) -> dict[str, Any]:
@@ -287,19 +333,60 @@ def choose_lambda(records: list[dict[str, Any]], vanilla_acc: float, max_drop_po
     return max(records, key=lambda r: (r["val_accuracy"], -r["val_nfe_joint"]))
 
 
+def _train_job(ctx: Any, data: dict[str, Any], family: str, method: str, lam: float, seed: int) -> dict[str, Any]:
+    """One model in a joblib worker (module level, so that it pickles)."""
+    return train_one(ctx, data, family, method, lam, seed, show_progress=False)
+
+
+def train_many(ctx: Any, data: dict[str, Any], family: str,
+               jobs: list[tuple[str, float, int]]) -> dict[tuple[str, float, int], dict[str, Any]]:  # fmt: skip
+    """Train (or reuse) every ``(method, lambda, seed)`` of ``jobs``; ``cfg.jobs`` of them at once through joblib."""
+    import os
+
+    from leanfit.core.progress import progress_bar
+
+    cfg: NeuralDEExperimentConfig = ctx.config
+    if cfg.jobs == 1 or len(jobs) == 1:
+        return {job: train_one(ctx, data, family, *job) for job in jobs}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"jobs={cfg.jobs} with WORLD_SIZE={os.environ['WORLD_SIZE']}: a data-parallel launch "
+                         "already splits every batch over processes; use jobs=1 under torchrun")  # fmt: skip
+    from joblib import Parallel, delayed
+
+    from leanfit.core.parallel import joblib_backend
+
+    out = {}
+    with progress_bar(len(jobs), f"{family}: {len(jobs)} models, {cfg.jobs} at once") as bar, \
+            joblib_backend(cfg.backend):  # fmt: skip
+        parallel = Parallel(n_jobs=min(cfg.jobs, len(jobs)), return_as="generator_unordered")
+        for record in parallel(delayed(_train_job)(ctx, data, family, *job) for job in jobs):
+            out[(record["method"], record["lambda"], record["seed"])] = record
+            bar.advance(1, last=record["name"], val_acc=record["val_accuracy"])
+    return {job: out[job] for job in jobs}
+
+
 def run_family(ctx: Any, data: dict[str, Any], family: str) -> list[dict[str, Any]]:
-    """Sweep lambda on the first seed, train the chosen lambda on every seed; returns the trained records."""
+    """Sweep lambda on the first seed, train the chosen lambda on every seed; returns the trained records.
+
+    Two rounds of independent models (run ``cfg.jobs`` at a time): every seed's vanilla with the first seed's
+    sweep, then the chosen lambdas on the other seeds."""
     cfg: NeuralDEExperimentConfig = ctx.config
     arm: DEArmConfig = getattr(cfg, family)
-    first = cfg.seeds[0]
-    vanilla = {s: train_one(ctx, data, family, "vanilla", 0.0, s) for s in cfg.seeds}
-    records = list(vanilla.values())
-    for method in [m for m in arm.methods if m != "vanilla"]:
-        sweep = [train_one(ctx, data, family, method, lam, first) for lam in arm.lambdas]
-        chosen = choose_lambda(sweep, vanilla[first]["val_accuracy"], cfg.max_acc_drop)
-        records.append({**chosen, "sweep": [{k: r[k] for k in ("lambda", "val_accuracy", "val_nfe_joint")}
-                                            for r in sweep]})  # fmt: skip
-        records += [train_one(ctx, data, family, method, chosen["lambda"], s) for s in cfg.seeds[1:]]
+    first, methods = cfg.seeds[0], [m for m in arm.methods if m != "vanilla"]
+    first_round = [("vanilla", 0.0, s) for s in cfg.seeds] + [(m, lam, first) for m in methods for lam in arm.lambdas]
+    done = train_many(ctx, data, family, first_round)
+    records = [done[("vanilla", 0.0, s)] for s in cfg.seeds]
+    chosen = {}
+    for method in methods:
+        sweep = [done[(method, lam, first)] for lam in arm.lambdas]
+        best = choose_lambda(sweep, done[("vanilla", 0.0, first)]["val_accuracy"], cfg.max_acc_drop)
+        chosen[method] = {**best, "sweep": [{k: r[k] for k in ("lambda", "val_accuracy", "val_nfe_joint")}
+                                            for r in sweep]}  # fmt: skip
+    second_round = [(m, chosen[m]["lambda"], s) for m in methods for s in cfg.seeds[1:]]
+    done.update(train_many(ctx, data, family, second_round) if second_round else {})
+    for method in methods:
+        records.append(chosen[method])
+        records += [done[(method, chosen[method]["lambda"], s)] for s in cfg.seeds[1:]]
     return records
 
 
@@ -311,22 +398,25 @@ def score(ctx: Any, data: dict[str, Any], family: str, records: list[dict[str, A
     from leanfit.core.seed import derive_seed
 
     cfg: NeuralDEExperimentConfig = ctx.config
-    X, y = data["test"]
-    models = {r["name"]: load_trained(ctx, family, data, r["name"]) for r in records}
+    device = resolve_device(cfg.device)
+    X, y = (t.to(device) for t in data["test"])
+    models = {r["name"]: load_trained(ctx, family, data, r["name"], device) for r in records}
     rows = []
     for r in records:
         ev = evaluate(models[r["name"]], X, y, cfg.eval_batch, derive_seed(r["seed"], "test"), per_sample=True)
         rows.append({**{k: v for k, v in r.items() if k != "sweep"}, "test_accuracy": ev.accuracy,
                      "test_nfe_joint": ev.nfe_joint, "test_nfe_sample": ev.nfe_sample})  # fmt: skip
     times: dict[str, list[float]] = {name: [] for name in models}
-    gen = torch.Generator()
+    gen = torch.Generator(device=device)
     with progress_bar(cfg.timing_repeats + 1, f"{family} prediction timing") as bar, torch.no_grad():
         for rnd in range(cfg.timing_repeats + 1):  # round 0 warms up
             for name, model in models.items():
                 gen.manual_seed(0)
+                _sync(device)
                 began = time.perf_counter()
                 for i in range(0, len(y), cfg.eval_batch):
                     model(X[i : i + cfg.eval_batch], generator=gen)
+                _sync(device)
                 if rnd:
                     times[name].append(time.perf_counter() - began)
             bar.advance(1)
@@ -408,6 +498,11 @@ def report(run: Any, results: dict[str, Any]) -> Any:
              "field per test batch with one joint error norm (the paper's definition); test_nfe_sample: mean "
              "per-sample NFE with per-sample step control; times in seconds (prediction: whole test set, median "
              "of warm repeats; training: the optimiser steps only).")  # fmt: skip
+    if "device" in results:
+        trained = sorted({r.get("train_device", "cpu") for r in results.get("rows", [])})
+        rep.text(f"Trained on {', '.join(trained) or results['device']} ({results['jobs']} model(s) at a time"
+                 f"{'; training times measured under that load' if results['jobs'] > 1 else ''}); scored and "
+                 f"prediction-timed on {results['device']}.")  # fmt: skip
     summary = results.get("summary", [])
     for family, title in (("ode", "Neural ODE"), ("sde", "Neural SDE")):
         if any(s["family"] == family for s in summary):
@@ -494,5 +589,5 @@ def run(ctx: Any) -> dict[str, Any]:
             rows += score(ctx, data, family, records)
     summary = summarise(rows)
     return {"dataset": cfg.dataset, "splits": {k: len(data[k][1]) for k in ("train", "val", "test")},
-            "threads": threads, "rows": rows, "summary": summary, "targets": targets(summary), "sweeps": sweeps,
+            "threads": threads, "device": _device_name(resolve_device(cfg.device)), "jobs": cfg.jobs, "rows": rows, "summary": summary, "targets": targets(summary), "sweeps": sweeps,
             "headline": _headline(summary)}  # fmt: skip
