@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from leanfit.core.errors import ConfigError
 from leanfit.neural_de.models import (
     REGULARIZER_PRESETS,
     ConcatTanhMLP,
@@ -13,7 +14,13 @@ from leanfit.neural_de.models import (
     RegularizerSpec,
     sde_local_regularizer,
 )
-from leanfit.neural_de.regularizers import global_regularizer, local_regularizer, sample_times, with_times
+from leanfit.neural_de.regularizers import (
+    global_regularizer,
+    local_regularizer,
+    regularize_solution,
+    sample_times,
+    with_times,
+)
 from leanfit.neural_de.sde import sde_solve
 from leanfit.neural_de.solver import solve
 
@@ -22,6 +29,7 @@ BATCH, FEATURES, HIDDEN, CLASSES = 8, 16, 8, 3
 TOL = 1e-3  # loose tolerances keep every solve at a few steps
 PRESETS = [pytest.param(name, id=name) for name in REGULARIZER_PRESETS]
 REGULARIZED = [pytest.param(name, id=name) for name in REGULARIZER_PRESETS if name != "vanilla"]
+SDE_PRESETS = [pytest.param(name, id=name) for name in REGULARIZER_PRESETS if name != "local_subset"]  # ODE only
 
 
 def _x(dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
@@ -114,6 +122,7 @@ def test_presets_are_the_documented_configurations() -> None:
         "local_biased": (("local", "biased", "initial", "batch"), True, False),
         "local_taken": (("local", "unbiased", "taken", "sample", "error", "graph"), True, False),
         "local_sample": (("local", "unbiased", "initial", "sample"), False, True),
+        "local_subset": (("local", "unbiased", "taken", "sample", "error", "graph", 0.125), True, False),
     }
     for name, (fields, record, t_r) in expected.items():
         spec = RegularizerSpec.preset(name)
@@ -180,7 +189,7 @@ def test_ode_nfe_equals_counted_calls(name: str, per_sample: bool) -> None:
     model, calls = _ode(per_sample=per_sample), [0]
     model.func.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     out = model(_x(), name, generator=_gen())
-    expected_reg = {"vanilla": 0, "global": 0, "local_taken": 7}.get(name, 8)  # 6 stages + k1 (+ initial step)
+    expected_reg = {"vanilla": 0, "global": 0, "local_taken": 7, "local_subset": 7}.get(name, 8)  # 6 stages + k1 (+ initial step)
     assert out.nfe_total == calls[0] and out.reg_nfe == expected_reg
     assert int(out.nfe.max()) <= out.nfe_joint and (per_sample or (out.nfe == out.nfe_joint).all())
 
@@ -286,7 +295,12 @@ def test_sde_seeded_reproducibility() -> None:
     assert (a.logits - c.logits).abs().max().item() > 1e-4
 
 
-@pytest.mark.parametrize("name", PRESETS)
+def test_sde_refuses_the_subset_regulariser() -> None:
+    with pytest.raises(ValueError, match=r"regularizer.rows=0.125 is invalid.*rows=1"):
+        _sde()(_x(), "local_subset", generator=_gen())
+
+
+@pytest.mark.parametrize("name", SDE_PRESETS)
 def test_sde_preset_forward_and_gradients(name: str) -> None:
     """Finite logits; regulariser finite, positive, and its gradient alone reaches drift and diffusion."""
     model = _sde()
@@ -420,3 +434,48 @@ def test_sde_local_regularizer_gradcheck(scheme: str) -> None:
 def test_sde_errors(call, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call(_sde(), _x())
+
+
+# --- the subset regulariser ---
+
+
+def test_subset_regulariser_is_the_taken_step_regulariser_on_the_drawn_rows() -> None:
+    """Over every 2-sample subset of the batch the subset values average to the full value exactly (unbiased), and
+    each subset's value is the mean of the full per-sample values on its rows."""
+    import itertools
+
+    model, x = _ode(), _x(torch.float64)
+    model = model.double()
+    sol = solve(model.func, x, [0.0, 1.0], rtol=TOL, atol=TOL, per_sample=True, record_steps=True)
+    t_r = sample_times(0.0, 1.0, BATCH, points="sample", generator=_gen(3))
+    kw = {"sampling": "unbiased", "step": "taken", "points": "sample", "first_stage": "graph", "rtol": TOL,
+          "atol": TOL, "t_r": t_r}  # fmt: skip
+    full, info = regularize_solution(model.func, sol, **kw)
+    per_sample = info.eest * info.h
+    subsets = [torch.tensor(c) for c in itertools.combinations(range(BATCH), 2)]
+    values = []
+    for rows in subsets:
+        value, sub = regularize_solution(model.func, sol, rows=rows, **kw)
+        torch.testing.assert_close(value, per_sample[rows].mean(), rtol=1e-6, atol=1e-14)  # EEst cancels: rounding
+        assert torch.equal(sub.t, info.t[rows]) and torch.equal(sub.h, info.h[rows])
+        values.append(value)
+    torch.testing.assert_close(torch.stack(values).mean(), full, rtol=1e-6, atol=1e-14)
+
+
+def test_subset_preset_steps_from_an_eighth_of_the_batch_at_the_same_call_count() -> None:
+    model, x = _ode(), _x()
+    taken, subset = model(x, "local_taken", generator=_gen()), model(x, "local_subset", generator=_gen())
+    assert subset.reg_info is not None and subset.reg_info.t.shape == (1,)  # round(8 / 8)
+    assert subset.reg_nfe == taken.reg_nfe and subset.reg is not None and subset.reg.requires_grad
+    subset.reg.backward()
+    assert model.func.linear_in.weight.grad is not None and model.func.linear_in.weight.grad.abs().sum() > 0
+    half = RegularizerSpec("local", "unbiased", "taken", "sample", first_stage="graph", rows=0.5)
+    assert model(x, half, generator=_gen()).reg_info.t.shape == (4,)
+
+
+@pytest.mark.parametrize("rows", [0.0, 1.5, True, "half"])
+def test_subset_share_outside_0_1_is_refused(rows) -> None:
+    with pytest.raises(ConfigError, match=r"RegularizerSpec.rows=.* is invalid.*\(0, 1\]"):
+        RegularizerSpec("local", rows=rows)
+    with pytest.raises(ConfigError, match=r"RegularizerSpec.rows=0.5.*kind='global'"):
+        RegularizerSpec("global", rows=0.5)

@@ -85,7 +85,9 @@ class RegularizerSpec:
     paper's: unbiased, initial step, one point per batch; alias ``local``), ``local_biased`` (the paper's biased
     variant), ``local_taken`` (leanfit's: the step actually taken at one point per sample, with a differentiated
     first stage, so its gradient is the error estimate's own; ``T * EEst`` of the taken step is an unbiased estimate
-    of the global sum) and ``local_sample`` (the paper's regulariser at one point per sample).
+    of the global sum), ``local_sample`` (the paper's regulariser at one point per sample) and ``local_subset``
+    (``local_taken`` stepping from a random eighth of the batch: the mean over the subset is an unbiased estimate
+    of the batch mean at an eighth of the regulariser's arithmetic; ODE models only).
     """
 
     kind: Literal["none", "local", "global"] = option("local", help="none, local (one step) or global (all steps)")
@@ -104,9 +106,16 @@ class RegularizerSpec:
     first_stage: Literal["constant", "graph"] = option(
         "constant", help="local ODE: k_1 a constant (paper) or differentiated (leanfit; the SDE step always is)"
     )
+    rows: float = option(1.0, help="local ODE: share of the batch's samples the regulariser steps from, a random "
+                         "subset redrawn every call (leanfit; 1 = all, the paper's)")  # fmt: skip
 
     def __post_init__(self) -> None:
+        rows = self.rows
+        if isinstance(rows, bool) or not isinstance(rows, (int, float)) or not 0 < rows <= 1:
+            raise ConfigError(bad_value("RegularizerSpec.rows", rows, "a share in (0, 1]", "pass e.g. rows=0.125"))
         for f in fields(self):
+            if f.name == "rows":
+                continue
             value = getattr(self, f.name)
             if not isinstance(value, str) or value not in _CHOICES[f.name]:
                 raise ConfigError(bad_value(f"RegularizerSpec.{f.name}", value, " or ".join(map(repr, _CHOICES[f.name])),
@@ -152,7 +161,17 @@ REGULARIZER_PRESETS: dict[str, RegularizerSpec] = {
     "local_biased": RegularizerSpec("local", "biased", "initial", "batch"),
     "local_taken": RegularizerSpec("local", "unbiased", "taken", "sample", first_stage="graph"),
     "local_sample": RegularizerSpec("local", "unbiased", "initial", "sample"),
+    "local_subset": RegularizerSpec("local", "unbiased", "taken", "sample", first_stage="graph", rows=0.125),
 }
+
+
+def subset_rows(batch: int, share: float, generator: torch.Generator | None, device: torch.device) -> Tensor | None:
+    """``max(1, round(share * batch))`` distinct sample indices drawn from ``generator`` (None for ``share=1``)."""
+    if share >= 1:
+        return None
+    k = max(1, round(share * batch))
+    gen_device = generator.device if generator is not None else device
+    return torch.randperm(batch, generator=generator, device=gen_device)[:k].to(device)
 
 
 @dataclass
@@ -294,17 +313,18 @@ class NeuralODEClassifier(nn.Module):
             t_r = sample_times(0.0, self.t1, y0.shape[0], points=spec.points, generator=generator, device=y0.device)
             times, keep, r_index = with_times(t_eval, t_r)
         if self.backend == "torchdiffeq":
-            return self._forward_torchdiffeq(y0, spec, t_eval if times is None else times, t_r, r_index)
+            return self._forward_torchdiffeq(y0, spec, t_eval if times is None else times, t_r, r_index, generator)
         sol = solve(self.func, y0, t_eval if times is None else times, method=self.method, rtol=self.rtol,
                     atol=self.atol, per_sample=self.per_sample, record_steps=spec.needs_record)  # fmt: skip
         reg, info = None, None
         if spec.kind == "global":
             reg = global_regularizer(sol)
         elif spec.kind == "local":
+            rows = subset_rows(y0.shape[0], spec.rows, generator, y0.device)
             reg, info = regularize_solution(self.func, sol, sampling=spec.sampling, step=spec.step, points=spec.points,
                                             estimate=spec.estimate, first_stage=spec.first_stage, rtol=self.rtol,
-                                            atol=self.atol,
-                                            method=self.method, t_r=t_r, generator=generator)  # fmt: skip
+                                            atol=self.atol, method=self.method, t_r=t_r, generator=generator,
+                                            rows=rows)  # fmt: skip
         if keep is not None:
             sol = Solution(ts=sol.ts[keep], ys=sol.ys[:, keep], stats=sol.stats)
         state = sol.ys[:, -1]
@@ -313,7 +333,7 @@ class NeuralODEClassifier(nn.Module):
                                   solution=sol, reg_info=info)  # fmt: skip
 
     def _forward_torchdiffeq(self, y0: Tensor, spec: RegularizerSpec, times: Tensor, t_r: Tensor | None,
-                             r_index: Tensor | None) -> DEClassifierOutput:  # fmt: skip
+                             r_index: Tensor | None, generator: torch.Generator | None) -> DEClassifierOutput:  # fmt: skip
         """The closed box: torchdiffeq's solve, then the regulariser at ``ys[r_index[i], i] = u_i(t_r)``."""
         if spec.needs_record:
             raise ValueError(bad_value("regularizer", spec, "none or local with sampling='unbiased', step='initial' "
@@ -329,6 +349,9 @@ class NeuralODEClassifier(nn.Module):
         nfe_joint, reg, info = counted.calls, None, None
         if t_r is not None and r_index is not None:
             y_r = ys[r_index, torch.arange(y0.shape[0], device=y0.device)]
+            rows = subset_rows(y0.shape[0], spec.rows, generator, y0.device)
+            if rows is not None:
+                t_r, y_r = t_r[rows], y_r[rows]
             reg, info = local_regularizer(self.func, t_r, y_r,
                                           step="initial", points=spec.points, estimate=spec.estimate,
                                           first_stage=spec.first_stage, rtol=self.rtol,
@@ -449,6 +472,9 @@ class NeuralSDEClassifier(nn.Module):
         if spec.estimate != "error":
             raise ValueError(bad_value("regularizer.estimate", spec.estimate, "'error' for an SDE (Shampine's "
                                        "estimate is for Runge-Kutta stages)", "use estimate='error'"))  # fmt: skip
+        if spec.rows != 1:
+            raise ValueError(bad_value("regularizer.rows", spec.rows, "1 for an SDE (the subset is an ODE option)",
+                                       "use rows=1"))  # fmt: skip
         _check_points(spec, self.per_sample, needs_record=True)  # every SDE local regulariser uses the record
         sol = sde_solve(self.drift, self.diffusion, z0, [0.0, self.t1], rtol=self.rtol, atol=self.atol,
                         per_sample=self.per_sample, generator=generator, record_steps=spec.kind != "none",

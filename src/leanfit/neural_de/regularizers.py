@@ -274,8 +274,8 @@ def regularize_solution(f: VectorField, sol: Solution, *, sampling: Sampling = "
                         step: Literal["initial", "taken"] | float = "initial", points: Points = "batch",
                         estimate: Estimate = "error", rtol: float = 1e-6, atol: float = 1e-8,
                         method: str | ButcherTableau = "tsit5", t_r: float | Tensor | None = None,
-                        generator: torch.Generator | None = None,
-                        first_stage: FirstStage = "constant") -> tuple[Tensor, LocalRegularizerInfo]:  # fmt: skip
+                        generator: torch.Generator | None = None, first_stage: FirstStage = "constant",
+                        rows: Tensor | None = None) -> tuple[Tensor, LocalRegularizerInfo]:  # fmt: skip
     """The local regulariser of a leanfit :func:`~leanfit.neural_de.solver.solve` result.
 
     sampling: ``"unbiased"`` (``t_r ~ U[t0, t1]``) or ``"biased"`` (uniform over the solver's accepted step points
@@ -287,8 +287,10 @@ def regularize_solution(f: VectorField, sol: Solution, *, sampling: Sampling = "
     ``"initial"`` or a float steps from ``u(t_r)`` itself, which the solution holds only at its evaluation times:
     pass the ``t_r`` added with :func:`with_times`. points: ``"batch"`` (one point, joint norm; the record must be
     shared, i.e. ``per_sample=False``) or ``"sample"`` (one point per sample). rtol, atol: the main solve's.
-    generator: for the draws. first_stage: as in :func:`local_regularizer`. Returns the value and
-    :class:`LocalRegularizerInfo` of :func:`local_regularizer`.
+    generator: for the draws. first_stage: as in :func:`local_regularizer`. rows: indices of the samples to step
+    from (a random subset makes the mean over it an unbiased estimate of the batch mean with ``points="sample"``,
+    at a fraction of the arithmetic; None: every sample). Returns the value and :class:`LocalRegularizerInfo` of
+    :func:`local_regularizer` (over the chosen samples).
     """
     _check_choice("sampling", sampling, ["unbiased", "biased"], "use sampling='unbiased' (the paper's default)")
     _check_choice("points", points, ["batch", "sample"], "use points='batch' (the paper's joint norm)")
@@ -302,8 +304,11 @@ def regularize_solution(f: VectorField, sol: Solution, *, sampling: Sampling = "
     else:
         j = _pick_steps(sol, sampling, points, t_r, generator)
         step_t, step_h, step_y, _ = _step_record(sol, f"step={step!r}")
-        rows = torch.arange(j.numel(), device=j.device)
-        t, y, h = step_t[rows, j], step_y[rows, j], step_h[rows, j] if step == "taken" else step
+        every = torch.arange(j.numel(), device=j.device)
+        t, y, h = step_t[every, j], step_y[every, j], step_h[every, j] if step == "taken" else step
+    if rows is not None:
+        t, y = t[rows], y[rows]
+        h = h[rows] if isinstance(h, Tensor) else h  # a recorded step is per sample; a float stays
     return local_regularizer(f, t, y, step=h, points=points, estimate=estimate, rtol=rtol, atol=atol, method=method,
                              first_stage=first_stage)  # fmt: skip
 
