@@ -146,6 +146,10 @@ def test_parameter_count_at_paper_scale() -> None:
         pytest.param({"rational_range": 0.0}, "rational_range=0.0", id="range"),
         pytest.param({"init_scale": -1.0}, "init_scale=-1.0", id="init-scale"),
         pytest.param({"hidden_size": 0}, "hidden_size=0", id="hidden-size"),
+        pytest.param({"pooler": "median"}, "pooler='median'", id="pooler"),
+        pytest.param({"activation": "relu"}, "activation='relu'", id="activation"),
+        pytest.param({"rational_init": "tanh"}, "rational_init='tanh'", id="rational-init"),
+        pytest.param({"slot_position": "end"}, "slot_position='end'", id="slot-position"),
     ],
 )
 def test_config_validation(kwargs: dict, match: str) -> None:

@@ -57,6 +57,11 @@ class IAPTConfig(BaseConfig):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(bad_value(name, value, "None or an integer >= 1", "leave it None; it is recorded"))
+        choices = {"pooler": ("self_attn", "mean", "last"), "activation": ("rational", "gelu"),
+                   "rational_init": ("gelu", "relu", "silu"), "slot_position": ("after_first", "start")}  # fmt: skip
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(bad_value(name, getattr(self, name), " or ".join(map(repr, allowed))))
         if not self.rational_range > 0:
             raise ConfigError(bad_value("rational_range", self.rational_range, "a number > 0", "for example 3.0"))
         if not 0.0 <= self.dropout < 1.0:
