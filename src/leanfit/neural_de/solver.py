@@ -190,8 +190,9 @@ def _initial_state(f: VectorField, y0: Tensor, ts: Tensor, tab: ButcherTableau, 
 
 
 def _interpolate(tab: ButcherTableau, how: str, rows: Tensor, y: Tensor, y1: Tensor, ks: Sequence[Tensor],
-                 f1: Tensor, h: Tensor, theta: Tensor) -> Tensor:  # fmt: skip
-    """Dense output inside one step for the batch rows ``rows`` (``(P,)``, repeats allowed: one per output time).
+                 f1: Tensor, h: Tensor, theta: Tensor, slots_per_row: int) -> Tensor:  # fmt: skip
+    """Dense output inside one step for the batch rows ``rows`` (``(P,)``, ascending, repeats allowed: one per
+    output time; ``slots_per_row`` is the largest number of repeats).
 
     y, y1, ks[i], f1: ``(batch, *state)``; h, theta: ``(P,)``. Returns ``(P, *state)``.
     ``"hermite"``: cubic Hermite through ``y, y1, f0 = ks[0], f1 = f(t + h, y1)`` (local error O(h^4)).
@@ -204,14 +205,19 @@ def _interpolate(tab: ButcherTableau, how: str, rows: Tensor, y: Tensor, y1: Ten
         th2, th3 = th * th, th * th * th
         return ((2 * th3 - 3 * th2 + 1) * y + (th3 - 2 * th2 + th) * hy * ks[0][rows]
                 + (3 * th2 - 2 * th3) * y1[rows] + (th3 - th2) * hy * f1[rows])  # fmt: skip
-    # One small GEMM for the stage weights b_i(theta), one gather and one batched contraction, instead of a Python
-    # loop of per-stage, per-power tensor ops (dense output runs on every step that passes a t_eval point).
+    # One small GEMM for the stage weights b_i(theta) and one batched contraction per sample over its output slots
+    # (a sample passes several t_eval points in one step: its stages are read once, not once per point).
     coeffs = _interpolant_matrix(tab, y.dtype, y.device)  # (stages, degree)
     powers = theta.to(y.dtype)[:, None] ** torch.arange(1, coeffs.shape[1] + 1, device=y.device)
     used = [i for i, row in enumerate(tab.interpolant) if any(row)]
-    weights = (powers @ coeffs.T)[:, None, used]  # (P, 1, used stages)
-    stacked = torch.stack([ks[i] for i in used], 1)[rows].reshape(rows.numel(), len(used), -1)
-    return y + hy * torch.bmm(weights, stacked).reshape(y.shape)
+    weights = (powers @ coeffs.T)[:, used]  # (P, used stages)
+    batch = ks[0].shape[0]
+    counts = torch.bincount(rows, minlength=batch)
+    slot = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]  # rows sorted
+    slots = weights.new_zeros(batch, slots_per_row, len(used)).index_put((rows, slot), weights)
+    stacked = torch.stack([ks[i] for i in used], 1).reshape(batch, len(used), -1)
+    combined = torch.bmm(slots, stacked)[rows, slot]  # (P, state size)
+    return y + hy * combined.reshape(y.shape)
 
 
 _INTERPOLANTS: dict[tuple[tuple[tuple[float, ...], ...], torch.dtype, torch.device], Tensor] = {}
@@ -232,11 +238,12 @@ def _write_outputs(state: _State, tab: ButcherTableau, how: str, ts: Tensor, acc
     j = torch.arange(ts.numel(), device=ts.device)
     mask = accepted[:, None] & (j >= state.next_out[:, None]) & (j < new_out[:, None])
     state.next_out = torch.where(accepted, new_out, state.next_out)
-    rows, cols = mask.nonzero(as_tuple=True)  # one host sync; most attempts pass no t_eval point
+    rows, cols = mask.nonzero(as_tuple=True)  # one host sync; most attempts pass no t_eval point (rows ascending)
     if rows.numel() == 0:
         return
+    slots = int(mask.sum(1).max())  # t_eval points the busiest sample passed in this step
     theta = ((ts[cols] - t_old[rows]) / h[rows]).clamp(0.0, 1.0)
-    values = _interpolate(tab, how, rows, y_old, y_new, ks, f1, h[rows], theta)
+    values = _interpolate(tab, how, rows, y_old, y_new, ks, f1, h[rows], theta, slots)
     at_end = (theta == 1.0).reshape(-1, *([1] * (values.dim() - 1)))
     values = torch.where(at_end, y_new[rows], values)  # exactly y_next at a step's end
     state.outputs.append((rows, cols, values))
