@@ -88,6 +88,25 @@ def test_dense_output_between_steps(interpolation: str, bound: float) -> None:
     assert int(sol.stats.n_accepted[0]) == 375  # Tsit5 at 1e-9 on [0, 10]; dense output adds no steps
 
 
+def test_dense_output_with_many_points_per_step_and_sample() -> None:
+    """Oscillators of three frequencies, per-sample control, 101 output times at a loose tolerance: each step
+    passes several points, a different number per sample; every value stays within ten tolerances of the exact
+    solution, and equals the sample solved alone."""
+    omega = torch.tensor([1.0, 3.0, 7.0], dtype=F64)
+
+    def f(t, y):
+        return torch.stack([y[:, 1], -(omega[: y.shape[0]] ** 2) * y[:, 0]], 1)
+
+    y0 = torch.tensor([[1.0, 0.0]] * 3, dtype=F64)
+    ts = torch.linspace(0.0, 2.0, 101, dtype=F64)
+    sol = solve(f, y0, ts, rtol=1e-5, atol=1e-8)
+    assert int(sol.stats.n_accepted.min()) < 30  # far fewer steps than output points
+    exact = torch.cos(omega[:, None] * ts[None, :])
+    assert (sol.ys[..., 0] - exact).abs().max() < 1e-4  # global error ~1e-5; a wrong slot would be O(0.1)
+    alone = solve(lambda t, y: f(t, y), y0[:1], ts, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(sol.ys[:1], alone.ys, rtol=1e-12, atol=1e-14)
+
+
 # --- per-sample control on a batch of problems with different stiffness --------------------------------------
 
 MUS = [0.5, 2.0, 5.0, 10.0]

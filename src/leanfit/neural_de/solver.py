@@ -211,12 +211,14 @@ def _interpolate(tab: ButcherTableau, how: str, rows: Tensor, y: Tensor, y1: Ten
     powers = theta.to(y.dtype)[:, None] ** torch.arange(1, coeffs.shape[1] + 1, device=y.device)
     used = [i for i, row in enumerate(tab.interpolant) if any(row)]
     weights = (powers @ coeffs.T)[:, used]  # (P, used stages)
-    batch = ks[0].shape[0]
-    counts = torch.bincount(rows, minlength=batch)
-    slot = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]  # rows sorted
-    slots = weights.new_zeros(batch, slots_per_row, len(used)).index_put((rows, slot), weights)
-    stacked = torch.stack([ks[i] for i in used], 1).reshape(batch, len(used), -1)
-    combined = torch.bmm(slots, stacked)[rows, slot]  # (P, state size)
+    if slots_per_row == 1:  # each sample passes at most one point: gather its stages and contract
+        stacked = torch.stack([ks[i][rows] for i in used], 1).reshape(rows.numel(), len(used), -1)
+        return y + hy * torch.bmm(weights[:, None, :], stacked).reshape(y.shape)
+    unique, inverse, counts = torch.unique_consecutive(rows, return_inverse=True, return_counts=True)  # rows sorted
+    slot = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[inverse]
+    slots = weights.new_zeros(unique.numel(), slots_per_row, len(used)).index_put((inverse, slot), weights)
+    stacked = torch.stack([ks[i][unique] for i in used], 1).reshape(unique.numel(), len(used), -1)
+    combined = torch.bmm(slots, stacked)[inverse, slot]  # (P, state size)
     return y + hy * combined.reshape(y.shape)
 
 
