@@ -54,3 +54,12 @@ def test_thread_policy(monkeypatch):
             configure_threads(-1, small_workload=False)
     finally:
         torch.set_num_threads(before)
+
+
+def test_device_name_and_synchronize_on_cpu():
+    from leanfit.core.device import device_name, synchronize
+
+    assert device_name(torch.device("cpu")) == "cpu"
+    synchronize(torch.device("cpu"))  # a no-op off CUDA, not an error
+    if torch.cuda.is_available():
+        assert device_name(torch.device("cuda")) == torch.cuda.get_device_name(0)

@@ -17,7 +17,7 @@ from leanfit.core.errors import ConfigError, bad_value
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["configure_threads", "resolve_device", "resolve_dtype"]
+__all__ = ["configure_threads", "device_name", "resolve_device", "resolve_dtype", "synchronize"]
 
 _DTYPES = {
     "float32": "float32", "fp32": "float32", "float": "float32",
@@ -75,3 +75,18 @@ def configure_threads(threads: int, *, small_workload: bool) -> int:
         threads = int(env) if env else (1 if small_workload else torch.get_num_threads())
     torch.set_num_threads(threads)
     return threads
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on a CUDA ``device`` (a no-op elsewhere), so that a host timer measures it."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name for a CUDA device, else the device type (``cpu``), for results and reports."""
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type

@@ -328,9 +328,9 @@ class _StepClock:
 
 
 def _sync(device: Any) -> Callable[[], None]:
-    import torch
+    from leanfit.core.device import synchronize
 
-    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    return lambda: synchronize(device)
 
 
 def time_generate(servers: Servers, method: str, tenants: int, ids: Any, new_tokens: int,

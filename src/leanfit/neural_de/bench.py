@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from leanfit.core.config import BaseConfig, option
+from leanfit.core.device import synchronize
 from leanfit.core.registry import register
 
 __all__ = ["METHODS", "MIN_TOL", "PROBLEMS", "NeuralDEBenchConfig"]
@@ -340,8 +341,8 @@ def _cell(problem: _Problem, ref: Any, name: str, dtype_name: str, tol: float, c
         for m, (call, stats) in solvers.items():
             counters[m].calls = 0
             checked[m] = {**stats(call()), "nfe_joint": counters[m].calls}
-        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-        times, counts = _time_rounds(calls, counters, cfg.repeats, cfg.min_seconds, cfg.warmup, sync)
+        times, counts = _time_rounds(calls, counters, cfg.repeats, cfg.min_seconds, cfg.warmup,
+                                     lambda: synchronize(device))
     rows = []
     for m in cfg.methods:
         out, ts_m = checked[m], times[m]
@@ -509,7 +510,7 @@ def run(ctx: Any) -> dict[str, Any]:
 
     import torch
 
-    from leanfit.core.device import configure_threads, resolve_device
+    from leanfit.core.device import configure_threads, device_name, resolve_device
 
     cfg: NeuralDEBenchConfig = ctx.config
     device = resolve_device(cfg.device)  # refuses an absent device before any solve
@@ -530,4 +531,4 @@ def run(ctx: Any) -> dict[str, Any]:
             versions[lib] = None
     return {"rows": rows, "summary": summary, "headline": _headline(summary, cfg.target), "skipped": skipped,
             "threads": threads, "versions": versions,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}  # fmt: skip
+            "device": device_name(device)}  # fmt: skip

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from leanfit.core.config import BaseConfig, option
+from leanfit.core.device import device_name, synchronize
 from leanfit.core.registry import register
 
 __all__ = ["ODE_METHODS", "PRESETS", "SDE_METHODS", "DEArmConfig", "NeuralDEExperimentConfig", "SDEArmConfig"]
@@ -161,14 +162,6 @@ def resolve_device(name: str) -> Any:
     return resolve(name)
 
 
-def _sync(device: Any) -> None:
-    """Wait for queued GPU work, so that a host timer measures it."""
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # --- data ---------------------------------------------------------------------------------------------------------
 def load_data(cfg: NeuralDEExperimentConfig) -> dict[str, Any]:
     """Stratified train/val/test split of the images scaled to [0, 1], as tensors of ``cfg.dtype``."""
@@ -286,7 +279,7 @@ def train_one(ctx: Any, data: dict[str, Any], family: str, method: str, lam: flo
             optimizer.zero_grad(set_to_none=True)
             acc.backward(loss)
             optimizer.step()
-            _sync(device)
+            synchronize(device)
             seconds = time.perf_counter() - began
             train_seconds += seconds
             nfe_sum += out.nfe_joint + out.reg_nfe
@@ -303,19 +296,13 @@ def train_one(ctx: Any, data: dict[str, Any], family: str, method: str, lam: flo
     final = evaluate(model, *val, cfg.eval_batch, derive_seed(seed, "val"))
     result = {"name": name, "family": family, "method": method, "lambda": lam, "seed": seed,
               "val_accuracy": final.accuracy, "val_nfe_joint": final.nfe_joint, "train_seconds": train_seconds,
-              "train_nfe_per_step": nfe_sum / arm.steps, "train_device": _device_name(device),
+              "train_nfe_per_step": nfe_sum / arm.steps, "train_device": device_name(device),
               "train_jobs": cfg.jobs}  # fmt: skip
     if ctx.is_main:
         atomic_save_tensors(sub / "model.safetensors", {k: v.detach() for k, v in model.state_dict().items()})
         atomic_write_json(sub / "result.json", result)
     acc.wait_for_everyone()  # the other processes read these files next
     return result
-
-
-def _device_name(device: Any) -> str:
-    import torch
-
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def load_trained(ctx: Any, family: str, data: dict[str, Any], name: str, device: Any = "cpu") -> Any:
@@ -348,7 +335,7 @@ def train_many(ctx: Any, data: dict[str, Any], family: str,
     from leanfit.core.progress import progress_bar
 
     cfg: NeuralDEExperimentConfig = ctx.config
-    if cfg.jobs == 1 or len(jobs) == 1:
+    if cfg.jobs == 1 or len(jobs) <= 1:
         return {job: train_one(ctx, data, family, *job) for job in jobs}
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError(f"jobs={cfg.jobs} with WORLD_SIZE={os.environ['WORLD_SIZE']}: a data-parallel launch "
@@ -385,7 +372,7 @@ def run_family(ctx: Any, data: dict[str, Any], family: str) -> list[dict[str, An
         chosen[method] = {**best, "sweep": [{k: r[k] for k in ("lambda", "val_accuracy", "val_nfe_joint")}
                                             for r in sweep]}  # fmt: skip
     second_round = [(m, chosen[m]["lambda"], s) for m in methods for s in cfg.seeds[1:]]
-    done.update(train_many(ctx, data, family, second_round) if second_round else {})
+    done.update(train_many(ctx, data, family, second_round))
     for method in methods:
         records.append(chosen[method])
         records += [done[(method, chosen[method]["lambda"], s)] for s in cfg.seeds[1:]]
@@ -414,11 +401,11 @@ def score(ctx: Any, data: dict[str, Any], family: str, records: list[dict[str, A
         for rnd in range(cfg.timing_repeats + 1):  # round 0 warms up
             for name, model in models.items():
                 gen.manual_seed(0)
-                _sync(device)
+                synchronize(device)
                 began = time.perf_counter()
                 for i in range(0, len(y), cfg.eval_batch):
                     model(X[i : i + cfg.eval_batch], generator=gen)
-                _sync(device)
+                synchronize(device)
                 if rnd:
                     times[name].append(time.perf_counter() - began)
             bar.advance(1)
@@ -591,5 +578,5 @@ def run(ctx: Any) -> dict[str, Any]:
             rows += score(ctx, data, family, records)
     summary = summarise(rows)
     return {"dataset": cfg.dataset, "splits": {k: len(data[k][1]) for k in ("train", "val", "test")},
-            "threads": threads, "device": _device_name(resolve_device(cfg.device)), "jobs": cfg.jobs, "rows": rows, "summary": summary, "targets": targets(summary), "sweeps": sweeps,
-            "headline": _headline(summary)}  # fmt: skip
+            "threads": threads, "device": device_name(resolve_device(cfg.device)), "jobs": cfg.jobs, "rows": rows,
+            "summary": summary, "targets": targets(summary), "sweeps": sweeps, "headline": _headline(summary)}  # fmt: skip

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from leanfit.core.config import BaseConfig, option
+from leanfit.core.device import synchronize
 from leanfit.core.errors import ConfigError, bad_value
 from leanfit.core.memory import peak_rss_bytes, release_freed_memory, reset_peak_rss, rss_bytes, run_in_fresh_process
 from leanfit.core.registry import register
@@ -316,26 +317,19 @@ def count_forwards(model: Any, fn: Callable[[], Any]) -> tuple[list[int], Any]:
     return rows, out
 
 
-def _sync(device: torch.device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _step(arm: ArmStep, optimizer: Any, device: torch.device) -> float:
     """Seconds of one zero_grad + loss + backward + optimizer step of ``arm`` (attached around it, untimed)."""
     import torch
 
     arm.attach()
     try:
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss = arm.loss()
         loss.backward()
         optimizer.step()
-        _sync(device)
+        synchronize(device)
         seconds = time.perf_counter() - start
     finally:
         arm.detach()
@@ -411,7 +405,7 @@ def _peak_mb(arm: ArmStep, optimizer: Any, device: torch.device) -> float | None
     import torch
 
     if device.type == "cuda":
-        _sync(device)
+        synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         _step(arm, optimizer, device)
