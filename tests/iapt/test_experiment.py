@@ -2,7 +2,7 @@
 reported trainable counts equal those of the built models and the closed forms, budgets are matched to the
 closest size, every method of a seed starts from the same head, a resumed run retrains only what is missing (to
 the same numbers), the decoder study runs on a tiny local LM, ROUGE-L matches hand-computed values, and bad
-settings are refused."""
+settings are refused; parallel jobs train the same models, and clipping bounds the step."""
 
 from __future__ import annotations
 
@@ -180,6 +180,34 @@ def test_resume_reuses_finished_runs_and_retrains_the_missing_one_identically(st
     assert len(results["rows"]) == 14
 
 
+def test_parallel_jobs_train_the_sequential_models_bit_for_bit(study, tmp_path):
+    _, _, sequential = study
+    _, parallel = run_experiment("iapt", out=tmp_path, overrides=[*TINY, "jobs=2"])
+    keys = ("name", "loss_first", "loss_last", "test_accuracy", "test_macro_f1", "adapter_params")
+    assert [[r[k] for k in keys] for r in parallel["rows"]] == [[r[k] for k in keys] for r in sequential["rows"]]
+    assert parallel["sweeps"] == sequential["sweeps"]
+    assert {r["jobs"] for r in parallel["rows"]} == {2}
+
+
+def test_train_loop_clips_the_gradient_norm(tmp_path):
+    from accelerate import Accelerator
+
+    from leanfit.iapt.tasks import _train_loop
+
+    def run(clip: float) -> torch.Tensor:
+        module = torch.nn.Linear(4, 1)
+        start = torch.cat([p.detach().flatten() for p in module.parameters()])
+        optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        batch = torch.full((2, 4), 100.0)
+        _train_loop(Accelerator(cpu=True), module, optimizer, scheduler, [batch], lambda m, x: m(x).pow(2).mean(),
+                    "clip", tmp_path / f"log{clip}.jsonl", clip, show_progress=False)  # fmt: skip
+        return torch.cat([p.detach().flatten() for p in module.parameters()]) - start
+
+    assert run(0.5).norm().item() == pytest.approx(0.5, rel=1e-5)  # SGD at lr 1: the step is the clipped gradient
+    assert run(0.0).norm().item() > 10.0
+
+
 # --------------------------------------------------------------------------------------------------- decoder
 CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
@@ -248,7 +276,8 @@ def test_rouge_l_matches_hand_computed_values(pred, ref, expected):
     ("tasks=[imdb]", "tasks"), ("tasks=[]", "tasks"), ("seeds=[0,0]", "seeds"), ("steps=0", "steps"),
     ("warmup_fraction=1.0", "warmup_fraction"), ("valid_fraction=0.9", "valid_fraction"), ("lrs.iapt=[]", "lrs.iapt"),
     ("decoder.methods=[iapt,prefix]", "decoder.methods"), ("decoder.steps=0", "decoder.steps"),
-    ("lora_r=-1", "lora_r"), ("iapt.bottleneck=0", "bottleneck"),
+    ("lora_r=-1", "lora_r"), ("iapt.bottleneck=0", "bottleneck"), ("jobs=0", "jobs"), ("backend=spark", "backend"),
+    ("device=tpu", "device"), ("max_grad_norm=-1", "max_grad_norm"),
 ], ids=lambda v: str(v).split("=")[0])  # fmt: skip
 def test_bad_settings_are_refused(override, match, tmp_path):
     extra = ["decoder.enabled=false"] if override == "tasks=[]" else []

@@ -62,6 +62,7 @@ from typing import Any, Literal
 
 from leanfit.core.config import BaseConfig, option
 from leanfit.core.errors import ConfigError, bad_value
+from leanfit.core.parallel import BACKENDS
 from leanfit.core.registry import register
 from leanfit.iapt.config import IAPTConfig
 from leanfit.iapt.report import report
@@ -93,12 +94,12 @@ def _positive(obj: Any, names: tuple[str, ...], minimum: int = 1, prefix: str = 
 class LearningRates(BaseConfig):
     """Adapter learning-rate grid per method (the first seed picks one on validation)."""
 
-    iapt: list[float] = option(default_factory=lambda: [1e-3, 3e-3, 1e-2], help="IAPT (and its ablations)")
-    lora: list[float] = option(default_factory=lambda: [3e-4, 1e-3, 3e-3], help="LoRA")
-    prefix: list[float] = option(default_factory=lambda: [3e-3, 1e-2, 3e-2], help="prefix tuning")
-    prefix_proj: list[float] = option(default_factory=lambda: [3e-4, 1e-3, 3e-3], help="prefix tuning with "
+    iapt: list[float] = option(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2], help="IAPT (and its ablations)")
+    lora: list[float] = option(default_factory=lambda: [3e-4, 1e-3, 3e-3, 1e-2], help="LoRA")
+    prefix: list[float] = option(default_factory=lambda: [3e-3, 1e-2, 3e-2, 1e-1], help="prefix tuning")
+    prefix_proj: list[float] = option(default_factory=lambda: [3e-4, 1e-3, 3e-3, 1e-2], help="prefix tuning with "
                                       "projection")  # fmt: skip
-    prompt: list[float] = option(default_factory=lambda: [3e-3, 1e-2, 3e-2], help="prompt tuning")
+    prompt: list[float] = option(default_factory=lambda: [3e-3, 1e-2, 3e-2, 1e-1], help="prompt tuning")
 
     def __post_init__(self) -> None:
         for name in ("iapt", "lora", "prefix", "prefix_proj", "prompt"):
@@ -177,7 +178,13 @@ class IAPTExperimentConfig(BaseConfig):
     max_valid: int = option(1000, help="cap on validation examples (0 = all)")
     max_test: int = option(2000, help="cap on test examples (0 = all)")
     eval_batch: int = option(64, help="evaluation batch")
+    max_grad_norm: float = option(1.0, help="gradient-norm clipping of every method's step (transformers' Trainer "
+                                  "default; 0 = off)")  # fmt: skip
     threads: int = option(0, help="torch threads (0: auto = 1, see leanfit.core.device)")
+    device: str = option("auto", help="encoder study: auto (CUDA when present, else CPU), cpu or cuda")
+    jobs: int = option(1, help="classifiers trained at once (joblib workers; they share the machine, so keep 1 "
+                       "when timing on a CPU)")  # fmt: skip
+    backend: str = option("loky", help="joblib backend of jobs > 1: loky (processes), dask or ray")
     decoder: DecoderConfig = option(default_factory=DecoderConfig, help="headline generation with a causal LM")
 
     def __post_init__(self) -> None:
@@ -205,6 +212,13 @@ class IAPTExperimentConfig(BaseConfig):
                                         "shares in (0, 1) summing below 1"))  # fmt: skip
         if not self.lora_targets:
             raise ConfigError(bad_value("lora_targets", self.lora_targets, "module names such as query"))
+        if not self.max_grad_norm >= 0:
+            raise ConfigError(bad_value("max_grad_norm", self.max_grad_norm, "a norm >= 0 (0 = no clipping)"))
+        _positive(self, ("jobs",))
+        if self.backend not in BACKENDS:
+            raise ConfigError(bad_value("backend", self.backend, f"one of {BACKENDS}"))
+        if self.device.strip().lower() not in ("auto", "cpu") and not self.device.strip().lower().startswith("cuda"):
+            raise ConfigError(bad_value("device", self.device, "auto, cpu or cuda[:N]"))
 
 
 _QUICK_LRS = {"iapt": [1e-2], "lora": [3e-3], "prefix": [3e-2], "prefix_proj": [3e-3], "prompt": [3e-2]}
@@ -228,19 +242,12 @@ def run(ctx: Any) -> dict[str, Any]:
 
     cfg: IAPTExperimentConfig = ctx.config
     threads = configure_threads(cfg.threads, small_workload=True)
-    rows: list[dict[str, Any]] = []
-    sweeps: list[dict[str, Any]] = []
-    budgets: list[dict[str, Any]] = []
+    budgets = []
     for task in cfg.tasks:
-        env = tasks.prepare_task(cfg, task)
+        env = tasks.task_env(cfg, task)
         budgets.append({"task": task, "iapt_adapter_params": env.budget, "sizes": env.sizes})
-        for method in cfg.methods:
-            lr, sweep = tasks.choose_lr(ctx, env, method)
-            sweeps += sweep
-            rows += [tasks.trained_and_scored(ctx, env, method, "main", lr, seed) for seed in cfg.seeds]
-        iapt_lr = next(s["lr"] for s in sweeps if s["task"] == task and s["method"] == "iapt" and s["chosen"])
-        for setting in cfg.ablations:
-            rows += [tasks.trained_and_scored(ctx, env, "iapt", setting, iapt_lr, seed) for seed in cfg.seeds]
+    rates, sweeps = tasks.choose_lrs(ctx) if cfg.tasks else ({}, [])
+    rows = tasks.final_runs(ctx, rates) if cfg.tasks else []
     decoder = tasks.run_decoder(ctx) if cfg.decoder.enabled else []
     summary = rep.summarise(rows)
     return {"threads": threads, "rows": rows, "summary": summary, "sweeps": sweeps, "budgets": budgets,

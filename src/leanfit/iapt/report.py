@@ -133,6 +133,15 @@ def report(run: Any, results: dict[str, Any]) -> Any:
     rep.text(results.get("headline", ""))
     graded = any(s.get("val_accuracy") is not None for s in results.get("sweeps", []))
     rep.text(_NOTES.replace("{rates}", _RATES[graded]))
+    rows = results.get("rows", [])
+    if rows:
+        devices = ", ".join(sorted({r.get("train_device", "cpu") for r in rows}))
+        jobs = max(r.get("jobs", 1) for r in rows)
+        clips = sorted({r.get("max_grad_norm", 0.0) for r in rows})
+        clip = "none" if clips == [0.0] else " / ".join(f"{c:g}" for c in clips)
+        rep.text(f"Trained on {devices}, {jobs} classifier(s) at a time"
+                 f"{' (training times measured under that shared load)' if jobs > 1 else ''}; gradient-norm "
+                 f"clipping: {clip}.")  # fmt: skip
     summary = results.get("summary", [])
     tasks = list(dict.fromkeys(s["task"] for s in summary))
     for task in tasks:

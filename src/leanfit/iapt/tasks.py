@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from leanfit.core.device import device_name, resolve_device
 from leanfit.core.errors import ConfigError, LeanfitError, MissingDependencyError, bad_value
 from leanfit.core.io import append_jsonl, atomic_save_tensors, atomic_write_json, atomic_write_text, read_json
 from leanfit.core.progress import progress_bar
@@ -40,9 +41,9 @@ from leanfit.iapt.config import IAPTConfig
 from leanfit.iapt.generator import iapt_parameter_count
 
 __all__ = ["ClassificationTask", "HeadlineExample", "HeadlineLM", "IAPTClassifier", "IAPTHeadlineLM", "PeftClassifier",
-           "PrefixClassifier", "RunSpec", "Split", "build_classifier", "choose_lr", "count_trainable", "evaluate",
-           "headline_examples", "iapt_config", "lora_unit", "matched_sizes", "prepare_task", "rouge_l", "run_decoder",
-           "trained_and_scored"]  # fmt: skip
+           "Job", "PrefixClassifier", "RunSpec", "Split", "build_classifier", "choose_lrs", "count_trainable",
+           "evaluate", "final_runs", "headline_examples", "iapt_config", "lora_unit", "matched_sizes", "prepare_task",
+           "rouge_l", "run_decoder", "run_jobs", "task_env"]  # fmt: skip
 
 HEAD = "classifier"  # the sequence-classification head of BERT-style models, trainable in every method
 
@@ -303,18 +304,26 @@ def _optimizer(module: nn.Module, lr: float, head_lr: float, steps: int, warmup_
 
 
 def _train_loop(acc: Any, module: nn.Module, optimizer: Any, scheduler: Any, batches: Sequence[Any],
-                loss_fn: Callable[[nn.Module, Any], Tensor], name: str, log: Path) -> dict[str, Any]:  # fmt: skip
-    """Run the optimizer over ``batches``; returns the training time (steps only) and the loss curve."""
+                loss_fn: Callable[[nn.Module, Any], Tensor], name: str, log: Path, max_grad_norm: float = 0.0,
+                show_progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Run the optimizer over ``batches`` (gradient norm clipped to ``max_grad_norm`` when > 0); returns the
+    training time (steps only, the device synchronised) and the loss curve's ends."""
+    from leanfit.core.device import synchronize
+
     module.train()
+    params = [p for p in module.parameters() if p.requires_grad]
     seconds, losses = 0.0, []
-    with progress_bar(len(batches), name, enabled=acc.is_main_process) as bar:
+    with progress_bar(len(batches), name, enabled=acc.is_main_process and show_progress) as bar:
         for step, batch in enumerate(batches):
             began = time.perf_counter()
             loss = loss_fn(module, batch)
             optimizer.zero_grad(set_to_none=True)
             acc.backward(loss)
+            if max_grad_norm > 0:
+                acc.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             scheduler.step()
+            synchronize(acc.device)
             seconds += time.perf_counter() - began
             losses.append(loss.item())
             if acc.is_main_process:
@@ -323,12 +332,14 @@ def _train_loop(acc: Any, module: nn.Module, optimizer: Any, scheduler: Any, bat
     return {"train_seconds": seconds, "loss_first": losses[0], "loss_last": sum(losses[-5:]) / len(losses[-5:])}
 
 
-def _accelerator() -> Any:
-    """An ``Accelerator``: the GPU when there is one; on CPU ``cpu=True``, which is what makes a ``torchrun``
-    launch data-parallel over processes (gloo)."""
+def _accelerator(device: str = "auto") -> Any:
+    """An ``Accelerator`` on ``device`` (``auto``: the GPU when there is one); on CPU ``cpu=True``, which is what
+    makes a ``torchrun`` launch data-parallel over processes (gloo)."""
     from accelerate import Accelerator
 
-    return Accelerator(cpu=not torch.cuda.is_available())
+    from leanfit.core.device import resolve_device
+
+    return Accelerator(cpu=resolve_device(device).type == "cpu")
 
 
 def _trainable_state(module: nn.Module) -> dict[str, Tensor]:
@@ -382,7 +393,8 @@ class RunSpec:
         return f"{self.task}-{self.method}-{self.setting}-lr{self.lr:g}-s{self.seed}"
 
 
-def _train_classifier(ctx: Any, task: ClassificationTask, spec: RunSpec, validate: bool) -> dict[str, Any]:
+def _train_classifier(ctx: Any, task: ClassificationTask, spec: RunSpec, validate: bool,
+                      show_progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """Train (or reuse) one classifier: ``result.json`` (record) and ``trainable.safetensors`` in its folder."""
     import torch.nn.functional as F
 
@@ -395,7 +407,7 @@ def _train_classifier(ctx: Any, task: ClassificationTask, spec: RunSpec, validat
     module = build_classifier(task, spec.method, spec.setting, spec.seed)
     counts = count_trainable(module)
     torch.manual_seed(derive_seed(spec.seed, spec.name, "dropout"))  # a resumed run redraws the same masks
-    acc = _accelerator()
+    acc = _accelerator(cfg.device)
     optimizer, scheduler = _optimizer(module, spec.lr, cfg.head_lr, cfg.steps, cfg.warmup_fraction)
     model, optimizer = acc.prepare(module, optimizer)
     train = task.splits["train"]
@@ -408,8 +420,11 @@ def _train_classifier(ctx: Any, task: ClassificationTask, spec: RunSpec, validat
         return F.cross_entropy(m(**inputs), train.labels[idx].to(acc.device))
 
     record = {"name": spec.name, **dataclasses.asdict(spec), **counts, "size": _size(task, spec),
-              "steps": cfg.steps, "batch_size": cfg.batch_size, "processes": acc.num_processes}  # fmt: skip
-    record.update(_train_loop(acc, model, optimizer, scheduler, batches, loss_fn, spec.name, sub / "losses.jsonl"))
+              "steps": cfg.steps, "batch_size": cfg.batch_size, "processes": acc.num_processes,
+              "train_device": device_name(acc.device), "jobs": cfg.jobs,
+              "max_grad_norm": cfg.max_grad_norm}  # fmt: skip
+    record.update(_train_loop(acc, model, optimizer, scheduler, batches, loss_fn, spec.name, sub / "losses.jsonl",
+                              cfg.max_grad_norm, show_progress))  # fmt: skip
     module = acc.unwrap_model(model)
     if validate:
         val = evaluate(module, task.splits["valid"], cfg.eval_batch, task.num_labels)
@@ -435,6 +450,7 @@ def _score(ctx: Any, task: ClassificationTask, spec: RunSpec) -> dict[str, Any]:
         return read_json(sub / "test.json")
     module = _load_trainable(build_classifier(task, spec.method, spec.setting, spec.seed),
                              sub / "trainable.safetensors")  # fmt: skip
+    module.to(resolve_device(task.cfg.device))
     began = time.perf_counter()
     test = evaluate(module, task.splits["test"], task.cfg.eval_batch, task.num_labels)
     result = {"test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
@@ -444,25 +460,95 @@ def _score(ctx: Any, task: ClassificationTask, spec: RunSpec) -> dict[str, Any]:
     return result
 
 
-def choose_lr(ctx: Any, task: ClassificationTask, method: str) -> tuple[float, list[dict[str, Any]]]:
-    """Train the first seed at every rate of the method's grid and keep the best validation accuracy (ties: higher
-    macro-F1, then the smaller rate). A one-rate grid is taken as is (no validation run). Returns (rate, rows)."""
-    grid = task.cfg.lrs.grid(method)
-    seed = task.cfg.seeds[0]
-    records = [_train_classifier(ctx, task, RunSpec(task.name, method, "main", lr, seed), len(grid) > 1)
-               for lr in grid]  # fmt: skip
-    best = max(records, key=lambda r: (r.get("val_accuracy", 0.0), r.get("val_macro_f1", 0.0), -r["lr"]))
-    rows = [{"task": task.name, "method": method, "lr": r["lr"], "val_accuracy": r.get("val_accuracy"),
-             "val_macro_f1": r.get("val_macro_f1"), "chosen": r is best} for r in records]  # fmt: skip
-    return best["lr"], rows
+_PREPARED: dict[str, ClassificationTask] = {}  # this process's prepared tasks (a joblib worker prepares its own)
 
 
-def trained_and_scored(ctx: Any, task: ClassificationTask, method: str, setting: str, lr: float,
-                       seed: int) -> dict[str, Any]:  # fmt: skip
-    """Train (or reuse) one classifier and score it on test; the merged record."""
-    spec = RunSpec(task.name, method, setting, lr, seed)
-    record = _train_classifier(ctx, task, spec, validate=False)
-    return {**record, **_score(ctx, task, spec)}
+def task_env(cfg: Any, task: str) -> ClassificationTask:
+    """:func:`prepare_task` once per process and configuration."""
+    key = task + json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+    if key not in _PREPARED:
+        if len(_PREPARED) >= 4:  # a bound for long-lived processes (tests) that see many configurations
+            _PREPARED.pop(next(iter(_PREPARED)))
+        _PREPARED[key] = prepare_task(cfg, task)
+    return _PREPARED[key]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One classifier to train (or reuse): validated (a rate-grid run) and/or scored on test."""
+
+    spec: RunSpec
+    validate: bool = False
+    score: bool = False
+
+
+def _run_job(ctx: Any, job: Job, show_progress: bool = True) -> dict[str, Any]:
+    from leanfit.core.device import configure_threads
+
+    configure_threads(ctx.config.threads, small_workload=True)  # again: joblib workers start with torch's default
+    task = task_env(ctx.config, job.spec.task)
+    record = _train_classifier(ctx, task, job.spec, job.validate, show_progress)
+    return {**record, **_score(ctx, task, job.spec)} if job.score else record
+
+
+def _run_job_quietly(ctx: Any, job: Job) -> dict[str, Any]:
+    """:func:`_run_job` in a joblib worker (module level, so that it pickles; one bar for the round instead)."""
+    return _run_job(ctx, job, show_progress=False)
+
+
+def run_jobs(ctx: Any, jobs: Sequence[Job], title: str) -> list[dict[str, Any]]:
+    """The records of ``jobs`` in order; ``cfg.jobs`` classifiers at once through joblib when > 1."""
+    cfg = ctx.config
+    if cfg.jobs == 1 or len(jobs) <= 1:
+        return [_run_job(ctx, job) for job in jobs]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(bad_value("jobs", cfg.jobs, "1 under torchrun", "a data-parallel launch already splits "
+                                    "every batch over processes"))  # fmt: skip
+    from joblib import Parallel, delayed
+
+    from leanfit.core.parallel import joblib_backend
+
+    out = []
+    with progress_bar(len(jobs), f"{title}: {len(jobs)} classifiers, {cfg.jobs} at once") as bar, \
+            joblib_backend(cfg.backend):  # fmt: skip
+        parallel = Parallel(n_jobs=min(cfg.jobs, len(jobs)), return_as="generator")
+        for record in parallel(delayed(_run_job_quietly)(ctx, job) for job in jobs):
+            out.append(record)
+            bar.advance(1, last=record["name"])
+    return out
+
+
+def choose_lrs(ctx: Any) -> tuple[dict[tuple[str, str], float], list[dict[str, Any]]]:
+    """Train the first seed at every rate of each (task, method) grid and keep the best validation accuracy (ties:
+    higher macro-F1, then the smaller rate). A one-rate grid is taken as is (no validation run).
+    Returns ({(task, method): rate}, sweep rows)."""
+    cfg = ctx.config
+    seed = cfg.seeds[0]
+    jobs = [Job(RunSpec(task, method, "main", lr, seed), validate=len(cfg.lrs.grid(method)) > 1)
+            for task in cfg.tasks for method in cfg.methods for lr in cfg.lrs.grid(method)]  # fmt: skip
+    records = run_jobs(ctx, jobs, "rate grids")
+    chosen: dict[tuple[str, str], float] = {}
+    rows: list[dict[str, Any]] = []
+    for task in cfg.tasks:
+        for method in cfg.methods:
+            group = [r for job, r in zip(jobs, records, strict=True) if (job.spec.task, job.spec.method) == (task, method)]
+            best = max(group, key=lambda r: (r.get("val_accuracy", 0.0), r.get("val_macro_f1", 0.0), -r["lr"]))
+            chosen[task, method] = best["lr"]
+            rows += [{"task": task, "method": method, "lr": r["lr"], "val_accuracy": r.get("val_accuracy"),
+                      "val_macro_f1": r.get("val_macro_f1"), "chosen": r is best} for r in group]  # fmt: skip
+    return chosen, rows
+
+
+def final_runs(ctx: Any, rates: dict[tuple[str, str], float]) -> list[dict[str, Any]]:
+    """Every method at its chosen rate and every IAPT ablation at IAPT's, on every seed, scored on test once."""
+    cfg = ctx.config
+    specs = []
+    for task in cfg.tasks:
+        specs += [RunSpec(task, method, "main", rates[task, method], seed) for method in cfg.methods
+                  for seed in cfg.seeds]  # fmt: skip
+        specs += [RunSpec(task, "iapt", setting, rates[task, "iapt"], seed) for setting in cfg.ablations
+                  for seed in cfg.seeds]  # fmt: skip
+    return run_jobs(ctx, [Job(spec, score=True) for spec in specs], "seeds and ablations")
 
 
 # --------------------------------------------------------------------------------------------------- decoder
