@@ -99,6 +99,18 @@ def test_post_init_validation_becomes_config_error():
         Outer.from_dict({"steps": 0})
 
 
+@dataclass
+class Parent(BaseConfig):
+    inner: Inner = option(default_factory=lambda: Inner(width=32), help="nested, with a non-class default width")
+
+
+def test_partial_nested_override_keeps_the_parents_factory_defaults():
+    cfg = Parent.from_dict(parse_overrides(["inner.rate=0.1"]))
+    assert (cfg.inner.width, cfg.inner.rate) == (32, 0.1)  # not Inner's own width 8
+    assert Parent.from_dict({}).inner.width == 32
+    assert Parent.from_dict({"inner": {"width": 4}}).inner == Inner(width=4)
+
+
 def test_updated_merges_nested_values():
     cfg = Outer().updated({"inner": {"rate": 0.25}})
     assert (cfg.inner.width, cfg.inner.rate) == (8, 0.25)

@@ -71,6 +71,11 @@ class BaseConfig:
         kwargs = {}
         for name, value in values.items():
             key = f"{where}.{name}" if where else name
+            default = _default(fields[name])
+            if isinstance(value, Mapping) and isinstance(default, BaseConfig):
+                # a partial nested mapping updates the field's default (its factory may set non-class defaults,
+                # e.g. IAPTConfig(bottleneck=32)), not the nested class's own defaults
+                value = merge_nested(default.to_dict(), value)
             kwargs[name] = coerce(value, hints[name], key)
         try:
             return cls(**kwargs)
@@ -84,6 +89,13 @@ class BaseConfig:
     def updated(self: C, values: Mapping[str, Any]) -> C:
         """A copy with (nested) ``values`` applied on top of this config."""
         return type(self).from_dict(merge_nested(self.to_dict(), values))
+
+
+def _default(field: dataclasses.Field) -> Any:
+    """The default value of a dataclass field (its factory called), or ``None`` when it has none."""
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
 
 
 def _plain(value: Any) -> Any:
