@@ -208,6 +208,20 @@ def test_train_loop_clips_the_gradient_norm(tmp_path):
     assert run(0.0).norm().item() > 10.0
 
 
+def test_rational_coefficients_get_their_own_scaled_rate(task):
+    from leanfit.iapt.tasks import _optimizer, build_classifier
+
+    module = build_classifier(task, "iapt", "main", seed=0)
+    optimizer, _ = _optimizer(module, lr=1e-3, head_lr=5e-3, steps=10, warmup_fraction=0.0, activation_lr_scale=0.1)
+    named = {id(p): n for n, p in module.named_parameters()}
+    groups = [(g["lr"], sorted({named[id(p)].split(".")[-1] for p in g["params"]})) for g in optimizer.param_groups]
+    assert groups[1] == (pytest.approx(1e-4), ["denominator", "numerator"])
+    assert groups[2] == (5e-3, ["bias", "weight"])  # the head
+    assert "numerator" not in groups[0][1] and groups[0][0] == 1e-3
+    n_act = sum(p.numel() for p in optimizer.param_groups[1]["params"])
+    assert n_act == L * (task.cfg.iapt.rational_num_degree + 1 + task.cfg.iapt.rational_den_degree)
+
+
 # --------------------------------------------------------------------------------------------------- decoder
 CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
@@ -277,7 +291,7 @@ def test_rouge_l_matches_hand_computed_values(pred, ref, expected):
     ("warmup_fraction=1.0", "warmup_fraction"), ("valid_fraction=0.9", "valid_fraction"), ("lrs.iapt=[]", "lrs.iapt"),
     ("decoder.methods=[iapt,prefix]", "decoder.methods"), ("decoder.steps=0", "decoder.steps"),
     ("lora_r=-1", "lora_r"), ("iapt.bottleneck=0", "bottleneck"), ("jobs=0", "jobs"), ("backend=spark", "backend"),
-    ("device=tpu", "device"), ("max_grad_norm=-1", "max_grad_norm"),
+    ("device=tpu", "device"), ("max_grad_norm=-1", "max_grad_norm"), ("activation_lr_scale=0", "activation_lr_scale"),
 ], ids=lambda v: str(v).split("=")[0])  # fmt: skip
 def test_bad_settings_are_refused(override, match, tmp_path):
     extra = ["decoder.enabled=false"] if override == "tasks=[]" else []

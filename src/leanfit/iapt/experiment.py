@@ -178,6 +178,8 @@ class IAPTExperimentConfig(BaseConfig):
     max_valid: int = option(1000, help="cap on validation examples (0 = all)")
     max_test: int = option(2000, help="cap on test examples (0 = all)")
     eval_batch: int = option(64, help="evaluation batch")
+    activation_lr_scale: float = option(1.0, help="IAPT's rational coefficients learn at this multiple of the "
+                                        "adapter's rate")  # fmt: skip
     max_grad_norm: float = option(1.0, help="gradient-norm clipping of every method's step (transformers' Trainer "
                                   "default; 0 = off)")  # fmt: skip
     threads: int = option(0, help="torch threads (0: auto = 1, see leanfit.core.device)")
@@ -212,6 +214,8 @@ class IAPTExperimentConfig(BaseConfig):
                                         "shares in (0, 1) summing below 1"))  # fmt: skip
         if not self.lora_targets:
             raise ConfigError(bad_value("lora_targets", self.lora_targets, "module names such as query"))
+        if not self.activation_lr_scale > 0:
+            raise ConfigError(bad_value("activation_lr_scale", self.activation_lr_scale, "a multiple > 0"))
         if not self.max_grad_norm >= 0:
             raise ConfigError(bad_value("max_grad_norm", self.max_grad_norm, "a norm >= 0 (0 = no clipping)"))
         _positive(self, ("jobs",))

@@ -288,12 +288,16 @@ def _batches(n: int, batch_size: int, steps: int, seed: int) -> list[Tensor]:
     return out[:steps]
 
 
-def _optimizer(module: nn.Module, lr: float, head_lr: float, steps: int, warmup_fraction: float) -> tuple[Any, Any]:
-    """AdamW (no weight decay) with the head at ``head_lr``; linear warm-up then linear decay to 0."""
+def _optimizer(module: nn.Module, lr: float, head_lr: float, steps: int, warmup_fraction: float,
+               activation_lr_scale: float = 1.0) -> tuple[Any, Any]:  # fmt: skip
+    """AdamW (no weight decay) with the head at ``head_lr`` and IAPT's rational coefficients (``.act.``) at
+    ``activation_lr_scale * lr``; linear warm-up then linear decay to 0."""
     params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     head = [p for n, p in params if f"{HEAD}." in n]
-    adapter = [p for n, p in params if f"{HEAD}." not in n]
-    groups = [g for g in ({"params": adapter, "lr": lr}, {"params": head, "lr": head_lr}) if g["params"]]
+    act = [p for n, p in params if f"{HEAD}." not in n and ".act." in n]
+    adapter = [p for n, p in params if f"{HEAD}." not in n and ".act." not in n]
+    groups = [g for g in ({"params": adapter, "lr": lr}, {"params": act, "lr": activation_lr_scale * lr},
+                          {"params": head, "lr": head_lr}) if g["params"]]  # fmt: skip
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     warm = round(warmup_fraction * steps)
 
@@ -408,7 +412,8 @@ def _train_classifier(ctx: Any, task: ClassificationTask, spec: RunSpec, validat
     counts = count_trainable(module)
     torch.manual_seed(derive_seed(spec.seed, spec.name, "dropout"))  # a resumed run redraws the same masks
     acc = _accelerator(cfg.device)
-    optimizer, scheduler = _optimizer(module, spec.lr, cfg.head_lr, cfg.steps, cfg.warmup_fraction)
+    optimizer, scheduler = _optimizer(module, spec.lr, cfg.head_lr, cfg.steps, cfg.warmup_fraction,
+                                      cfg.activation_lr_scale)  # fmt: skip
     model, optimizer = acc.prepare(module, optimizer)
     train = task.splits["train"]
     shard = slice(acc.process_index, None, acc.num_processes)  # this process's rows of every batch
