@@ -239,6 +239,7 @@ class IAPTModel(nn.Module):
         self.peft_config: dict[str, IAPTConfig] = {}
         self.active_adapter = adapter_name
         self._state: _HookState | None = None
+        self._takes_position_ids = _accepts(base_model, "position_ids")  # read once, not per forward
         self._hooks = [layer.register_forward_pre_hook(functools.partial(self._pre_hook, i), with_kwargs=True)
                        for i, layer in enumerate(layers)]  # fmt: skip
         setattr(base_model, _HOOKED, True)
@@ -423,7 +424,7 @@ class IAPTModel(nn.Module):
 
     def _model_inputs(self, batch: IAPTBatch) -> dict[str, Tensor]:
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-        if _accepts(self.base_model, "position_ids"):
+        if self._takes_position_ids:
             inputs["position_ids"] = batch.position_ids
         if batch.token_type_ids is not None:
             inputs["token_type_ids"] = batch.token_type_ids
