@@ -292,6 +292,7 @@ def test_rouge_l_matches_hand_computed_values(pred, ref, expected):
     ("decoder.methods=[iapt,prefix]", "decoder.methods"), ("decoder.steps=0", "decoder.steps"),
     ("lora_r=-1", "lora_r"), ("iapt.bottleneck=0", "bottleneck"), ("jobs=0", "jobs"), ("backend=spark", "backend"),
     ("device=tpu", "device"), ("max_grad_norm=-1", "max_grad_norm"), ("activation_lr_scale=0", "activation_lr_scale"),
+    ("decoder.max_grad_norm=-1", "decoder.max_grad_norm"),
 ], ids=lambda v: str(v).split("=")[0])  # fmt: skip
 def test_bad_settings_are_refused(override, match, tmp_path):
     extra = ["decoder.enabled=false"] if override == "tasks=[]" else []

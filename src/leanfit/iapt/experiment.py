@@ -133,6 +133,7 @@ class DecoderConfig(BaseConfig):
     iapt_lr: float = option(1e-4, help="IAPT learning rate (fixed: no grid on a CPU budget; see the module "
                             "docstring for why it is small)")  # fmt: skip
     lora_lr: float = option(1e-3, help="LoRA learning rate (fixed: no grid on a CPU budget)")
+    max_grad_norm: float = option(0.0, help="gradient-norm clipping of the decoder's steps (0 = off)")
     seed: int = option(0, help="training seed")
     threads: int = option(0, help="torch threads of the decoder study (0: one per CPU; LM-sized matmuls)")
 
@@ -145,6 +146,8 @@ class DecoderConfig(BaseConfig):
         _positive(self, ("seed", "threads"), minimum=0, prefix="decoder.")
         if not (self.iapt_lr > 0 and self.lora_lr > 0):
             raise ConfigError(bad_value("decoder.iapt_lr/lora_lr", (self.iapt_lr, self.lora_lr), "rates > 0"))
+        if not self.max_grad_norm >= 0:
+            raise ConfigError(bad_value("decoder.max_grad_norm", self.max_grad_norm, "a norm >= 0 (0 = off)"))
         if not self.lora_targets:
             raise ConfigError(bad_value("decoder.lora_targets", self.lora_targets, "module names such as q_proj"))
 

@@ -709,8 +709,8 @@ def _decoder_run(ctx: Any, base: nn.Module, tokenizer: Any, method: str, data: d
 
         (sub / "losses.jsonl").unlink(missing_ok=True)
         record.update(_train_loop(acc, model, optimizer, scheduler, batches, loss_fn, f"decoder-{method}",
-                                  sub / "losses.jsonl"))  # fmt: skip
-        record.update(lr=lr, steps=dcfg.steps)
+                                  sub / "losses.jsonl", dcfg.max_grad_norm))  # fmt: skip
+        record.update(lr=lr, steps=dcfg.steps, max_grad_norm=dcfg.max_grad_norm)
         lm = acc.unwrap_model(model)
     began = time.perf_counter()
     predictions = _generate(lm, tokenizer, data["test"], dcfg, pad)
