@@ -267,9 +267,21 @@ def test_decoder_study_on_a_tiny_lm(tiny_lm, tmp_path):
         preds = read_jsonl(path / "runs" / f"decoder-{method}-s0" / "predictions.jsonl")
         assert len(preds) == row["test_examples"] == 6
         assert row["rouge_l"] == pytest.approx(sum(p["rouge_l"] for p in preds) / 6)
+        assert row["rouge_l_articles"] == [p["rouge_l"] for p in preds]
         assert 0.0 <= row["rouge_l"] <= 1.0
     assert rows["iapt"]["steps"] == 2 and rows["iapt"]["train_seconds"] > 0 and rows["zero-shot"]["steps"] == 0
-    assert "Decoder" in (path / "report.md").read_text()
+    assert "Decoder" in (path / "report.md").read_text() and (path / "plots" / "decoder_rouge_l.png").exists()
+
+
+def test_bootstrap_interval_of_the_mean():
+    from leanfit.iapt.report import bootstrap_mean_ci
+
+    assert bootstrap_mean_ci([0.3] * 50) == pytest.approx((0.3, 0.3))
+    values = torch.randn(400, generator=torch.Generator().manual_seed(0)).tolist()
+    mean, se = sum(values) / 400, torch.tensor(values).std().item() / 20
+    lo, hi = bootstrap_mean_ci(values)
+    assert lo == pytest.approx(mean - 1.96 * se, abs=0.2 * se) and hi == pytest.approx(mean + 1.96 * se, abs=0.2 * se)
+    assert bootstrap_mean_ci(values, seed=1) != (lo, hi)  # resampled, not analytic
 
 
 @pytest.mark.parametrize(("pred", "ref", "expected"), [

@@ -104,11 +104,51 @@ def _ablation_table(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def bootstrap_mean_ci(values: Sequence[float], level: float = 0.95, draws: int = 10_000,
+                      seed: int = 0) -> tuple[float, float]:  # fmt: skip
+    """Percentile bootstrap interval of the mean of ``values`` (resampled with replacement, fixed ``seed``)."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=float)
+    means = x[np.random.default_rng(seed).integers(0, len(x), (draws, len(x)))].mean(1)
+    return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))
+
+
 def _decoder_table(decoder: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"method": d["method"], "adapter params": d["adapter_params"], "LoRA r": d.get("lora_r"), "lr": d["lr"],
-             "steps": d["steps"], "ROUGE-L F1 (%)": 100 * d["rouge_l"], "test articles": d["test_examples"],
-             "prompt tokens (mean)": d.get("prompt_tokens_mean"),
-             "train s": d["train_seconds"], "generate s": d["generate_seconds"]} for d in decoder]  # fmt: skip
+    lora = next((d for d in decoder if d["method"] == "lora" and "rouge_l_articles" in d), None)
+    rows = []
+    for d in decoder:
+        row = {"method": d["method"], "adapter params": d["adapter_params"], "LoRA r": d.get("lora_r"), "lr": d["lr"],
+               "steps": d["steps"], "ROUGE-L F1 (%)": 100 * d["rouge_l"]}  # fmt: skip
+        if "rouge_l_articles" in d:
+            lo, hi = bootstrap_mean_ci(d["rouge_l_articles"])
+            row["95% CI"] = f"[{100 * lo:.1f}, {100 * hi:.1f}]"
+            if lora is not None and d is not lora:
+                diff = [a - b for a, b in zip(d["rouge_l_articles"], lora["rouge_l_articles"], strict=True)]
+                lo, hi = bootstrap_mean_ci(diff)
+                row["vs LoRA (paired, 95% CI)"] = f"{100 * sum(diff) / len(diff):+.2f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+        rows.append({**row, "test articles": d["test_examples"], "prompt tokens (mean)": d.get("prompt_tokens_mean"),
+                     "train s": d["train_seconds"], "generate s": d["generate_seconds"]})  # fmt: skip
+    return rows
+
+
+def _decoder_plot(run: Any, decoder: Sequence[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from leanfit.core.report import save_figure
+
+    fig, ax = plt.subplots(figsize=(5.6, 4.0), dpi=110)
+    for i, d in enumerate(decoder):
+        mean = 100 * d["rouge_l"]
+        lo, hi = bootstrap_mean_ci(d["rouge_l_articles"]) if "rouge_l_articles" in d else (d["rouge_l"],) * 2
+        ax.bar(i, mean, yerr=[[mean - 100 * lo], [100 * hi - mean]], capsize=4, color=f"C{i}")
+    ax.set_xticks(range(len(decoder)), [d["method"] for d in decoder])
+    ax.set(ylabel="ROUGE-L F1 (%)", title="BBC headlines (bars: 95% bootstrap CI over articles)")
+    ax.grid(alpha=0.3, axis="y")
+    save_figure(fig, run.plots_dir / "decoder_rouge_l.png")
 
 
 _RATES = {True: "each method's adapter learning rate was chosen on validation with the first seed (table "
@@ -159,6 +199,8 @@ def report(run: Any, results: dict[str, Any]) -> Any:
         rep.section("Learning-rate selection (first seed, validation)").table(results["sweeps"])
     if results.get("decoder"):
         rep.section("Decoder: BBC headlines with SmolLM2").table(_decoder_table(results["decoder"]))
+        _decoder_plot(run, results["decoder"])
+        rep.figure("plots/decoder_rouge_l.png", "ROUGE-L F1 per method (95% bootstrap interval over test articles)")
         rep.text("Greedy decoding of at most `target_tokens` tokens; ROUGE-L F1 (rouge-score, Porter stemming), "
                  "mean over the held-out articles; predictions: `runs/decoder-*/predictions.jsonl`.")  # fmt: skip
     return rep

@@ -716,7 +716,7 @@ def _decoder_run(ctx: Any, base: nn.Module, tokenizer: Any, method: str, data: d
     predictions = _generate(lm, tokenizer, data["test"], dcfg, pad)
     record["generate_seconds"] = time.perf_counter() - began
     scores = rouge_l(predictions, [e.reference for e in data["test"]])
-    record.update(rouge_l=sum(scores) / len(scores), test_examples=len(scores))
+    record.update(rouge_l=sum(scores) / len(scores), test_examples=len(scores), rouge_l_articles=scores)
     if acc.is_main_process:
         lines = [json.dumps({"reference": e.reference, "prediction": p, "rouge_l": s}) + "\n"
                  for e, p, s in zip(data["test"], predictions, scores, strict=True)]  # fmt: skip
