@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from leanfit.core.device import device_name, resolve_device
+from leanfit.core.device import device_name, resolve_device, synchronize
 from leanfit.core.errors import ConfigError, LeanfitError, MissingDependencyError, bad_value
 from leanfit.core.io import append_jsonl, atomic_save_tensors, atomic_write_json, atomic_write_text, read_json
 from leanfit.core.progress import progress_bar
@@ -312,8 +312,6 @@ def _train_loop(acc: Any, module: nn.Module, optimizer: Any, scheduler: Any, bat
                 show_progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """Run the optimizer over ``batches`` (gradient norm clipped to ``max_grad_norm`` when > 0); returns the
     training time (steps only, the device synchronised) and the loss curve's ends."""
-    from leanfit.core.device import synchronize
-
     module.train()
     params = [p for p in module.parameters() if p.requires_grad]
     seconds, losses = 0.0, []
@@ -340,8 +338,6 @@ def _accelerator(device: str = "auto") -> Any:
     """An ``Accelerator`` on ``device`` (``auto``: the GPU when there is one); on CPU ``cpu=True``, which is what
     makes a ``torchrun`` launch data-parallel over processes (gloo)."""
     from accelerate import Accelerator
-
-    from leanfit.core.device import resolve_device
 
     return Accelerator(cpu=resolve_device(device).type == "cpu")
 
@@ -496,11 +492,6 @@ def _run_job(ctx: Any, job: Job, show_progress: bool = True) -> dict[str, Any]:
     return {**record, **_score(ctx, task, job.spec)} if job.score else record
 
 
-def _run_job_quietly(ctx: Any, job: Job) -> dict[str, Any]:
-    """:func:`_run_job` in a joblib worker (module level, so that it pickles; one bar for the round instead)."""
-    return _run_job(ctx, job, show_progress=False)
-
-
 def run_jobs(ctx: Any, jobs: Sequence[Job], title: str) -> list[dict[str, Any]]:
     """The records of ``jobs`` in order; ``cfg.jobs`` classifiers at once through joblib when > 1."""
     cfg = ctx.config
@@ -517,7 +508,7 @@ def run_jobs(ctx: Any, jobs: Sequence[Job], title: str) -> list[dict[str, Any]]:
     with progress_bar(len(jobs), f"{title}: {len(jobs)} classifiers, {cfg.jobs} at once") as bar, \
             joblib_backend(cfg.backend):  # fmt: skip
         parallel = Parallel(n_jobs=min(cfg.jobs, len(jobs)), return_as="generator")
-        for record in parallel(delayed(_run_job_quietly)(ctx, job) for job in jobs):
+        for record in parallel(delayed(_run_job)(ctx, job, False) for job in jobs):  # one bar for the round
             out.append(record)
             bar.advance(1, last=record["name"])
     return out
