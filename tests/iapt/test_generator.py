@@ -116,6 +116,7 @@ def test_empty_instruction_row_is_an_error() -> None:
         pytest.param(16, 4, IAPTConfig(bottleneck=8, activation="gelu"), id="gelu"),
         pytest.param(16, 4, IAPTConfig(bottleneck=8, layers=[0, 3]), id="two-layers"),
         pytest.param(8, 2, IAPTConfig(bottleneck=3, rational_num_degree=6, rational_den_degree=5), id="6-5"),
+        pytest.param(8, 2, IAPTConfig(bottleneck=3, prompt_gate=True, init_scale=0.1), id="gate"),
     ],
 )
 def test_parameter_count_formula(hidden_size: int, num_layers: int, config: IAPTConfig) -> None:

@@ -583,3 +583,79 @@ def test_zero_init_adapter_gives_zero_prompts_but_still_shifts_attention() -> No
     with torch.no_grad():
         diff = max_diff(model(ids).logits[:, 1:], llama(0)(ids).logits[:, 1:])
     assert 1e-7 < diff < 0.5
+
+
+# ------------------------------------------------------------------------------------------------ prompt gate
+def gated(kind: str, seed: int = 0) -> IAPTModel:
+    """Adapter "a" gated (gate values drawn per layer), adapter "b" ungated, as in :func:`wrapped`."""
+    torch.manual_seed(10)
+    model = get_iapt_model(BACKBONES[kind](seed), cfg(prompt_gate=True, gate_scale=2.0), adapter_name="a")
+    torch.manual_seed(11)
+    model.add_adapter("b", cfg())
+    with torch.no_grad():
+        for i, generator in enumerate(model.iapt["a"].values()):
+            generator.gate.fill_(0.1 + 0.15 * i)
+    return model
+
+
+@pytest.mark.parametrize("kind", DECODERS)
+def test_gate_of_one_equals_the_ungated_adapter_and_zero_blocks_the_prompts(kind: str) -> None:
+    model = gated(kind)
+    plain = get_iapt_model(BACKBONES[kind](0), cfg(), adapter_name="a")
+    plain.iapt["a"].load_state_dict({k: v for k, v in model.iapt["a"].state_dict().items() if not k.endswith("gate")})
+    ids, instruction = tokens(2, 9), prefix_mask(2, 9, 6)
+    with torch.no_grad():
+        for generator in model.iapt["a"].values():
+            generator.gate.fill_(1 / generator.gate_scale)
+        assert max_diff(model(ids, instruction_mask=instruction).logits,
+                        plain(ids, instruction_mask=instruction).logits) <= 1e-5  # fmt: skip
+        for generator in model.iapt["a"].values():
+            generator.gate.zero_()
+    model.train()
+    model(ids, instruction_mask=instruction).logits.pow(2).sum().backward()
+    generator = model.iapt["a"]["1"]
+    assert generator.up.weight.grad.abs().max() == 0  # a closed gate passes no prompt content
+    assert generator.gate.grad.abs() > 0  # but learns to open
+    with torch.no_grad():  # a closed gate equals zero keys and values at the soft positions: not the bare model
+        assert max_diff(model(ids, instruction_mask=instruction).logits, BACKBONES[kind](0)(ids).logits) > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_gated_mixed_batches_cache_generate_and_save_load(kind: str, tmp_path: Path) -> None:
+    model = gated(kind)
+    ids, names, instruction = tokens(4, 9), ["a", "b", "b", "a"], prefix_mask(4, 9, 6)
+    with torch.no_grad():
+        mixed = model(ids, instruction_mask=instruction, adapter_names=names).logits
+        rows = [model(ids[i : i + 1], instruction_mask=instruction[i : i + 1], adapter_names=[n]).logits
+                for i, n in enumerate(names)]  # fmt: skip
+    assert max_diff(mixed, torch.cat(rows)) <= 1e-5
+    cache = model.cache_prompts(ids[:1, :6], adapter_name="a")
+    assert sorted(cache.gates) == list(range(L))
+    same = ids.clone()
+    same[:, :6] = ids[0, :6]
+    with torch.no_grad():
+        inline = model(same, instruction_mask=instruction, adapter_names=["a"] * 4).logits
+        assert max_diff(model(same, cached_prompts=cache).logits, inline) <= 1e-5
+    prompts, mask = padded_prompts()
+    out = model.generate(prompts, attention_mask=mask, adapter_names=["a", "b"], max_new_tokens=6, do_sample=False,
+                         pad_token_id=PAD)  # fmt: skip
+    assert torch.equal(out, greedy_by_full_forwards(model, prompts, mask, 6, ["a", "b"]))
+    model.save_pretrained(tmp_path)
+    loaded = IAPTModel.from_pretrained(BACKBONES[kind](0), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, instruction_mask=instruction, adapter_names=names).logits, mixed)
+
+
+def test_prompt_gate_needs_a_pre_norm_backbone_and_a_non_zero_start() -> None:
+    with pytest.raises(ConfigError, match="prompt_gate=True is invalid.*pre-norm"):
+        get_iapt_model(bert(0), cfg(prompt_gate=True))
+    with pytest.raises(ConfigError, match="init_scale=0.0 is invalid"):
+        IAPTConfig(prompt_gate=True, init_scale=0.0)
+    with pytest.raises(ConfigError, match="gate_scale"):
+        IAPTConfig(gate_scale=0.0)
+    model = get_iapt_model(llama(0), cfg(), adapter_name="a")
+    assert model._norm_hooks == []  # no gated adapter, no norm hooks
+    model.add_adapter("g", cfg(prompt_gate=True))
+    assert len(model._norm_hooks) == L
+    model.unload()
+    assert model._norm_hooks == [] and not model.base_model.model.layers[0].input_layernorm._forward_hooks

@@ -8,6 +8,13 @@ Zero-initialised up-projection (``init_scale=0``, the default): every soft token
 an untrained adapter adds no content. It still changes the backbone's outputs slightly: the soft tokens are extra
 sequence positions that every later token attends to, and their keys (from a zero or normalised-zero hidden
 state) take a share of the attention softmax.
+
+Pre-norm backbones (Llama, Qwen, GPT-2) normalise each layer's input, so a small soft token reaches the attention
+at full size: on SmolLM2 the training loss jumped in the first steps at rates of 3e-4 and above. ``prompt_gate``
+multiplies the soft positions' output of each layer's input norm by ``gate_scale * g`` with ``g`` a learned
+per-layer scalar starting at 0: the soft tokens' keys and values start at zero and grow as the gate opens
+(zero-initialised gating in the spirit of LLaMA-Adapter). It needs ``init_scale > 0`` (zero prompts behind a
+zero gate get no gradient) and a pre-norm layer (a normalisation module among each layer's direct children).
 """
 
 from __future__ import annotations
@@ -38,6 +45,11 @@ class IAPTConfig(BaseConfig):
     pre_act_norm: bool = option(True, help="LayerNorm on the pooled vectors before the activation")
     layers: Literal["all"] | list[int] = option("all", help="layers that get a generator: 'all' or indices")
     init_scale: float = option(0.0, help="std of the up-projection's initial weights; 0 = zero init (no content)")
+    prompt_gate: bool = option(False, help="pre-norm backbones: scale the soft positions' output of each layer's "
+                               "input norm by a zero-initialised gate, so their keys and values grow from zero "
+                               "(needs init_scale > 0)")  # fmt: skip
+    gate_scale: float = option(30.0, help="the gate is gate_scale x its parameter, so it opens faster than the "
+                               "generator's weights move")  # fmt: skip
     dropout: float = option(0.0, help="dropout on the activated vectors, before the up-projection")
     slot_position: Literal["after_first", "start"] = option(
         "after_first", help="where the soft tokens go: after the first real token (BOS / [CLS]) or before it")
@@ -68,6 +80,11 @@ class IAPTConfig(BaseConfig):
             raise ConfigError(bad_value("dropout", self.dropout, "a number in [0, 1)"))
         if not self.init_scale >= 0.0:
             raise ConfigError(bad_value("init_scale", self.init_scale, "a number >= 0", "0 gives a zero init"))
+        if not self.gate_scale > 0:
+            raise ConfigError(bad_value("gate_scale", self.gate_scale, "a number > 0", "for example 30"))
+        if self.prompt_gate and self.init_scale == 0:
+            raise ConfigError(bad_value("init_scale", self.init_scale, "> 0 with prompt_gate=True",
+                                        "zero prompts behind a zero gate get no gradient; use e.g. 0.01"))  # fmt: skip
         self._check_layers()
 
     def _check_layers(self) -> None:

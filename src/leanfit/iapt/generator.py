@@ -85,12 +85,18 @@ class PromptGenerator(nn.Module):
             self.act = nn.GELU()
         self.dropout = nn.Dropout(config.dropout)
         self.up = nn.Linear(m, hidden_size, **kw)
+        self.gate = nn.Parameter(torch.zeros((), **kw)) if config.prompt_gate else None
+        self.gate_scale = config.gate_scale
         with torch.no_grad():
             if config.init_scale > 0:
                 self.up.weight.normal_(0.0, config.init_scale)
             else:
                 self.up.weight.zero_()
             self.up.bias.zero_()
+
+    def gate_value(self) -> Tensor | None:
+        """The gate on this layer's normalised soft positions (``gate_scale * g``), None without ``prompt_gate``."""
+        return None if self.gate is None else self.gate_scale * self.gate
 
     @property
     def num_soft_tokens(self) -> int:
@@ -115,10 +121,10 @@ def generator_parameter_count(hidden_size: int, config: IAPTConfig) -> int:
         count += 2 * m
     if config.activation == "rational":
         count += config.rational_num_degree + 1 + config.rational_den_degree
-    return count
+    return count + int(config.prompt_gate)
 
 
 def iapt_parameter_count(hidden_size: int, num_layers: int, config: IAPTConfig) -> int:
     """Trainable parameters of one IAPT adapter on a backbone of ``num_layers`` layers of width ``hidden_size``:
-    ``len(layers) * (2 d m + d + m + k m + [2 m if LayerNorm] + [p + 1 + q if rational])``."""
+    ``len(layers) * (2 d m + d + m + k m + [2 m if LayerNorm] + [p + 1 + q if rational] + [1 if gate])``."""
     return len(config.layer_indices(num_layers)) * generator_parameter_count(hidden_size, config)

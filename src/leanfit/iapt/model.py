@@ -87,6 +87,7 @@ class CachedPrompts:
 
     adapter_name: str
     prompts: dict[int, Tensor]
+    gates: dict[int, Tensor] = field(default_factory=dict)  # per layer, adapters with ``prompt_gate``
 
     @property
     def num_rows(self) -> int:
@@ -140,6 +141,7 @@ class _HookState:
     pending: set[int]
     record: dict[int, Tensor] | None = None
     views: dict[int, _RowView] = field(default_factory=dict)
+    gates: dict[int, Tensor] = field(default_factory=dict)  # (N,) row gates a layer's norm hook applies next
 
     @property
     def seq_len(self) -> int:
@@ -211,6 +213,12 @@ def _checkpointing(model: nn.Module) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
+def _input_norm(layer: nn.Module) -> nn.Module | None:
+    """The first normalisation module among ``layer``'s direct children (a pre-norm layer's input norm: Llama's
+    ``input_layernorm``, GPT-2's ``ln_1``), None for post-norm layers such as BERT's, whose norms sit deeper."""
+    return next((m for m in layer.children() if "norm" in type(m).__name__.lower()), None)
+
+
 def _accepts(model: nn.Module, name: str) -> bool:
     import inspect
 
@@ -240,6 +248,7 @@ class IAPTModel(nn.Module):
         self.active_adapter = adapter_name
         self._state: _HookState | None = None
         self._takes_position_ids = _accepts(base_model, "position_ids")  # read once, not per forward
+        self._norm_hooks: list[Any] = []  # on each layer's input norm, once an adapter has prompt_gate
         self._hooks = [layer.register_forward_pre_hook(functools.partial(self._pre_hook, i), with_kwargs=True)
                        for i, layer in enumerate(layers)]  # fmt: skip
         setattr(base_model, _HOOKED, True)
@@ -288,6 +297,14 @@ class IAPTModel(nn.Module):
         config = self._record_backbone(config)
         ref = next(self.base_model.parameters())
         dtype = ref.dtype if ref.dtype in (torch.float32, torch.float64) else torch.float32
+        if config.prompt_gate and not self._norm_hooks:
+            norms = [_input_norm(layer) for layer in self.base_model.get_submodule(self.layers_path)]
+            if any(norm is None for norm in norms):
+                raise ConfigError(bad_value("prompt_gate", True, "a pre-norm backbone (a normalisation module among "
+                                            "each layer's direct children, like Llama's input_layernorm)",
+                                            "use prompt_gate=False for post-norm models such as BERT"))  # fmt: skip
+            self._norm_hooks = [norm.register_forward_hook(functools.partial(self._norm_hook, i))
+                                for i, norm in enumerate(norms)]  # fmt: skip
         self.iapt[adapter_name] = nn.ModuleDict(
             {str(i): PromptGenerator(self.hidden_size, config, dtype=dtype, device=ref.device)
              for i in config.layer_indices(self.num_layers)})  # fmt: skip
@@ -309,9 +326,9 @@ class IAPTModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """Remove the hooks and return the bare backbone (its parameters stay frozen)."""
-        for hook in self._hooks:
+        for hook in (*self._hooks, *self._norm_hooks):
             hook.remove()
-        self._hooks = []
+        self._hooks, self._norm_hooks = [], []
         with contextlib.suppress(AttributeError):
             delattr(self.base_model, _HOOKED)
         return self.base_model
@@ -471,13 +488,20 @@ class IAPTModel(nn.Module):
             prompts = prompts.to(hidden)
             prompts = prompts.expand(hidden.shape[0], -1, -1) if prompts.shape[0] == 1 else \
                 prompts.repeat_interleave(view.repeat, 0)  # fmt: skip
+            if layer in cached.gates:
+                state.gates[layer] = cached.gates[layer].to(hidden).expand(hidden.shape[0])
             return hidden.scatter(1, index, prompts)
-        prompts = None
+        prompts, gates = None, None
         for name, rows in view.groups:
             generators = self.iapt[name]
             if str(layer) not in generators:
                 continue
             generator = generators[str(layer)]
+            gate = generator.gate_value()
+            if gate is not None:
+                gates = hidden.new_ones(hidden.shape[0]) if gates is None else gates
+                gates = gate.to(hidden.dtype).expand(hidden.shape[0]) if rows is None else \
+                    gates.index_copy(0, rows, gate.to(hidden.dtype).expand(rows.shape[0]))  # fmt: skip
             if rows is None:
                 prompts = generator.prompts(hidden, view.instruction).to(hidden.dtype)
                 continue
@@ -487,9 +511,24 @@ class IAPTModel(nn.Module):
             prompts = prompts.index_copy(0, rows, group)
         if prompts is None:
             return None
+        if gates is not None:
+            state.gates[layer] = gates
         if state.record is not None:
             state.record[layer] = prompts.detach()
+            if gates is not None:
+                state.record[-1 - layer] = gates[:1].detach()  # cache_prompts: one adapter, one gate per layer
         return hidden.scatter(1, index, prompts)
+
+    def _norm_hook(self, layer: int, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        """``prompt_gate``: the soft positions of the layer's normalised input scaled by the rows' gates (once,
+        right after this layer's injection)."""
+        state = self._state
+        if state is None or layer not in state.gates or output.ndim != 3 or output.shape[1] != state.seq_len:
+            return None
+        gates = state.gates.pop(layer)
+        slots = state.view(output.shape[0]).slot_index
+        scale = output.new_ones(output.shape[:2]).scatter(1, slots, gates[:, None].expand_as(slots).to(output.dtype))
+        return output * scale[..., None]
 
     # ----------------------------------------------------------------------------------------- calls
     def _strip_outputs(self, out: Any, batch: IAPTBatch) -> Any:
@@ -588,7 +627,8 @@ class IAPTModel(nn.Module):
         record: dict[int, Tensor] = {}
         with self._activate(batch, record):
             self.base_model(**self._model_inputs(batch))
-        return CachedPrompts(name, record)
+        gates = {-1 - key: record.pop(key) for key in [k for k in record if k < 0]}
+        return CachedPrompts(name, record, gates)
 
     # ----------------------------------------------------------------------------------------- save / load
     def save_pretrained(self, save_directory: str | os.PathLike, adapter_names: Sequence[str] | None = None) -> None:
