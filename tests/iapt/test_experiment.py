@@ -256,11 +256,12 @@ def test_decoder_study_on_a_tiny_lm(tiny_lm, tmp_path):
     pytest.importorskip("rouge_score")
     path, results = run_experiment("iapt", out=tmp_path, overrides=[*DECODER, f"decoder.model={tiny_lm}"])
     rows = {r["method"]: r for r in results["decoder"]}
-    assert list(rows) == ["zero-shot", "iapt", "lora"]
+    assert list(rows) == ["zero-shot", "iapt", "iapt-gate", "lora"]
     d, layers = 32, 2
     budget = iapt_parameter_count(d, layers, IAPTConfig(bottleneck=4))
     unit = layers * 2 * (d + d)  # q_proj and v_proj: 32 -> 32 each (tiny_llama has as many KV heads as heads)
     assert rows["iapt"]["adapter_params"] == budget and rows["zero-shot"]["adapter_params"] == 0
+    assert rows["iapt-gate"]["adapter_params"] == budget + layers and rows["iapt-gate"]["lr"] == 1e-3  # one gate each
     assert rows["lora"]["lora_r"] == round(budget / unit) and rows["lora"]["adapter_params"] == rows["lora"][
         "lora_r"] * unit  # fmt: skip
     for method, row in rows.items():
@@ -304,7 +305,7 @@ def test_rouge_l_matches_hand_computed_values(pred, ref, expected):
     ("decoder.methods=[iapt,prefix]", "decoder.methods"), ("decoder.steps=0", "decoder.steps"),
     ("lora_r=-1", "lora_r"), ("iapt.bottleneck=0", "bottleneck"), ("jobs=0", "jobs"), ("backend=spark", "backend"),
     ("device=tpu", "device"), ("max_grad_norm=-1", "max_grad_norm"), ("activation_lr_scale=0", "activation_lr_scale"),
-    ("decoder.max_grad_norm=-1", "decoder.max_grad_norm"),
+    ("decoder.max_grad_norm=-1", "decoder.max_grad_norm"), ("decoder.gate_init_scale=0", "decoder.gate_init_scale"),
 ], ids=lambda v: str(v).split("=")[0])  # fmt: skip
 def test_bad_settings_are_refused(override, match, tmp_path):
     extra = ["decoder.enabled=false"] if override == "tasks=[]" else []

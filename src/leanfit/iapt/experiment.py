@@ -79,7 +79,7 @@ __all__ = ["ABLATIONS", "DECODER_METHODS", "METHODS", "PRESETS", "TASKS", "Decod
 
 TASKS = ("bbc-news", "rotten-tomatoes")
 METHODS = ("iapt", "lora", "prefix", "prefix-proj", "prompt")
-DECODER_METHODS = ("zero-shot", "iapt", "lora")
+DECODER_METHODS = ("zero-shot", "iapt", "iapt-gate", "lora")
 # IAPT ablations: overrides of the experiment's IAPT config
 ABLATIONS: dict[str, dict[str, Any]] = {
     "pool-mean": {"pooler": "mean"},
@@ -139,6 +139,10 @@ class DecoderConfig(BaseConfig):
     generate_batch: int = option(8, help="generation batch (left padded)")
     iapt_lr: float = option(1e-4, help="IAPT learning rate (fixed: no grid on a CPU budget; see the module "
                             "docstring for why it is small)")  # fmt: skip
+    iapt_gate_lr: float = option(1e-3, help="learning rate of iapt-gate: IAPT with prompt_gate (the gate lets it "
+                                 "train at LoRA's rate)")  # fmt: skip
+    gate_init_scale: float = option(0.01, help="iapt-gate: std of the up-projection's initial weights (a closed "
+                                    "gate needs non-zero prompts to learn from)")  # fmt: skip
     lora_lr: float = option(1e-3, help="LoRA learning rate (fixed: no grid on a CPU budget)")
     max_grad_norm: float = option(0.0, help="gradient-norm clipping of the decoder's steps (0 = off)")
     seed: int = option(0, help="training seed")
@@ -151,8 +155,11 @@ class DecoderConfig(BaseConfig):
         _positive(self, ("body_tokens", "target_tokens", "train_examples", "test_examples", "steps", "batch_size",
                          "generate_batch"), prefix="decoder.")  # fmt: skip
         _positive(self, ("seed", "threads"), minimum=0, prefix="decoder.")
-        if not (self.iapt_lr > 0 and self.lora_lr > 0):
-            raise ConfigError(bad_value("decoder.iapt_lr/lora_lr", (self.iapt_lr, self.lora_lr), "rates > 0"))
+        rates = (self.iapt_lr, self.iapt_gate_lr, self.lora_lr)
+        if not min(rates) > 0:
+            raise ConfigError(bad_value("decoder.iapt_lr/iapt_gate_lr/lora_lr", rates, "rates > 0"))
+        if not self.gate_init_scale > 0:
+            raise ConfigError(bad_value("decoder.gate_init_scale", self.gate_init_scale, "a std > 0", "e.g. 0.01"))
         if not self.max_grad_norm >= 0:
             raise ConfigError(bad_value("decoder.max_grad_norm", self.max_grad_norm, "a norm >= 0 (0 = off)"))
         if not self.lora_targets:

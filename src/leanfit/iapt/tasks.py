@@ -646,10 +646,12 @@ def _build_lm(base: nn.Module, method: str, dcfg: Any, r: int, seed: int) -> Hea
     model = copy.deepcopy(base)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "decoder", method, "init"))
-        if method == "iapt":
+        if method in ("iapt", "iapt-gate"):
             from leanfit.iapt.model import get_iapt_model
 
-            return IAPTHeadlineLM(get_iapt_model(model, dcfg.iapt))
+            config = dcfg.iapt if method == "iapt" else dataclasses.replace(dcfg.iapt, prompt_gate=True,
+                                                                            init_scale=dcfg.gate_init_scale)  # fmt: skip
+            return IAPTHeadlineLM(get_iapt_model(model, config))
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=2 * r, target_modules=list(dcfg.lora_targets))
@@ -687,7 +689,7 @@ def _decoder_run(ctx: Any, base: nn.Module, tokenizer: Any, method: str, data: d
     torch.manual_seed(derive_seed(dcfg.seed, "decoder", method, "dropout"))
     acc = _accelerator()
     if method != "zero-shot":
-        lr = dcfg.iapt_lr if method == "iapt" else dcfg.lora_lr
+        lr = {"iapt": dcfg.iapt_lr, "iapt-gate": dcfg.iapt_gate_lr, "lora": dcfg.lora_lr}[method]
         optimizer, scheduler = _optimizer(lm, lr, lr, dcfg.steps, ctx.config.warmup_fraction)
         model, optimizer = acc.prepare(lm, optimizer)
         train = data["train"]
