@@ -30,7 +30,8 @@ the number of soft tokens (1 / 16 instead of 4). ``activation_lr_scale`` sets th
 coefficients relative to the adapter's (1: the paper's joint training, the default).
 
 Decoder run (``decoder``): SmolLM2-135M-Instruct writes BBC headlines from article bodies (the body prompt is the
-instruction), IAPT against PEFT LoRA at a matched budget and the untuned model; greedy decoding, ROUGE-L (F1,
+instruction), IAPT against PEFT LoRA at a matched budget and the untuned model, plus ``iapt-gate``: IAPT with
+``prompt_gate`` (:class:`~leanfit.iapt.config.IAPTConfig`) at LoRA's rate; greedy decoding, ROUGE-L (F1,
 ``rouge-score`` package, Porter stemming) on held-out articles. The rates are fixed (no grid on a CPU budget):
 LoRA 1e-3; IAPT 1e-4, because in 20-step probes on training articles (128-token bodies, batch 4) IAPT's training
 loss jumped from 5.2 to 8.8 at 3e-4 and to 12 (never recovering) at 1e-3, while 1e-4 followed LoRA's curve. The
@@ -42,10 +43,11 @@ the mean instruction hidden state (10.6 / 5.6 / 4.0-4.3: the anchor itself hurts
 the first token's hidden state (4.4 / 4.2 / 4.2: no jump, but above plain 1e-4's 3.2), and a 10-step warm-up (4.6 /
 3.6, then 10.5 at step 5 and 15.7 at step 10 as the rate passes 5e-4). None beat the plain zero start at 1e-4, which
 stays the decoder's rate. Gradient-norm clipping (``decoder.max_grad_norm=1``) does not help either: Adam's step
-size does not depend on the gradient's norm, and the loss still jumped from 5.2 to 12.2 at the second step. A
-lead, not in the library yet: a zero-initialised per-layer gate multiplying the soft positions' output of each
-layer's input RMSNorm (so keys and values start at zero and grow with the gate), opened 30x faster than the
-adapter rate, trained at 1e-3 without the jump (mean training loss of steps 11-20: 3.12, plain 1e-4: 3.32).
+size does not depend on the gradient's norm, and the loss still jumped from 5.2 to 12.2 at the second step. What
+works: a zero-initialised per-layer gate multiplying the soft positions' output of each layer's input RMSNorm
+(``prompt_gate``; keys and values start at zero and grow with the gate), opened 30x faster than the adapter rate:
+in the same probe it trained at 1e-3 without the jump (mean training loss of steps 11-20: 3.12, plain 1e-4: 3.32).
+The ``iapt-gate`` arm runs it at LoRA's rate.
 
 Every trained model has a folder under ``runs/`` (``result.json`` with the training record, ``test.json`` with its
 test scores, its trainable weights and losses), written atomically, so ``--resume`` skips finished work. Training
