@@ -142,6 +142,7 @@ class _HookState:
     record: dict[int, Tensor] | None = None
     views: dict[int, _RowView] = field(default_factory=dict)
     gates: dict[int, Tensor] = field(default_factory=dict)  # (N,) row gates a layer's norm hook applies next
+    gate_record: dict[int, Tensor] | None = None  # cache_prompts: each gated layer's gate
 
     @property
     def seq_len(self) -> int:
@@ -449,11 +450,12 @@ class IAPTModel(nn.Module):
 
     # ----------------------------------------------------------------------------------------- hooks
     @contextlib.contextmanager
-    def _activate(self, batch: IAPTBatch, record: dict[int, Tensor] | None = None) -> Iterator[_HookState]:
+    def _activate(self, batch: IAPTBatch, record: dict[int, Tensor] | None = None,
+                  gate_record: dict[int, Tensor] | None = None) -> Iterator[_HookState]:  # fmt: skip
         """Arm every layer hook for one prefill of ``batch``; raise if some layer never ran."""
         if self._state is not None:
             raise RuntimeError("an IAPT call is already running on this model (nested or concurrent call)")
-        state = _HookState(batch, set(range(self.num_layers)), record)
+        state = _HookState(batch, set(range(self.num_layers)), record, gate_record=gate_record)
         self._state = state
         try:
             yield state
@@ -515,8 +517,8 @@ class IAPTModel(nn.Module):
             state.gates[layer] = gates
         if state.record is not None:
             state.record[layer] = prompts.detach()
-            if gates is not None:
-                state.record[-1 - layer] = gates[:1].detach()  # cache_prompts: one adapter, one gate per layer
+        if state.gate_record is not None and gates is not None:
+            state.gate_record[layer] = gates[:1].detach()  # cache_prompts: one adapter, so one gate per layer
         return hidden.scatter(1, index, prompts)
 
     def _norm_hook(self, layer: int, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
@@ -625,9 +627,9 @@ class IAPTModel(nn.Module):
         batch = self.expand_inputs(input_ids, attention_mask, instruction_mask,
                                    adapter_names=[name] * input_ids.shape[0])  # fmt: skip
         record: dict[int, Tensor] = {}
-        with self._activate(batch, record):
+        gates: dict[int, Tensor] = {}
+        with self._activate(batch, record, gates):
             self.base_model(**self._model_inputs(batch))
-        gates = {-1 - key: record.pop(key) for key in [k for k in record if k < 0]}
         return CachedPrompts(name, record, gates)
 
     # ----------------------------------------------------------------------------------------- save / load
