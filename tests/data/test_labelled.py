@@ -89,3 +89,13 @@ def test_split_without_held_out_fractions_keeps_everything_in_train():
 def test_split_rejects_fractions_that_leave_no_training_data(valid_fraction, test_fraction):
     with pytest.raises(ConfigError, match=r"valid_fraction/test_fraction=.*summing below 1"):
         _TOY.split(valid_fraction, test_fraction)
+
+
+@pytest.mark.parametrize(("loader", "missing"), [(bbc_news, "bbcnews/data"), (rotten_tomatoes, "csv.bz2")])
+def test_a_package_without_its_data_files_is_a_clear_error(loader, missing, tmp_path, monkeypatch):
+    from leanfit.core.errors import MissingDependencyError
+    from leanfit.data import labelled
+
+    monkeypatch.setattr(labelled, "package_dir", lambda *args: tmp_path)  # installed, but the data folder is gone
+    with pytest.raises(MissingDependencyError, match=f"is not installed \\(missing .*{missing}\\).*--force-reinstall"):
+        loader()

