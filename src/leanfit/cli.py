@@ -124,7 +124,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from leanfit.data import assets
+    from leanfit.studies.data import assets
 
     if args.data_command == "prepare":
         for message in assets.prepare(args.assets or None):

@@ -95,7 +95,7 @@ def test_list_and_help_config(capsys):
 
 
 def test_data_status_lists_every_asset_with_install_command(capsys):
-    from leanfit.data.assets import ASSETS
+    from leanfit.studies.data.assets import ASSETS
 
     assert main(["data", "status"]) == 0
     out = capsys.readouterr().out

@@ -16,7 +16,7 @@ from leanfit.core.errors import ConfigError
 from leanfit.iapt.config import PEFT_TYPE, IAPTConfig
 from leanfit.iapt.generator import iapt_parameter_count
 from leanfit.iapt.model import CONFIG_NAME, WEIGHTS_NAME, IAPTModel, get_iapt_model
-from leanfit.models.tiny_llama import tiny_llama
+from leanfit.studies.models.tiny_llama import tiny_llama
 
 V, D, L = 48, 32, 2
 BOS, PAD = 0, 1

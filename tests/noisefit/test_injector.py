@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from leanfit.core.errors import ConfigError
-from leanfit.models.tiny_llama import tiny_llama
+from leanfit.studies.models.tiny_llama import tiny_llama
 from leanfit.noisefit.config import NoiseFiTConfig
 from leanfit.noisefit.injector import NoiseInjector, find_decoder_layers, paper_v1_noise_std, token_noise_std
 from leanfit.noisefit.loss import statistics_mask

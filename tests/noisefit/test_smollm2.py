@@ -13,8 +13,8 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from leanfit.noisefit.config import NoiseFiTConfig
-from leanfit.noisefit.facts_qa import qa_example, real_facts
-from leanfit.noisefit.hallucination import batch_to_tensors
+from leanfit.studies.noisefit.facts_qa import qa_example, real_facts
+from leanfit.studies.noisefit.hallucination import batch_to_tensors
 from leanfit.noisefit.injector import find_decoder_layers
 from leanfit.noisefit.trainer import NoiseFiTTrainer
 
@@ -33,7 +33,7 @@ STEPS, BATCH = 8, 4
 def smollm2(tmp_path_factory):
     """(model, tokenizer). The GGUF conversion (~90 s) is cached in the user's leanfit cache, not in this session's
     isolated one, so that only the first run on a machine pays for it (a LEANFIT_CACHE set by the user is kept)."""
-    from leanfit.models.pretrained import load_pretrained
+    from leanfit.studies.models.pretrained import load_pretrained
 
     with pytest.MonkeyPatch.context() as mp:
         if os.environ.get("LEANFIT_CACHE", "").startswith(str(tmp_path_factory.getbasetemp())):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from leanfit.models.tiny_llama import tiny_llama
+from leanfit.studies.models.tiny_llama import tiny_llama
 from leanfit.vq_logits.hf import from_pretrained, replace_lm_head
 
 V = 300

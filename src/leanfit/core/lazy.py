@@ -1,20 +1,62 @@
-"""Lazy package exports, so that registering a method's experiments never imports torch."""
+"""Lazy package exports whose single source of truth is the package's ``if TYPE_CHECKING:`` import block.
+
+A method package writes its public names once, as ordinary imports that type checkers and IDEs read::
+
+    if TYPE_CHECKING:
+        from leanfit.noisefit.config import NoiseFiTConfig as NoiseFiTConfig
+    else:
+        __getattr__, __dir__, __all__ = lazy_exports(__name__, __file__)
+
+At run time :func:`lazy_exports` parses that block (no import happens) and resolves each name from its module on
+first use, so ``leanfit list`` and ``leanfit --help`` register the studies without importing torch.
+"""
 
 from __future__ import annotations
 
+import ast
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-__all__ = ["lazy_getattr"]
+__all__ = ["lazy_exports", "type_checking_imports"]
 
 
-def lazy_getattr(package: str, exports: Mapping[str, str]) -> Callable[[str], Any]:
-    """A module ``__getattr__`` resolving ``name`` from ``package.<exports[name]>`` on first use."""
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def type_checking_imports(init_file: str | Path, package: str) -> dict[str, str]:
+    """``{public name: absolute module}`` from the ``from M import X as X`` lines under ``if TYPE_CHECKING:``."""
+    tree = ast.parse(Path(init_file).read_text(encoding="utf-8"))
+    names: dict[str, str] = {}
+    for node in tree.body:
+        if not (isinstance(node, ast.If) and _is_type_checking(node.test)):
+            continue
+        for stmt in node.body:
+            if not isinstance(stmt, ast.ImportFrom):
+                continue
+            module = stmt.module or ""
+            if stmt.level:
+                base = package.rsplit(".", stmt.level - 1)[0] if stmt.level > 1 else package
+                module = f"{base}.{module}" if module else base
+            for alias in stmt.names:
+                names[alias.asname or alias.name] = module
+    return names
+
+
+def lazy_exports(package: str, init_file: str) -> tuple[Callable[[str], Any], Callable[[], list[str]], list[str]]:
+    """``(__getattr__, __dir__, __all__)`` for ``package``, resolving each name of its TYPE_CHECKING block lazily."""
+    exports = type_checking_imports(init_file, package)
 
     def __getattr__(name: str) -> Any:
         if name in exports:
-            return getattr(importlib.import_module(f"{package}.{exports[name]}"), name)
+            return getattr(importlib.import_module(exports[name]), name)
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
-    return __getattr__
+    def __dir__() -> list[str]:
+        return sorted(exports)
+
+    return __getattr__, __dir__, sorted(exports)

@@ -1,7 +1,8 @@
 """Registry of experiments (``leanfit run NAME``) and benchmarks (``leanfit bench NAME``).
 
-A method registers its own entries from ``leanfit/<method>/experiment.py`` or ``bench.py``; :func:`discover`
-imports those modules (and any third-party ``leanfit.plugins`` entry point), so no central file names methods.
+A study registers its own entries from ``leanfit/studies/<name>/experiment.py`` or ``bench.py``; :func:`discover`
+imports those modules (and any third-party ``leanfit.plugins`` entry point), so no central file names studies.
+The study package is named by a string (``STUDY_PACKAGES``), not imported here: ``core`` knows no study.
 Registration modules must stay light (configs only, heavy imports inside the run functions) because
 ``leanfit list`` imports all of them.
 """
@@ -27,6 +28,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9-]*$")
 _REGISTRY: dict[Kind, dict[str, Entry]] = {"experiment": {}, "benchmark": {}}
 _DISCOVERED = False
 _REGISTRATION_MODULES = ("experiment", "bench")
+STUDY_PACKAGES = ("leanfit.studies",)
 
 
 @dataclass(frozen=True)
@@ -77,19 +79,19 @@ def register(
 
 
 def discover() -> None:
-    """Import every ``leanfit.<pkg>.experiment`` / ``.bench`` module and ``leanfit.plugins`` entry points."""
+    """Import every ``leanfit.studies.<name>.experiment`` / ``.bench`` module and ``leanfit.plugins`` entry points."""
     global _DISCOVERED
     if _DISCOVERED:
         return
-    import leanfit
-
-    for info in sorted(pkgutil.iter_modules(leanfit.__path__), key=lambda i: i.name):
-        if not info.ispkg or info.name == "core":
-            continue
-        for mod in _REGISTRATION_MODULES:
-            qual = f"leanfit.{info.name}.{mod}"
-            if importlib.util.find_spec(qual) is not None:
-                importlib.import_module(qual)
+    for package_name in STUDY_PACKAGES:
+        package = importlib.import_module(package_name)
+        for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+            if not info.ispkg:
+                continue
+            for mod in _REGISTRATION_MODULES:
+                qual = f"{package_name}.{info.name}.{mod}"
+                if importlib.util.find_spec(qual) is not None:
+                    importlib.import_module(qual)
     for ep in importlib.metadata.entry_points(group="leanfit.plugins"):
         ep.load()
     _DISCOVERED = True

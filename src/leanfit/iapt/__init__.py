@@ -9,34 +9,31 @@ reuses the prefill's prompts through the KV cache.
 
 This is our own module rather than a PEFT tuner: PEFT registers methods only under names of its closed
 ``PeftType`` enum, and its prompt methods store materialised prompt embeddings, which input-dependent prompts
-do not have.
-
-Names are imported lazily so that registering this package's experiments does not import torch."""
+do not have."""
 
 from __future__ import annotations
 
-from leanfit.core.lazy import lazy_getattr
+from typing import TYPE_CHECKING
 
-_EXPORTS = {
-    "FIT_TARGETS": "rational",
-    "RationalActivation": "rational",
-    "RationalCoefficients": "rational",
-    "coefficients": "rational",
-    "rational": "rational",
-    "PEFT_TYPE": "config",
-    "IAPTConfig": "config",
-    "PromptGenerator": "generator",
-    "generator_parameter_count": "generator",
-    "iapt_parameter_count": "generator",
-    "pool": "generator",
-    "CONFIG_NAME": "model",
-    "WEIGHTS_NAME": "model",
-    "CachedPrompts": "model",
-    "IAPTBatch": "model",
-    "IAPTModel": "model",
-    "find_layers": "model",
-    "get_iapt_model": "model",
-}
-__all__ = sorted(_EXPORTS)
+from leanfit.core.lazy import lazy_exports
 
-__getattr__ = lazy_getattr("leanfit.iapt", _EXPORTS)
+if TYPE_CHECKING:
+    from leanfit.iapt.rational import FIT_TARGETS as FIT_TARGETS
+    from leanfit.iapt.rational import RationalActivation as RationalActivation
+    from leanfit.iapt.rational import RationalCoefficients as RationalCoefficients
+    from leanfit.iapt.rational import coefficients as coefficients
+    from leanfit.iapt.config import IAPTConfig as IAPTConfig
+    from leanfit.iapt.config import PEFT_TYPE as PEFT_TYPE
+    from leanfit.iapt.generator import PromptGenerator as PromptGenerator
+    from leanfit.iapt.generator import generator_parameter_count as generator_parameter_count
+    from leanfit.iapt.generator import iapt_parameter_count as iapt_parameter_count
+    from leanfit.iapt.generator import pool as pool
+    from leanfit.iapt.model import CONFIG_NAME as CONFIG_NAME
+    from leanfit.iapt.model import CachedPrompts as CachedPrompts
+    from leanfit.iapt.model import IAPTBatch as IAPTBatch
+    from leanfit.iapt.model import IAPTModel as IAPTModel
+    from leanfit.iapt.model import WEIGHTS_NAME as WEIGHTS_NAME
+    from leanfit.iapt.model import find_layers as find_layers
+    from leanfit.iapt.model import get_iapt_model as get_iapt_model
+else:  # names resolve on first use: importing the package does not import torch
+    __getattr__, __dir__, __all__ = lazy_exports(__name__, __file__)

@@ -6,52 +6,37 @@ completion-only cross-entropy, a KL from the clean to the noisy branches and a n
 with all branches packed into one batched forward. ``paper_v1=True`` reproduces the reference v1 trainer,
 defects included, for comparison. :class:`NoiseFiTTrainer` (and ``NoiseFiTSFTTrainer`` for TRL) trains any
 Hugging Face causal LM with it; ``leanfit run noisefit`` is the controlled hallucination benchmark (fact world,
-deterministic metrics, bootstrap intervals).
-
-Names are imported lazily so that registering this package's experiments does not import torch."""
+deterministic metrics, bootstrap intervals)."""
 
 from __future__ import annotations
 
-from leanfit.core.lazy import lazy_getattr
+from typing import TYPE_CHECKING
 
-_EXPORTS = {
-    "LayerSpec": "config",
-    "NoiseFiTConfig": "config",
-    "NoiseInjector": "injector",
-    "find_decoder_layers": "injector",
-    "paper_v1_noise_std": "injector",
-    "token_noise_std": "injector",
-    "unwrap_model": "injector",
-    "CalibrationResult": "calibration",
-    "calibrate": "calibration",
-    "propagated_kl": "calibration",
-    "scale_for_target": "calibration",
-    "snr_scores": "calibration",
-    "NoiseFiTLossOutput": "loss",
-    "RDropLossOutput": "loss",
-    "masked_kl": "loss",
-    "noisefit_loss": "loss",
-    "rdrop_loss": "loss",
-    "shifted_completion_mask": "loss",
-    "statistics_mask": "loss",
-    "NoiseFiTCallback": "trainer",
-    "NoiseFiTSFTTrainer": "trainer",
-    "NoiseFiTTrainer": "trainer",
-    "RDropTrainer": "trainer",
-    "ABSTAIN": "facts_qa",
-    "Fact": "facts_qa",
-    "FactWorld": "facts_qa",
-    "FactWorldConfig": "facts_qa",
-    "build_fact_world": "facts_qa",
-    "pretrain_text": "facts_qa",
-    "qa_example": "facts_qa",
-    "bootstrap_ci": "metrics",
-    "evaluation_summary": "metrics",
-    "expected_calibration_error": "metrics",
-    "paired_bootstrap_diff": "metrics",
-    "relative_change_ci": "metrics",
-    "score_items": "hallucination",
-}
-__all__ = sorted(_EXPORTS)
+from leanfit.core.lazy import lazy_exports
 
-__getattr__ = lazy_getattr("leanfit.noisefit", _EXPORTS)
+if TYPE_CHECKING:
+    from leanfit.noisefit.config import LayerSpec as LayerSpec
+    from leanfit.noisefit.config import NoiseFiTConfig as NoiseFiTConfig
+    from leanfit.noisefit.injector import NoiseInjector as NoiseInjector
+    from leanfit.noisefit.injector import find_decoder_layers as find_decoder_layers
+    from leanfit.noisefit.injector import paper_v1_noise_std as paper_v1_noise_std
+    from leanfit.noisefit.injector import token_noise_std as token_noise_std
+    from leanfit.noisefit.injector import unwrap_model as unwrap_model
+    from leanfit.noisefit.calibration import CalibrationResult as CalibrationResult
+    from leanfit.noisefit.calibration import calibrate as calibrate
+    from leanfit.noisefit.calibration import propagated_kl as propagated_kl
+    from leanfit.noisefit.calibration import scale_for_target as scale_for_target
+    from leanfit.noisefit.calibration import snr_scores as snr_scores
+    from leanfit.noisefit.loss import NoiseFiTLossOutput as NoiseFiTLossOutput
+    from leanfit.noisefit.loss import RDropLossOutput as RDropLossOutput
+    from leanfit.noisefit.loss import masked_kl as masked_kl
+    from leanfit.noisefit.loss import noisefit_loss as noisefit_loss
+    from leanfit.noisefit.loss import rdrop_loss as rdrop_loss
+    from leanfit.noisefit.loss import shifted_completion_mask as shifted_completion_mask
+    from leanfit.noisefit.loss import statistics_mask as statistics_mask
+    from leanfit.noisefit.trainer import NoiseFiTCallback as NoiseFiTCallback
+    from leanfit.noisefit.trainer import NoiseFiTSFTTrainer as NoiseFiTSFTTrainer
+    from leanfit.noisefit.trainer import NoiseFiTTrainer as NoiseFiTTrainer
+    from leanfit.noisefit.trainer import RDropTrainer as RDropTrainer
+else:  # names resolve on first use: importing the package does not import torch
+    __getattr__, __dir__, __all__ = lazy_exports(__name__, __file__)

@@ -1,28 +1,26 @@
-"""VQ-Logits (arXiv 2505.10202): a K-code output head with exact collapsed loss, log-probs and decoding.
-
-Names are imported lazily so that registering this package's experiments does not import torch."""
+"""VQ-Logits (arXiv 2505.10202): a K-code output head with exact collapsed loss, log-probs and decoding."""
 
 from __future__ import annotations
 
-from leanfit.core.lazy import lazy_getattr
+from typing import TYPE_CHECKING
 
-_EXPORTS = {
-    "ClusterTables": "functional",
-    "cluster_log_normalizers": "functional",
-    "collapsed_argmax": "functional",
-    "collapsed_cross_entropy": "functional",
-    "collapsed_log_prob": "functional",
-    "collapsed_sample": "functional",
-    "materialized_logits": "functional",
-    "VQLogitsHead": "head",
-    "from_pretrained": "hf",
-    "replace_lm_head": "hf",
-    "vq_causal_lm_class": "hf",
-    "MAPPINGS": "mapping",
-    "build_mapping": "mapping",
-    "unigram_floor": "mapping",
-    "validate_mapping": "mapping",
-}
-__all__ = sorted(_EXPORTS)
+from leanfit.core.lazy import lazy_exports
 
-__getattr__ = lazy_getattr("leanfit.vq_logits", _EXPORTS)
+if TYPE_CHECKING:
+    from leanfit.vq_logits.functional import ClusterTables as ClusterTables
+    from leanfit.vq_logits.functional import cluster_log_normalizers as cluster_log_normalizers
+    from leanfit.vq_logits.functional import collapsed_argmax as collapsed_argmax
+    from leanfit.vq_logits.functional import collapsed_cross_entropy as collapsed_cross_entropy
+    from leanfit.vq_logits.functional import collapsed_log_prob as collapsed_log_prob
+    from leanfit.vq_logits.functional import collapsed_sample as collapsed_sample
+    from leanfit.vq_logits.functional import materialized_logits as materialized_logits
+    from leanfit.vq_logits.head import VQLogitsHead as VQLogitsHead
+    from leanfit.vq_logits.hf import from_pretrained as from_pretrained
+    from leanfit.vq_logits.hf import replace_lm_head as replace_lm_head
+    from leanfit.vq_logits.hf import vq_causal_lm_class as vq_causal_lm_class
+    from leanfit.vq_logits.mapping import MAPPINGS as MAPPINGS
+    from leanfit.vq_logits.mapping import build_mapping as build_mapping
+    from leanfit.vq_logits.mapping import unigram_floor as unigram_floor
+    from leanfit.vq_logits.mapping import validate_mapping as validate_mapping
+else:  # names resolve on first use: importing the package does not import torch
+    __getattr__, __dir__, __all__ = lazy_exports(__name__, __file__)
