@@ -35,8 +35,9 @@ def study(tmp_path_factory):
 @pytest.fixture(scope="module")
 def task():
     from leanfit.core.config import merge_nested, parse_overrides
-    from leanfit.studies.iapt.experiment import PRESETS, IAPTExperimentConfig
-    from leanfit.studies.iapt.tasks import prepare_task
+    from leanfit.studies.iapt.config import IAPTExperimentConfig
+    from leanfit.studies.iapt.experiment import PRESETS
+    from leanfit.studies.iapt.task import prepare_task
 
     cfg = IAPTExperimentConfig.from_dict(merge_nested(PRESETS["quick"], parse_overrides(TINY)))
     return prepare_task(cfg, "bbc-news")
@@ -95,7 +96,7 @@ def test_summary_is_the_mean_and_sd_over_seeds(study):
 
 @pytest.mark.parametrize("method", METHODS, ids=METHODS)
 def test_reported_counts_equal_the_built_models_and_the_closed_forms(study, task, method):
-    from leanfit.studies.iapt.tasks import build_classifier
+    from leanfit.studies.iapt.classifiers import build_classifier
 
     _, _, results = study
     row = next(r for r in results["rows"] if r["method"] == method and r["setting"] == "main" and r["seed"] == 0)
@@ -120,7 +121,7 @@ def test_budgets_are_matched_to_the_closest_size(study):
 
 
 def test_matched_prompt_length_is_capped_by_the_positions_left(task):
-    from leanfit.studies.iapt.tasks import matched_sizes
+    from leanfit.studies.iapt.task import matched_sizes
 
     cfg = task.cfg.updated({"prompt_tokens": 0})
     assert matched_sizes(cfg, task.base, 151_164)["prompt"] == {"tokens": round(151_164 / D)}  # 394 < 512 - 16
@@ -132,7 +133,7 @@ def test_matched_prompt_length_is_capped_by_the_positions_left(task):
 
 
 def test_every_method_of_a_seed_starts_from_the_same_head(task):
-    from leanfit.studies.iapt.tasks import build_classifier
+    from leanfit.studies.iapt.classifiers import build_classifier
 
     def head(method: str, seed: int) -> torch.Tensor:
         module = build_classifier(task, method, "main", seed)
@@ -147,7 +148,7 @@ def test_every_method_of_a_seed_starts_from_the_same_head(task):
 
 
 def test_prefix_classifier_ignores_padding_and_uses_the_prefix(task):
-    from leanfit.studies.iapt.tasks import build_classifier
+    from leanfit.studies.iapt.classifiers import build_classifier
 
     module = build_classifier(task, "prefix", "main", 0).eval()
     texts = ["markets fell", "the minister announced a new budget for schools and hospitals today"]
@@ -192,7 +193,7 @@ def test_parallel_jobs_train_the_sequential_models_bit_for_bit(study, tmp_path):
 def test_train_loop_clips_the_gradient_norm(tmp_path):
     from accelerate import Accelerator
 
-    from leanfit.studies.iapt.tasks import _train_loop
+    from leanfit.studies.iapt.train import train_loop
 
     def run(clip: float) -> torch.Tensor:
         module = torch.nn.Linear(4, 1)
@@ -200,7 +201,7 @@ def test_train_loop_clips_the_gradient_norm(tmp_path):
         optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         batch = torch.full((2, 4), 100.0)
-        _train_loop(Accelerator(cpu=True), module, optimizer, scheduler, [batch], lambda m, x: m(x).pow(2).mean(),
+        train_loop(Accelerator(cpu=True), module, optimizer, scheduler, [batch], lambda m, x: m(x).pow(2).mean(),
                     "clip", tmp_path / f"log{clip}.jsonl", clip, show_progress=False)  # fmt: skip
         return torch.cat([p.detach().flatten() for p in module.parameters()]) - start
 
@@ -209,10 +210,11 @@ def test_train_loop_clips_the_gradient_norm(tmp_path):
 
 
 def test_rational_coefficients_get_their_own_scaled_rate(task):
-    from leanfit.studies.iapt.tasks import _optimizer, build_classifier
+    from leanfit.studies.iapt.classifiers import build_classifier
+    from leanfit.studies.iapt.train import make_optimizer
 
     module = build_classifier(task, "iapt", "main", seed=0)
-    optimizer, _ = _optimizer(module, lr=1e-3, head_lr=5e-3, steps=10, warmup_fraction=0.0, activation_lr_scale=0.1)
+    optimizer, _ = make_optimizer(module, lr=1e-3, head_lr=5e-3, steps=10, warmup_fraction=0.0, activation_lr_scale=0.1)
     named = {id(p): n for n, p in module.named_parameters()}
     groups = [(g["lr"], sorted({named[id(p)].split(".")[-1] for p in g["params"]})) for g in optimizer.param_groups]
     assert groups[1] == (pytest.approx(1e-4), ["denominator", "numerator"])
@@ -293,7 +295,7 @@ def test_bootstrap_interval_of_the_mean():
 ], ids=["substitution", "reorder-stemmed", "stemming", "empty"])  # fmt: skip
 def test_rouge_l_matches_hand_computed_values(pred, ref, expected):
     pytest.importorskip("rouge_score")
-    from leanfit.studies.iapt.tasks import rouge_l
+    from leanfit.studies.iapt.decoder import rouge_l
 
     assert rouge_l([pred], [ref])[0] == pytest.approx(expected)
 
