@@ -11,7 +11,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock, 
 
 from leanfit.moe.layer import SparseMoE
 from tests.reference import sparse_moe_reference
-from tests.tolerances import EXACT
+from tests.tolerances import assert_close
 
 D, INTER = 16, 24
 CASES = [(4, 1), (4, 2), (8, 2), (4, 4), (8, 3)]
@@ -52,11 +52,12 @@ def test_equals_the_mixtral_block_forward_and_backward(experts, k):
     layer = SparseMoE.from_mixtral(block, block_rows=16)  # several blocks per expert
     x = _inputs((3, 37)).requires_grad_()
     got, expected = layer(x).hidden, block(x)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert_close(got, expected)
     cot = torch.randn_like(got)
     ours = torch.autograd.grad(got, [x, *weights(layer)], cot)
     theirs = torch.autograd.grad(expected, [x, *block.parameters()], cot)
     for name, g, h in zip(("input", "router", "gate_up_proj", "down_proj"), ours, theirs, strict=True):
+        # local atol: with K=1 renormalised the router gradient is exactly 0 here, float32 noise (~2e-6) in Mixtral's
         torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
@@ -86,12 +87,11 @@ def test_float64_forward_and_gradients_equal_the_reference(renormalize):
     x = _inputs((2, 15), torch.float64).requires_grad_()
     out = layer(x).hidden
     ref, _, ref_inputs = _reference(layer, x)
-    rtol, atol = EXACT[torch.float64]
-    torch.testing.assert_close(out.reshape(-1, D), ref, rtol=rtol, atol=atol)
+    assert_close(out.reshape(-1, D), ref)
     cot = torch.randn_like(out)
     for g, r in zip(torch.autograd.grad(out, [x, *weights(layer)], cot),
                     torch.autograd.grad(ref, ref_inputs, cot.reshape(-1, D)), strict=True):  # fmt: skip
-        torch.testing.assert_close(g.reshape(r.shape), r, rtol=1e-10, atol=1e-12)
+        assert_close(g.reshape(r.shape), r)
 
 
 def test_gradcheck_float64():
@@ -130,7 +130,7 @@ def test_capacity_drops_exactly_the_reference_assignments(k, capacity_factor):
     out = layer(x)
     capacity = math.ceil(capacity_factor * 60 * k / 4)
     ref, dropped, _ = _reference(layer, x, capacity=capacity)
-    torch.testing.assert_close(out.hidden.reshape(-1, D), ref, rtol=1e-12, atol=1e-12)
+    assert_close(out.hidden.reshape(-1, D), ref)
     assert out.dropped == dropped > 0
     assert SparseMoE(D, INTER, 4, k)(x.float()).dropped == 0  # dropless by default
 
@@ -143,15 +143,15 @@ def test_padding_is_not_dispatched_takes_no_capacity_and_is_left_out_of_the_loss
     out = layer(x, mask)
     real = mask.reshape(-1).bool()
     ref, dropped, _ = _reference(layer, x, capacity=math.ceil(1.0 * 32 * 2 / 4), real=real)
-    torch.testing.assert_close(out.hidden.reshape(-1, D), ref, rtol=1e-12, atol=1e-12)
+    assert_close(out.hidden.reshape(-1, D), ref)
     assert out.dropped == dropped and (out.hidden[0, 12:] == 0).all()
     expected_aux = load_balancing_loss_func((out.router_logits,), 4, top_k=2, attention_mask=mask)
     torch.testing.assert_close(out.aux_loss, expected_aux.double(), rtol=1e-6, atol=1e-7)  # theirs sums in float32
     lse = torch.logsumexp(out.router_logits[real], -1)
-    torch.testing.assert_close(out.z_loss, (lse**2).mean(), rtol=1e-12, atol=1e-14)
+    assert_close(out.z_loss, (lse**2).mean())
     # dropless: real tokens' outputs do not depend on the padding
     dropless, keep = SparseMoE(D, INTER, 4, 2).double(), mask.bool()
-    torch.testing.assert_close(dropless(x, mask).hidden[keep], dropless(x).hidden[keep], rtol=1e-12, atol=1e-14)
+    assert_close(dropless(x, mask).hidden[keep], dropless(x).hidden[keep])
 
 
 def test_losses_are_returned_without_any_flag_and_match_transformers():
@@ -168,9 +168,9 @@ def test_batched_equals_row_by_row_and_no_grad_equals_grad():
     x = _inputs((3, 11), torch.float64)
     batched = layer(x).hidden
     rows = torch.stack([layer(x[i]).hidden for i in range(3)])
-    torch.testing.assert_close(batched, rows, rtol=1e-12, atol=1e-13)
+    assert_close(batched, rows)
     with torch.inference_mode():  # the in-place path gives the same numbers
-        torch.testing.assert_close(layer(x).hidden, batched.detach(), rtol=1e-12, atol=1e-13)
+        assert_close(layer(x).hidden, batched.detach())
 
 
 def test_bfloat16_input_routes_in_float32():
