@@ -1,6 +1,7 @@
-"""Process memory measurements for the benchmarks (Linux ``/proc``): the resident set, its high-water mark
-(``VmHWM``, resettable through ``/proc/self/clear_refs``), releasing freed heap pages, and running a measurement
-in a fresh process so that its peak is its own."""
+"""Process memory readings for the benchmarks (Linux ``/proc``): the resident set, its high-water mark
+(``VmHWM``, resettable through ``/proc/self/clear_refs``), the lifetime maximum, releasing freed heap pages, and
+running a measurement in a fresh process so that its peak is its own. The measuring policy built on these readings
+is :func:`leanfit.core.bench.peak_memory`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["peak_rss_bytes", "release_freed_memory", "reset_peak_rss", "rss_bytes", "run_in_fresh_process"]
+__all__ = [
+    "lifetime_peak_rss_bytes",
+    "peak_rss_bytes",
+    "release_freed_memory",
+    "reset_peak_rss",
+    "rss_bytes",
+    "run_in_fresh_process",
+]
 
 
 def rss_bytes() -> int:
@@ -34,6 +42,16 @@ def peak_rss_bytes() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     raise OSError("VmHWM not found in /proc/self/status")
+
+
+def lifetime_peak_rss_bytes() -> int:
+    """The largest resident set since the process started (``ru_maxrss``; the reset of :func:`reset_peak_rss`
+    does not touch it)."""
+    import resource
+    import sys
+
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux kilobytes
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def release_freed_memory() -> None:
