@@ -11,7 +11,7 @@ import torch
 from leanfit.core.errors import ConfigError
 from leanfit.core.io import read_json
 from leanfit.core.runner import run_benchmark
-from leanfit.studies.moe.bench import LAYER_METHODS, MODES, _calls, _time_side_by_side
+from leanfit.studies.moe.bench import LAYER_METHODS, MODES, _calls
 
 TINY = ["tokens=[64]", "ds=[8]", "experts=[2,4]", "ks=[1,4]", "estimator_ns=[200]", "repeats=1", "warmup=0",
         "min_seconds=0", "target=[64,8,4,4]"]  # fmt: skip
@@ -75,13 +75,6 @@ def test_every_method_computes_the_same_layer(mode):
         for name in ("leanfit", "hf_grouped_mm"):
             for a, b in zip(out[name], out["hf_mixtral"], strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
-def test_side_by_side_timing_takes_the_median_of_interleaved_rounds():
-    calls_made = []
-    medians = _time_side_by_side({"a": lambda: calls_made.append("a"), "b": lambda: calls_made.append("b")}, 3, 0, 2)
-    assert calls_made == ["a", "b"] * 5  # two warm-up rounds, then 3 timed rounds, interleaved
-    assert set(medians) == {"a", "b"} and all(v >= 0 for v in medians.values())
 
 
 @pytest.mark.parametrize(("override", "pattern"), [("methods=[dense]", "methods contains 'dense'"),

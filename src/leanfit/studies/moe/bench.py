@@ -1,7 +1,8 @@
 """``leanfit bench moe``: the sparse MoE layer against Hugging Face's Mixtral block and the ideal dense GEMM.
 
 Layer section (float32, torch's default threads, all methods of one configuration timed side by side in one process:
-rounds of one call per method, interleaved, after one warm-up call each; the median per method is reported):
+rounds of one call per method, interleaved and rotated by :func:`leanfit.core.bench.time_side_by_side`, after
+``warmup`` untimed rounds; the median per method is reported):
 
 - ``leanfit``: :class:`~leanfit.moe.SparseMoE` (sort-based dispatch; its forward also computes the two router
   losses, which the Hugging Face block does not);
@@ -27,7 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from leanfit.core.config import BaseConfig, option
+from leanfit.core.bench import TimingConfig, add_ratios, time_side_by_side, torch_threads
+from leanfit.core.config import option
 from leanfit.core.registry import register
 
 __all__ = ["LAYER_METHODS", "MODES", "MoEBenchConfig"]
@@ -38,7 +40,7 @@ _CELL = ("t", "d", "e", "k")
 
 
 @dataclass
-class MoEBenchConfig(BaseConfig):
+class MoEBenchConfig(TimingConfig):
     tokens: list[int] = option(default_factory=lambda: [2048, 8192], help="tokens per call T")
     ds: list[int] = option(default_factory=lambda: [256, 1024], help="hidden sizes d")
     experts: list[int] = option(default_factory=lambda: [8, 64], help="numbers of experts E")
@@ -49,11 +51,13 @@ class MoEBenchConfig(BaseConfig):
     warmup: int = option(2, help="untimed rounds first (allocator, thread pool and kernel warm-up)")
     repeats: int = option(5, help="timed rounds at least (one call per method each); the median is reported")
     min_seconds: float = option(2.0, help="keep timing rounds until this much time is spent (at most 20 x repeats)")
+    threads: int = option(0, help="torch threads (0: torch's default, one per core)")
     estimator_ns: list[int] = option(default_factory=lambda: [1000, 10000, 100000],
                                      help="sample sizes for the estimator fit time (empty: skip)")  # fmt: skip
     target: list[int] = option(default_factory=lambda: [8192, 256, 8, 2], help="T, d, E, K of the headline")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name, allowed in (("methods", LAYER_METHODS), ("modes", MODES)):
             unknown = sorted(set(getattr(self, name)) - set(allowed))
             if unknown:
@@ -62,9 +66,8 @@ class MoEBenchConfig(BaseConfig):
             bad = [x for x in getattr(self, name) if x < 1]
             if bad:
                 raise ValueError(f"{name} contains {bad[0]}: expected positive sizes")
-        if self.repeats < 1 or self.intermediate_mult < 1 or self.warmup < 0:
-            raise ValueError(f"repeats={self.repeats}, intermediate_mult={self.intermediate_mult}, warmup="
-                             f"{self.warmup}: expected repeats and intermediate_mult >= 1, warmup >= 0")  # fmt: skip
+        if self.intermediate_mult < 1:
+            raise ValueError(f"intermediate_mult={self.intermediate_mult} is invalid: expected an integer >= 1")
         if len(self.target) != 4:
             raise ValueError(f"target={self.target} is invalid: expected [T, d, E, K]")
 
@@ -72,25 +75,6 @@ class MoEBenchConfig(BaseConfig):
 _QUICK = {"tokens": [8192], "ds": [256], "experts": [8, 64], "ks": [2], "estimator_ns": [1000, 10000]}
 PRESETS = {"quick": {**_QUICK, "repeats": 3}, "full": {"warmup": 1, "repeats": 3}}  # full: HF's E=64 d=1024 backward
 # takes ~50 s a call on 2 cores (it allocates a full-size weight gradient per expert), so keep its rounds few
-
-
-def _time_side_by_side(calls: dict[str, Callable[[], Any]], repeats: int, min_seconds: float,
-                       warmup: int = 1) -> dict[str, float]:  # fmt: skip
-    """Median seconds per call of each function, timed in interleaved rounds (one call of each per round) after
-    ``warmup`` untimed rounds."""
-    for _ in range(warmup):
-        for fn in calls.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    rounds, spent = 0, 0.0
-    while rounds < repeats or (spent < min_seconds and rounds < 20 * repeats):
-        for name, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-            spent += times[name][-1]
-        rounds += 1
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _build(t: int, d: int, e: int, k: int, inter: int, seed: int) -> tuple[Any, Any, Any]:
@@ -157,15 +141,14 @@ def _layer_cell(t: int, d: int, e: int, k: int, cfg: MoEBenchConfig, seed: int) 
     for mode in cfg.modes:
         with torch.inference_mode(mode == "forward"):
             calls = _calls(mode, cfg.methods, layer, block, x)
-            secs = _time_side_by_side(calls, cfg.repeats, cfg.min_seconds, cfg.warmup)
-        for method, s in secs.items():
-            row = {"method": method, "mode": mode, "t": t, "d": d, "e": e, "k": k, "intermediate": inter,
-                   "ms": 1e3 * s, "tokens_per_s": t / s}  # fmt: skip
-            if "hf_mixtral" in secs:
-                row["speedup_vs_hf"] = secs["hf_mixtral"] / s
-            if "ideal_dense" in secs:
-                row["fraction_of_ideal"] = secs["ideal_dense"] / s
-            rows.append(row)
+            times = time_side_by_side(calls, **cfg.timing())
+        for method in cfg.methods:
+            s = statistics.median(times[method])
+            rows.append({"method": method, "mode": mode, "t": t, "d": d, "e": e, "k": k, "intermediate": inter,
+                         "ms": 1e3 * s, "tokens_per_s": t / s})  # fmt: skip
+    add_ratios(rows, match=("mode",), baseline={"method": "hf_mixtral"}, columns={"speedup_vs_hf": "ms"}, invert=True)
+    add_ratios(rows, match=("mode",), baseline={"method": "ideal_dense"}, columns={"fraction_of_ideal": "ms"},
+               invert=True)  # fmt: skip
     return rows
 
 
@@ -278,8 +261,9 @@ def run(ctx: Any) -> dict[str, Any]:
     from leanfit.core.runner import _csv
 
     cfg: MoEBenchConfig = ctx.config
-    rows = _layer_rows(cfg, ctx)
-    est = _estimator_rows(cfg, ctx) if cfg.estimator_ns else []
+    with torch_threads(cfg.threads, small_workload=False):
+        rows = _layer_rows(cfg, ctx)
+        est = _estimator_rows(cfg, ctx) if cfg.estimator_ns else []
     if est:
         atomic_write_text(ctx.run.path / "estimator.csv", _csv(est))
     return {"rows": rows, "estimator_rows": est, "headline": _headline(cfg, rows)}
