@@ -139,19 +139,18 @@ def test_reference_agrees_with_an_independent_tight_solve():
     torch.testing.assert_close(ref, ours, rtol=0, atol=1e-8)
 
 
-def test_timed_rounds_are_interleaved_and_count_calls_per_call():
-    order, counters = [], {m: bench._Counted(lambda t, y: y) for m in ("a", "b")}
+def test_timed_calls_count_calls_of_f_per_call():
+    counters = {m: bench._Counted(lambda t, y: y) for m in ("a", "b")}
 
     def call(m):
         def fn():
-            order.append(m)
             for _ in range(3 if m == "a" else 5):
                 counters[m](None, None)
 
         return fn
 
-    times, counts = bench._time_rounds({m: call(m) for m in counters}, counters, repeats=3, min_seconds=0, warmup=2)
-    assert order == ["a", "b"] * 5  # two warm-up rounds, then 3 timed rounds, one call of each per round
+    cfg = bench.NeuralDEBenchConfig(repeats=3, warmup=2, min_seconds=0)
+    times, counts = bench._time_counted({m: call(m) for m in counters}, counters, cfg)
     assert counts == {"a": {3}, "b": {5}}  # reset before every timed call, not accumulated
     assert [len(t) for t in times.values()] == [3, 3] and all(x >= 0 for t in times.values() for x in t)
 

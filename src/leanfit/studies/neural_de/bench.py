@@ -2,7 +2,8 @@
 on the same problems, batches, dtypes and tolerances (``rtol = atol = tol``), forward solves under ``no_grad``.
 
 Methods (all timed side by side in one process per cell: one untimed checked call each, ``warmup`` untimed
-rounds, then interleaved rounds of one call per method; the median and interquartile range are reported):
+rounds, then interleaved rounds of one call per method, the order rotated each round
+(:func:`leanfit.core.bench.time_side_by_side`); the median and interquartile range are reported):
 
 - ``leanfit_tsit5`` / ``leanfit_dopri5``: per-sample step-size control (``per_sample=True``, the default PI
   controller); ``leanfit_tsit5_joint`` / ``leanfit_dopri5_joint``: one error norm and step sequence for the batch;
@@ -40,14 +41,12 @@ Float32 cells with a tolerance below ``MIN_TOL[dtype]`` are skipped (its step-si
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from leanfit.core.config import BaseConfig, option
-from leanfit.core.device import synchronize
+from leanfit.core.bench import TimingConfig, add_ratios, median_iqr, time_side_by_side, torch_threads
+from leanfit.core.config import option
 from leanfit.core.registry import register
 
 __all__ = ["METHODS", "MIN_TOL", "PROBLEMS", "NeuralDEBenchConfig"]
@@ -64,7 +63,7 @@ _CELL = ("problem", "dtype", "batch", "tol")
 
 
 @dataclass
-class NeuralDEBenchConfig(BaseConfig):
+class NeuralDEBenchConfig(TimingConfig):
     problems: list[str] = option(default_factory=lambda: list(PROBLEMS), help=f"problems: {PROBLEMS}")
     dtypes: list[str] = option(default_factory=lambda: list(DTYPES), help=f"state dtypes: {DTYPES}")
     batches: list[int] = option(default_factory=lambda: [1, 64, 512], help="batch sizes (initial states per solve)")
@@ -75,7 +74,7 @@ class NeuralDEBenchConfig(BaseConfig):
     n_eval: int = option(11, help="evaluation times: linspace(0, t_end, n_eval)")
     warmup: int = option(1, help="untimed rounds after the checked call (allocator and dispatch warm-up)")
     repeats: int = option(5, help="timed rounds at least (one call per method each)")
-    min_seconds: float = option(1.0, help="keep timing rounds of a cell until this much time (at most 10 x repeats)")
+    min_seconds: float = option(1.0, help="keep timing rounds of a cell until this much time (at most 20 x repeats)")
     ref_samples: int = option(16, help="samples compared with the scipy DOP853 reference (the first ones)")
     ref_tol: float = option(1e-12, help="rtol = atol of the scipy DOP853 reference")
     threads: int = option(0, help="torch threads (0: auto, one thread for these small-op workloads)")
@@ -84,6 +83,7 @@ class NeuralDEBenchConfig(BaseConfig):
                                help="headline: [leanfit method, baseline in torchode | torchode_pi | torchdiffeq]")  # fmt: skip
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name, allowed in (("problems", PROBLEMS), ("dtypes", DTYPES), ("methods", METHODS)):
             unknown = [x for x in getattr(self, name) if x not in allowed]
             if unknown:
@@ -97,8 +97,7 @@ class NeuralDEBenchConfig(BaseConfig):
         bad_tol = [x for x in self.tols if not 0 < x < 1]
         if bad_tol:
             raise ValueError(f"tols contains {bad_tol[0]}: expected tolerances in (0, 1), e.g. 1e-6")
-        for name, low in (("mlp_dim", 1), ("n_eval", 2), ("repeats", 1), ("ref_samples", 1), ("warmup", 0),
-                          ("threads", 0)):  # fmt: skip
+        for name, low in (("mlp_dim", 1), ("n_eval", 2), ("ref_samples", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name}={getattr(self, name)} is invalid: expected an integer >= {low}")
         if not 0 < self.ref_tol < min(self.tols):
@@ -293,29 +292,26 @@ def _torchode_solver(method: str, f: _Counted, y0: Any, ts: Any, tol: float) -> 
 
 
 # --- measurement ------------------------------------------------------------------------------------------------
-def _time_rounds(calls: dict[str, Callable[[], Any]], counters: dict[str, _Counted], repeats: int,
-                 min_seconds: float, warmup: int,
-                 sync: Callable[[], None] = lambda: None) -> tuple[dict[str, list[float]], dict[str, set[int]]]:  # fmt: skip
-    """Seconds of every timed call per method, in interleaved rounds (one call of each per round) after ``warmup``
-    untimed rounds, and the set of call counts of ``f`` seen per method (one value when the solver is
-    deterministic)."""
-    for _ in range(warmup):
-        for fn in calls.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    counts: dict[str, set[int]] = {name: set() for name in calls}
-    rounds, spent = 0, 0.0
-    while rounds < repeats or (spent < min_seconds and rounds < 10 * repeats):
-        for name, fn in calls.items():
+def _time_counted(calls: dict[str, Callable[[], Any]], counters: dict[str, _Counted], cfg: NeuralDEBenchConfig,
+                  device: Any = None) -> tuple[dict[str, list[float]], dict[str, set[int]]]:  # fmt: skip
+    """Seconds of every timed call per method (:func:`~leanfit.core.bench.time_side_by_side`), and the set of call
+    counts of ``f`` seen per method over the timed calls (one value when the solver is deterministic)."""
+
+    def counted(name: str) -> Callable[[], int]:
+        def call() -> int:
             counters[name].calls = 0
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()  # queued GPU work belongs to the call
-            times[name].append(time.perf_counter() - start)
-            counts[name].add(counters[name].calls)
-            spent += times[name][-1]
-        rounds += 1
+            calls[name]()
+            return counters[name].calls
+
+        return call
+
+    counts: dict[str, set[int]] = {name: set() for name in calls}
+
+    def record(name: str, seconds: float | None, calls_of_f: int) -> None:
+        if seconds is not None:
+            counts[name].add(calls_of_f)
+
+    times = time_side_by_side({m: counted(m) for m in calls}, **cfg.timing(), device=device, on_call=record)
     return times, counts
 
 
@@ -341,16 +337,13 @@ def _cell(problem: _Problem, ref: Any, name: str, dtype_name: str, tol: float, c
         for m, (call, stats) in solvers.items():
             counters[m].calls = 0
             checked[m] = {**stats(call()), "nfe_joint": counters[m].calls}
-        times, counts = _time_rounds(calls, counters, cfg.repeats, cfg.min_seconds, cfg.warmup,
-                                     lambda: synchronize(device))
+        times, counts = _time_counted(calls, counters, cfg, device)
     rows = []
     for m in cfg.methods:
-        out, ts_m = checked[m], times[m]
-        q1, _, q3 = statistics.quantiles(ts_m, n=4, method="inclusive") if len(ts_m) > 1 else (ts_m[0],) * 3
+        out, (median, iqr) = checked[m], median_iqr(times[m])
         rows.append({"problem": name, "dtype": dtype_name, "batch": y0.shape[0], "dim": y0.shape[1], "tol": tol,
-                     "method": m, "wall_ms": 1e3 * statistics.median(ts_m), "wall_iqr_ms": 1e3 * (q3 - q1),
-                     "timed_calls": len(ts_m), "nfe_joint": out["nfe_joint"], "nfe_lib": out["nfe_lib"],
-                     "nfe_sample": out["nfe_sample"], "accepted": out["accepted"], "rejected": out["rejected"],
+                     "method": m, "wall_ms": 1e3 * median, "wall_iqr_ms": 1e3 * iqr, "timed_calls": len(times[m]),
+                     "nfe_joint": out["nfe_joint"], "nfe_lib": out["nfe_lib"], "nfe_sample": out["nfe_sample"], "accepted": out["accepted"], "rejected": out["rejected"],
                      "nfe_deterministic": counts[m] == {out["nfe_joint"]}, **_errors(out["ys"], ref, tol),
                      "threads": threads, "device": cfg.device})  # fmt: skip
     return rows
@@ -359,17 +352,14 @@ def _cell(problem: _Problem, ref: Any, name: str, dtype_name: str, tol: float, c
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
     """``row / baseline`` of the same cell for wall time, NFE and error, against each baseline with the row's
     tableau (torchdiffeq: dopri5 rows only)."""
-    by_key = {(*(r[c] for c in _CELL), r["method"]): r for r in rows}
-    for r in rows:
-        tab = _tableau(r["method"])
-        for base, pattern in BASELINES.items():
-            ref = by_key.get((*(r[c] for c in _CELL), pattern.format(tableau=tab)))
-            if ref is None or (base == "torchdiffeq" and tab != "dopri5"):
-                continue
-            r[f"wall_vs_{base}"] = r["wall_ms"] / ref["wall_ms"]
-            r[f"nfe_vs_{base}"] = r["nfe_joint"] / ref["nfe_joint"]
-            r[f"sample_nfe_vs_{base}"] = r["nfe_sample"] / ref["nfe_sample"]
-            r[f"err_vs_{base}"] = r["max_err"] / ref["max_err"] if ref["max_err"] > 0 else None
+    for base, pattern in BASELINES.items():
+
+        def baseline(r: dict[str, Any], base: str = base, pattern: str = pattern) -> dict[str, str] | None:
+            tab = _tableau(r["method"])
+            return None if base == "torchdiffeq" and tab != "dopri5" else {"method": pattern.format(tableau=tab)}
+
+        add_ratios(rows, match=_CELL, baseline=baseline, columns={f"{key}_vs_{base}": col for key, col in (
+            ("wall", "wall_ms"), ("nfe", "nfe_joint"), ("sample_nfe", "nfe_sample"), ("err", "max_err"))})  # fmt: skip
 
 
 def _geomean(xs: list[float]) -> float:
@@ -442,13 +432,7 @@ def _require_baselines(methods: list[str]) -> None:
 def _ratio_bars(path: Any, rows: list[dict[str, Any]], base: str) -> bool:
     """Geometric mean over each problem's cells of the wall, NFE and error ratios of every method against ``base``:
     one bar group per problem, one panel per ratio. Returns False when nothing has that baseline."""
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from leanfit.core.report import save_figure
+    from leanfit.core.report import bar_chart
 
     baselines = {BASELINES[base].format(tableau=t) for t in ("tsit5", "dopri5")}
     methods = [m for m in METHODS if m not in baselines and any(m == r["method"] and f"wall_vs_{base}" in r
@@ -456,21 +440,15 @@ def _ratio_bars(path: Any, rows: list[dict[str, Any]], base: str) -> bool:
     problems = [p for p in PROBLEMS if any(r["problem"] == p for r in rows)]
     if not methods:
         return False
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), dpi=110, sharey=False)
-    width = 0.8 / len(methods)
+    def geomeans(key: str, method: str) -> list[float]:
+        col = f"{key}_vs_{base}"
+        return [_geomean([r[col] for r in rows if r["method"] == method and r["problem"] == p and r.get(col)])
+                for p in problems]  # fmt: skip
+
     labels = {"wall": "wall time", "nfe": "NFE (calls of f)", "err": "max error"}
-    for ax, (key, label) in zip(axes, labels.items(), strict=True):
-        for i, m in enumerate(methods):
-            ys = [_geomean([r[f"{key}_vs_{base}"] for r in rows if r["method"] == m and r["problem"] == p
-                            and r.get(f"{key}_vs_{base}")]) for p in problems]  # fmt: skip
-            ax.bar([j + (i - (len(methods) - 1) / 2) * width for j in range(len(problems))], ys, width, label=m)
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_yscale("log")
-        ax.set_xticks(range(len(problems)), problems, rotation=20, fontsize=8)
-        ax.set(title=f"{label} / {base} (below 1: better)", ylabel="ratio, geometric mean over cells")
-        ax.grid(alpha=0.3, axis="y")
-    axes[0].legend(fontsize=7)
-    save_figure(fig, path)
+    panels = {f"{label} / {base} (below 1: better)": {m: geomeans(key, m) for m in methods}
+              for key, label in labels.items()}  # fmt: skip
+    bar_chart(path, problems, panels, ylabel="ratio, geometric mean over cells", logy=True, baseline=1.0)
     return True
 
 
@@ -508,19 +486,13 @@ def report(run: Any, results: dict[str, Any]) -> Any:
 def run(ctx: Any) -> dict[str, Any]:
     import importlib.metadata
 
-    import torch
-
-    from leanfit.core.device import configure_threads, device_name, resolve_device
+    from leanfit.core.device import device_name, resolve_device
 
     cfg: NeuralDEBenchConfig = ctx.config
     device = resolve_device(cfg.device)  # refuses an absent device before any solve
     _require_baselines(cfg.methods)
-    before = torch.get_num_threads()
-    threads = configure_threads(cfg.threads, small_workload=True)
-    try:
+    with torch_threads(cfg.threads, small_workload=True) as threads:
         rows, skipped = _measure(cfg, ctx.seed, threads)
-    finally:
-        torch.set_num_threads(before)
     _add_ratios(rows)
     summary = _summary(rows)
     versions = {}
