@@ -16,7 +16,7 @@ from typing import Any
 from leanfit.core.io import atomic_write_bytes, atomic_write_text
 from leanfit.core.runs import RunDir
 
-__all__ = ["Report", "line_plot", "render_index", "render_run", "save_figure"]
+__all__ = ["Report", "bar_chart", "line_plot", "render_index", "render_run", "save_figure"]
 
 
 class Report:
@@ -94,6 +94,52 @@ def line_plot(
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend()
+    return save_figure(fig, path)
+
+
+def bar_chart(
+    path: str | os.PathLike,
+    groups: Sequence[str],
+    panels: Mapping[str, Mapping[str, Sequence[float | None]]],
+    *,
+    ylabel: str | Sequence[str],
+    logy: bool = False,
+    baseline: float | None = None,
+    target: tuple[float, str] | None = None,
+    value_labels: bool = False,
+) -> Path:
+    """Save grouped bars as PNG (atomically): one panel per entry of ``panels`` (its title), one group of bars per
+    entry of ``groups`` (the x ticks), one bar colour per series; ``panels[title][series][i]`` is the bar of group
+    ``i`` (None or NaN: no bar). For speed-up and ratio charts, ``baseline`` draws a black line (e.g. 1.0, no
+    change) and ``target`` a dashed red line with its label; ``value_labels`` writes each bar's value above it.
+    ``ylabel`` is one label for every panel or one per panel; the legend sits in the first panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ylabels = [ylabel] * len(panels) if isinstance(ylabel, str) else list(ylabel)
+    if len(ylabels) != len(panels):
+        raise ValueError(f"ylabel has {len(ylabels)} entries for {len(panels)} panels: expected one per panel")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 4.2), dpi=110, squeeze=False)
+    for ax, label, (title, series) in zip(axes[0], ylabels, panels.items(), strict=True):
+        width = 0.8 / max(len(series), 1)
+        for i, (name, values) in enumerate(series.items()):
+            ys = [math.nan if v is None else float(v) for v in values]
+            xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(groups))]
+            bars = ax.bar(xs, ys, width, label=name)
+            if value_labels:
+                ax.bar_label(bars, labels=["" if math.isnan(y) else f"{y:.2f}" for y in ys], fontsize=6)
+        if target is not None:
+            ax.axhline(target[0], color="red", linestyle="--", linewidth=1, label=target[1])
+        if baseline is not None:
+            ax.axhline(baseline, color="black", linewidth=0.8)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_xticks(range(len(groups)), list(groups), rotation=20 if len(groups) > 3 else 0, fontsize=8)
+        ax.set(title=title, ylabel=label)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].legend(fontsize=7)
     return save_figure(fig, path)
 
 
