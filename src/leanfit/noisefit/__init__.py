@@ -15,6 +15,11 @@ from typing import TYPE_CHECKING
 from leanfit.core.lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from leanfit.noisefit.calibration import calibrate as calibrate
+    from leanfit.noisefit.calibration import propagated_kl as propagated_kl
+    from leanfit.noisefit.calibration import scale_for_target as scale_for_target
+    from leanfit.noisefit.calibration import snr_scores as snr_scores
+    from leanfit.noisefit.config import CalibrationResult as CalibrationResult
     from leanfit.noisefit.config import LayerSpec as LayerSpec
     from leanfit.noisefit.config import NoiseFiTConfig as NoiseFiTConfig
     from leanfit.noisefit.injector import NoiseInjector as NoiseInjector
@@ -22,11 +27,6 @@ if TYPE_CHECKING:
     from leanfit.noisefit.injector import paper_v1_noise_std as paper_v1_noise_std
     from leanfit.noisefit.injector import token_noise_std as token_noise_std
     from leanfit.noisefit.injector import unwrap_model as unwrap_model
-    from leanfit.noisefit.calibration import CalibrationResult as CalibrationResult
-    from leanfit.noisefit.calibration import calibrate as calibrate
-    from leanfit.noisefit.calibration import propagated_kl as propagated_kl
-    from leanfit.noisefit.calibration import scale_for_target as scale_for_target
-    from leanfit.noisefit.calibration import snr_scores as snr_scores
     from leanfit.noisefit.loss import NoiseFiTLossOutput as NoiseFiTLossOutput
     from leanfit.noisefit.loss import RDropLossOutput as RDropLossOutput
     from leanfit.noisefit.loss import masked_kl as masked_kl

@@ -26,14 +26,13 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from leanfit.core.errors import ConfigError, bad_value
-from leanfit.noisefit.config import NoiseFiTConfig
+from leanfit.noisefit.config import CalibrationResult, NoiseFiTConfig
 from leanfit.noisefit.injector import NoiseInjector, find_decoder_layers, paper_v1_noise_std, token_noise_std
 from leanfit.noisefit.loss import masked_kl, shifted_completion_mask, statistics_mask
 
@@ -41,32 +40,6 @@ __all__ = ["CalibrationResult", "SNR_DRAWS", "calibrate", "propagated_kl", "scal
 
 SNR_DRAWS = 10
 """Noise draws per layer in the SNR probe (the reference's number)."""
-
-
-@dataclass
-class CalibrationResult:
-    """layers: chosen block indices (ascending); scales: relative noise per chosen layer; scores: per-layer
-    ranking score (SNR or KL at ``rel_noise``; None where not measured); method: "snr" or "propagated";
-    details: the measurements behind the choice (KL grid, target, batches used)."""
-
-    layers: list[int]
-    scales: dict[int, float]
-    scores: list[float | None]
-    method: str
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain (JSON/YAML-safe) dict for the run record."""
-        return {"method": self.method, "layers": list(self.layers), "scores": list(self.scores),
-                "scales": {str(k): v for k, v in self.scales.items()}, "details": _plain(self.details)}  # fmt: skip
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
 
 
 @contextlib.contextmanager

@@ -8,13 +8,13 @@ included (see ``leanfit.noisefit.loss`` for the list), to compare against it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
 
 from leanfit.core.config import BaseConfig, option
 from leanfit.core.errors import ConfigError, bad_value
 
-__all__ = ["LayerSpec", "NoiseFiTConfig", "V1_DEFAULT_LAYERS"]
+__all__ = ["CalibrationResult", "LayerSpec", "NoiseFiTConfig", "V1_DEFAULT_LAYERS"]
 
 V1_DEFAULT_LAYERS = 3
 """Layers the reference v1 picks ("Largest" SNR) when ``layers="auto"`` under ``paper_v1``."""
@@ -144,3 +144,29 @@ class NoiseFiTConfig(BaseConfig):
     def calibration_method(self) -> Literal["propagated", "snr"]:
         """The method calibration scores layers with: SNR for ``snr_high``/``snr_low``, else ``calibration``."""
         return "snr" if self.layer_spec().kind in ("snr_high", "snr_low") else self.calibration
+
+
+@dataclass
+class CalibrationResult:
+    """layers: chosen block indices (ascending); scales: relative noise per chosen layer; scores: per-layer
+    ranking score (SNR or KL at ``rel_noise``; None where not measured); method: "snr" or "propagated";
+    details: the measurements behind the choice (KL grid, target, batches used)."""
+
+    layers: list[int]
+    scales: dict[int, float]
+    scores: list[float | None]
+    method: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain (JSON/YAML-safe) dict for the run record."""
+        return {"method": self.method, "layers": list(self.layers), "scores": list(self.scores),
+                "scales": {str(k): v for k, v in self.scales.items()}, "details": _plain(self.details)}  # fmt: skip
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value

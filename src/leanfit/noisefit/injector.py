@@ -39,16 +39,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from leanfit.core.errors import ConfigError, bad_value
-from leanfit.noisefit.config import NoiseFiTConfig
-
-if TYPE_CHECKING:
-    from leanfit.noisefit.calibration import CalibrationResult
+from leanfit.noisefit.config import CalibrationResult, NoiseFiTConfig
 
 __all__ = ["NoiseInjector", "find_decoder_layers", "paper_v1_noise_std", "token_noise_std", "unwrap_model"]
 

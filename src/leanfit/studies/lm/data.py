@@ -7,7 +7,7 @@ The batch of step ``s`` is a pure function of ``(seed, s)``: resuming at step ``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from leanfit.core.errors import ConfigError, bad_value
 from leanfit.core.seed import derive_seed
@@ -16,7 +16,9 @@ if TYPE_CHECKING:
     import torch
     from tokenizers import Tokenizer
 
-__all__ = ["encode_documents", "eval_windows", "train_batch"]
+    from leanfit.studies.lm.config import DataConfig
+
+__all__ = ["encode_documents", "eval_windows", "prepare_lm_data", "train_batch"]
 
 
 def encode_documents(tokenizer: Tokenizer, texts: Sequence[str], eos_id: int = 0) -> torch.Tensor:
@@ -58,3 +60,16 @@ def eval_windows(tokens: torch.Tensor, seq_len: int, max_tokens: int) -> torch.T
         raise ConfigError(bad_value("seq_len", seq_len, f"below the evaluation-token count {tokens.numel()}"))
     idx = torch.arange(n)[:, None] * seq_len + torch.arange(seq_len + 1)[None, :]
     return tokens[idx]
+
+
+def prepare_lm_data(cfg: DataConfig) -> dict[str, Any]:
+    """Corpus split, cached tokenizer and encoded train/valid/test token tensors."""
+    from leanfit.studies.data.corpora import load_corpus
+    from leanfit.studies.data.tokenizer import bpe_tokenizer
+
+    corpus = load_corpus(cfg.corpus, cfg.valid_fraction, cfg.test_fraction)
+    tokenizer = bpe_tokenizer(corpus, cfg.vocab_size)
+    tokens = {split: encode_documents(tokenizer, corpus.texts(split)) for split in ("train", "valid", "test")}
+    if cfg.max_train_tokens:
+        tokens["train"] = tokens["train"][: cfg.max_train_tokens]
+    return {"corpus": corpus, "tokenizer": tokenizer, "tokens": tokens}

@@ -10,9 +10,10 @@ from typing import Any
 from leanfit.core.config import BaseConfig, option
 from leanfit.core.registry import register
 from leanfit.studies.lm.config import DataConfig, ModelConfig
+from leanfit.studies.lm.data import prepare_lm_data
 from leanfit.studies.lm.train import TrainConfig
 
-__all__ = ["LMBaselineConfig", "prepare_lm_data"]
+__all__ = ["LMBaselineConfig"]
 
 
 @dataclass
@@ -30,20 +31,6 @@ PRESETS = {
                   "eval_every": 250, "eval_tokens": 131072, "checkpoint_every": 250},
     },
 }  # fmt: skip
-
-
-def prepare_lm_data(cfg: DataConfig) -> dict[str, Any]:
-    """Corpus split, cached tokenizer and encoded train/valid/test token tensors."""
-    from leanfit.studies.data.corpora import load_corpus
-    from leanfit.studies.data.tokenizer import bpe_tokenizer
-    from leanfit.studies.lm.data import encode_documents
-
-    corpus = load_corpus(cfg.corpus, cfg.valid_fraction, cfg.test_fraction)
-    tokenizer = bpe_tokenizer(corpus, cfg.vocab_size)
-    tokens = {split: encode_documents(tokenizer, corpus.texts(split)) for split in ("train", "valid", "test")}
-    if cfg.max_train_tokens:
-        tokens["train"] = tokens["train"][: cfg.max_train_tokens]
-    return {"corpus": corpus, "tokenizer": tokenizer, "tokens": tokens}
 
 
 def report(run: Any, results: dict[str, Any]) -> Any:
