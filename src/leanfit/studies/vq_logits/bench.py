@@ -11,22 +11,29 @@ Training step (forward + backward of head and loss, gradients for the head's par
 
 Labels follow a Zipf(1) law over token ids (frequent tokens first, as adaptive softmax assumes). Each measurement
 runs in a fresh process (``isolate=true``) so that its peak memory is its own: peak memory is the rise of the
-process's resident set (Linux ``VmHWM`` after resetting it through ``/proc/self/clear_refs``) over the resident set
-once inputs and parameters exist, so it counts activations, gradients and workspace, not the weights.
+process's resident set (Linux ``VmHWM`` after resetting it through ``/proc/self/clear_refs``; the fallback is that
+of :func:`leanfit.core.bench.peak_memory`) over the resident set once inputs and parameters exist, during the
+warm-up and timed steps, so it counts activations, gradients and workspace, not the weights.
 
 Decoding: time per generated token of the head alone (batch 1), greedy and sampling, against V.
 """
 
 from __future__ import annotations
 
-import math
+import itertools
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Any
 
-from leanfit.core.config import BaseConfig, option
-from leanfit.core.memory import peak_rss_bytes, reset_peak_rss, rss_bytes, run_in_fresh_process
+from leanfit.core.bench import (
+    TimingConfig,
+    add_ratios,
+    peak_memory,
+    run_in_fresh_process,
+    time_side_by_side,
+    torch_threads,
+)
+from leanfit.core.config import option
 from leanfit.core.registry import register
 
 __all__ = ["METHODS", "VQLogitsBenchConfig", "measure_decode", "measure_step"]
@@ -38,7 +45,7 @@ _VQ_METHODS = ("vq", "gather")
 
 
 @dataclass
-class VQLogitsBenchConfig(BaseConfig):
+class VQLogitsBenchConfig(TimingConfig):
     ns: list[int] = option(default_factory=lambda: [1024, 4096], help="tokens per step N")
     ds: list[int] = option(default_factory=lambda: [576, 2048], help="hidden sizes d")
     vs: list[int] = option(default_factory=lambda: [32000, 49152, 128256], help="vocabulary sizes V")
@@ -58,6 +65,7 @@ class VQLogitsBenchConfig(BaseConfig):
     isolate: bool = option(True, help="one fresh process per measurement (needed for honest peak memory)")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("ns", "ds", "vs", "ks", "decode_vs"):
             bad = [x for x in getattr(self, name) if x < 1]
             if bad:
@@ -65,9 +73,8 @@ class VQLogitsBenchConfig(BaseConfig):
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
             raise ValueError(f"methods contains {unknown[0]!r}: expected any of {', '.join(METHODS)}")
-        if self.repeats < 1 or self.decode_steps < 1 or self.warmup < 0:
-            raise ValueError("repeats and decode_steps must be >= 1 and warmup >= 0: "
-                             f"got repeats={self.repeats}, decode_steps={self.decode_steps}, warmup={self.warmup}")  # fmt: skip
+        if self.decode_steps < 1:
+            raise ValueError(f"decode_steps={self.decode_steps} is invalid: expected an integer >= 1")
         if self.decode_k > min(self.decode_vs):
             raise ValueError(f"decode_k={self.decode_k} exceeds the smallest of decode_vs={self.decode_vs}: "
                              "expected decode_k <= every V")  # fmt: skip
@@ -126,35 +133,23 @@ def measure_step(method: str, n: int, d: int, v: int, k: int, *, warmup: int, re
     """Median forward+backward time (ms) and peak extra memory (MB) of one head + loss at (N, d, V, K)."""
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
-    loss_fn, grads_of = _step_fn(method, n, d, v, k, seed)
+    with torch_threads(threads, small_workload=False):
+        loss_fn, grads_of = _step_fn(method, n, d, v, k, seed)
 
-    def step() -> float:
-        for t in grads_of:
-            t.grad = None
-        loss = loss_fn()
-        loss.backward()
-        return loss.item()
+        def step() -> float:
+            for t in grads_of:
+                t.grad = None
+            loss = loss_fn()
+            loss.backward()
+            return loss.item()
 
-    before = rss_bytes()
-    exact_peak = reset_peak_rss()
-    for _ in range(warmup):
-        step()
-    times, loss = [], math.nan
-    while len(times) < repeats or (sum(times) < min_seconds and len(times) < 20 * repeats):
-        start = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - start)
-    if exact_peak:
-        peak = peak_rss_bytes() - before
-    else:  # no resettable high-water mark: the process's lifetime maximum (an over-estimate)
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    return {"method": method, "n": n, "d": d, "v": v, "k": k if method in _VQ_METHODS else None,
-            "step_ms": 1e3 * statistics.median(times), "step_ms_min": 1e3 * min(times), "timed_steps": len(times),
-            "peak_mb": max(peak, 0) / 2**20, "loss": loss, "threads": torch.get_num_threads()}  # fmt: skip
+        losses: list[float] = []
+        peak, times = peak_memory(lambda: time_side_by_side(
+            {method: step}, repeats=repeats, warmup=warmup, min_seconds=min_seconds,
+            on_call=lambda name, seconds, loss: losses.append(loss))[method])  # fmt: skip
+        return {"method": method, "n": n, "d": d, "v": v, "k": k if method in _VQ_METHODS else None,
+                "step_ms": 1e3 * statistics.median(times), "step_ms_min": 1e3 * min(times), "timed_steps": len(times),
+                "peak_mb": peak.mb, "loss": losses[-1], "threads": torch.get_num_threads()}  # fmt: skip
 
 
 def measure_decode(v: int, d: int, k: int, *, steps: int, rounds: int = 3, seed: int = 0,
@@ -163,11 +158,30 @@ def measure_decode(v: int, d: int, k: int, *, steps: int, rounds: int = 3, seed:
     over ``rounds`` of the median over ``steps`` tokens."""
     import torch
 
+    rows = []
+    with torch_threads(threads, small_workload=False):
+        calls, hidden = _decode_calls(v, d, k, steps, seed)
+        for name, call in calls.items():  # method after method: its tables stay in the cache, as in decoding
+            medians = []
+            for r in range(rounds):  # the least disturbed round estimates the cost best (as timeit does)
+                tokens = itertools.cycle(hidden)  # one (1, d) hidden state per call
+                with torch.inference_mode():
+                    times = time_side_by_side({name: lambda call=call, tokens=tokens: call(next(tokens))},
+                                              repeats=steps, warmup=min(10, steps) if r == 0 else 0)  # fmt: skip
+                medians.append(statistics.median(times[name]))
+            rows.append({"method": name, "v": v, "d": d, "k": k if not name.startswith("dense") else None,
+                         "us_per_token": 1e6 * min(medians), "us_per_token_max_round": 1e6 * max(medians),
+                         "threads": torch.get_num_threads()})  # fmt: skip
+    return rows
+
+
+def _decode_calls(v: int, d: int, k: int, steps: int, seed: int) -> tuple[dict[str, Any], Any]:
+    """One function per decoding method taking a hidden state (1, d), and ``steps`` hidden states (steps, 1, d)."""
+    import torch
+
     from leanfit.vq_logits import functional as VF
     from leanfit.vq_logits.head import VQLogitsHead
 
-    if threads:
-        torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(seed)
     head = VQLogitsHead.from_scratch(d, v, k, mapping="random", token_bias=True, seed=seed)
     linear = torch.nn.Linear(d, v, bias=False)
@@ -184,23 +198,7 @@ def measure_decode(v: int, d: int, k: int, *, steps: int, rounds: int = 3, seed:
         "dense_sample": lambda h: VF.dense_sample(linear(h), generator=g),
         "dense_sample_top_p": lambda h: VF.dense_sample(linear(h), top_p=0.9, generator=g),
     }
-    rows = []
-    with torch.inference_mode():
-        for name, call in calls.items():
-            for i in range(min(10, steps)):
-                call(hidden[i])
-            medians = []
-            for _ in range(rounds):  # the least disturbed round estimates the cost best (as timeit does)
-                times = []
-                for i in range(steps):
-                    start = time.perf_counter()
-                    call(hidden[i])
-                    times.append(time.perf_counter() - start)
-                medians.append(statistics.median(times))
-            rows.append({"method": name, "v": v, "d": d, "k": k if not name.startswith("dense") else None,
-                         "us_per_token": 1e6 * min(medians), "us_per_token_max_round": 1e6 * max(medians),
-                         "threads": torch.get_num_threads()})  # fmt: skip
-    return rows
+    return calls, hidden
 
 
 # --- the benchmark ----------------------------------------------------------------------------------------------
@@ -217,16 +215,15 @@ def _grid(cfg: VQLogitsBenchConfig) -> list[tuple[str, int, int, int, int]]:
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Per row: how many times faster / leaner it is than each dense baseline and the gather form at its cell."""
-    by_key = {(r["method"], r["n"], r["d"], r["v"], r["k"]): r for r in rows}
-    for r in rows:
-        for base in ("linear_ce", "linear_cross_entropy", "gather"):
-            ref = by_key.get((base, r["n"], r["d"], r["v"], r["k"] if base == "gather" else None))
-            if ref is not None and ref is not r:
-                r[f"speedup_vs_{base}"] = ref["step_ms"] / r["step_ms"]
-                # below 1 MB the resident-set measure is noise (page granularity, allocator reuse): no ratio
-                ok = min(ref["peak_mb"], r["peak_mb"]) >= 1.0
-                r[f"memory_ratio_vs_{base}"] = ref["peak_mb"] / r["peak_mb"] if ok else None
+    """Per row: how many times faster / leaner it is than each dense baseline and the gather form at its cell
+    (dense baselines have no K); no memory ratio below 1 MB, where the resident-set measure is noise (page
+    granularity, allocator reuse)."""
+    for base in ("linear_ce", "linear_cross_entropy", "gather"):
+        spec = {"method": base} if base == "gather" else {"method": base, "k": None}
+        for column, measured, floor in ((f"speedup_vs_{base}", "step_ms", None),
+                                        (f"memory_ratio_vs_{base}", "peak_mb", 1.0)):  # fmt: skip
+            add_ratios(rows, match=("n", "d", "v", "k"), baseline=spec, columns={column: measured}, invert=True,
+                       floor=floor, self_ratio=False)  # fmt: skip
 
 
 def _headline(cfg: VQLogitsBenchConfig, rows: list[dict[str, Any]], decode: list[dict[str, Any]]) -> dict[str, Any]:
