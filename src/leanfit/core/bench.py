@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from leanfit.core.config import BaseConfig, option
 from leanfit.core.memory import (
@@ -59,6 +59,7 @@ __all__ = [
 
 MAX_ROUNDS_PER_REPEAT = 20  # min_seconds never extends timing past 20 x repeats timed rounds
 MB = 2**20
+K = TypeVar("K")  # what names a method: a string, or a tuple such as (method, tenants)
 _clock = time.perf_counter  # the timer's clock (a test replaces it with a fake one)
 
 
@@ -89,15 +90,15 @@ class TimingConfig(BaseConfig):
 
 # --- timing ---------------------------------------------------------------------------------------------------------
 def time_side_by_side(
-    calls: Mapping[str, Callable[[], Any]],
+    calls: Mapping[K, Callable[[], Any]],
     *,
     repeats: int,
     warmup: int = 0,
     min_seconds: float = 0.0,
     device: Any = None,
-    around: Callable[[str], AbstractContextManager[Any]] | None = None,
-    on_call: Callable[[str, float | None, Any], None] | None = None,
-) -> dict[str, list[float]]:
+    around: Callable[[K], AbstractContextManager[Any]] | None = None,
+    on_call: Callable[[K, float | None, Any], None] | None = None,
+) -> dict[K, list[float]]:
     """Seconds of every timed call of each callable, in call order.
 
     Round ``r`` calls every callable once, the order of ``calls`` rotated by ``r``. ``warmup`` untimed rounds come
@@ -110,7 +111,7 @@ def time_side_by_side(
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats={repeats}, warmup={warmup}: expected repeats >= 1 and warmup >= 0")
     names = list(calls)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[K, list[float]] = {name: [] for name in names}
     sync = _synchronizer(device)
     rounds, spent = 0, 0.0
     while rounds < warmup + repeats or (spent < min_seconds and rounds < warmup + MAX_ROUNDS_PER_REPEAT * repeats):

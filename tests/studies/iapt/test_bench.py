@@ -14,6 +14,8 @@ import torch
 from leanfit.core.errors import ConfigError
 from leanfit.core.io import read_json
 from leanfit.core.runner import run_benchmark
+from leanfit.iapt.config import IAPTConfig
+from leanfit.iapt.generator import iapt_parameter_count
 from leanfit.studies.iapt.bench import (
     DECODE_TARGET,
     TINY_LLAMA,
@@ -26,8 +28,6 @@ from leanfit.studies.iapt.bench import (
     tenant_names,
     time_generate,
 )
-from leanfit.iapt.config import IAPTConfig
-from leanfit.iapt.generator import iapt_parameter_count
 
 B, T, NEW = 4, 6, 4
 TINY = {"model": "tiny-llama", "tenants": [1, 3], "batch": B, "prompt_tokens": T, "new_tokens": NEW, "warmup": 0,
@@ -154,7 +154,7 @@ def test_mixed_generation_equals_each_row_alone(servers, method: str, tenants: i
 
 def test_time_generate_splits_one_call_into_prefill_and_steps(servers) -> None:
     ids = make_prompts(B, T, V, 0, seed=2)
-    times, out = time_generate(servers, "iapt", 3, ids, NEW, lambda: None)
+    times, out = time_generate(servers, "iapt", 3, ids, NEW)
     assert torch.equal(out, servers.generate("iapt", 3, ids, NEW))
     # prefill, then NEW - 1 steps, then the tail: nested intervals of the same call
     assert 0 < times["prefill_ms"] + (NEW - 1) * times["decode_ms_mean"] <= times["total_ms"]
@@ -177,7 +177,7 @@ def test_workload_helpers() -> None:
 
 @pytest.mark.integration
 def test_peak_memory_in_a_fresh_process() -> None:
-    from leanfit.core.memory import run_in_fresh_process
+    from leanfit.core.bench import run_in_fresh_process
 
     peak, source = run_in_fresh_process(measure_peak_memory, cfg(), "lora_mixed", 3, 0, 1)
     assert 0 <= peak < 200 and source == "rss high-water mark"

@@ -23,15 +23,15 @@ preparation, cache set-up and the prefill forward, IAPT's generators included) a
 disturbed by another process on a shared machine does not count; ``decode_ms_mean`` is their mean; each step
 emits one token for every row).
 ``decode_tokens_per_s = batch / decode step time``; ``tokens_per_s = batch * new_tokens / whole call``. Every
-round runs every (method, tenants) cell once, in an order rotated each round, after ``warmup`` untimed rounds;
-the minimum over ``repeats`` rounds is reported (the median beside it), and ratios divide by ``bare`` of the same
+round runs every (method, tenants) cell once, in an order rotated each round, after ``warmup`` untimed rounds
+(:func:`leanfit.core.bench.time_side_by_side`); the minimum over ``repeats`` rounds is reported (the median beside it), and ratios divide by ``bare`` of the same
 run.
 
-Peak memory: the rise during one ``generate`` over what was held before it (backbone and adapters loaded):
-on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the rise of the resident set (``VmHWM`` after resetting
-it through ``/proc/self/clear_refs``), each cell in a fresh process (``isolate_memory``) so that memory freed and
-cached by earlier cells does not hide its own; there a tiny warm-up ``generate`` of the same method (lazy kernel
-and library set-up) and a ``malloc_trim`` precede the baseline. ``adapter_mb`` is the size of the adapters a
+Peak memory (:func:`leanfit.core.bench.peak_memory`): the rise during one ``generate`` over what was held before
+it (backbone and adapters loaded): on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the rise of the resident
+set (``VmHWM`` after resetting it through ``/proc/self/clear_refs``), each cell in a fresh process
+(``isolate_memory``) so that memory freed and cached by earlier cells does not hide its own; there a tiny warm-up
+``generate`` of the same method (lazy kernel and library set-up) and a ``malloc_trim`` precede the baseline. ``adapter_mb`` is the size of the adapters a
 cell uses.
 
 Analytic cost per decode step and row (``*_flops``): the backbone's matmuls ``2 * (weights of its linear
@@ -39,9 +39,6 @@ layers)`` plus attention over the mean context; LoRA adds ``2 * r * (d_in + d_ou
 small matmuls, the same for single and mixed batches); IAPT adds attention over ``k`` soft tokens,
 ``4 * k * (heads * head_dim)`` per layer. IAPT's prefill cost (its generators and ``k`` more positions) is
 paid once per request and shows in ``prefill_ms``.
-
-The CPU memory helpers are written here rather than shared with another method's benchmark, so that this
-package only imports the core.
 """
 
 from __future__ import annotations
@@ -54,9 +51,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from leanfit.core.config import BaseConfig, option
+from leanfit.core.bench import (
+    TimingConfig,
+    add_ratios,
+    peak_memory,
+    run_in_fresh_process,
+    time_side_by_side,
+    torch_threads,
+)
+from leanfit.core.config import option
 from leanfit.core.errors import ConfigError, bad_value
-from leanfit.core.memory import peak_rss_bytes, release_freed_memory, reset_peak_rss, rss_bytes, run_in_fresh_process
 from leanfit.core.registry import register
 
 __all__ = ["DECODE_TARGET", "LORA_TARGETS", "METHODS", "TINY_LLAMA", "IAPTServingBenchConfig", "Servers",
@@ -71,7 +75,7 @@ DECODE_TARGET = 0.95  # IAPT decode tokens/s at least 95% of the bare backbone's
 
 
 @dataclass
-class IAPTServingBenchConfig(BaseConfig):
+class IAPTServingBenchConfig(TimingConfig):
     model: str = option("smollm2-135m-instruct", help="backbone: an alias of leanfit.studies.models.pretrained, a local "
                         "model folder, or 'tiny-llama' (a random 2-layer Llama, for tests); never downloaded")  # fmt: skip
     tenants: list[int] = option(default_factory=lambda: [1, 4, 16], help="tenant counts N (each <= batch)")
@@ -97,9 +101,10 @@ class IAPTServingBenchConfig(BaseConfig):
     check: bool = option(True, help="check that mixed batches generate what each tenant's rows generate alone")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         sizes = {"batch": (self.batch, 1), "prompt_tokens": (self.prompt_tokens, 2), "new_tokens": (self.new_tokens, 2),
-                 "repeats": (self.repeats, 1), "warmup": (self.warmup, 0), "num_soft_tokens": (self.num_soft_tokens, 1),
-                 "bottleneck": (self.bottleneck, 1), "lora_rank": (self.lora_rank, 0), "threads": (self.threads, 0)}  # fmt: skip
+                 "num_soft_tokens": (self.num_soft_tokens, 1), "bottleneck": (self.bottleneck, 1),
+                 "lora_rank": (self.lora_rank, 0)}  # fmt: skip
         for name, (value, low) in sizes.items():
             if value < low:
                 raise ConfigError(bad_value(name, value, f"an integer >= {low}"))
@@ -330,38 +335,59 @@ class _StepClock:
 def _sync(device: Any) -> Callable[[], None]:
     from leanfit.core.device import synchronize
 
-    return lambda: synchronize(device)
+    return lambda: synchronize(device) if device is not None else None
+
+
+def _generate_call(servers: Servers, method: str, tenants: int, ids: Any, new_tokens: int,
+                   device: Any) -> Callable[[], tuple[float, list[float], Any]]:  # fmt: skip
+    """One ``generate`` of a cell with a step clock: (its start, the clock at every step, sequences (B, T + n))."""
+
+    sync = _sync(device)
+
+    def call() -> tuple[float, list[float], Any]:
+        clock = _StepClock(sync)
+        start = time.perf_counter()
+        out = servers.generate(method, tenants, ids, new_tokens, [clock])
+        assert len(clock.times) == new_tokens and out.shape[1] == ids.shape[1] + new_tokens, (clock.times, out.shape)
+        return start, clock.times, out
+
+    return call
+
+
+def _split(start: float, steps: list[float], seconds: float | None) -> dict[str, float]:
+    """{prefill_ms, decode_ms_per_token (median step), decode_ms_mean, total_ms} of one timed ``generate``."""
+    gaps = [b - a for a, b in zip(steps[:-1], steps[1:], strict=True)]
+    return {"prefill_ms": 1e3 * (steps[0] - start), "decode_ms_per_token": 1e3 * statistics.median(gaps),
+            "decode_ms_mean": 1e3 * statistics.fmean(gaps),
+            "total_ms": math.nan if seconds is None else 1e3 * seconds}  # fmt: skip
 
 
 def time_generate(servers: Servers, method: str, tenants: int, ids: Any, new_tokens: int,
-                  sync: Callable[[], None]) -> tuple[dict[str, float], Any]:  # fmt: skip
+                  device: Any = None) -> tuple[dict[str, float], Any]:  # fmt: skip
     """One timed ``generate``: ({prefill_ms, decode_ms_per_token (median step), decode_ms_mean, total_ms},
     sequences (B, T + n))."""
-    clock = _StepClock(sync)
-    sync()
-    start = time.perf_counter()
-    out = servers.generate(method, tenants, ids, new_tokens, [clock])
-    sync()
-    end = time.perf_counter()
-    assert len(clock.times) == new_tokens and out.shape[1] == ids.shape[1] + new_tokens, (len(clock.times), out.shape)
-    steps = [b - a for a, b in zip(clock.times[:-1], clock.times[1:], strict=True)]
-    return {"prefill_ms": 1e3 * (clock.times[0] - start), "decode_ms_per_token": 1e3 * statistics.median(steps),
-            "decode_ms_mean": 1e3 * statistics.fmean(steps), "total_ms": 1e3 * (end - start)}, out  # fmt: skip
+    got: list[tuple[dict[str, float], Any]] = []
+    call = _generate_call(servers, method, tenants, ids, new_tokens, device)
+    time_side_by_side({method: call}, repeats=1, device=device,
+                      on_call=lambda _, seconds, r: got.append((_split(r[0], r[1], seconds), r[2])))  # fmt: skip
+    return got[0]
 
 
 def _time_cells(cfg: IAPTServingBenchConfig, servers: Servers, todo: list[tuple[str, int]], ids: Any,
-                sync: Callable[[], None], bar: Any) -> tuple[dict, dict]:  # fmt: skip
+                device: Any, bar: Any) -> tuple[dict, dict]:  # fmt: skip
     """Interleaved rounds (order rotated each round): per cell the list of timed measurements, and the sequences
     of its last call."""
     times: dict[tuple[str, int], list[dict[str, float]]] = {c: [] for c in todo}
     outputs: dict[tuple[str, int], Any] = {}
-    for r in range(cfg.warmup + cfg.repeats):
-        shift = r % len(todo)
-        for cell in todo[shift:] + todo[:shift]:
-            t, outputs[cell] = time_generate(servers, *cell, ids, cfg.new_tokens, sync)
-            if r >= cfg.warmup:
-                times[cell].append(t)
-            bar.advance(1, method=cell[0], N=cell[1], decode_ms=t["decode_ms_per_token"])
+
+    def record(cell: tuple[str, int], seconds: float | None, result: tuple[float, list[float], Any]) -> None:
+        t, outputs[cell] = _split(result[0], result[1], seconds), result[2]
+        if seconds is not None:
+            times[cell].append(t)
+        bar.advance(1, method=cell[0], N=cell[1], decode_ms=t["decode_ms_per_token"])
+
+    calls = {cell: _generate_call(servers, *cell, ids, cfg.new_tokens, device) for cell in todo}
+    time_side_by_side(calls, **cfg.timing(), device=device, on_call=record)
     return times, outputs
 
 
@@ -369,27 +395,13 @@ def _peak_mb(servers: Servers, method: str, tenants: int, ids: Any, new_tokens: 
     """Peak memory (MB) of one generate above what was held before it, and how it was measured."""
     import torch
 
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        servers.generate(method, tenants, ids, new_tokens)
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - before) / 2**20, "cuda max_memory_allocated"
-    with torch.no_grad():  # weights may be memory-mapped: make them resident before the baseline
-        for p in servers.model(method).parameters():
-            p.sum()
-    servers.generate(method, tenants, ids[:1, :2], 2)  # lazy initialisation of kernels and libraries
-    release_freed_memory()
-    before = rss_bytes()
-    exact = reset_peak_rss()
-    servers.generate(method, tenants, ids, new_tokens)
-    if exact:
-        return max(peak_rss_bytes() - before, 0) / 2**20, "rss high-water mark"
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before  # lifetime maximum: over-estimate
-    return max(peak, 0) / 2**20, "rss lifetime maximum"
+    if device.type == "cpu":
+        with torch.no_grad():  # weights may be memory-mapped: make them resident before the baseline
+            for p in servers.model(method).parameters():
+                p.sum()
+        servers.generate(method, tenants, ids[:1, :2], 2)  # lazy initialisation of kernels and libraries
+    peak, _ = peak_memory(lambda: servers.generate(method, tenants, ids, new_tokens), device)
+    return peak.mb, peak.source
 
 
 def measure_peak_memory(cfg: IAPTServingBenchConfig, method: str, tenants: int, seed: int,
@@ -472,15 +484,12 @@ def _row(cfg: IAPTServingBenchConfig, servers: Servers, cell: tuple[str, int], t
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
     """Ratios against ``bare`` of the same run (throughput: row / bare; prefill time: row / bare), and IAPT's
     decode throughput over mixed-batch LoRA's at the same N."""
-    bare = next(r for r in rows if r["method"] == "bare")
-    mixed = {r["tenants"]: r for r in rows if r["method"] == "lora_mixed"}
-    for r in rows:
-        r["decode_ratio_vs_bare"] = r["decode_tokens_per_s"] / bare["decode_tokens_per_s"]
-        r["tokens_per_s_ratio_vs_bare"] = r["tokens_per_s"] / bare["tokens_per_s"]
-        r["prefill_ratio_vs_bare"] = r["prefill_ms"] / bare["prefill_ms"]
-        if r["method"] == "iapt" and r["tenants"] in mixed:
-            r["decode_speedup_vs_lora_mixed"] = r["decode_tokens_per_s"] / mixed[r["tenants"]]["decode_tokens_per_s"]
-            r["tokens_per_s_speedup_vs_lora_mixed"] = r["tokens_per_s"] / mixed[r["tenants"]]["tokens_per_s"]
+    add_ratios(rows, match=(), baseline={"method": "bare"}, columns={
+        "decode_ratio_vs_bare": "decode_tokens_per_s", "tokens_per_s_ratio_vs_bare": "tokens_per_s",
+        "prefill_ratio_vs_bare": "prefill_ms"})  # fmt: skip
+    add_ratios(rows, match=("tenants",), baseline=lambda r: {"method": "lora_mixed"} if r["method"] == "iapt" else None,
+               columns={"decode_speedup_vs_lora_mixed": "decode_tokens_per_s",
+                        "tokens_per_s_speedup_vs_lora_mixed": "tokens_per_s"})  # fmt: skip
 
 
 def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -543,28 +552,16 @@ def _throughput_plot(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _time_bars(path: Path, rows: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from leanfit.core.report import save_figure
+    from leanfit.core.report import bar_chart
 
     tenants = sorted({r["tenants"] for r in rows if r["method"] in MIXED}) or [1]
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
-    width = 0.8 / len(methods)
-    for ax, key, label in zip(axes, ("decode_ms_per_token", "prefill_ms"), ("decode ms per step", "prefill ms"),
-                              strict=True):  # fmt: skip
+    panels = {}
+    for key, label in (("decode_ms_per_token", "decode ms per step"), ("prefill_ms", "prefill ms")):
         values = _by_method(rows, key)
-        for i, m in enumerate(methods):
-            ys = [values[m].get(n if m in MIXED else 1, math.nan) for n in tenants]
-            ax.bar([j + (i - (len(methods) - 1) / 2) * width for j in range(len(tenants))], ys, width, label=m)
-        ax.set_xticks(range(len(tenants)), [f"N={n}" for n in tenants])
-        ax.set(ylabel=label, title=f"{label} (min over rounds)")
-        ax.grid(alpha=0.3, axis="y")
-    axes[0].legend(fontsize=8)
-    save_figure(fig, path)
+        panels[f"{label} (min over rounds)"] = {m: [values[m].get(n if m in MIXED else 1, math.nan) for n in tenants]
+                                                for m in methods}  # fmt: skip
+    bar_chart(path, [f"N={n}" for n in tenants], panels, ylabel=["decode ms per step", "prefill ms"])
 
 
 def report(run: Any, results: dict[str, Any]) -> Any:
@@ -636,7 +633,7 @@ def _measure(cfg: IAPTServingBenchConfig, seed: int, device: Any, dtype: Any, th
     todo = cells(cfg)
     clock.append(time.perf_counter())
     with progress_bar(len(todo) * (cfg.warmup + cfg.repeats), "iapt-serving bench") as bar:
-        times, outputs = _time_cells(cfg, servers, todo, ids, _sync(device), bar)
+        times, outputs = _time_cells(cfg, servers, todo, ids, device, bar)
     clock.append(time.perf_counter())
     config = servers.bare.config
     linear = sum(m.weight.numel() for m in servers.bare.modules() if isinstance(m, nn.Linear))
@@ -665,14 +662,11 @@ def _measure(cfg: IAPTServingBenchConfig, seed: int, device: Any, dtype: Any, th
 def run(ctx: Any) -> dict[str, Any]:
     import torch
 
-    from leanfit.core.device import configure_threads, resolve_device, resolve_dtype
+    from leanfit.core.device import resolve_device, resolve_dtype
 
     cfg: IAPTServingBenchConfig = ctx.config
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    before = torch.get_num_threads()
-    threads = configure_threads(cfg.threads, small_workload=True) if device.type == "cpu" else before
-    try:
+    threads = cfg.threads if device.type == "cpu" else torch.get_num_threads()  # CUDA: torch's CPU threads as set
+    with torch_threads(threads, small_workload=True) as threads:
         return _measure(cfg, ctx.seed, device, dtype, threads)
-    finally:
-        torch.set_num_threads(before)
