@@ -4,43 +4,62 @@ thread for small CPU workloads)."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import statistics
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from leanfit.core.config import BaseConfig, option
+from leanfit.core.bench import TimingConfig, add_ratios, time_side_by_side, torch_threads
+from leanfit.core.config import option
 from leanfit.core.registry import register
 
 __all__ = ["ThreadsBenchConfig"]
 
 
 @dataclass
-class ThreadsBenchConfig(BaseConfig):
+class ThreadsBenchConfig(TimingConfig):
     d_models: list[int] = option(default_factory=lambda: [32, 64, 128, 256, 512], help="model widths to measure")
     n_layers: int = option(2, help="decoder layers")
-    threads: list[int] = option(default_factory=lambda: [1, 2], help="torch thread counts to compare")
+    threads: list[int] = option(default_factory=lambda: [1, 2], help="torch thread counts to compare, timed side by "
+                                "side; the first is the baseline of speedup_vs_1_thread")  # fmt: skip
     vocab_size: int = option(8192, help="vocabulary size (full-softmax head)")
     batch_size: int = option(16, help="sequences per step")
     seq_len: int = option(64, help="tokens per sequence")
-    steps: int = option(10, help="timed steps per repeat")
-    repeats: int = option(3, help="repeats; the median is reported")
+    steps: int = option(10, help="training steps per timed call")
+    repeats: int = option(3, help="timed rounds (one call per thread count each); the median is reported")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.threads or min(self.threads) < 1 or len(set(self.threads)) != len(self.threads):
+            raise ValueError(f"threads={self.threads} is invalid: expected distinct positive counts, e.g. [1, 2]")
+        for name in ("n_layers", "steps", "batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} is invalid: expected an integer >= 1")
 
 
 PRESETS = {"quick": {"d_models": [32, 64], "steps": 5}, "full": {}}
 
 
-def _step_time(model: Any, opt: Any, batch: Any, steps: int) -> float:
+def _train(model: Any, opt: Any, batch: Any, steps: int) -> None:
     import torch.nn.functional as F
 
-    start = time.perf_counter()
     for _ in range(steps):
         logits = model(input_ids=batch[:, :-1]).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return (time.perf_counter() - start) / steps
+
+
+@contextlib.contextmanager
+def _num_threads(threads: int) -> Iterator[None]:
+    """torch's thread count for one timed call, set outside the timer."""
+    import torch
+
+    torch.set_num_threads(threads)
+    yield
 
 
 def report(run: Any, results: dict[str, Any]) -> Any:
@@ -71,21 +90,22 @@ def run(ctx: Any) -> dict[str, Any]:
     rows = []
     batch = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1),
                           generator=torch.Generator().manual_seed(ctx.seed))  # fmt: skip
-    with progress_bar(len(cfg.d_models) * len(cfg.threads), "threads bench") as bar:
+    restored = torch_threads(torch.get_num_threads(), small_workload=False)  # the count in force before the sweep
+    with restored, progress_bar(len(cfg.d_models), "threads bench") as bar:
         for d in cfg.d_models:
             model = tiny_llama(cfg.vocab_size, d_model=d, n_layers=cfg.n_layers, n_heads=max(1, d // 32),
                                max_seq_len=cfg.seq_len, seed=ctx.seed)  # fmt: skip
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            base = None
+            calls = dict.fromkeys(cfg.threads, functools.partial(_train, model, opt, batch, cfg.steps))
+            times = time_side_by_side(calls, **cfg.timing(), around=_num_threads)
             for t in cfg.threads:
-                torch.set_num_threads(t)
-                _step_time(model, opt, batch, 2)  # warm-up
-                sec = statistics.median(_step_time(model, opt, batch, cfg.steps) for _ in range(cfg.repeats))
-                base = base or sec
+                sec = statistics.median(times[t]) / cfg.steps
                 rows.append({
                     "d_model": d, "n_layers": cfg.n_layers, "threads": t,
                     "params": sum(p.numel() for p in model.parameters()), "step_ms": 1e3 * sec,
-                    "tokens_per_s": cfg.batch_size * cfg.seq_len / sec, "speedup_vs_1_thread": base / sec,
+                    "tokens_per_s": cfg.batch_size * cfg.seq_len / sec,
                 })  # fmt: skip
-                bar.advance(1)
+            bar.advance(1, d_model=d)
+    add_ratios(rows, match=("d_model",), baseline={"threads": cfg.threads[0]},
+               columns={"speedup_vs_1_thread": "step_ms"}, invert=True)  # fmt: skip
     return {"rows": rows}
