@@ -16,8 +16,9 @@ Peak memory (:func:`peak_memory`), one policy, in this order:
    resident set before the call, after garbage collection and ``malloc_trim`` so that the call cannot silently
    reuse pages an earlier set-up freed (source ``"rss high-water mark"``);
 3. CPU where the kernel refuses the reset: the process's lifetime maximum resident set (``ru_maxrss``) over the
-   same baseline, an upper bound that is tight only in a fresh process (:func:`run_in_fresh_process`), whose
-   set-up peaks below the call (source ``"rss lifetime maximum (upper bound)"``);
+   same baseline, an upper bound that is tight only in a fresh process
+   (:func:`leanfit.core.memory.run_in_fresh_process`) whose set-up peaks below the call (source
+   ``"rss lifetime maximum (upper bound)"``);
 4. anything else (MPS, no ``/proc``): not measured, ``mb`` is None (source ``"not measured on <device>"``).
 
 On the CPU a process's resident set also holds what earlier measurements freed to the allocator, so honest CPU
@@ -42,7 +43,6 @@ from leanfit.core.memory import (
     release_freed_memory,
     reset_peak_rss,
     rss_bytes,
-    run_in_fresh_process,
 )
 
 __all__ = [
@@ -52,7 +52,6 @@ __all__ = [
     "add_ratios",
     "median_iqr",
     "peak_memory",
-    "run_in_fresh_process",
     "time_side_by_side",
     "torch_threads",
 ]

@@ -177,7 +177,7 @@ def test_workload_helpers() -> None:
 
 @pytest.mark.integration
 def test_peak_memory_in_a_fresh_process() -> None:
-    from leanfit.core.bench import run_in_fresh_process
+    from leanfit.core.memory import run_in_fresh_process
 
     peak, source = run_in_fresh_process(measure_peak_memory, cfg(), "lora_mixed", 3, 0, 1)
     assert 0 <= peak < 200 and source == "rss high-water mark"

@@ -51,16 +51,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from leanfit.core.bench import (
-    TimingConfig,
-    add_ratios,
-    peak_memory,
-    run_in_fresh_process,
-    time_side_by_side,
-    torch_threads,
-)
+from leanfit.core.bench import TimingConfig, add_ratios, peak_memory, time_side_by_side, torch_threads
 from leanfit.core.config import option
 from leanfit.core.errors import ConfigError, bad_value
+from leanfit.core.memory import run_in_fresh_process
 from leanfit.core.registry import register
 
 __all__ = ["DECODE_TARGET", "LORA_TARGETS", "METHODS", "TINY_LLAMA", "IAPTServingBenchConfig", "Servers",

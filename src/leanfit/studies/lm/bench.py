@@ -34,9 +34,6 @@ class ThreadsBenchConfig(TimingConfig):
         super().__post_init__()
         if not self.threads or min(self.threads) < 1 or len(set(self.threads)) != len(self.threads):
             raise ValueError(f"threads={self.threads} is invalid: expected distinct positive counts, e.g. [1, 2]")
-        for name in ("n_layers", "steps", "batch_size", "seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} is invalid: expected an integer >= 1")
 
 
 PRESETS = {"quick": {"d_models": [32, 64], "steps": 5}, "full": {}}

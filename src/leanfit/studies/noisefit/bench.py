@@ -45,17 +45,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from leanfit.core.bench import (
-    TimingConfig,
-    add_ratios,
-    median_iqr,
-    peak_memory,
-    run_in_fresh_process,
-    time_side_by_side,
-    torch_threads,
-)
+from leanfit.core.bench import TimingConfig, add_ratios, median_iqr, peak_memory, time_side_by_side, torch_threads
 from leanfit.core.config import option
 from leanfit.core.errors import ConfigError, bad_value
+from leanfit.core.memory import run_in_fresh_process
 from leanfit.core.registry import register
 
 if TYPE_CHECKING:

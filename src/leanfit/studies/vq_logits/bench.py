@@ -25,15 +25,9 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from leanfit.core.bench import (
-    TimingConfig,
-    add_ratios,
-    peak_memory,
-    run_in_fresh_process,
-    time_side_by_side,
-    torch_threads,
-)
+from leanfit.core.bench import TimingConfig, add_ratios, peak_memory, time_side_by_side, torch_threads
 from leanfit.core.config import option
+from leanfit.core.memory import run_in_fresh_process
 from leanfit.core.registry import register
 
 __all__ = ["METHODS", "VQLogitsBenchConfig", "measure_decode", "measure_step"]
