@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from leanfit.iapt.generator import PromptGenerator
+    from leanfit.iapt.model import IAPTModel
 
 
 def vq_logits_reference(hidden: torch.Tensor, codebook: torch.Tensor, mapping: torch.Tensor,
@@ -140,12 +147,14 @@ class Counter:
 # --- neural_de: regularisers (one sample at a time, explicit loops over the Tsit5 tableau) ---
 
 
-def tsit5_step_reference(f, t: float, y, h: float, k1=None):
-    """One Tsit5 step for ONE sample y: (1, n), stage by stage. Returns (y1, error, ks, stage states); ks[0] is
-    ``k1`` if given. y1 = y + h sum_j b_j k_j; error = h sum_j b_error_j k_j."""
+def tsit5_step_reference(f, t: float, y, h: float, k1=None, tab=None):
+    """One Tsit5 step (or one step of the Butcher tableau ``tab``) for ONE sample y: (1, n), stage by stage. Returns
+    (y1, error, ks, stage states); ks[0] is ``k1`` if given. y1 = y + h sum_j b_j k_j; error = h sum_j b_error_j k_j."""
     import torch
 
-    from leanfit.neural_de.tableaus import TSIT5 as tab
+    from leanfit.neural_de.tableaus import TSIT5
+
+    tab = tab or TSIT5
 
     def at(tt):
         return torch.tensor([tt], dtype=torch.float64)
@@ -165,10 +174,11 @@ def tsit5_step_reference(f, t: float, y, h: float, k1=None):
 
 
 def local_regularizer_reference(f, t, y, h, rtol, atol, points="batch", estimate="error", stability=3.5068,
-                                k1_graph=False):  # fmt: skip
+                                k1_graph=False, tab=None):  # fmt: skip
     """The local regulariser sample by sample: y (batch, n) and h are constants, k1 = f(t_i, y_i) is computed
     without gradient (with it if ``k1_graph``), the other stages with it. t, h: per-sample floats. ``points="batch"``: one RMS over the
-    residuals of all samples (h[0] is the shared step); ``"sample"``: per-sample RMS, then the mean.
+    residuals of all samples (h[0] is the shared step); ``"sample"``: per-sample RMS, then the mean. ``tab``: a
+    Butcher tableau other than Tsit5 (pass its ``stability`` size too).
     error: RMS(e / (atol + rtol max(|y|, |y1|))) |h|; stiffness: RMS(k7 - k6) / (RMS(y1 - g6) + eps) / stability."""
     import torch
 
@@ -178,7 +188,7 @@ def local_regularizer_reference(f, t, y, h, rtol, atol, points="batch", estimate
         yi = y[i : i + 1]
         with torch.set_grad_enabled(k1_graph):
             k1 = f(torch.tensor([float(t[i])], dtype=torch.float64), yi)
-        y1, err, ks, states = tsit5_step_reference(f, float(t[i]), yi, float(h[i]), k1=k1)
+        y1, err, ks, states = tsit5_step_reference(f, float(t[i]), yi, float(h[i]), k1=k1, tab=tab)
         res.append((err / (atol + rtol * torch.maximum(yi.abs(), y1.abs()))).reshape(-1))
         dk.append((ks[6] - ks[5]).reshape(-1))
         dg.append((y1 - states[5]).reshape(-1))
@@ -313,3 +323,204 @@ def fixed_grid_reference(t_eval, dt: float):
         while grid[-1] < t_out:
             grid.append(float(t_out) if grid[-1] + 1.01 * dt >= t_out else grid[-1] + dt)
     return grid
+
+
+# --- neural_de: Milstein and the SDE local regulariser (one sample at a time) ---
+
+
+def milstein_step_reference(drift, diffusion, t: float, y, h: float, dw1, dw2):
+    """One step-doubled Milstein step for ONE sample in plain floats, as :func:`sde_step_reference`: each
+    step adds s (g(t, y + f h + s g sqrt(h)) - g) (dW^2 - h) / (2 sqrt(h)), s = sign(dW) (+1 at 0), entry by entry,
+    to Euler-Maruyama. Returns (y_next from two half steps, y_next - full step)."""
+
+    def step(t, y, h, dw):
+        f, g = drift(t, y), diffusion(t, y)
+        side = [1.0 if w >= 0 else -1.0 for w in dw]
+        g_hat = diffusion(t, [v + h * a + s * b * math.sqrt(h) for v, a, b, s in zip(y, f, g, side, strict=True)])
+        return [v + h * a + b * w + s * (c - b) * (w * w - h) / (2 * math.sqrt(h))
+                for v, a, b, c, w, s in zip(y, f, g, g_hat, dw, side, strict=True)]  # fmt: skip
+
+    full = step(t, y, h, [a + b for a, b in zip(dw1, dw2, strict=True)])
+    y_next = step(t + h / 2, step(t, y, h / 2, dw1), h / 2, dw2)
+    return y_next, [a - b for a, b in zip(y_next, full, strict=True)]
+
+
+def milstein_reference(drift, diffusion, times, y0, w):
+    """Plain Milstein for ONE sample y0: (1, n) on the grid ``times`` with the Brownian values ``w[k]``: (1, n), as
+    :func:`euler_maruyama_reference` (differentiable; the fields get t as a float64 (1,) tensor)."""
+    ys = [y0]
+    for k in range(len(times) - 1):
+        t, h, y = torch.tensor([times[k]], dtype=torch.float64), times[k + 1] - times[k], ys[-1]
+        dw = (w[k + 1] - w[k]).to(y.dtype)
+        side = torch.tensor([[1.0 if float(v) >= 0 else -1.0 for v in dw[0]]], dtype=y.dtype)
+        f, g = drift(t, y), diffusion(t, y)
+        g_hat = diffusion(t, y + h * f + side * g * math.sqrt(h))
+        ys.append(y + h * f + g * dw + side * (g_hat - g) * (dw * dw - h) / (2 * math.sqrt(h)))
+    return ys
+
+
+def sde_scheme_step_reference(scheme, drift, diffusion, t, y, h: float, dw):
+    """One step of one sample y: (1, n): Euler-Maruyama, plus for Milstein s (g(t, y_hat) - g) (dW^2 - h) /
+    (2 sqrt(h)) with y_hat = y + f h + s g sqrt(h), s = sign(dW) entry by entry."""
+    f, g = drift(t, y), diffusion(t, y)
+    out = y + h * f + g * dw
+    if scheme == "euler":
+        return out
+    side = torch.tensor([[1.0 if float(v) >= 0 else -1.0 for v in dw.flatten()]], dtype=y.dtype)
+    g_hat = diffusion(t, y + h * f + side * g * h**0.5)
+    return out + side * (g_hat - g) * (dw * dw - h) / (2 * h**0.5)
+
+
+def sde_local_regularizer_reference(scheme, drift, diffusion, t, y, h, dw1, dw2, rtol, atol) -> torch.Tensor:
+    """Sample by sample: EEst * h of one step-doubled step of the scheme, averaged over the samples."""
+    values = []
+    for i in range(y.shape[0]):
+        ti, yi, hi = t[i : i + 1], y[i : i + 1], float(h[i])
+        full = sde_scheme_step_reference(scheme, drift, diffusion, ti, yi, hi, (dw1[i] + dw2[i])[None])
+        mid = sde_scheme_step_reference(scheme, drift, diffusion, ti, yi, hi / 2, dw1[i][None])
+        nxt = sde_scheme_step_reference(scheme, drift, diffusion, ti + hi / 2, mid, hi / 2, dw2[i][None])
+        scale = atol + rtol * torch.maximum(yi.abs(), nxt.abs())
+        values.append(((nxt - full) / scale).pow(2).mean().sqrt() * hi)
+    return torch.stack(values).mean()
+
+
+# --- iapt: rational activation, prompt generator and greedy decoding (row by row, no fast paths) ---
+
+
+def rational_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_j a_j x^j / (1 + |sum_i b_i x^i|) with explicit powers (no Horner, no continuation)."""
+    num = sum(a[j] * x**j for j in range(a.shape[0]))
+    den = 1 + (sum(b[i - 1] * x**i for i in range(1, b.shape[0] + 1))).abs()
+    return num / den
+
+
+def prompts_reference(gen: PromptGenerator, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Row by row and token by token: down, pooling over instruction positions only, norm, act, up."""
+    out = torch.zeros(hidden.shape[0], gen.num_soft_tokens, hidden.shape[-1], dtype=hidden.dtype)
+    m = gen.down.out_features
+    for b in range(hidden.shape[0]):
+        z = gen.down(hidden[b][mask[b]])  # (n, m): instruction positions only
+        for k in range(gen.num_soft_tokens):
+            if gen.pooler == "self_attn":
+                w = torch.softmax(torch.stack([z[t] @ gen.query[k] for t in range(z.shape[0])]) / math.sqrt(m), 0)
+                pooled = sum(w[t] * z[t] for t in range(z.shape[0]))
+            elif gen.pooler == "mean":
+                pooled = z.mean(0) + gen.query[k]
+            else:
+                pooled = z[-1] + gen.query[k]
+            out[b, k] = gen.up(gen.act(gen.norm(pooled)))
+    return out
+
+
+def greedy_reference(model: IAPTModel, ids: torch.Tensor, mask: torch.Tensor, new: int,
+                     names: list[str] | None = None) -> torch.Tensor:  # fmt: skip
+    """Greedy decoding with a full forward (no cache) per token; the prompt is the instruction."""
+    seq, attn, instruction = ids, mask, mask.bool()
+    with torch.no_grad():
+        for _ in range(new):
+            logits = model(seq, attention_mask=attn, instruction_mask=instruction, adapter_names=names,
+                           use_cache=False).logits  # fmt: skip
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
+            instruction = torch.cat([instruction, torch.zeros_like(instruction[:, :1])], 1)
+    return seq
+
+
+# --- noisefit: noise std, SNR probe and KL (token by token in float64) ---
+
+
+def winsorized_reference(x: torch.Tensor, k: float = 5.0) -> torch.Tensor:
+    """One token's channels clamped to median +- k * 1.4826 * MAD (lower medians, as torch.median)."""
+    d = x.numel()
+    med = x.sort().values[(d - 1) // 2]
+    mad = (x - med).abs().sort().values[(d - 1) // 2]
+    return x.clamp(float(med - k * 1.4826 * mad), float(med + k * 1.4826 * mad))
+
+
+def token_std_reference(h: torch.Tensor, mask: torch.Tensor | None, scale: float, adaptive: bool,
+                        beta: float = 0.1, max_factor: float = 5.0) -> torch.Tensor:  # fmt: skip
+    """leanfit's std token by token in float64."""
+    h = h.double()
+    rows, seq, d = h.shape
+    out = torch.empty_like(h)
+    variances = [[float(((w - w.mean()) ** 2).mean()) for w in map(winsorized_reference, h[b])] for b in range(rows)]
+    valid = [variances[b][t] for b in range(rows) for t in range(seq) if mask is None or mask[b, t]]
+    mean_var = sum(valid) / len(valid)
+    for b in range(rows):
+        for t in range(seq):
+            x = winsorized_reference(h[b, t])
+            rms = math.sqrt(float((x**2).mean()))
+            if not adaptive:
+                out[b, t] = scale * rms
+                continue
+            factor = min(variances[b][t] / mean_var, max_factor)
+            raw = h[b, t]
+            med = raw.sort().values[(d - 1) // 2]
+            mad = max(float((raw - med).abs().sort().values[(d - 1) // 2]), 1e-6 * rms)
+            w = torch.exp(-beta * (raw - med).abs() / mad)
+            out[b, t] = scale * rms * factor * w / math.sqrt(float((w**2).mean()))
+    return out
+
+
+def v1_std_reference(h: torch.Tensor, base: float, beta: float = 0.1) -> torch.Tensor:
+    """The reference v1 std token by token in float64 (unbiased variance, lower median, eps 1e-6)."""
+    h = h.double()
+    rows, seq, d = h.shape
+    var = torch.tensor([[float(h[b, t].var()) for t in range(seq)] for b in range(rows)], dtype=torch.float64)
+    out = torch.empty_like(h)
+    for b in range(rows):
+        for t in range(seq):
+            x = h[b, t]
+            med = x.sort().values[(d - 1) // 2]
+            mad = max(float((x - med).abs().sort().values[(d - 1) // 2]), 1e-6 * float(x.norm()))
+            factor = min(math.exp(float(var[b, t]) / (float(var.mean()) + 1e-6)), 5.0)
+            out[b, t] = base * mad * torch.exp(-beta * (x - med).abs() / (mad + 1e-6)) * factor
+    return out
+
+
+def snr_reference(model, used, cfg, n_draws=10):
+    """The SNR probe written out: block outputs from hooks, noise drawn directly on them, float64."""
+    from leanfit.noisefit.injector import find_decoder_layers
+    from leanfit.noisefit.loss import statistics_mask
+
+    blocks = find_decoder_layers(model)
+    outs = {}
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o.detach()))
+             for i, b in enumerate(blocks)]
+    g = torch.Generator().manual_seed(1234)
+    signal, noise, count = [0.0] * len(blocks), [0.0] * len(blocks), [0] * len(blocks)
+    with torch.no_grad():
+        for batch in used:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            keep = torch.ones(batch["input_ids"].shape, dtype=torch.bool)
+            if not cfg.paper_v1:
+                keep = statistics_mask(batch["labels"])
+            for i in range(len(blocks)):
+                h = outs[i].double()
+                if cfg.paper_v1:
+                    std = v1_std_reference(h, cfg.rel_noise * float(h.std()))  # the probe: noise_std once
+                else:
+                    std = token_std_reference(h, keep, cfg.rel_noise, cfg.token_adaptive)
+                signal[i] += float(h[keep].abs().sum())
+                count[i] += int(keep.sum()) * h.shape[-1]
+                for _ in range(n_draws):
+                    noise[i] += float((torch.randn(h.shape, generator=g, dtype=torch.float64) * std)[keep].abs().sum())
+    for hook in hooks:
+        hook.remove()
+    return [(s / c) / (n / (c * n_draws) + 1e-6) for s, n, c in zip(signal, noise, count, strict=True)]
+
+
+def kl_reference(p: torch.Tensor, q: torch.Tensor, t: float = 1.0) -> torch.Tensor:
+    """Per-position KL(softmax(p/t) || softmax(q/t)) in float64: (..., V) -> (...)."""
+    log_p, log_q = torch.log_softmax(p.double() / t, -1), torch.log_softmax(q.double() / t, -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def masked_kl_reference(p, q, mask, t, num_items):
+    """Token by token in float64."""
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for idx in zip(*torch.nonzero(mask, as_tuple=True), strict=True):
+        a, b = torch.softmax(p[idx].double() / t, -1), torch.softmax(q[idx].double() / t, -1)
+        total = total + (a * (a.log() - b.log())).sum()
+        count += 1
+    return total / (count if num_items is None else num_items)

@@ -17,6 +17,8 @@ from leanfit.iapt.config import PEFT_TYPE, IAPTConfig
 from leanfit.iapt.generator import iapt_parameter_count
 from leanfit.iapt.model import CONFIG_NAME, WEIGHTS_NAME, IAPTModel, get_iapt_model
 from leanfit.studies.models.tiny_llama import tiny_llama
+from tests.reference import greedy_reference
+from tests.tolerances import assert_close
 
 V, D, L = 48, 32, 2
 BOS, PAD = 0, 1
@@ -132,6 +134,13 @@ def test_outputs_have_the_input_shape(kind: str) -> None:
     expected = {"bert-cls": (3, 3), "bert": (3, 7, D)}.get(kind, (3, 7, V))
     assert tuple(main_output(out).shape) == expected
     assert all(tuple(h.shape) == (3, 7, D) for h in out.hidden_states) and len(out.hidden_states) == L + 1
+    # the soft tokens are stripped: the kept embedding outputs are the bare backbone's (all of them with rotary
+    # positions; with GPT-2's and BERT's absolute positions the tokens after the slot sit at other positions, so
+    # only the token before it), and the last layer differs from the bare one by the prompts' effect
+    bare = BACKBONES[kind](0)(ids, output_hidden_states=True).hidden_states
+    kept = slice(None) if kind in ("llama", "qwen2") else slice(0, 1)
+    assert_close(out.hidden_states[0][:, kept], bare[0][:, kept])
+    assert max_diff(out.hidden_states[-1], bare[-1]) > 1e-4
 
 
 def test_slot_layout_with_left_padding() -> None:
@@ -341,20 +350,6 @@ def test_response_tokens_cannot_influence_prompts(kind: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ generation
-def greedy_by_full_forwards(model: IAPTModel, ids: torch.Tensor, mask: torch.Tensor, new: int,
-                            names: list[str] | None = None) -> torch.Tensor:  # fmt: skip
-    """Greedy decoding with a full forward (no cache) per token; the prompt is the instruction."""
-    seq, attn, instruction = ids, mask, mask.bool()
-    with torch.no_grad():
-        for _ in range(new):
-            logits = model(seq, attention_mask=attn, instruction_mask=instruction, adapter_names=names,
-                           use_cache=False).logits  # fmt: skip
-            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
-            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
-            instruction = torch.cat([instruction, torch.zeros_like(instruction[:, :1])], 1)
-    return seq
-
-
 def padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
     long, short = tokens(1, 7, seed=6), tokens(1, 4, seed=7)
     ids = torch.cat([long, torch.cat([torch.full((1, 3), PAD), short], 1)])
@@ -367,7 +362,7 @@ def test_greedy_generate_with_cache_equals_full_forwards(kind: str) -> None:
     ids, mask = padded_prompts()
     out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=PAD)
     assert out.shape == (2, 7 + 8) and torch.equal(out[:, :7], ids)
-    assert torch.equal(out, greedy_by_full_forwards(model, ids, mask, 8))
+    assert torch.equal(out, greedy_reference(model, ids, mask, 8))
     plain = BACKBONES[kind](0).generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
                                         pad_token_id=PAD)  # fmt: skip
     assert not torch.equal(out, plain)  # the prompts steer the decoding
@@ -383,7 +378,7 @@ def test_mixed_tenant_generate_equals_rows_alone(kind: str) -> None:
     first = model.generate(ids[:1], adapter_names=["b"], max_new_tokens=6, do_sample=False, pad_token_id=PAD)
     second = model.generate(ids[1:, 3:], adapter_names=["a"], max_new_tokens=6, do_sample=False, pad_token_id=PAD)
     assert torch.equal(out.sequences[0], first[0]) and torch.equal(out.sequences[1, 3:], second[0])
-    assert torch.equal(out.sequences, greedy_by_full_forwards(model, ids, mask, 6, names))
+    assert torch.equal(out.sequences, greedy_reference(model, ids, mask, 6, names))
     swapped = model.generate(ids, attention_mask=mask, adapter_names=["a", "b"], max_new_tokens=6, do_sample=False,
                              pad_token_id=PAD)  # fmt: skip
     assert not torch.equal(swapped, out.sequences)
@@ -639,7 +634,7 @@ def test_gated_mixed_batches_cache_generate_and_save_load(kind: str, tmp_path: P
     prompts, mask = padded_prompts()
     out = model.generate(prompts, attention_mask=mask, adapter_names=["a", "b"], max_new_tokens=6, do_sample=False,
                          pad_token_id=PAD)  # fmt: skip
-    assert torch.equal(out, greedy_by_full_forwards(model, prompts, mask, 6, ["a", "b"]))
+    assert torch.equal(out, greedy_reference(model, prompts, mask, 6, ["a", "b"]))
     model.save_pretrained(tmp_path)
     loaded = IAPTModel.from_pretrained(BACKBONES[kind](0), tmp_path)
     with torch.no_grad():

@@ -23,6 +23,7 @@ from leanfit.neural_de.regularizers import (
 )
 from leanfit.neural_de.sde import sde_solve
 from leanfit.neural_de.solver import solve
+from tests.reference import sde_local_regularizer_reference
 
 F64 = torch.float64
 BATCH, FEATURES, HIDDEN, CLASSES = 8, 16, 8, 3
@@ -302,10 +303,22 @@ def test_sde_refuses_the_subset_regulariser() -> None:
 
 @pytest.mark.parametrize("name", SDE_PRESETS)
 def test_sde_preset_forward_and_gradients(name: str) -> None:
-    """Finite logits; regulariser finite, positive, and its gradient alone reaches drift and diffusion."""
-    model = _sde()
-    out = model(_x(), name, generator=_gen())
-    assert out.logits.shape == (BATCH, CLASSES) and torch.isfinite(out.logits).all()
+    """Logits are the head of a direct seeded solve (the regulariser leaves the forward alone); the regulariser is
+    the one computed directly from that solve with the model's tolerances and the same generator, positive, and its
+    gradient alone reaches drift and diffusion."""
+    model, x = _sde(), _x()
+    out = model(x, name, generator=_gen())
+    spec, gen = REGULARIZER_PRESETS[name], _gen()
+    with torch.no_grad():
+        sol = sde_solve(model.drift, model.diffusion, model.encoder(x), [0.0, 1.0], rtol=model.rtol, atol=model.atol,
+                        per_sample=model.per_sample, generator=gen, record_steps=spec.kind != "none")  # fmt: skip
+        assert torch.equal(out.logits, model.head(sol.ys[:, -1]))
+        if spec.kind == "global":
+            assert torch.equal(out.reg, global_regularizer(sol))
+        elif spec.kind == "local":
+            direct, _ = sde_local_regularizer(model.drift, model.diffusion, sol, sampling=spec.sampling, step=spec.step,
+                                              points=spec.points, rtol=model.rtol, atol=model.atol, generator=gen)  # fmt: skip
+            assert torch.equal(out.reg, direct)
     # Milstein's step-doubled step: 2 drift + 5 diffusion calls; "initial" adds the 2 drift calls of the step guess
     assert out.nfe_joint > 0 and out.reg_nfe == {"vanilla": 0, "global": 0, "local_taken": 7}.get(name, 9)
     if name == "vanilla":
@@ -349,31 +362,6 @@ def test_sde_zero_diffusion_is_step_doubled_euler_of_the_drift() -> None:
     assert 1e-5 < err < 0.03, f"Euler error {err:.3g}"
 
 
-def _naive_sde_step(scheme, drift, diffusion, t, y, h: float, dw):
-    """One step of one sample y: (1, n): Euler-Maruyama, plus for Milstein s (g(t, y_hat) - g) (dW^2 - h) /
-    (2 sqrt(h)) with y_hat = y + f h + s g sqrt(h), s = sign(dW) entry by entry."""
-    f, g = drift(t, y), diffusion(t, y)
-    out = y + h * f + g * dw
-    if scheme == "euler":
-        return out
-    side = torch.tensor([[1.0 if float(v) >= 0 else -1.0 for v in dw.flatten()]], dtype=y.dtype)
-    g_hat = diffusion(t, y + h * f + side * g * h**0.5)
-    return out + side * (g_hat - g) * (dw * dw - h) / (2 * h**0.5)
-
-
-def _naive_regularizer(scheme, drift, diffusion, t, y, h, dw1, dw2, rtol, atol) -> torch.Tensor:
-    """Sample by sample: EEst * h of one step-doubled step of the scheme, averaged over the samples."""
-    values = []
-    for i in range(y.shape[0]):
-        ti, yi, hi = t[i : i + 1], y[i : i + 1], float(h[i])
-        full = _naive_sde_step(scheme, drift, diffusion, ti, yi, hi, (dw1[i] + dw2[i])[None])
-        mid = _naive_sde_step(scheme, drift, diffusion, ti, yi, hi / 2, dw1[i][None])
-        nxt = _naive_sde_step(scheme, drift, diffusion, ti + hi / 2, mid, hi / 2, dw2[i][None])
-        scale = atol + rtol * torch.maximum(yi.abs(), nxt.abs())
-        values.append(((nxt - full) / scale).pow(2).mean().sqrt() * hi)
-    return torch.stack(values).mean()
-
-
 @pytest.mark.parametrize("scheme", ["milstein", "euler"])
 @pytest.mark.parametrize("sampling", ["unbiased", "biased"])
 @pytest.mark.parametrize("step", ["taken", "initial"])
@@ -390,7 +378,7 @@ def test_sde_local_regularizer_matches_naive_reference(sampling: str, step: str,
     assert hit.any(1).all(), "every sample steps from a recorded step start"
     if step == "taken":
         assert ((stats.step_h == info.h[:, None]) & hit).any(1).all()
-    ref = _naive_regularizer(scheme, model.drift, model.diffusion, info.t, info.y, info.h, *dw, 0.1, 0.1)
+    ref = sde_local_regularizer_reference(scheme, model.drift, model.diffusion, info.t, info.y, info.h, *dw, 0.1, 0.1)
     assert torch.allclose(value, ref, rtol=1e-12, atol=0), f"{value.item()!r} vs {ref.item()!r}"
     assert info.nfe == {"milstein": 7, "euler": 4}[scheme] + (step == "initial") * 2
 

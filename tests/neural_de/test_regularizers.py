@@ -20,7 +20,7 @@ from leanfit.neural_de.regularizers import (
 )
 from leanfit.neural_de.solver import PIController, Solution, solve
 from leanfit.neural_de.step import error_ratio, rk_step
-from leanfit.neural_de.tableaus import TSIT5
+from leanfit.neural_de.tableaus import DOPRI5, TSIT5
 from tests.reference import (
     Counter,
     global_regularizer_reference,
@@ -28,6 +28,7 @@ from tests.reference import (
     local_regularizer_reference,
     tsit5_step_reference,
 )
+from tests.tolerances import assert_close
 
 F64 = torch.float64
 
@@ -240,14 +241,21 @@ def test_zero_stiffness_has_zero_gradient(points: str) -> None:
 
 @pytest.mark.parametrize("which", ["local", "global"])
 def test_zero_error_estimate_has_finite_gradient(which: str) -> None:
-    """A sample at an equilibrium has an exactly zero error estimate; it should add nothing to the gradient."""
+    """A sample at an equilibrium has an exactly zero error estimate; it adds nothing to the value or the gradient:
+    the mean over [moving sample, equilibrium] is half the moving sample's own value and gradient (not NaN)."""
     params, f = equilibrium_field()
     y = torch.tensor([[1.0, 0.5], [0.0, 0.0]], dtype=F64)
-    if which == "local":
-        reg, _ = local_regularizer(f, 0.0, y, step=0.1, points="sample")
-    else:
-        reg = global_regularizer(solve(f, y, [0.0, 1.0], rtol=1e-3, atol=1e-3, record_steps=True))
-    assert all(torch.isfinite(gr).all() for gr in torch.autograd.grad(reg, params))
+
+    def reg_of(y0: torch.Tensor) -> torch.Tensor:
+        if which == "local":
+            return local_regularizer(f, 0.0, y0, step=0.1, points="sample")[0]
+        return global_regularizer(solve(f, y0, [0.0, 1.0], rtol=1e-3, atol=1e-3, record_steps=True))
+
+    both, alone = reg_of(y), reg_of(y[:1])
+    assert alone.item() > 0
+    assert_close(both, alone / 2)
+    for got, expected in zip(torch.autograd.grad(both, params), torch.autograd.grad(alone, params), strict=True):
+        assert_close(got, expected / 2)
 
 
 # --- solve(record_steps=True) and the global regulariser ----------------------------------------------------------
@@ -607,8 +615,19 @@ def test_local_regularizer_bad_input(kwargs: dict, match: str) -> None:
 
 
 def test_stiffness_allows_dopri5() -> None:
-    reg, info = _local(estimate="stiffness", method="dopri5", step=0.1)
-    assert torch.isfinite(reg) and info.nfe == 7
+    """Dopri5 is FSAL too: its stiffness estimate is the step-by-step reference with the Dopri5 tableau and
+    stability size, value and gradient."""
+    params = mlp_params(d=2, hidden=4, seed=3)
+    f = mlp(params)
+    y, t = torch.tensor([[1.0, 0.5], [-0.3, 2.0]], dtype=F64), torch.full((2,), 0.5, dtype=F64)
+    reg, info = _local(f=f, y_r=y, estimate="stiffness", method="dopri5", step=0.1, points="sample")
+    want = local_regularizer_reference(f, t, y, info.h, 1e-6, 1e-8, points="sample", estimate="stiffness",
+                                       stability=3.3066, tab=DOPRI5)  # fmt: skip
+    assert info.nfe == 7 and want.item() > 0
+    # local rtol: k7 - k6 and y1 - g6 are differences of nearly equal stages (measured 3e-12 on the value)
+    torch.testing.assert_close(reg, want, rtol=1e-10, atol=0)
+    for got, expected in zip(torch.autograd.grad(reg, params), torch.autograd.grad(want, params), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
 @pytest.fixture(scope="module")

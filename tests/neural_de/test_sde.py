@@ -1,7 +1,7 @@
 """sde.py: Brownian path statistics, one step-doubled Milstein or Euler-Maruyama step against its formula, strong
 and weak convergence against exact solutions on the solver's own Brownian path, replays with naive Milstein and
 Euler-Maruyama, statistics, reproducibility and errors. Every statistical check is seeded, with tolerances in
-standard errors. The naive Milstein references live here, beside their only user."""
+standard errors."""
 
 from __future__ import annotations
 
@@ -14,7 +14,14 @@ import torch
 
 from leanfit.neural_de.sde import BrownianPath, sde_solve, sde_step
 from leanfit.neural_de.step import error_ratio
-from tests.reference import Counter, euler_maruyama_reference, fixed_grid_reference, sde_step_reference
+from tests.reference import (
+    Counter,
+    euler_maruyama_reference,
+    fixed_grid_reference,
+    milstein_reference,
+    milstein_step_reference,
+    sde_step_reference,
+)
 
 F64 = torch.float64
 N_STATS = 20_000
@@ -37,37 +44,6 @@ def cov(x: torch.Tensor, y: torch.Tensor) -> float:
 def cov_se(var_x: float, var_y: float, cov_xy: float, n: int) -> float:
     """Standard error of a sample covariance of jointly Gaussian X, Y (a variance when X = Y)."""
     return math.sqrt((var_x * var_y + cov_xy**2) / n)
-
-
-def milstein_step_reference(drift, diffusion, t: float, y, h: float, dw1, dw2):
-    """One step-doubled Milstein step for ONE sample in plain floats, as tests.reference.sde_step_reference: each
-    step adds s (g(t, y + f h + s g sqrt(h)) - g) (dW^2 - h) / (2 sqrt(h)), s = sign(dW) (+1 at 0), entry by entry,
-    to Euler-Maruyama. Returns (y_next from two half steps, y_next - full step)."""
-
-    def step(t, y, h, dw):
-        f, g = drift(t, y), diffusion(t, y)
-        side = [1.0 if w >= 0 else -1.0 for w in dw]
-        g_hat = diffusion(t, [v + h * a + s * b * math.sqrt(h) for v, a, b, s in zip(y, f, g, side, strict=True)])
-        return [v + h * a + b * w + s * (c - b) * (w * w - h) / (2 * math.sqrt(h))
-                for v, a, b, c, w, s in zip(y, f, g, g_hat, dw, side, strict=True)]  # fmt: skip
-
-    full = step(t, y, h, [a + b for a, b in zip(dw1, dw2, strict=True)])
-    y_next = step(t + h / 2, step(t, y, h / 2, dw1), h / 2, dw2)
-    return y_next, [a - b for a, b in zip(y_next, full, strict=True)]
-
-
-def milstein_reference(drift, diffusion, times, y0, w):
-    """Plain Milstein for ONE sample y0: (1, n) on the grid ``times`` with the Brownian values ``w[k]``: (1, n), as
-    tests.reference.euler_maruyama_reference (differentiable; the fields get t as a float64 (1,) tensor)."""
-    ys = [y0]
-    for k in range(len(times) - 1):
-        t, h, y = torch.tensor([times[k]], dtype=F64), times[k + 1] - times[k], ys[-1]
-        dw = (w[k + 1] - w[k]).to(y.dtype)
-        side = torch.tensor([[1.0 if float(v) >= 0 else -1.0 for v in dw[0]]], dtype=y.dtype)
-        f, g = drift(t, y), diffusion(t, y)
-        g_hat = diffusion(t, y + h * f + side * g * math.sqrt(h))
-        ys.append(y + h * f + g * dw + side * (g_hat - g) * (dw * dw - h) / (2 * math.sqrt(h)))
-    return ys
 
 
 STEP_REFERENCES = {"milstein": milstein_step_reference, "euler": sde_step_reference}

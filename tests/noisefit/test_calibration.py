@@ -14,7 +14,8 @@ from leanfit.noisefit.calibration import calibrate, propagated_kl, scale_for_tar
 from leanfit.noisefit.config import LayerSpec, NoiseFiTConfig
 from leanfit.noisefit.injector import find_decoder_layers
 from leanfit.noisefit.loss import statistics_mask
-from tests.noisefit.test_injector import gpt2, llama, make_batch, n_hooks, token_std_reference, v1_std_reference
+from tests.noisefit.test_injector import gpt2, llama, make_batch, n_hooks
+from tests.reference import snr_reference
 
 
 def batches(n: int = 2) -> list[dict[str, torch.Tensor]]:
@@ -50,35 +51,6 @@ def test_layer_spec_keep_counts():
 
 
 # ------------------------------------------------------------------------------------------------------ SNR
-def snr_reference(model, used, cfg, n_draws=10):
-    """The SNR probe written out: block outputs from hooks, noise drawn directly on them, float64."""
-    blocks = find_decoder_layers(model)
-    outs = {}
-    hooks = [b.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o.detach()))
-             for i, b in enumerate(blocks)]
-    g = torch.Generator().manual_seed(1234)
-    signal, noise, count = [0.0] * len(blocks), [0.0] * len(blocks), [0] * len(blocks)
-    with torch.no_grad():
-        for batch in used:
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            keep = torch.ones(batch["input_ids"].shape, dtype=torch.bool)
-            if not cfg.paper_v1:
-                keep = statistics_mask(batch["labels"])
-            for i in range(len(blocks)):
-                h = outs[i].double()
-                if cfg.paper_v1:
-                    std = v1_std_reference(h, cfg.rel_noise * float(h.std()))  # the probe: noise_std once
-                else:
-                    std = token_std_reference(h, keep, cfg.rel_noise, cfg.token_adaptive)
-                signal[i] += float(h[keep].abs().sum())
-                count[i] += int(keep.sum()) * h.shape[-1]
-                for _ in range(n_draws):
-                    noise[i] += float((torch.randn(h.shape, generator=g, dtype=torch.float64) * std)[keep].abs().sum())
-    for hook in hooks:
-        hook.remove()
-    return [(s / c) / (n / (c * n_draws) + 1e-6) for s, n, c in zip(signal, noise, count, strict=True)]
-
-
 @pytest.mark.parametrize("v1", [False, True], ids=["leanfit", "paper-v1"])
 def test_snr_matches_naive_reimplementation(v1):
     model, data = llama(n_layers=3, d_model=64), batches(2)

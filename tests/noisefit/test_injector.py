@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from leanfit.core.errors import ConfigError
-from leanfit.studies.models.tiny_llama import tiny_llama
 from leanfit.noisefit.config import NoiseFiTConfig
 from leanfit.noisefit.injector import NoiseInjector, find_decoder_layers, paper_v1_noise_std, token_noise_std
 from leanfit.noisefit.loss import statistics_mask
+from leanfit.studies.models.tiny_llama import tiny_llama
+from tests.reference import token_std_reference, v1_std_reference
 
 VOCAB = 50
 
@@ -73,55 +74,6 @@ MODELS = {"llama": llama, "gpt2": gpt2, "qwen2": qwen2}
 
 
 # ------------------------------------------------------------------------------------------ naive references
-def winsorized_reference(x: torch.Tensor, k: float = 5.0) -> torch.Tensor:
-    """One token's channels clamped to median +- k * 1.4826 * MAD (lower medians, as torch.median)."""
-    d = x.numel()
-    med = x.sort().values[(d - 1) // 2]
-    mad = (x - med).abs().sort().values[(d - 1) // 2]
-    return x.clamp(float(med - k * 1.4826 * mad), float(med + k * 1.4826 * mad))
-
-
-def token_std_reference(h: torch.Tensor, mask: torch.Tensor | None, scale: float, adaptive: bool,
-                        beta: float = 0.1, max_factor: float = 5.0) -> torch.Tensor:  # fmt: skip
-    """leanfit's std token by token in float64."""
-    h = h.double()
-    rows, seq, d = h.shape
-    out = torch.empty_like(h)
-    variances = [[float(((w - w.mean()) ** 2).mean()) for w in map(winsorized_reference, h[b])] for b in range(rows)]
-    valid = [variances[b][t] for b in range(rows) for t in range(seq) if mask is None or mask[b, t]]
-    mean_var = sum(valid) / len(valid)
-    for b in range(rows):
-        for t in range(seq):
-            x = winsorized_reference(h[b, t])
-            rms = math.sqrt(float((x**2).mean()))
-            if not adaptive:
-                out[b, t] = scale * rms
-                continue
-            factor = min(variances[b][t] / mean_var, max_factor)
-            raw = h[b, t]
-            med = raw.sort().values[(d - 1) // 2]
-            mad = max(float((raw - med).abs().sort().values[(d - 1) // 2]), 1e-6 * rms)
-            w = torch.exp(-beta * (raw - med).abs() / mad)
-            out[b, t] = scale * rms * factor * w / math.sqrt(float((w**2).mean()))
-    return out
-
-
-def v1_std_reference(h: torch.Tensor, base: float, beta: float = 0.1) -> torch.Tensor:
-    """The reference v1 std token by token in float64 (unbiased variance, lower median, eps 1e-6)."""
-    h = h.double()
-    rows, seq, d = h.shape
-    var = torch.tensor([[float(h[b, t].var()) for t in range(seq)] for b in range(rows)], dtype=torch.float64)
-    out = torch.empty_like(h)
-    for b in range(rows):
-        for t in range(seq):
-            x = h[b, t]
-            med = x.sort().values[(d - 1) // 2]
-            mad = max(float((x - med).abs().sort().values[(d - 1) // 2]), 1e-6 * float(x.norm()))
-            factor = min(math.exp(float(var[b, t]) / (float(var.mean()) + 1e-6)), 5.0)
-            out[b, t] = base * mad * torch.exp(-beta * (x - med).abs() / (mad + 1e-6)) * factor
-    return out
-
-
 # ---------------------------------------------------------------------------------------- finding the blocks
 @pytest.mark.parametrize("name, path", [("llama", "model.layers"), ("gpt2", "transformer.h"),
                                         ("qwen2", "model.layers")], ids=["llama", "gpt2", "qwen2"])  # fmt: skip
@@ -189,11 +141,25 @@ def test_noise_only_inside_noisy_block():
 
 
 def test_force_adds_noise_in_eval_mode():
-    model, batch = llama(), make_batch()
+    """In eval mode ``force=True`` adds the training noise: noise / (reference std) is standard normal."""
+    model, batch = llama(d_model=64), make_batch(rows=4, seq=16)
     model.eval()
     bare = logits_of(model, batch)
-    with NoiseInjector(model, NoiseFiTConfig(layers=[0], rel_noise=0.1)) as injector, injector.noisy(force=True):
-        assert (logits_of(model, batch) - bare).abs().max() > 1e-3
+    block = find_decoder_layers(model)[0]
+    clean, noisy = [], []
+    capture(block, clean)
+    config = NoiseFiTConfig(layers=[0], rel_noise=0.1)
+    with NoiseInjector(model, config) as injector:
+        capture(block, noisy)
+        logits_of(model, batch)
+        assert torch.equal(noisy[0], clean[0])  # eval mode without force: no noise
+        with injector.noisy(force=True):
+            noisy_logits = logits_of(model, batch)
+    assert (noisy_logits - bare).abs().max() > 1e-3
+    h = clean[1]
+    z = (noisy[1] - h).double() / token_std_reference(h, None, 0.1, config.token_adaptive)
+    assert float(z.pow(2).mean().sqrt()) == pytest.approx(1.0, abs=0.05)  # 4096 draws: SE of the RMS ~0.01
+    assert float(z.mean()) == pytest.approx(0.0, abs=0.05)
 
 
 # ------------------------------------------------------------------------------------------------ noise size

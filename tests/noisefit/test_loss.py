@@ -17,6 +17,7 @@ from leanfit.noisefit.loss import (
     statistics_mask,
 )
 from tests.noisefit.test_injector import MODELS, gpt2, llama, make_batch
+from tests.reference import kl_reference, masked_kl_reference
 
 
 def capture_logits(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -29,12 +30,6 @@ def capture_logits(model: torch.nn.Module) -> list[torch.Tensor]:
 
     model.get_output_embeddings().register_forward_hook(hook)
     return store
-
-
-def kl64(p: torch.Tensor, q: torch.Tensor, t: float = 1.0) -> torch.Tensor:
-    """Per-position KL(softmax(p/t) || softmax(q/t)) in float64: (..., V) -> (...)."""
-    log_p, log_q = torch.log_softmax(p.double() / t, -1), torch.log_softmax(q.double() / t, -1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def shifted_mean(per_position: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -79,11 +74,11 @@ def test_packed_loss_terms_match_reference(n_noisy, kl, temperature):
     labels = batch["labels"]
     clean, *noisy = seen[0].detach().split(3)
     ce = F.cross_entropy(clean[:, :-1].double().reshape(-1, clean.shape[-1]), labels[:, 1:].reshape(-1))
-    soft = sum(shifted_mean(kl64(clean, z, temperature), labels) for z in noisy) / n_noisy * temperature**2
+    soft = sum(shifted_mean(kl_reference(clean, z, temperature), labels) for z in noisy) / n_noisy * temperature**2
     cons = torch.zeros((), dtype=torch.float64)
     if n_noisy == 2:
-        forward = shifted_mean(kl64(noisy[0], noisy[1]), labels)
-        cons = forward if kl == "forward" else 0.5 * (forward + shifted_mean(kl64(noisy[1], noisy[0]), labels))
+        forward = shifted_mean(kl_reference(noisy[0], noisy[1]), labels)
+        cons = forward if kl == "forward" else 0.5 * (forward + shifted_mean(kl_reference(noisy[1], noisy[0]), labels))
     # The float32 KL of two near-equal distributions cancels terms of size ~entropy (about 5 nats here), so its
     # absolute error is about float32's eps times that: 1e-6, against terms of 5e-4 and more.
     for got, ref in [(out.ce, ce), (out.soft, soft), (out.consistency, cons)]:
@@ -177,13 +172,13 @@ def test_paper_v1_loss_reproduces_the_reference_defects():
     def v1_mean(per_position):
         return per_position[unshifted].mean()
 
-    soft = 0.5 * (v1_mean(kl64(clean / t, noisy1)) + v1_mean(kl64(clean / t, noisy2)))  # T on teacher, no T^2
-    cons = v1_mean(kl64(noisy2, noisy1))  # KL(p_noisy2 || p_noisy1)
+    soft = 0.5 * (v1_mean(kl_reference(clean / t, noisy1)) + v1_mean(kl_reference(clean / t, noisy2)))  # T on teacher, no T^2
+    cons = v1_mean(kl_reference(noisy2, noisy1))  # KL(p_noisy2 || p_noisy1)
     assert float(out.ce) == pytest.approx(float(model(**batch).loss), abs=1e-6)
     assert float(out.soft) == pytest.approx(float(soft), rel=1e-4)
     assert float(out.consistency) == pytest.approx(float(cons), rel=1e-4)
     assert float(out.loss) == pytest.approx(float(alpha * out.ce + (1 - alpha) * soft + lam * cons), rel=1e-5)
-    fixed = 0.5 * t**2 * (shifted_mean(kl64(clean, noisy1, t), labels) + shifted_mean(kl64(clean, noisy2, t), labels))
+    fixed = 0.5 * t**2 * (shifted_mean(kl_reference(clean, noisy1, t), labels) + shifted_mean(kl_reference(clean, noisy2, t), labels))
     assert abs(float(out.soft) - float(fixed)) > 0.1 * float(fixed)  # the defects change the number
     out.soft.backward(retain_graph=True)
     assert seen[0].grad.abs().max() > 0  # the teacher is not detached
@@ -206,7 +201,7 @@ def test_rdrop_loss_matches_reference(dropout):
     def ce(z):
         return F.cross_entropy(z[:, :-1].double().reshape(-1, z.shape[-1]), labels[:, 1:].reshape(-1))
 
-    kl = 0.5 * (shifted_mean(kl64(z1, z2), labels) + shifted_mean(kl64(z2, z1), labels))
+    kl = 0.5 * (shifted_mean(kl_reference(z1, z2), labels) + shifted_mean(kl_reference(z2, z1), labels))
     assert float(out.ce) == pytest.approx(float(0.5 * (ce(z1) + ce(z2))), rel=1e-5)
     assert float(out.kl) == pytest.approx(float(kl), rel=1e-4, abs=1e-9)
     assert float(out.loss) == pytest.approx(float(out.ce + 0.7 * out.kl), rel=1e-6)
@@ -217,16 +212,6 @@ def test_rdrop_loss_matches_reference(dropout):
 
 
 # ------------------------------------------------------------------------------------------ functional pieces
-def masked_kl_reference(p, q, mask, t, num_items):
-    """Token by token in float64."""
-    total, count = torch.zeros((), dtype=torch.float64), 0
-    for idx in zip(*torch.nonzero(mask, as_tuple=True), strict=True):
-        a, b = torch.softmax(p[idx].double() / t, -1), torch.softmax(q[idx].double() / t, -1)
-        total = total + (a * (a.log() - b.log())).sum()
-        count += 1
-    return total / (count if num_items is None else num_items)
-
-
 @pytest.mark.parametrize("temperature", [1.0, 2.5], ids=["T1", "T2.5"])
 @pytest.mark.parametrize("num_items", [None, 17.0], ids=["mean", "num-items"])
 def test_masked_kl_matches_float64_reference(temperature, num_items):

@@ -8,6 +8,7 @@ from torch import nn
 
 from leanfit.vq_logits.head import VQLogitsHead
 from tests.reference import vq_cross_entropy_reference, vq_logits_reference
+from tests.tolerances import assert_close
 
 
 def _head(v=50, d=8, k=7, bias=True, mode="collapsed", seed=0):
@@ -23,7 +24,7 @@ def test_from_linear_with_one_code_per_token_reproduces_the_layer():
     linear = nn.Linear(8, 20).double()
     head = VQLogitsHead.from_linear(linear, 20, mapping=torch.arange(20), counts=torch.ones(20), bias_init="unigram")
     h = torch.randn(5, 8, dtype=torch.float64)
-    torch.testing.assert_close(head(h), linear(h), rtol=1e-12, atol=1e-12)
+    assert_close(head(h), linear(h))
 
 
 def test_from_linear_codes_are_cluster_means_and_bias_is_within_cluster_log_share():
@@ -32,17 +33,29 @@ def test_from_linear_codes_are_cluster_means_and_bias_is_within_cluster_log_shar
     m = torch.tensor([0, 0, 1, 1, 1, 2])
     counts = torch.tensor([3.0, 1.0, 1.0, 1.0, 2.0, 5.0])
     head = VQLogitsHead.from_linear(linear, 3, mapping=m, counts=counts, bias_init="unigram")
-    torch.testing.assert_close(head.codebook[1], linear.weight[2:5].mean(0), rtol=1e-12, atol=0)
+    assert_close(head.codebook[1], linear.weight[2:5].mean(0))
     p = counts.double() + 0.5
-    torch.testing.assert_close(head.bias[:2], (p[:2] / p[:2].sum()).log(), rtol=1e-12, atol=0)
+    assert_close(head.bias[:2], (p[:2] / p[:2].sum()).log())
 
 
-def test_from_linear_kmeans_default_runs_on_real_embeddings():
-    torch.manual_seed(0)
+def test_from_linear_kmeans_default_recovers_planted_clusters_and_their_means():
+    """Output embeddings in 12 well-separated groups: the default k-means map is the planted partition (up to
+    relabelling), each code is the float64 mean of its group's rows, and the logits are the reference's."""
+    g = torch.Generator().manual_seed(0)
+    truth = torch.arange(300) % 12
     linear = nn.Linear(16, 300, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(12, 16, generator=g)[truth] * 10 + torch.randn(300, 16, generator=g) * 0.1)
     head = VQLogitsHead.from_linear(linear, 12)
-    assert head.mapping.shape == (300,) and int(head.mapping.max()) < 12
+    pairs = {(int(t), int(c)) for t, c in zip(truth, head.mapping, strict=True)}
+    assert len(pairs) == 12 and len({c for _, c in pairs}) == 12
     assert head.codebook.dtype == torch.float32
+    w = linear.weight.detach().double()
+    means = torch.stack([w[head.mapping == k].mean(0) for k in range(12)])
+    assert_close(head.codebook, means)
+    assert torch.equal(head.bias, torch.zeros(300))  # bias_init="zeros" and a bias-free layer
+    h = torch.randn(5, 16, generator=g, dtype=torch.float64)  # float64: the logits cancel terms of size ~30
+    assert_close(head.double().logits(h), vq_logits_reference(h, head.codebook, head.mapping, None))
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
@@ -53,8 +66,8 @@ def test_gather_and_collapsed_modes_agree_with_reference(bias):
     collapsed, gather = _head(bias=bias), _head(bias=bias, mode="gather")
     ref = vq_cross_entropy_reference(h.reshape(-1, 8), collapsed.codebook, collapsed.mapping, y.reshape(-1),
                                      collapsed.bias)  # fmt: skip
-    torch.testing.assert_close(collapsed.loss(h, y), ref, rtol=1e-12, atol=0)
-    torch.testing.assert_close(gather.loss(h, y), ref, rtol=1e-12, atol=0)
+    assert_close(collapsed.loss(h, y), ref)
+    assert_close(gather.loss(h, y), ref)
     per_token = collapsed.loss(h, y, reduction="none")
     assert per_token.shape == (3, 5) and per_token[0, 0] == 0
 
@@ -64,11 +77,9 @@ def test_log_prob_logits_argmax_shapes_and_values():
     h = torch.randn(2, 3, 8, dtype=torch.float64)
     logits = head.logits(h)
     assert logits.shape == (2, 3, 50)
-    torch.testing.assert_close(logits.reshape(-1, 50),
-                               vq_logits_reference(h.reshape(-1, 8), head.codebook, head.mapping, head.bias))  # fmt: skip
+    assert_close(logits.reshape(-1, 50), vq_logits_reference(h.reshape(-1, 8), head.codebook, head.mapping, head.bias))
     tokens = torch.randint(0, 50, (2, 3))
-    torch.testing.assert_close(head.log_prob(h, tokens),
-                               torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1))  # fmt: skip
+    assert_close(head.log_prob(h, tokens), torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1))
     assert torch.equal(head.argmax(h), logits.argmax(-1))
     assert head.sample(h, generator=torch.Generator().manual_seed(0)).shape == (2, 3)
 
@@ -150,12 +161,12 @@ def test_residual_head_starts_as_the_plain_head_and_stays_normalised():
     res.load_state_dict(plain.state_dict(), strict=False)
     h = torch.randn(5, 8, dtype=torch.float64)
     y = torch.randint(0, 50, (5,))
-    torch.testing.assert_close(res.loss(h, y), plain.loss(h, y), rtol=1e-12, atol=0)
+    assert_close(res.loss(h, y), plain.loss(h, y))
     with torch.no_grad():
         res.residual_emb.normal_()
     probs = res.logits(h).exp()
-    torch.testing.assert_close(probs.sum(-1), torch.ones(5, dtype=torch.float64), rtol=1e-12, atol=0)
-    torch.testing.assert_close(res.log_prob(h, y), res.logits(h).gather(1, y[:, None]).squeeze(1), rtol=1e-12, atol=0)
+    assert_close(probs.sum(-1), torch.ones(5, dtype=torch.float64))
+    assert_close(res.log_prob(h, y), res.logits(h).gather(1, y[:, None]).squeeze(1))
     assert torch.equal(res.argmax(h), res.logits(h).argmax(-1))
     assert res.sample(h, top_k=3, generator=torch.Generator().manual_seed(0)).shape == (5,)
 

@@ -9,6 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from leanfit.studies.models.tiny_llama import tiny_llama
 from leanfit.vq_logits.hf import from_pretrained, replace_lm_head
+from tests.tolerances import assert_close
 
 V = 300
 
@@ -52,20 +53,32 @@ def test_loss_matches_cross_entropy_of_materialised_logits(vq_model):
     assert out.logits is None  # the loss path never builds N x V logits
     logits = vq_model(input_ids=x).logits
     ref = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
-    torch.testing.assert_close(out.loss, ref, rtol=1e-12, atol=0)
+    assert_close(out.loss, ref)
     shifted = vq_model(input_ids=x[:, :-1], shift_labels=labels[:, 1:]).loss  # the LM training loop's form
     ref_short = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
-    torch.testing.assert_close(shifted, ref_short, rtol=1e-12, atol=0)
+    assert_close(shifted, ref_short)
     n_items = int((labels[:, 1:] != -100).sum())
     summed = vq_model(input_ids=x, labels=labels, num_items_in_batch=2 * n_items).loss
-    torch.testing.assert_close(summed, ref / 2, rtol=1e-12, atol=0)
+    assert_close(summed, ref / 2)
 
 
-def test_loss_gradients_reach_head_and_trunk(vq_model):
-    vq_model(input_ids=_ids(), labels=_ids()).loss.backward()
-    head = vq_model.get_output_embeddings()
-    assert head.codebook.grad.abs().sum() > 0 and head.bias.grad.abs().sum() > 0
-    assert vq_model.get_input_embeddings().weight.grad.abs().sum() > 0
+def test_loss_gradients_equal_those_of_materialised_logits(vq_model):
+    """Every parameter's gradient (head and trunk) from the collapsed loss equals the one from cross entropy of
+    the materialised logits."""
+    x, labels = _ids(), _ids(seed=1)
+    params = [p for p in vq_model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(vq_model(input_ids=x, labels=labels).loss, params, allow_unused=True)
+    logits = vq_model(input_ids=x).logits
+    ref_loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1))
+    expected = torch.autograd.grad(ref_loss, params, allow_unused=True)
+    names = [n for n, p in vq_model.named_parameters() if p.requires_grad]
+    for name, g, r in zip(names, got, expected, strict=True):
+        assert (g is None) == (r is None), name
+        if g is not None:
+            assert_close(g, r, msg=name)
+    head, by_param = vq_model.get_output_embeddings(), {id(p): g for p, g in zip(params, got, strict=True)}
+    for p in (head.codebook, head.bias, vq_model.get_input_embeddings().weight):  # the gradient reaches them
+        assert by_param[id(p)].abs().max() > 0
 
 
 def test_greedy_generate_matches_transformers_on_materialised_logits(vq_model):
