@@ -1,14 +1,24 @@
-"""joblib backends for embarrassingly parallel studies: ``loky`` (processes on this machine), ``threading``,
-``dask`` (a ``dask.distributed`` cluster) or ``ray``. Studies call ``Parallel`` inside :func:`joblib_backend`."""
+"""The job runner of the studies: :func:`run_jobs` runs independent jobs (models to train, fits to make) one at a
+time or ``jobs`` at once through joblib, on a backend of :func:`joblib_backend`: ``loky`` (processes on this
+machine), ``threading``, ``dask`` (a ``dask.distributed`` cluster) or ``ray``.
+
+Every study names its knob ``jobs`` (1: one at a time in this process; -1: one per core, joblib's convention) and
+gets the same refusal under ``torchrun``, where a data-parallel launch already splits every batch over processes."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
-__all__ = ["BACKENDS", "joblib_backend"]
+from leanfit.core.errors import ConfigError, LeanfitError, bad_value
+
+__all__ = ["BACKENDS", "check_jobs", "joblib_backend", "run_jobs"]
 
 BACKENDS = ("loky", "threading", "dask", "ray")
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @contextlib.contextmanager
@@ -16,10 +26,8 @@ def joblib_backend(name: str, address: str = "") -> Iterator[None]:
     """joblib's ``parallel_config`` for ``name``; dask and ray start (or join, given ``address``) their cluster."""
     from joblib import parallel_config
 
-    from leanfit.core.errors import LeanfitError
-
     if name not in BACKENDS:
-        raise ValueError(f"backend={name!r} is invalid: expected one of {', '.join(BACKENDS)}")
+        raise ConfigError(bad_value("backend", name, f"one of {', '.join(BACKENDS)}"))
     if name in ("loky", "threading"):
         with parallel_config(backend=name):
             yield
@@ -45,3 +53,68 @@ def joblib_backend(name: str, address: str = "") -> Iterator[None]:
             yield
     finally:
         ray.shutdown()
+
+
+def check_jobs(jobs: int) -> None:
+    """Refuse ``jobs`` that joblib cannot use (0, not an integer) and ``jobs != 1`` under ``torchrun``."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs == 0:
+        raise ConfigError(bad_value("jobs", jobs, "an integer >= 1, or -1 for one job per core"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if jobs != 1 and world > 1:
+        raise ConfigError(bad_value("jobs", jobs, f"1 under torchrun (WORLD_SIZE={world})", "a data-parallel launch "
+                                    "already splits every batch over processes; set jobs=1"))  # fmt: skip
+
+
+def _indexed(fn: Callable[[Any], Any], index: int, item: Any) -> tuple[int, Any]:
+    """``(index, fn(item))`` in a worker (module level, so that it pickles)."""
+    return index, fn(item)
+
+
+def run_jobs(
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    *,
+    jobs: int,
+    backend: str = "loky",
+    address: str = "",
+    desc: str,
+    serial_fn: Callable[[T], R] | None = None,
+    postfix: Callable[[R], dict[str, float | str]] | None = None,
+    on_result: Callable[[R], None] | None = None,
+    completed: int = 0,
+) -> list[R]:
+    """``[fn(item) for item in items]``, ``jobs`` at a time through joblib when ``jobs != 1`` and there are two or
+    more items; the results come back in the order of ``items`` whatever order the workers finish in.
+
+    fn: runs in the workers, so it must pickle (a module-level function or a ``functools.partial`` of one) and
+    should show no progress bar of its own: the runner shows one bar, ``desc``, for all items, with the fields
+    ``postfix(result)``. serial_fn: run instead of ``fn`` when the items run one at a time in this process, e.g.
+    ``fn`` with its own progress bar (the runner then shows none). on_result: called in this process on each result
+    as soon as it is there (e.g. to append it to a log that a resumed run reads). completed: items finished
+    before (a resumed run), counted in the bar. Raises :class:`~leanfit.core.errors.ConfigError` for invalid
+    ``jobs`` and for ``jobs != 1`` under ``torchrun``."""
+    from leanfit.core.progress import progress_bar
+
+    check_jobs(jobs)
+    out: list[Any] = [None] * len(items)
+    if jobs == 1 or len(items) <= 1:
+        with progress_bar(len(items) + completed, desc, enabled=serial_fn is None, completed=completed) as bar:
+            for i, item in enumerate(items):
+                out[i] = (serial_fn or fn)(item)
+                _finished(out[i], bar, postfix, on_result)
+        return out
+    from joblib import Parallel, delayed
+
+    n_jobs = min(jobs, len(items)) if jobs > 0 else jobs
+    with progress_bar(len(items) + completed, desc, completed=completed) as bar, joblib_backend(backend, address):
+        parallel = Parallel(n_jobs=n_jobs, return_as="generator_unordered")
+        for i, result in parallel(delayed(_indexed)(fn, i, item) for i, item in enumerate(items)):
+            out[i] = result
+            _finished(result, bar, postfix, on_result)
+    return out
+
+
+def _finished(result: Any, bar: Any, postfix: Callable[[Any], dict] | None, on_result: Callable | None) -> None:
+    if on_result is not None:
+        on_result(result)
+    bar.advance(1, **(postfix(result) if postfix else {}))

@@ -9,6 +9,7 @@ Layout::
     report.md       rendered from results.json + metrics.jsonl (``leanfit report RUN_DIR``)
     plots/*.png     figures of the report
     checkpoints/    training checkpoints (see :mod:`leanfit.core.checkpoint`)
+    runs/<name>/    sub-runs (one trained model each, :meth:`RunDir.subrun`), their record in ``result.json``
 
 Only the main process (``RANK`` 0) writes; other ranks of a distributed run read the same folder.
 """
@@ -22,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from leanfit.core.errors import LeanfitError
+from leanfit.core.errors import ConfigError, LeanfitError, bad_value
 from leanfit.core.io import (
     append_jsonl,
     atomic_write_json,
@@ -32,7 +33,7 @@ from leanfit.core.io import (
     rewrite_jsonl,
 )
 
-__all__ = ["RunDir", "is_main_process"]
+__all__ = ["RunDir", "SubRun", "is_main_process"]
 
 
 def is_main_process() -> bool:
@@ -109,3 +110,35 @@ class RunDir:
     @property
     def complete(self) -> bool:
         return (self.path / "results.json").exists()
+
+    # --- sub-runs --------------------------------------------------------------------------------------------
+    def subrun(self, name: str, file: str = "result.json") -> SubRun:
+        """The sub-run ``runs/<name>/`` (created), the one cache of a study's finished pieces: its ``stored()``
+        record is there when an earlier (or interrupted and resumed) run finished it; otherwise the caller computes
+        it and calls ``store(record)``, written atomically, so a half-written record is never read back.
+
+        file: the record's name in the folder; a second record of the same sub-run (test scores beside the
+        training record) uses another name."""
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise ConfigError(bad_value("name", name, "a folder name (no path separators)"))
+        sub = SubRun(self.path / "runs" / name, file=file)
+        sub.path.mkdir(parents=True, exist_ok=True)
+        return sub
+
+
+@dataclass
+class SubRun(RunDir):
+    """A child run folder with one cached record, ``file`` (see :meth:`RunDir.subrun`)."""
+
+    file: str = "result.json"
+
+    def stored(self) -> Any | None:
+        """The stored record, or None when this sub-run has not finished."""
+        path = self.path / self.file
+        return read_json(path) if path.exists() else None
+
+    def store(self, record: Any) -> Any:
+        """Write ``record`` atomically (main process only) and return it."""
+        if is_main_process():
+            atomic_write_json(self.path / self.file, record)
+        return record
