@@ -24,15 +24,15 @@ disturbed by another process on a shared machine does not count; ``decode_ms_mea
 emits one token for every row).
 ``decode_tokens_per_s = batch / decode step time``; ``tokens_per_s = batch * new_tokens / whole call``. Every
 round runs every (method, tenants) cell once, in an order rotated each round, after ``warmup`` untimed rounds
-(:func:`leanfit.core.bench.time_side_by_side`); the minimum over ``repeats`` rounds is reported (the median beside it), and ratios divide by ``bare`` of the same
-run.
+(:func:`leanfit.core.bench.time_side_by_side`); the minimum over ``repeats`` rounds is reported (the median beside
+it), and ratios divide by ``bare`` of the same run.
 
 Peak memory (:func:`leanfit.core.bench.peak_memory`): the rise during one ``generate`` over what was held before
 it (backbone and adapters loaded): on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the rise of the resident
 set (``VmHWM`` after resetting it through ``/proc/self/clear_refs``), each cell in a fresh process
 (``isolate_memory``) so that memory freed and cached by earlier cells does not hide its own; there a tiny warm-up
-``generate`` of the same method (lazy kernel and library set-up) and a ``malloc_trim`` precede the baseline. ``adapter_mb`` is the size of the adapters a
-cell uses.
+``generate`` of the same method (lazy kernel and library set-up) and a ``malloc_trim`` precede the baseline.
+``adapter_mb`` is the size of the adapters a cell uses.
 
 Analytic cost per decode step and row (``*_flops``): the backbone's matmuls ``2 * (weights of its linear
 layers)`` plus attention over the mean context; LoRA adds ``2 * r * (d_in + d_out)`` per adapted module (two
@@ -481,9 +481,9 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
     add_ratios(rows, match=(), baseline={"method": "bare"}, columns={
         "decode_ratio_vs_bare": "decode_tokens_per_s", "tokens_per_s_ratio_vs_bare": "tokens_per_s",
         "prefill_ratio_vs_bare": "prefill_ms"})  # fmt: skip
-    add_ratios(rows, match=("tenants",), baseline=lambda r: {"method": "lora_mixed"} if r["method"] == "iapt" else None,
-               columns={"decode_speedup_vs_lora_mixed": "decode_tokens_per_s",
-                        "tokens_per_s_speedup_vs_lora_mixed": "tokens_per_s"})  # fmt: skip
+    add_ratios(rows, match=("tenants",), baseline=lambda r: {"method": "lora_mixed"} if r["method"] == "iapt"
+               else None, columns={"decode_speedup_vs_lora_mixed": "decode_tokens_per_s",
+                                   "tokens_per_s_speedup_vs_lora_mixed": "tokens_per_s"})  # fmt: skip
 
 
 def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:

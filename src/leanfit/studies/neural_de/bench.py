@@ -343,7 +343,8 @@ def _cell(problem: _Problem, ref: Any, name: str, dtype_name: str, tol: float, c
         out, (median, iqr) = checked[m], median_iqr(times[m])
         rows.append({"problem": name, "dtype": dtype_name, "batch": y0.shape[0], "dim": y0.shape[1], "tol": tol,
                      "method": m, "wall_ms": 1e3 * median, "wall_iqr_ms": 1e3 * iqr, "timed_calls": len(times[m]),
-                     "nfe_joint": out["nfe_joint"], "nfe_lib": out["nfe_lib"], "nfe_sample": out["nfe_sample"], "accepted": out["accepted"], "rejected": out["rejected"],
+                     "nfe_joint": out["nfe_joint"], "nfe_lib": out["nfe_lib"], "nfe_sample": out["nfe_sample"],
+                     "accepted": out["accepted"], "rejected": out["rejected"],
                      "nfe_deterministic": counts[m] == {out["nfe_joint"]}, **_errors(out["ys"], ref, tol),
                      "threads": threads, "device": cfg.device})  # fmt: skip
     return rows

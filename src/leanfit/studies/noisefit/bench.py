@@ -21,9 +21,10 @@ cost, how many layers do. Calibration is a one-off cost before training and is n
 
 Timing: a checked call per arm first (untimed, no gradient: its loss, and its forward passes and rows counted by a
 hook on the input embeddings), ``warmup`` untimed rounds, then rounds of one step per arm, the arm order rotated
-every round (:func:`leanfit.core.bench.time_side_by_side`); the median over rounds is reported, and ratios against ``sft`` come from the same run. Arms share one
-model and one optimizer; what an arm attaches (noise hooks, NEFTune's hook, attention dropout) is attached before
-and removed after each of its steps, outside the timer. On CUDA every step is synchronised.
+every round (:func:`leanfit.core.bench.time_side_by_side`); the median over rounds is reported, and ratios against
+``sft`` come from the same run. Arms share one model and one optimizer; what an arm attaches (noise hooks, NEFTune's
+hook, attention dropout) is attached before and removed after each of its steps, outside the timer. On CUDA every
+step is synchronised.
 
 Peak memory of a step (:func:`leanfit.core.bench.peak_memory`, gradients freed first): on CUDA
 ``torch.cuda.max_memory_allocated`` over what was allocated before the step; on the CPU the rise of the resident set
