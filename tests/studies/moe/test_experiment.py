@@ -10,9 +10,9 @@ import pytest
 from leanfit.core.errors import ConfigError, LeanfitError
 from leanfit.core.io import read_jsonl, rewrite_jsonl
 from leanfit.core.runner import run_experiment
-from leanfit.studies.moe.experiment import TRUTH, always_selected, slope_with_ci, start_params
+from leanfit.studies.moe.experiment import TRUTH, TopKMoEStudyConfig, always_selected, rate_slope, start_params
 
-TINY = ["ns=[300,900]", "replications=2", "bootstrap=50", "n_jobs=1", "backend=threading", "max_iter=60"]
+TINY = ["ns=[300,900]", "replications=2", "bootstrap=50", "jobs=1", "backend=threading", "max_iter=60"]
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +39,27 @@ def test_study_records_every_fit_and_reports(study):
 
 def test_slope_is_the_least_squares_slope_of_the_means():
     fits = [{"n": n, "rep": r, "loss": 3.0 * n**-0.5 * (1 + 0.1 * r)} for n in (100, 1000, 10000) for r in range(3)]
-    s = slope_with_ci(fits, "loss", n_boot=200, seed=0)
-    assert s["slope"] == pytest.approx(-0.5, abs=1e-12)
-    assert s["lo"] <= -0.5 <= s["hi"]
+    s = rate_slope(fits, "loss", n_boot=200, seed=0)
+    assert s.estimate == pytest.approx(-0.5, abs=1e-12)
+    assert s.low <= -0.5 <= s.high
+
+
+def test_slope_needs_two_sample_sizes_with_positive_values():
+    fits = [{"n": n, "rep": r, "loss": 1.0 if n == 100 else float("nan")} for n in (100, 1000) for r in range(3)]
+    assert all(math.isnan(v) for v in rate_slope(fits, "loss", n_boot=10, seed=0))
+
+
+def test_parallel_fits_equal_sequential_fits(study, tmp_path):
+    _, _, results = study
+    _, parallel = run_experiment("topk-moe", out=tmp_path, overrides=[*TINY, "jobs=2"])
+    assert parallel["slopes"] == results["slopes"] and parallel["per_n"] == [
+        {**row, "mean_seconds": p["mean_seconds"]} for row, p in zip(results["per_n"], parallel["per_n"], strict=True)]
+
+
+def test_the_old_knob_name_n_jobs_is_read_as_jobs():
+    assert TopKMoEStudyConfig.from_dict({"n_jobs": 3}).jobs == 3
+    with pytest.raises(ConfigError, match="n_jobs"):
+        TopKMoEStudyConfig.from_dict({"n_jobs": 3, "jobs": 2})
 
 
 def test_resume_finishes_an_interrupted_study(study, tmp_path):
@@ -83,7 +101,8 @@ def test_split_needs_a_log2_margin_over_the_unselected_experts():
 @pytest.mark.parametrize(("override", "fragment"), [("split_expert=0", "contains the truth"),
                                                     ("settings=[under]", "settings="),
                                                     ("backend=spark", "backend='spark'"),
-                                                    ("replications=1", "replications=1")])  # fmt: skip
+                                                    ("replications=1", "replications=1"),
+                                                    ("jobs=0", "jobs=0")])  # fmt: skip
 def test_bad_settings(tmp_path, override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[")):
         run_experiment("topk-moe", out=tmp_path, overrides=[*TINY, override])
@@ -101,4 +120,4 @@ def test_cluster_backends_name_their_install(tmp_path, monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_dask)
     with pytest.raises(LeanfitError, match="dask"):
-        run_experiment("topk-moe", out=tmp_path, overrides=[*TINY, "backend=dask"])
+        run_experiment("topk-moe", out=tmp_path, overrides=[*TINY, "backend=dask", "jobs=2"])

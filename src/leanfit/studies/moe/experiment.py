@@ -34,13 +34,15 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from leanfit.core.config import BaseConfig, option
+from leanfit.core.errors import ConfigError
 from leanfit.core.registry import register
 
-__all__ = ["SETTINGS", "THEORY", "TRUTH", "TopKMoEStudyConfig", "fit_one"]
+__all__ = ["SETTINGS", "THEORY", "TRUTH", "TopKMoEStudyConfig", "fit_one", "rate_slope"]
 
 TRUTH = {"gate_coef": [[-6.0], [-3.0], [0.0]], "gate_intercept": [0.0, 1.0, 0.0], "coef": [[2.0], [-1.0], [2.0]],
          "intercept": [1.5, 0.0, -1.5], "var": [0.09, 0.09, 0.09]}  # fmt: skip
@@ -70,11 +72,23 @@ class TopKMoEStudyConfig(BaseConfig):
     max_iter: int = option(1000, help="ECM iterations per fit")
     tol: float = option(1e-8, help="ECM tolerance on the mean log-likelihood gain per iteration")
     bootstrap: int = option(2000, help="bootstrap resamples of the replications for slope CIs")
-    n_jobs: int = option(-1, help="parallel fits (-1: every core)")
+    jobs: int = option(-1, help="fits at once (joblib workers; -1: one per core, 1: one at a time in this process)")
     backend: str = option("loky", help="joblib backend: loky (processes), threading, dask or ray")
     scheduler_address: str = option("", help="dask scheduler or ray cluster address (empty: start a local one)")
 
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, where: str = "") -> TopKMoEStudyConfig:
+        """As :meth:`BaseConfig.from_dict`; ``n_jobs``, this knob's earlier name (in the configs of committed runs),
+        is read as ``jobs``."""
+        if isinstance(values, Mapping) and "n_jobs" in values:
+            if "jobs" in values:
+                raise ConfigError("jobs and n_jobs are both given: n_jobs is the old name of jobs; keep jobs only")
+            values = {("jobs" if k == "n_jobs" else k): v for k, v in values.items()}
+        return super().from_dict(values, where=where)
+
     def __post_init__(self) -> None:
+        if self.jobs == 0:
+            raise ValueError("jobs=0 is invalid: expected an integer >= 1, or -1 for one fit per core")
         unknown = sorted(set(self.settings) - set(SETTINGS))
         if unknown or not self.settings:
             raise ValueError(f"settings={self.settings} is invalid: expected a non-empty subset of {sorted(SETTINGS)}")
@@ -228,26 +242,20 @@ def _tasks(cfg: TopKMoEStudyConfig, seed: int) -> list[dict[str, Any]]:
 
 
 # --- analysis -----------------------------------------------------------------------------------------------------
-def slope_with_ci(fits: list[dict[str, Any]], key: str, n_boot: int, seed: int) -> dict[str, float]:
-    """Least-squares slope of log(mean over replications of ``key``) against log n, with a 95% percentile CI from
-    resampling the replications at each n."""
+def rate_slope(fits: list[dict[str, Any]], key: str, n_boot: int, seed: int) -> Any:
+    """Slope of log(mean over replications of ``key``) against log n with a 95% CI from resampling the replications
+    at each n (:func:`leanfit.core.stats.slope_ci`), over the sample sizes with at least 2 finite, positive values;
+    NaN where fewer than 2 sample sizes have them."""
     import numpy as np
+
+    from leanfit.core.stats import ConfidenceInterval, slope_ci
 
     ns = sorted({f["n"] for f in fits})
     values = [np.asarray([f[key] for f in fits if f["n"] == n and np.isfinite(f[key])], dtype=float) for n in ns]
     keep = [i for i, v in enumerate(values) if len(v) >= 2 and (v > 0).all()]
     if len(keep) < 2:
-        return {"slope": float("nan"), "lo": float("nan"), "hi": float("nan")}
-    x = np.log(np.asarray(ns, dtype=float)[keep])
-
-    def slope(means: np.ndarray) -> float:
-        return float(np.polyfit(x, np.log(means), 1)[0])
-
-    rng = np.random.RandomState(seed)
-    point = slope(np.asarray([values[i].mean() for i in keep]))
-    boots = [slope(np.asarray([rng.choice(values[i], len(values[i])).mean() for i in keep])) for _ in range(n_boot)]
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return {"slope": point, "lo": float(lo), "hi": float(hi)}
+        return ConfidenceInterval(float("nan"), float("nan"), float("nan"))
+    return slope_ci([ns[i] for i in keep], [values[i] for i in keep], n_boot=n_boot, seed=seed)
 
 
 def summarise(fits: list[dict[str, Any]], n_boot: int, seed: int) -> list[dict[str, Any]]:
@@ -258,11 +266,10 @@ def summarise(fits: list[dict[str, Any]], n_boot: int, seed: int) -> list[dict[s
         if not sub:
             continue
         for key, expected in theory.items():
-            s = slope_with_ci(sub, key, n_boot, seed)
-            rows.append({"setting": setting, "quantity": key, "slope": s["slope"], "ci_lo": s["lo"], "ci_hi": s["hi"],
-                         "ci_half_width": (s["hi"] - s["lo"]) / 2, "theory": expected,
-                         "covers_theory": bool(s["lo"] <= expected <= s["hi"]),
-                         "off_theory": abs(s["slope"] - expected)})  # fmt: skip
+            slope, lo, hi = rate_slope(sub, key, n_boot, seed)
+            rows.append({"setting": setting, "quantity": key, "slope": slope, "ci_lo": lo, "ci_hi": hi,
+                         "ci_half_width": (hi - lo) / 2, "theory": expected,
+                         "covers_theory": bool(lo <= expected <= hi), "off_theory": abs(slope - expected)})  # fmt: skip
     return rows
 
 
@@ -350,11 +357,8 @@ def _headline(slopes: list[dict[str, Any]], fits: list[dict[str, Any]]) -> str:
           "(exact- and over-specified simulation study)", config_cls=TopKMoEStudyConfig, presets=PRESETS,
           report=report)  # fmt: skip
 def run(ctx: Any) -> dict[str, Any]:
-    from joblib import Parallel, delayed
-
     from leanfit.core.io import append_jsonl, read_jsonl
-    from leanfit.core.parallel import joblib_backend
-    from leanfit.core.progress import progress_bar
+    from leanfit.core.parallel import run_jobs
 
     cfg: TopKMoEStudyConfig = ctx.config
     path = ctx.run.path / "fits.jsonl"
@@ -364,15 +368,11 @@ def run(ctx: Any) -> dict[str, Any]:
     finished = {(f["setting"], f["n"], f["rep"]) for f in done}
     todo = [t for t in _tasks(cfg, ctx.seed) if (t["setting"], t["n"], t["rep"]) not in finished]
     todo.sort(key=lambda t: -t["n"])  # largest fits first keeps the workers busy to the end
-    fits = list(done)
     began = time.perf_counter()
-    bar_cm = progress_bar(len(todo) + len(done), "topk-moe fits", completed=len(done))
-    with bar_cm as bar, joblib_backend(cfg.backend, cfg.scheduler_address):
-        for record in Parallel(n_jobs=cfg.n_jobs, return_as="generator_unordered")(delayed(fit_one)(t) for t in todo):
-            append_jsonl(path, record)
-            fits.append(record)
-            bar.advance(1, size=record["n"], setting=record["setting"], loss=record["loss"])
-    fits.sort(key=lambda f: (f["setting"], f["n"], f["rep"]))
+    new = run_jobs(fit_one, todo, jobs=cfg.jobs, backend=cfg.backend, address=cfg.scheduler_address,
+                   desc="topk-moe fits", completed=len(done), on_result=lambda record: append_jsonl(path, record),
+                   postfix=lambda r: {"size": r["n"], "setting": r["setting"], "loss": r["loss"]})  # fmt: skip
+    fits = sorted([*done, *new], key=lambda f: (f["setting"], f["n"], f["rep"]))
     slopes = summarise(fits, cfg.bootstrap, ctx.seed)
     return {"slopes": slopes, "per_n": _per_n(fits), "fits": len(fits), "fit_seconds": time.perf_counter() - began,
             "reached_truth": sum(f["reached_truth"] for f in fits) / len(fits),
