@@ -72,7 +72,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | N
 
 def line_plot(
     path: str | os.PathLike,
-    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    series: Mapping[str, Sequence[Sequence[float]]],
     *,
     xlabel: str,
     ylabel: str,

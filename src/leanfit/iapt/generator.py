@@ -16,6 +16,7 @@ count. :func:`iapt_parameter_count` is the exact count of an adapter's trainable
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -71,12 +72,13 @@ class PromptGenerator(nn.Module):
     def __init__(self, hidden_size: int, config: IAPTConfig, *, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None) -> None:  # fmt: skip
         super().__init__()
-        kw = {"dtype": dtype or torch.get_default_dtype(), "device": device}
+        kw: dict[str, Any] = {"dtype": dtype or torch.get_default_dtype(), "device": device}
         m, k = config.bottleneck, config.num_soft_tokens
         self.pooler = config.pooler
         self.down = nn.Linear(hidden_size, m, **kw)
         self.query = nn.Parameter(torch.randn(k, m, **kw))
         self.norm = nn.LayerNorm(m, **kw) if config.pre_act_norm else nn.Identity()
+        self.act: nn.Module
         if config.activation == "rational":
             r = config.rational_range
             self.act = RationalActivation(config.rational_num_degree, config.rational_den_degree,

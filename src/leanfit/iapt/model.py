@@ -61,7 +61,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -240,10 +240,11 @@ class IAPTModel(nn.Module):
             raise ConfigError(bad_value("model", type(base_model).__name__, "a backbone without IAPT hooks",
                                         "add adapters to the existing IAPTModel with add_adapter(), or call its "
                                         "unload() first"))  # fmt: skip
-        self.base_model = base_model
+        # a transformers model: its config, loss_function and generate are not nn.Module attributes
+        self.base_model: Any = base_model
         self.layers_path, layers = find_layers(base_model, config.layers_path)
         self.num_layers = len(layers)
-        self.hidden_size = int(base_model.config.hidden_size)
+        self.hidden_size = int(cast(Any, base_model).config.hidden_size)
         self.iapt = nn.ModuleDict()
         self.peft_config: dict[str, IAPTConfig] = {}
         self.active_adapter = adapter_name
@@ -300,12 +301,13 @@ class IAPTModel(nn.Module):
         dtype = ref.dtype if ref.dtype in (torch.float32, torch.float64) else torch.float32
         if config.prompt_gate and not self._norm_hooks:
             norms = [_input_norm(layer) for layer in self.base_model.get_submodule(self.layers_path)]
-            if any(norm is None for norm in norms):
+            present = [norm for norm in norms if norm is not None]
+            if len(present) < len(norms):
                 raise ConfigError(bad_value("prompt_gate", True, "a pre-norm backbone (a normalisation module among "
                                             "each layer's direct children, like Llama's input_layernorm)",
                                             "use prompt_gate=False for post-norm models such as BERT"))  # fmt: skip
             self._norm_hooks = [norm.register_forward_hook(functools.partial(self._norm_hook, i))
-                                for i, norm in enumerate(norms)]  # fmt: skip
+                                for i, norm in enumerate(present)]  # fmt: skip
         self.iapt[adapter_name] = nn.ModuleDict(
             {str(i): PromptGenerator(self.hidden_size, config, dtype=dtype, device=ref.device)
              for i in config.layer_indices(self.num_layers)})  # fmt: skip
@@ -495,21 +497,23 @@ class IAPTModel(nn.Module):
             return hidden.scatter(1, index, prompts)
         prompts, gates = None, None
         for name, rows in view.groups:
-            generators = self.iapt[name]
+            generators = cast(nn.ModuleDict, self.iapt[name])
             if str(layer) not in generators:
                 continue
-            generator = generators[str(layer)]
+            generator = cast(PromptGenerator, generators[str(layer)])
+            instruction = view.instruction
+            assert instruction is not None, "None only with cached prompts, returned above"
             gate = generator.gate_value()
             if gate is not None:
                 gates = hidden.new_ones(hidden.shape[0]) if gates is None else gates
                 gates = gate.to(hidden.dtype).expand(hidden.shape[0]) if rows is None else \
                     gates.index_copy(0, rows, gate.to(hidden.dtype).expand(rows.shape[0]))  # fmt: skip
             if rows is None:
-                prompts = generator.prompts(hidden, view.instruction).to(hidden.dtype)
+                prompts = generator.prompts(hidden, instruction).to(hidden.dtype)
                 continue
             if prompts is None:
                 prompts = hidden.gather(1, index)
-            group = generator.prompts(hidden[rows], view.instruction[rows]).to(hidden.dtype)
+            group = generator.prompts(hidden[rows], instruction[rows]).to(hidden.dtype)
             prompts = prompts.index_copy(0, rows, group)
         if prompts is None:
             return None

@@ -23,7 +23,7 @@ and pull in plotting libraries.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -163,7 +163,7 @@ class RationalActivation(nn.Module):
         super().__init__()
         fit = coefficients(init, num_degree, den_degree, fit_range)
         self.init, self.fit_range = init, (float(fit_range[0]), float(fit_range[1]))
-        kw = {"dtype": dtype or torch.get_default_dtype(), "device": device}
+        kw: dict[str, Any] = {"dtype": dtype or torch.get_default_dtype(), "device": device}
         self.numerator = nn.Parameter(torch.tensor(fit.numerator, **kw))
         self.denominator = nn.Parameter(torch.tensor(fit.denominator, **kw))
 

@@ -230,6 +230,8 @@ class TopKGaussianMoE(RegressorMixin, BaseEstimator):
     :meth:`conditional_log_likelihood`, :meth:`bic` and :meth:`aic`.
     """
 
+    _params: MoEParams  # fitted state, set by fit (declared only: unfitted estimators lack the attribute)
+
     def __init__(self, n_experts: int = 2, top_k: int = 2, *, selection: Selection = "full_logits",
                  tol: float = 1e-6, max_iter: int = 500, n_init: int = 5, init: str = "random",
                  init_params: dict[str, Any] | None = None, var_floor: float = 1e-6, warm_start: bool = False,
@@ -296,11 +298,12 @@ class TopKGaussianMoE(RegressorMixin, BaseEstimator):
         else:
             # a given start is deterministic: one start, whatever n_init says
             starts = [self._initial_params(Xa, y, var_min, rng) for _ in range(1 if self.init == "given" else self.n_init)]
-        best = None
+        best: tuple[MoEParams, float, int, bool, list[float]] | None = None
         for start in starts:
             fitted = self._ecm(Xa, y, start, var_min, rng)
             if best is None or fitted[1] > best[1]:
                 best = fitted
+        assert best is not None, "at least one start"
         params, loglik, n_iter, converged, curve = best
         self._params = params.anchored()
         self.lower_bound_ = loglik / n
@@ -379,11 +382,12 @@ class TopKGaussianMoE(RegressorMixin, BaseEstimator):
 
     def _given_params(self, d: int) -> MoEParams:
         k, p = self.n_experts, self.init_params
+        assert p is not None, "checked by _check_settings"
         shapes = {"gate_coef": (k, d), "gate_intercept": (k,), "coef": (k, d), "intercept": (k,), "var": (k,)}
         missing = sorted(set(shapes) - set(p))
         if missing:
             raise ValueError(f"init_params lacks {missing}: expected keys {sorted(shapes)}")
-        arrays = {}
+        arrays: dict[str, np.ndarray] = {}
         for name, shape in shapes.items():
             arrays[name] = np.asarray(p[name], dtype=np.float64).reshape(-1)
             if arrays[name].size != math.prod(shape):

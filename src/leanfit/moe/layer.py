@@ -28,7 +28,7 @@ capacity, and are left out of both router losses. The load-balancing and z-losse
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +86,7 @@ class SparseMoE(nn.Module):
     def from_mixtral(cls, block: nn.Module, **kwargs: object) -> SparseMoE:
         """A layer with a copy of the weights of a ``transformers`` (>= 5) ``MixtralSparseMoeBlock``; ``kwargs`` go to
         the constructor (``renormalize`` stays True to match the block)."""
-        experts = getattr(block, "experts", None)
+        experts: Any = getattr(block, "experts", None)
         if not all(hasattr(experts, a) for a in ("gate_up_proj", "down_proj", "act_fn")):
             raise TypeError(f"block is a {type(block).__name__}: expected a MixtralSparseMoeBlock whose experts hold "
                             "stacked gate_up_proj and down_proj (transformers >= 5)")  # fmt: skip
@@ -97,7 +97,7 @@ class SparseMoE(nn.Module):
         layer = cls(hidden, inter2 // 2, num_experts, block.top_k, **kwargs)  # type: ignore[arg-type]
         layer.to(experts.gate_up_proj.device, experts.gate_up_proj.dtype)
         with torch.no_grad():
-            layer.router.weight.copy_(block.gate.weight)
+            layer.router.weight.copy_(cast(nn.Linear, block.gate).weight)
             layer.gate_up_proj.copy_(experts.gate_up_proj)
             layer.down_proj.copy_(experts.down_proj)
         return layer

@@ -233,7 +233,7 @@ def _step_record(sol: Solution, need: str) -> tuple[Tensor, Tensor, Tensor, Tens
     return sol.stats.step_t, sol.stats.step_h, sol.stats.step_y, sol.stats.n_accepted
 
 
-def _pick_steps(sol: Solution, sampling: str, points: str, t_r: Tensor | None,
+def _pick_steps(sol: Solution, sampling: str, points: str, t_r: float | Tensor | None,
                 generator: torch.Generator | None) -> Tensor:  # fmt: skip
     """Index ``(batch,)`` of the accepted step each sample regularises: uniform over the solver's step points
     (biased) or the step containing ``t ~ U[t0, t1]`` (unbiased: probability ``h_j / T``)."""

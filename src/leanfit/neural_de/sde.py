@@ -265,8 +265,9 @@ def sde_step(drift: Field, diffusion: Field, t: float | Tensor, y: Tensor, h: fl
                                    "sqrt(h))", "pass dw and scheme='euler' for negative steps"))  # fmt: skip
     if dw is None:
         sd = batch_view((h_b / 2).sqrt(), y)
-        dw = tuple(sd * torch.randn(y.shape, generator=generator, dtype=y.dtype, device=y.device) for _ in range(2))
-    dw1, dw2 = dw
+        dw1, dw2 = (sd * torch.randn(y.shape, generator=generator, dtype=y.dtype, device=y.device) for _ in range(2))
+    else:
+        dw1, dw2 = dw
     if dw1.shape != y.shape or dw2.shape != y.shape:
         raise ValueError(bad_value("dw shapes", (tuple(dw1.shape), tuple(dw2.shape)), f"two of y's shape "
                                    f"{tuple(y.shape)}", "pass the increments over the two half steps"))  # fmt: skip
@@ -355,8 +356,8 @@ def _refresh(drift: Field, diffusion: Field, state: _SDEState) -> None:
 
 
 def _attempt(drift: Field, diffusion: Field, state: _SDEState, path: BrownianPath, ctrl: PIController, ts: Tensor,
-             rtol: float, atol: float, norm: str, per_sample: bool, adaptive: bool, record_steps: bool,
-             scheme: str) -> None:  # fmt: skip
+             rtol: float, atol: float, norm: Literal["rms", "max"], per_sample: bool, adaptive: bool,
+             record_steps: bool, scheme: str) -> None:  # fmt: skip
     """One batched attempt: every active sample tries its own ``h``, clipped to land on its next output time."""
     _refresh(drift, diffusion, state)
     t_out = ts[state.next_out.clamp(max=ts.numel() - 1)]

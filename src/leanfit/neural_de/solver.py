@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -207,9 +207,11 @@ def _interpolate(tab: ButcherTableau, how: str, rows: Tensor, y: Tensor, y1: Ten
                 + (3 * th2 - 2 * th3) * y1[rows] + (th3 - th2) * hy * f1[rows])  # fmt: skip
     # One small GEMM for the stage weights b_i(theta) and one batched contraction per sample over its output slots
     # (a sample passes several t_eval points in one step: its stages are read once, not once per point).
+    interpolant = tab.interpolant
+    assert interpolant is not None, "how='tableau' is chosen only for tableaus with an interpolant"
     coeffs = _interpolant_matrix(tab, y.dtype, y.device)  # (stages, degree)
     powers = theta.to(y.dtype)[:, None] ** torch.arange(1, coeffs.shape[1] + 1, device=y.device)
-    used = [i for i, row in enumerate(tab.interpolant) if any(row)]
+    used = [i for i, row in enumerate(interpolant) if any(row)]
     weights = (powers @ coeffs.T)[:, used]  # (P, used stages)
     if slots_per_row == 1:  # each sample passes at most one point: gather its stages and contract
         stacked = torch.stack([ks[i][rows] for i in used], 1).reshape(rows.numel(), len(used), -1)
@@ -227,6 +229,7 @@ _INTERPOLANTS: dict[tuple[tuple[tuple[float, ...], ...], torch.dtype, torch.devi
 
 def _interpolant_matrix(tab: ButcherTableau, dtype: torch.dtype, device: torch.device) -> Tensor:
     """``tab.interpolant`` as a ``(stages, degree)`` tensor, cached per tableau, dtype and device."""
+    assert tab.interpolant is not None, "how='tableau' is chosen only for tableaus with an interpolant"
     key = (tab.interpolant, dtype, device)
     if key not in _INTERPOLANTS:
         _INTERPOLANTS[key] = torch.tensor(tab.interpolant, dtype=dtype, device=device)
@@ -252,7 +255,8 @@ def _write_outputs(state: _State, tab: ButcherTableau, how: str, ts: Tensor, acc
 
 
 def _attempt(f: VectorField, state: _State, tab: ButcherTableau, ctrl: PIController, ts: Tensor, rtol: float,
-             atol: float, norm: str, per_sample: bool, how: str, record_steps: bool) -> None:  # fmt: skip
+             atol: float, norm: Literal["rms", "max"], per_sample: bool, how: str,
+             record_steps: bool) -> None:  # fmt: skip
     """One batched step attempt: every active sample tries its own ``h``; accepted ones advance."""
     t_end = ts[-1]
     remaining = t_end - state.t
@@ -299,7 +303,18 @@ def _attempt(f: VectorField, state: _State, tab: ButcherTableau, ctrl: PIControl
     state.active = state.active & (state.t < t_end)
 
 
-def _check_progress(state: _State, ts: Tensor, max_steps: int, n_attempts: int) -> bool:
+class _LoopState(Protocol):
+    """The per-sample loop state that the progress check reads: the ODE loop's ``_State`` and the SDE loop's."""
+
+    t: Tensor
+    h: Tensor
+    active: Tensor
+    last_nonfinite: Tensor
+    n_accepted: Tensor
+    n_rejected: Tensor
+
+
+def _check_progress(state: _LoopState, ts: Tensor, max_steps: int, n_attempts: int) -> bool:
     """Whether any sample is still integrating; raise on step-size underflow or an exhausted step budget, naming
     the sample, the time reached and a fix. One host synchronisation per call."""
     spacing = torch.nextafter(state.t, torch.full_like(state.t, float("inf"))) - state.t
@@ -312,7 +327,7 @@ def _check_progress(state: _State, ts: Tensor, max_steps: int, n_attempts: int) 
     return True
 
 
-def _raise_no_progress(state: _State, t_end: float, under: Tensor | None, max_steps: int) -> None:
+def _raise_no_progress(state: _LoopState, t_end: float, under: Tensor | None, max_steps: int) -> None:
     """The error for step-size underflow (``under``: the samples concerned) or for ``max_steps`` exhausted."""
     if under is not None:
         i = int(under.nonzero()[0, 0])

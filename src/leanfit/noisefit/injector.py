@@ -227,7 +227,7 @@ class NoiseInjector:
         self.scales: dict[int, float] = {i: float(config.rel_noise) for i in self.layers}
         for i, s in (scales or {}).items():
             if i not in self.scales or not s > 0:
-                raise ConfigError(bad_value("scales", dict(scales), f"positive scales for layers {self.layers}"))
+                raise ConfigError(bad_value("scales", dict(scales or {}), f"positive scales for layers {self.layers}"))
             self.scales[i] = float(s)
         if generator not in ("private", "global"):
             raise ConfigError(bad_value("generator", generator, "'private' or 'global'"))

@@ -26,7 +26,7 @@ maintained package provides R-Drop for Hugging Face causal LMs; it reuses the sa
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -159,7 +159,7 @@ def noisefit_loss(model: nn.Module, batch: dict[str, Any], injector: NoiseInject
         ce = _ce(logits, labels, mask, num_items_in_batch)
         zero = ce.new_zeros(())
         return NoiseFiTLossOutput(ce, ce, zero, zero, logits)
-    _check_injector(injector, config)
+    injector = _check_injector(injector, config)
     n_rows, k = labels.shape[0], config.n_noisy
     rows = torch.arange(n_rows, (k + 1) * n_rows)
     token_mask = statistics_mask(labels).repeat(k + 1, 1)
@@ -172,7 +172,8 @@ def noisefit_loss(model: nn.Module, batch: dict[str, Any], injector: NoiseInject
     denom = mask.sum() if num_items_in_batch is None else num_items_in_batch
     t = float(config.temperature)
     teacher = clean.detach()
-    soft = sum(_kl_rows(teacher, z, t).sum() for z in noisy) * (t * t) / (len(noisy) * denom)
+    # a tensor: config checks n_noisy in (1, 2), so the sum has at least one term
+    soft = cast(torch.Tensor, sum(_kl_rows(teacher, z, t).sum() for z in noisy) * (t * t) / (len(noisy) * denom))
     consistency = ce.new_zeros(())
     if k == 2:
         if config.kl == "symmetric":

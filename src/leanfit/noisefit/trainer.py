@@ -30,6 +30,10 @@ if TYPE_CHECKING:
     from leanfit.noisefit.calibration import CalibrationResult
     from leanfit.noisefit.injector import NoiseInjector
 
+    _MixinBase = Trainer  # the checker sees the Trainer API the mixin relies on; at run time the mixin is plain
+else:
+    _MixinBase = object
+
 __all__ = ["NoiseFiTCallback", "NoiseFiTMixin", "NoiseFiTTrainer", "RDropTrainer"]
 
 
@@ -64,7 +68,7 @@ def _as_trainer_scales(trainer: Any, loss: Any, num_items: Any) -> Any:
     return loss
 
 
-class NoiseFiTMixin:
+class NoiseFiTMixin(_MixinBase):
     """The NoiseFiT loss for any ``transformers.Trainer`` subclass (mix in before the Trainer class)."""
 
     def __init__(self, *args: Any, noisefit_config: NoiseFiTConfig | None = None,

@@ -29,6 +29,11 @@ class VQLogitsHead(nn.Module):
     head can stand in for an ``nn.Linear`` anywhere; use :meth:`loss` / :meth:`sample` for the fast paths.
     """
 
+    mapping: torch.Tensor
+    bias: nn.Parameter | None
+    residual_proj: nn.Parameter | None
+    residual_emb: nn.Parameter | None
+
     def __init__(self, hidden_size: int, mapping: torch.Tensor, num_codes: int, *, token_bias: bool = True,
                  residual_rank: int = 0, mode: Mode = "collapsed", device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:  # fmt: skip
@@ -98,9 +103,9 @@ class VQLogitsHead(nn.Module):
             sums.index_add_(0, head.mapping, weight.double())
             n = torch.bincount(head.mapping, minlength=num_codes).clamp_min(1).unsqueeze(1)
             head.codebook.copy_((sums / n).to(weight.dtype))
-            if token_bias and bias_init == "unigram":
+            if token_bias and bias_init == "unigram" and counts is not None:
                 head._init_bias_from_counts(counts)
-            if token_bias and linear.bias is not None:
+            if head.bias is not None and linear.bias is not None:
                 head.bias.add_(linear.bias.detach())
             if residual_rank:
                 head._init_residual_from(weight)
@@ -109,14 +114,21 @@ class VQLogitsHead(nn.Module):
     def _init_residual_from(self, weight: torch.Tensor) -> None:
         """Rank-r SVD of what the codes discard, ``W - C[M]``: then ``u_v . P h`` is the best rank-r stand-in for
         the original within-cluster logit differences ``(w_v - c_k) . h``."""
+        proj, emb = self._residual()
         residual = weight.double() - self.codebook.detach().double()[self.mapping]
         u, s, v = torch.svd_lowrank(residual, q=min(self.residual_rank + 8, *residual.shape), niter=4,
                                     M=None)  # fmt: skip
         r = self.residual_rank
-        self.residual_emb.copy_((u[:, :r] * s[:r]).to(self.residual_emb.dtype))
-        self.residual_proj.copy_(v[:, :r].t().to(self.residual_proj.dtype))
+        emb.copy_((u[:, :r] * s[:r]).to(emb.dtype))
+        proj.copy_(v[:, :r].t().to(proj.dtype))
+
+    def _residual(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """``(residual_proj, residual_emb)``; only called when ``residual_rank`` > 0, which creates both."""
+        assert self.residual_proj is not None and self.residual_emb is not None, "residual_rank is 0"
+        return self.residual_proj, self.residual_emb
 
     def _init_bias_from_counts(self, counts: torch.Tensor) -> None:
+        assert self.bias is not None, "called only with token_bias=True"
         with torch.no_grad():
             p = counts.double().to(self.mapping.device) + 0.5
             mass = torch.zeros(self.num_codes, dtype=torch.float64, device=p.device).index_add(0, self.mapping, p)
@@ -152,8 +164,7 @@ class VQLogitsHead(nn.Module):
         """(..., V) logits whose softmax is the head's distribution (log-probs when ``residual_rank`` > 0)."""
         flat = self._flat(hidden)
         if self.residual_rank:
-            out = VF.residual_log_probs(flat, self.codebook, self.mapping, self.bias, self.residual_proj,
-                                        self.residual_emb)  # fmt: skip
+            out = VF.residual_log_probs(flat, self.codebook, self.mapping, self.bias, *self._residual())
         else:
             out = VF.materialized_logits(flat, self.codebook, self.mapping, self.bias)
         return out.reshape(*hidden.shape[:-1], -1)
@@ -175,8 +186,8 @@ class VQLogitsHead(nn.Module):
             logits = self.logits(flat)
             out = torch.nn.functional.cross_entropy(logits, y, ignore_index=ignore_index, reduction=reduction)
         elif self.residual_rank:
-            out = VF.residual_cross_entropy(flat, self.codebook, self.mapping, y, self.bias, self.residual_proj,
-                                            self.residual_emb, layout=self.layout(), ignore_index=ignore_index,
+            out = VF.residual_cross_entropy(flat, self.codebook, self.mapping, y, self.bias, *self._residual(),
+                                            layout=self.layout(), ignore_index=ignore_index,
                                             reduction=reduction)  # fmt: skip
         else:
             out = VF.collapsed_cross_entropy(flat, self.codebook, self.mapping, y, self.bias,
@@ -187,8 +198,8 @@ class VQLogitsHead(nn.Module):
         """``log p(tokens | hidden)``: shape of ``tokens``."""
         flat, t = self._flat(hidden), self._check_tokens(tokens, "tokens")
         if self.residual_rank:
-            nll = VF.residual_cross_entropy(flat, self.codebook, self.mapping, t, self.bias, self.residual_proj,
-                                            self.residual_emb, layout=self.layout(), ignore_index=-(2**62),
+            nll = VF.residual_cross_entropy(flat, self.codebook, self.mapping, t, self.bias, *self._residual(),
+                                            layout=self.layout(), ignore_index=-(2**62),
                                             reduction="none")  # fmt: skip
             return (-nll).reshape(tokens.shape)
         return VF.collapsed_log_prob(flat, self.codebook, self.mapping, t, self.bias).reshape(tokens.shape)

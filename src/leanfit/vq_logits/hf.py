@@ -20,12 +20,12 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from leanfit.vq_logits.head import VQLogitsHead
+from leanfit.vq_logits.head import Mode, VQLogitsHead
 
 __all__ = ["from_pretrained", "replace_lm_head", "vq_causal_lm_class"]
 
@@ -51,16 +51,19 @@ def _vq_forward(self: Any, input_ids: torch.Tensor | None = None, attention_mask
     hidden = outputs.last_hidden_state
     head: VQLogitsHead = self.get_output_embeddings()
     loss = logits = None
-    if labels is not None or shift_labels is not None:
-        shift = shift_labels if shift_labels is not None else nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    if shift_labels is None and labels is not None:
+        shift_labels = nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    if shift_labels is not None:
         if num_items is None:
-            loss = head.loss(hidden, shift)
+            loss = head.loss(hidden, shift_labels)
         else:
-            loss = head.loss(hidden, shift, reduction="sum") / num_items
+            loss = head.loss(hidden, shift_labels, reduction="sum") / num_items
     else:
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = head.logits(hidden[:, keep, :])
-    return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+    # transformers >= 5 names the field `cache` and still accepts `past_key_values`, the only name 4.x knows
+    return CausalLMOutputWithPast(loss=loss, logits=logits,
+                                  past_key_values=outputs.past_key_values,  # type: ignore[call-arg]
                                   hidden_states=outputs.hidden_states, attentions=outputs.attentions)  # fmt: skip
 
 
@@ -135,7 +138,7 @@ def _vq_init(self: Any, config: Any, *args: Any, **kwargs: Any) -> None:
 
 
 @functools.cache
-def vq_causal_lm_class(base: type) -> type:
+def vq_causal_lm_class(base: type[Any]) -> type[Any]:
     """``VQLogits<Base>``: ``base`` with the VQ head's forward, generate and untied weights."""
     return type(f"VQLogits{base.__name__}", (base,), {
         "__init__": _vq_init, "forward": _vq_forward, "generate": _vq_generate, "_tied_weights_keys": {},
@@ -145,7 +148,8 @@ def vq_causal_lm_class(base: type) -> type:
 
 def replace_lm_head(model: Any, num_codes: int, *, mapping: str | Callable[..., torch.Tensor] | torch.Tensor = "kmeans",
                     counts: torch.Tensor | None = None, token_bias: bool = True, residual_rank: int = 0,
-                    bias_init: str = "zeros", mode: str = "collapsed", seed: int = 0) -> Any:  # fmt: skip
+                    bias_init: Literal["zeros", "unigram"] = "zeros", mode: Mode = "collapsed",
+                    seed: int = 0) -> Any:  # fmt: skip
     """Replace ``model``'s output layer by a VQ head built from it, in place; returns the model."""
     linear = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(linear, nn.Linear):
@@ -164,7 +168,7 @@ def replace_lm_head(model: Any, num_codes: int, *, mapping: str | Callable[..., 
     model.config.tie_word_embeddings = False
     if hasattr(model.config, "get_text_config"):
         model.config.get_text_config().tie_word_embeddings = False
-    model.__class__ = vq_causal_lm_class(type(model))
+    model.__class__ = vq_causal_lm_class(model.__class__)
     model.set_output_embeddings(head)
     return model
 

@@ -52,14 +52,14 @@ def equal_mass_mapping(counts: torch.Tensor, num_codes: int, **_: Any) -> torch.
     p = (counts.double() + 1e-9) / (counts.double() + 1e-9).sum()
     order = torch.argsort(p, descending=True, stable=True)
     raw = ((torch.cumsum(p[order], 0) - p[order]) * num_codes).floor().long().tolist()
-    bins, prev = [], 0
+    bins: list[int] = []
+    prev = 0
     for j, r in enumerate(raw):  # never skip a code, always leave enough tokens for the codes still empty
         cur = 0 if j == 0 else min(max(r, prev), prev + 1)
         prev = min(max(cur, num_codes - v + j), num_codes - 1)
         bins.append(prev)
-    bins = torch.tensor(bins, dtype=torch.long)
     out = torch.empty(v, dtype=torch.long)
-    out[order] = bins
+    out[order] = torch.tensor(bins, dtype=torch.long)
     return out
 
 
