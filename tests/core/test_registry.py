@@ -33,6 +33,24 @@ def test_register_requires_quick_and_full_presets():
         registry.register("x-test", kind="experiment", description="d", config_cls=_Cfg, presets={"quick": {}})
 
 
+def test_register_returns_the_function_and_records_its_entry(monkeypatch):
+    registry.discover()
+    monkeypatch.setitem(registry._REGISTRY, "benchmark", dict(registry._REGISTRY["benchmark"]))  # undone after
+
+    def run(ctx):
+        return {"steps": ctx.config}
+
+    def report(run_dir, results):
+        return None
+
+    decorated = registry.register("registry-typed-test", kind="benchmark", description="d", config_cls=_Cfg,
+                                  report=report, in_demo=False)(run)  # fmt: skip
+    entry = registry.get("benchmark", "registry-typed-test")
+    assert decorated is run and entry.run is run and entry.report is report and entry.config_cls is _Cfg
+    assert (entry.name, entry.kind, entry.in_demo, dict(entry.presets)) == (
+        "registry-typed-test", "benchmark", False, {"quick": {}, "full": {}})  # fmt: skip
+
+
 def test_unknown_name_lists_valid_names():
     with pytest.raises(ConfigError) as err:
         registry.get("experiment", "lm-basline")

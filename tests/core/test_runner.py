@@ -13,7 +13,7 @@ from leanfit.core import registry
 from leanfit.core.config import BaseConfig, option
 from leanfit.core.errors import ConfigError, LeanfitError, RunExistsError
 from leanfit.core.report import render_run
-from leanfit.core.runner import resolve_config, run_benchmark, run_experiment
+from leanfit.core.runner import RunContext, resolve_config, run_benchmark, run_experiment
 from leanfit.core.runs import RunDir
 
 CALLS: list[int] = []
@@ -27,7 +27,8 @@ class ToyConfig(BaseConfig):
 
 @registry.register("toy-test", kind="experiment", description="toy", config_cls=ToyConfig,
                    presets={"quick": {"steps": 3}, "full": {"steps": 5}}, in_demo=False)  # fmt: skip
-def _toy(ctx: Any) -> dict[str, Any]:
+def _toy(ctx: RunContext[ToyConfig]) -> dict[str, Any]:
+    assert isinstance(ctx.config, ToyConfig)
     CALLS.append(ctx.seed)
     for step in range(1, ctx.config.steps + 1):
         ctx.run.log(step, loss=ctx.config.scale / step)
@@ -35,7 +36,7 @@ def _toy(ctx: Any) -> dict[str, Any]:
 
 
 @registry.register("toy-bench", kind="benchmark", description="toy bench", config_cls=ToyConfig)
-def _toy_bench(ctx: Any) -> dict[str, Any]:
+def _toy_bench(ctx: RunContext[ToyConfig]) -> dict[str, Any]:
     return {"rows": [{"n": n, "value": n * ctx.config.scale} for n in range(ctx.config.steps)]}
 
 

@@ -16,12 +16,23 @@ import pkgutil
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from leanfit.core.config import BaseConfig
 from leanfit.core.errors import ConfigError
 
-__all__ = ["Entry", "discover", "entries", "get", "register"]
+if TYPE_CHECKING:  # types only: the runner and the report import this module
+    from leanfit.core.report import Report
+    from leanfit.core.runner import RunContext
+    from leanfit.core.runs import RunDir
+
+__all__ = ["Entry", "ReportFn", "RunFn", "discover", "entries", "get", "register"]
+
+ConfigT = TypeVar("ConfigT", bound=BaseConfig)
+RunFn = Callable[["RunContext[Any]"], dict[str, Any]]
+"""``run(ctx) -> results``: what an entry does; the results are written to ``results.json``."""
+ReportFn = Callable[["RunDir", dict[str, Any]], "Report"]
+"""``report(run, results) -> Report``: the body of an entry's markdown report."""
 
 Kind = Literal["experiment", "benchmark"]
 _NAME = re.compile(r"^[a-z][a-z0-9-]*$")
@@ -44,9 +55,9 @@ class Entry:
     kind: Kind
     description: str
     config_cls: type[BaseConfig]
-    run: Callable[..., dict[str, Any]]
+    run: RunFn
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    report: Callable[..., Any] | None = None
+    report: ReportFn | None = None
     in_demo: bool = True
 
 
@@ -55,12 +66,13 @@ def register(
     *,
     kind: Kind,
     description: str,
-    config_cls: type[BaseConfig],
+    config_cls: type[ConfigT],
     presets: Mapping[str, Mapping[str, Any]] | None = None,
-    report: Callable[..., Any] | None = None,
+    report: ReportFn | None = None,
     in_demo: bool = True,
-) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., dict[str, Any]]]:
-    """Decorator registering ``fn(ctx) -> results`` under ``name``."""
+) -> Callable[[Callable[[RunContext[ConfigT]], dict[str, Any]]], Callable[[RunContext[ConfigT]], dict[str, Any]]]:
+    """Decorator registering ``fn(ctx) -> results`` under ``name``; ``ctx.config`` is a ``config_cls``, and a type
+    checker holds ``fn``'s ``RunContext[...]`` parameter to it."""
     if not _NAME.match(name):
         raise ValueError(f"name={name!r} is invalid: expected lowercase letters, digits and '-', e.g. 'lm-baseline'")
     presets = dict(presets or {"quick": {}, "full": {}})
@@ -68,7 +80,9 @@ def register(
         if required not in presets:
             raise ValueError(f"presets of {name!r} lack {required!r}; every entry defines 'quick' and 'full'")
 
-    def decorator(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    def decorator(
+        fn: Callable[[RunContext[ConfigT]], dict[str, Any]],
+    ) -> Callable[[RunContext[ConfigT]], dict[str, Any]]:
         existing = _REGISTRY[kind].get(name)
         if existing is not None and existing.run.__module__ != fn.__module__:
             raise ValueError(f"{kind} {name!r} is already registered by {existing.run.__module__}")

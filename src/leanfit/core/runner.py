@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from leanfit.core import registry
 from leanfit.core.config import BaseConfig, load_yaml, merge_nested, parse_overrides
@@ -24,13 +24,15 @@ from leanfit.core.runs import RunDir, is_main_process
 
 __all__ = ["RunContext", "resolve_config", "run_experiment", "run_id_for"]
 
+ConfigT = TypeVar("ConfigT", bound=BaseConfig)
+
 
 @dataclass
-class RunContext:
-    """What an experiment's ``run(ctx)`` receives."""
+class RunContext(Generic[ConfigT]):
+    """What an experiment's ``run(ctx)`` receives; ``RunContext[MyConfig]`` types ``ctx.config``."""
 
     name: str
-    config: Any
+    config: ConfigT
     seed: int
     run: RunDir
     resume: bool
