@@ -1,5 +1,5 @@
 """Scoring of the hallucination benchmark against naive one-sequence-at-a-time references, and the pipeline's
-selection rule and bootstrap plumbing."""
+bootstrap plumbing (its selection rule is core.stats.choose_within_drop, tested in tests/core/test_stats.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from leanfit.core.stats import bootstrap_ci, paired_bootstrap_ci
 from leanfit.studies.models.tiny_llama import tiny_llama
 from leanfit.studies.noisefit.facts_qa import build_fact_world, qa_prompt, tokenizer_texts
 from leanfit.studies.noisefit.hallucination import (
@@ -19,8 +20,8 @@ from leanfit.studies.noisefit.hallucination import (
     heldout_loss,
     qa_features,
 )
-from leanfit.studies.noisefit.metrics import bootstrap_ci, brier_score, expected_calibration_error, relative_change_ci
-from leanfit.studies.noisefit.pipeline import _ci, choose_setting
+from leanfit.studies.noisefit.metrics import brier_score, expected_calibration_error
+from leanfit.studies.noisefit.pipeline import _stat
 
 
 @pytest.fixture(scope="module")
@@ -104,35 +105,18 @@ def test_heldout_loss_matches_unpadded_float64_reference(setup):
     assert heldout_loss(model, tok, sentences, batch_size=2) == pytest.approx(total / count, rel=1e-9)
 
 
-def _record(em: float, cw: float, name: str) -> dict:
-    return {"name": name, "valid": {"known": {"accuracy": em}, "unknown": {"confident_wrong_rate": cw}}}
-
-
-@pytest.mark.parametrize(("records", "expected"), [
-    pytest.param([_record(0.80, 0.2, "a"), _record(0.795, 0.1, "b"), _record(0.70, 0.0, "c")], "b",
-                 id="lowest-cw-within-em-budget"),
-    pytest.param([_record(0.70, 0.1, "a"), _record(0.75, 0.3, "b")], "b", id="none-within-budget-best-em"),
-    pytest.param([_record(0.80, 0.1, "a"), _record(0.81, 0.1, "b")], "b", id="tie-on-cw-higher-em"),
-])  # fmt: skip
-def test_choose_setting(records, expected):
-    assert choose_setting(records, sft_em=0.80, max_drop_points=1.0)["name"] == expected
-
-
 def test_pair_bootstrap_estimates_equal_direct_metrics():
     rng = np.random.default_rng(0)
     conf = rng.uniform(size=(3, 40))
     correct = rng.uniform(size=(3, 40)) < conf
-    pairs = np.stack([conf, correct.astype(float)], -1)
-    stat_ece = lambda p: expected_calibration_error(p[..., 0].ravel(), p[..., 1].ravel() > 0.5)  # noqa: E731
-    est = _ci(bootstrap_ci, pairs, stat_ece, 200)
+    pairs = np.stack([conf, correct.astype(float)], -1)  # (seeds, items, 2), as the summary bootstraps them
+    est = bootstrap_ci(pairs, n_boot=200, stat=_stat("ece"), trailing_axes=1)
     assert est[0] == pytest.approx(expected_calibration_error(conf.ravel(), correct.ravel()), abs=1e-12)
     assert est[1] <= est[0] + 0.05 and est[2] >= est[0] - 0.05
-    stat_brier = lambda p: brier_score(p[..., 0].ravel(), p[..., 1].ravel() > 0.5)  # noqa: E731
-
-    same = _ci(relative_change_ci, pairs, stat_brier, 200, pairs)
-    assert same == [0.0, 0.0, 0.0]
+    brier = {"n_boot": 200, "stat": _stat("brier"), "trailing_axes": 1, "effect": "relative"}
+    assert tuple(paired_bootstrap_ci(pairs, pairs, **brier)) == (0.0, 0.0, 0.0)
     other = np.stack([conf * 0.5, correct.astype(float)], -1)
-    rel = _ci(relative_change_ci, other, stat_brier, 200, pairs)
+    rel = paired_bootstrap_ci(other, pairs, **brier)
     direct = brier_score((conf * 0.5).ravel(), correct.ravel()) / brier_score(conf.ravel(), correct.ravel()) - 1
     assert rel[0] == pytest.approx(direct, abs=1e-12)
     assert rel[1] <= rel[0] <= rel[2]

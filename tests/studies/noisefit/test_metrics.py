@@ -1,4 +1,5 @@
-"""Benchmark metrics against hand-computed values and naive float64 loops; bootstrap semantics and coverage."""
+"""Benchmark metrics against hand-computed values and naive float64 loops (their bootstrap intervals are tested in
+tests/core/test_stats.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import pytest
 from leanfit.core.errors import ConfigError
 from leanfit.studies.noisefit.metrics import (
     aurc,
-    bootstrap_ci,
     brier_score,
     closed_set_choice,
     confident_wrong_rate,
@@ -19,8 +19,6 @@ from leanfit.studies.noisefit.metrics import (
     expected_calibration_error,
     hallucination_rate,
     is_abstention,
-    paired_bootstrap_diff,
-    relative_change_ci,
     reliability_curve,
 )
 
@@ -44,26 +42,6 @@ def aurc_reference(conf, correct):
     order = sorted(range(len(conf)), key=lambda i: -conf[i])
     risks = [sum(not correct[i] for i in order[:k]) / k for k in range(1, len(conf) + 1)]
     return sum(risks) / len(risks)
-
-
-def bootstrap_reference(values, n_boot, seed, level, groups=None):
-    """Replicates drawn exactly as documented: seed rows (2-D only), then items or whole groups."""
-    rng = np.random.default_rng(seed)
-    values = np.asarray(values, dtype=np.float64)
-    reps = []
-    for _ in range(n_boot):
-        v = values
-        if v.ndim == 2:
-            v = v[rng.integers(0, v.shape[0], v.shape[0])]
-        if groups is None:
-            cols = rng.integers(0, v.shape[-1], v.shape[-1])
-        else:
-            labels = sorted(set(groups))
-            picked = rng.integers(0, len(labels), len(labels))
-            cols = [i for g in picked for i, lab in enumerate(groups) if lab == labels[g]]
-        reps.append(v[..., cols].mean())
-    lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
-    return values.mean(), lo, hi
 
 
 # --- answers --------------------------------------------------------------------------------------------------------
@@ -199,68 +177,6 @@ def test_evaluation_summary_per_split_and_pools():
     assert out["fictitious"]["hallucination_rate"] == pytest.approx(np.mean(~abstained[f] & ~correct[f]))
 
 
-# --- bootstrap ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("shape", [(40,), (5, 30)], ids=["items", "seeds-x-items"])
-def test_bootstrap_matches_reference_draws(shape):
-    values = np.random.default_rng(1).normal(size=shape)
-    got = bootstrap_ci(values, n_boot=300, seed=7, level=0.9)
-    np.testing.assert_allclose(got, bootstrap_reference(values, 300, 7, 0.9), rtol=1e-12, atol=1e-15)
-
-
-def test_bootstrap_groups_resample_whole_groups():
-    base = np.random.default_rng(2).normal(size=30)
-    dup, groups = np.repeat(base, 4), np.repeat(np.arange(30), 4)
-    grouped = bootstrap_ci(dup, groups=groups, n_boot=400, seed=3)
-    np.testing.assert_allclose(grouped, bootstrap_reference(dup, 400, 3, 0.95, groups.tolist()), rtol=1e-12)
-    # 4 copies of each value: resampling groups equals resampling the 30 distinct values, not 120 independent items
-    np.testing.assert_allclose(grouped, bootstrap_ci(base, n_boot=400, seed=3), rtol=1e-12)
-    assert bootstrap_ci(dup, n_boot=400, seed=3).high - bootstrap_ci(dup, n_boot=400, seed=3).low < 0.7 * (
-        grouped.high - grouped.low
-    )
-
-
-def test_bootstrap_two_way_interval_covers_seed_variation():
-    rng = np.random.default_rng(4)
-    values = rng.normal(size=(5, 200)) * 0.1 + rng.normal(size=(5, 1))  # the seed effect dominates
-    two_way = bootstrap_ci(values, n_boot=500, seed=0)
-    flat = bootstrap_ci(values.ravel(), n_boot=500, seed=0)
-    assert two_way.estimate == pytest.approx(flat.estimate, abs=1e-15)
-    assert two_way.high - two_way.low > 5 * (flat.high - flat.low)
-
-
-def test_bootstrap_coverage_is_near_nominal():
-    rng = np.random.default_rng(11)
-    reps, hits = 120, 0
-    for r in range(reps):
-        sample = rng.exponential(1.0, size=80)  # true mean 1
-        ci = bootstrap_ci(sample, n_boot=400, seed=r)
-        hits += ci.low <= 1.0 <= ci.high
-    assert 0.85 <= hits / reps <= 0.995
-
-
-def test_paired_diff_of_identical_arrays_is_exactly_zero():
-    a = np.random.default_rng(5).random((3, 50))
-    assert tuple(paired_bootstrap_diff(a, a.copy(), n_boot=200)) == (0.0, 0.0, 0.0)
-
-
-def test_paired_diff_cancels_item_difficulty():
-    rng = np.random.default_rng(6)
-    difficulty = rng.normal(size=300) * 3
-    a, b = difficulty + 0.5 + rng.normal(size=300) * 0.1, difficulty + rng.normal(size=300) * 0.1
-    paired = paired_bootstrap_diff(a, b, n_boot=500, seed=1)
-    diffs = a - b
-    np.testing.assert_allclose(paired, bootstrap_reference(diffs, 500, 1, 0.95), rtol=1e-12)
-    assert paired.low < 0.5 < paired.high and paired.high - paired.low < 0.05
-
-
-def test_relative_change():
-    b = np.random.default_rng(8).random((4, 60)) + 0.1
-    got = relative_change_ci(0.8 * b, b, n_boot=200)
-    np.testing.assert_allclose(got, (-0.2, -0.2, -0.2), rtol=1e-12)
-    with pytest.raises(ConfigError, match="stat"):
-        relative_change_ci(b, np.zeros_like(b))
-
-
 # --- bad input ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("call", "param"),
@@ -275,27 +191,10 @@ def test_relative_change():
      (lambda: hallucination_rate([], []), "correct.shape"),
      (lambda: closed_set_choice([0.0, float("nan")]), "logprobs"),
      (lambda: closed_set_choice([-float("inf")] * 2), "logprobs"),
-     (lambda: bootstrap_ci([1.0, 2.0], n_boot=0), "n_boot=0"),
-     (lambda: bootstrap_ci([1.0, 2.0], level=1.0), "level=1.0"),
-     (lambda: bootstrap_ci([1.0, 2.0], groups=[0]), "groups.shape"),
-     (lambda: bootstrap_ci(np.zeros((2, 2, 2))), "values.shape"),
-     (lambda: paired_bootstrap_diff([1.0, 2.0], [1.0]), "b.shape"),
      (lambda: evaluation_summary([0.5], [1], [0], ["fictitious", "fictitious"]), "len\\(split\\)")],
     ids=["ece-len", "conf-high", "conf-low", "conf-nan", "bins-zero", "bins-float", "abstained-len", "tau", "empty",
-         "logprob-nan", "logprob-all-inf", "n-boot", "level", "groups", "rank-3", "paired-shape", "split-len"],
+         "logprob-nan", "logprob-all-inf", "split-len"],
 )  # fmt: skip
 def test_bad_input_names_the_parameter(call, param):
     with pytest.raises(ConfigError, match=param):
         call()
-
-
-def test_relative_change_drops_replicates_with_a_zero_baseline():
-    """A rare baseline event (1 of 40 items) is absent from many replicates: the interval is taken over the
-    replicates where the change is defined instead of turning NaN."""
-    base = np.zeros(40)
-    base[3] = 1.0
-    arm = np.zeros(40)
-    arm[3] = arm[7] = 1.0
-    ci = relative_change_ci(arm, base, n_boot=400, seed=0)
-    assert ci.estimate == pytest.approx(1.0)
-    assert np.isfinite(ci.low) and np.isfinite(ci.high) and ci.low <= ci.estimate <= ci.high

@@ -2,8 +2,8 @@
 
 Per evaluation item a scorer records ``correct`` (bool), ``abstained`` (bool), ``confidence`` (the probability of
 the model's chosen answer, e.g. from :func:`closed_set_choice`) and a split label. This module turns those into
-exact match, calibration (ECE, Brier, reliability curve), selective prediction (AURC), hallucination and
-confident-wrong rates, and percentile-bootstrap confidence intervals over items, item groups and seeds.
+exact match, calibration (ECE, Brier, reliability curve), selective prediction (AURC), and hallucination and
+confident-wrong rates. Their bootstrap intervals over seeds and items are :mod:`leanfit.core.stats`'s.
 
 Definitions (all means are over every item of the split, abstentions included):
 
@@ -16,15 +16,14 @@ Definitions (all means are over every item of the split, abstentions included):
   group of tied confidences and weighted by the coverage that group adds, so tied items are accepted together
   and the value does not depend on input order. Without ties this is the mean over k of risk(top k).
 
-Why our own code: these are a few lines each, but the conventions (bin edges, ties, abstentions, two-way
-bootstrap over seeds and items) must be fixed and tested; the libraries that have them differ on exactly these.
+Why our own code: these are a few lines each, but the conventions (bin edges, ties, abstentions) must be
+fixed and tested; the libraries that have them differ on exactly these.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -33,9 +32,7 @@ from leanfit.studies.noisefit.facts_qa import ABSTAIN
 
 __all__ = [
     "UNKNOWN_SPLITS",
-    "ConfidenceInterval",
     "aurc",
-    "bootstrap_ci",
     "brier_score",
     "closed_set_choice",
     "confident_wrong_rate",
@@ -45,8 +42,6 @@ __all__ = [
     "hallucination_rate",
     "is_abstention",
     "normalize_answer",
-    "paired_bootstrap_diff",
-    "relative_change_ci",
     "reliability_curve",
 ]
 
@@ -54,15 +49,6 @@ UNKNOWN_SPLITS = ("unseen_attribute", "fictitious")
 KNOWN_SPLITS = ("sft_known", "pretrain_only")
 _TRAILING = re.compile(r"[\s.,;:!?\"'`]+$")
 _LEADING = re.compile(r"^[\s\"'`]+")
-Stat = Callable[[np.ndarray], float]
-
-
-class ConfidenceInterval(NamedTuple):
-    """A point estimate on the full data and a percentile-bootstrap interval ``[low, high]``."""
-
-    estimate: float
-    low: float
-    high: float
 
 
 # --- answers --------------------------------------------------------------------------------------------------------
@@ -216,129 +202,3 @@ def evaluation_summary(
         if mask.any():
             out[name] = _split_metrics(c[mask], y[mask], a[mask], tau, n_bins)
     return out
-
-
-# --- bootstrap -------------------------------------------------------------------------------------------------------
-def _resampler(
-    shape: tuple[int, ...], groups: object, rng: np.random.Generator
-) -> Callable[[], tuple[np.ndarray | None, np.ndarray]]:
-    """A function drawing (seed rows or None, item columns) for one bootstrap replicate."""
-    n_items = shape[-1]
-    if groups is None:
-        members = None
-    else:
-        g = np.asarray(groups)
-        if g.shape != (n_items,):
-            raise ConfigError(bad_value("groups.shape", g.shape, f"one label per item: ({n_items},)"))
-        members = [np.flatnonzero(g == u) for u in np.unique(g)]
-
-    def draw() -> tuple[np.ndarray | None, np.ndarray]:
-        rows = rng.integers(0, shape[0], shape[0]) if len(shape) == 2 else None
-        if members is None:
-            cols = rng.integers(0, n_items, n_items)
-        else:
-            cols = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
-        return rows, cols
-
-    return draw
-
-
-def _values(values: object, name: str) -> np.ndarray:
-    arr = np.asarray(values, dtype=np.float64)
-    if arr.ndim not in (1, 2) or arr.size == 0:
-        raise ConfigError(bad_value(f"{name}.shape", arr.shape, "a non-empty (items,) or (seeds, items) array"))
-    return arr
-
-
-def _check_bootstrap(n_boot: int, level: float) -> None:
-    if not isinstance(n_boot, int | np.integer) or n_boot < 1:
-        raise ConfigError(bad_value("n_boot", n_boot, "an integer >= 1"))
-    if not 0 < level < 1:
-        raise ConfigError(bad_value("level", level, "a coverage in (0, 1) such as 0.95"))
-
-
-def _take(arr: np.ndarray, rows: np.ndarray | None, cols: np.ndarray) -> np.ndarray:
-    return arr[..., cols] if rows is None else arr[rows][:, cols]
-
-
-def _interval(estimate: float, replicates: np.ndarray, level: float) -> ConfidenceInterval:
-    """Percentile interval over the finite replicates (a relative change is undefined, not infinite, in a
-    replicate whose baseline statistic is 0); NaN bounds if no replicate is finite."""
-    finite = replicates[np.isfinite(replicates)]
-    if finite.size == 0:
-        return ConfidenceInterval(float(estimate), float("nan"), float("nan"))
-    low, high = np.quantile(finite, [(1 - level) / 2, (1 + level) / 2])
-    return ConfidenceInterval(float(estimate), float(low), float(high))
-
-
-def bootstrap_ci(
-    values: object,
-    *,
-    groups: object = None,
-    n_boot: int = 2000,
-    seed: int = 0,
-    stat: Stat = np.mean,
-    level: float = 0.95,
-) -> ConfidenceInterval:
-    """Percentile bootstrap interval of ``stat(values)``.
-
-    values: (items,) — items resampled with replacement; or (seeds, items) — seeds and items resampled
-    independently (two-way: the interval covers both training-seed and item variation). ``groups``: (items,)
-    labels; whole groups (e.g. all questions about one entity) are resampled instead of single items.
-    ``stat`` receives an array of the same rank as ``values``."""
-    arr = _values(values, "values")
-    _check_bootstrap(n_boot, level)
-    draw = _resampler(arr.shape, groups, np.random.default_rng(seed))
-    replicates = np.array([stat(_take(arr, *draw())) for _ in range(n_boot)], dtype=np.float64)
-    return _interval(stat(arr), replicates, level)
-
-
-def _paired(
-    a: object, b: object, groups: object, n_boot: int, seed: int, stat: Stat, level: float,
-    effect: Callable[[float, float], float],
-) -> ConfidenceInterval:  # fmt: skip
-    x, y = _values(a, "a"), _values(b, "b")
-    if x.shape != y.shape:
-        raise ConfigError(bad_value("b.shape", y.shape, f"the shape of a, {x.shape} (paired items and seeds)"))
-    _check_bootstrap(n_boot, level)
-    draw = _resampler(x.shape, groups, np.random.default_rng(seed))
-    replicates = []
-    for _ in range(n_boot):
-        rows, cols = draw()
-        replicates.append(effect(stat(_take(x, rows, cols)), stat(_take(y, rows, cols))))
-    return _interval(effect(stat(x), stat(y)), np.asarray(replicates, dtype=np.float64), level)
-
-
-def paired_bootstrap_diff(
-    a: object,
-    b: object,
-    *,
-    groups: object = None,
-    n_boot: int = 2000,
-    seed: int = 0,
-    stat: Stat = np.mean,
-    level: float = 0.95,
-) -> ConfidenceInterval:
-    """Interval of ``stat(a) - stat(b)`` for two arms scored on the same items (and seeds): each replicate applies
-    the same resampled indices to both, so item difficulty cancels. Shapes as in :func:`bootstrap_ci`."""
-    return _paired(a, b, groups, n_boot, seed, stat, level, lambda u, v: u - v)
-
-
-def relative_change_ci(
-    a: object,
-    b: object,
-    *,
-    groups: object = None,
-    n_boot: int = 2000,
-    seed: int = 0,
-    stat: Stat = np.mean,
-    level: float = 0.95,
-) -> ConfidenceInterval:
-    """Interval of ``(stat(a) - stat(b)) / stat(b)``, the relative change of arm ``a`` against baseline ``b``
-    (-0.15 is a 15% reduction), paired as in :func:`paired_bootstrap_diff`. Replicates with ``stat(b) == 0`` (rare
-    events in small samples) are left out of the interval; the baseline's full-data statistic must be non-zero."""
-    base = stat(_values(b, "b"))
-    if base == 0:
-        raise ConfigError(bad_value("stat(b)", float(base), "a non-zero baseline", "use paired_bootstrap_diff"))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return _paired(a, b, groups, n_boot, seed, stat, level, lambda u, v: np.float64(u - v) / np.float64(v))

@@ -5,10 +5,11 @@ bootstrap summaries. Every stage writes its result under the run folder, so ``--
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["arm_settings", "choose_setting", "run_benchmark", "summarise"]
+__all__ = ["NoiseFiTData", "arm_settings", "prepare", "run_benchmark", "summarise"]
 
 
 def arm_settings(cfg: Any, arm: str) -> list[dict[str, Any]]:
@@ -30,37 +31,45 @@ def _setting_name(arm: str, setting: dict[str, Any], seed: int) -> str:
 
 
 # -- data and pretraining --------------------------------------------------------------------------------------------
-def prepare(cfg: Any) -> dict[str, Any]:
+@dataclass(frozen=True)
+class NoiseFiTData:
+    """What every stage reads: the fact world, its tokenizer, the SFT features and the pretraining text."""
+
+    world: Any  # FactWorld
+    tokenizer: Any  # PreTrainedTokenizerFast trained on the pretraining text and the SFT examples
+    train_features: list[dict[str, Any]]  # tokenized SFT examples (qa_features)
+    pretrain_text: list[str]  # paraphrased fact sentences
+    heldout: list[str]  # held-out sentences for the pretraining loss
+
+
+def prepare(cfg: Any) -> NoiseFiTData:
     from leanfit.studies.noisefit.facts_qa import heldout_sentences, pretrain_text, qa_example
     from leanfit.studies.noisefit.hallucination import build_tokenizer, qa_features
 
     world = cfg.world.build()
     text = pretrain_text(world, paraphrases=cfg.paraphrases)
     tokenizer = build_tokenizer(text + ["".join(qa_example(f)) for f in world.sft_train], cfg.vocab_size)
-    return {"world": world, "tokenizer": tokenizer, "train_features": qa_features(tokenizer, world.sft_train),
-            "pretrain_text": text, "heldout": heldout_sentences(world)}  # fmt: skip
+    return NoiseFiTData(world=world, tokenizer=tokenizer, train_features=qa_features(tokenizer, world.sft_train),
+                        pretrain_text=text, heldout=heldout_sentences(world))  # fmt: skip
 
 
-def pretrained_model(ctx: Any, data: dict[str, Any], seed: int) -> Path:
+def pretrained_model(ctx: Any, data: NoiseFiTData, seed: int) -> Path:
     """Folder of the model pretrained for ``seed`` (trained now unless already saved)."""
     import torch
 
     from leanfit.core.io import atomic_dir
-    from leanfit.core.runs import RunDir
     from leanfit.studies.lm.data import encode_documents
     from leanfit.studies.lm.train import train_lm
     from leanfit.studies.models.tiny_llama import tiny_llama
 
     cfg = ctx.config
-    name = f"pretrain-s{seed}" if cfg.pretrain_per_seed else "pretrain-shared"
-    sub = RunDir(ctx.run.path / "runs" / name)
+    sub = ctx.run.subrun(f"pretrain-s{seed}" if cfg.pretrain_per_seed else "pretrain-shared")
     folder = sub.path / "model"
-    if (folder / "config.json").exists():
+    if (folder / "config.json").exists():  # the saved model is this sub-run's result
         return folder
-    sub.path.mkdir(parents=True, exist_ok=True)
-    tok = data["tokenizer"]
-    train = encode_documents(tok.backend_tokenizer, data["pretrain_text"], tok.eos_token_id)
-    valid = encode_documents(tok.backend_tokenizer, data["heldout"], tok.eos_token_id)
+    tok = data.tokenizer
+    train = encode_documents(tok.backend_tokenizer, data.pretrain_text, tok.eos_token_id)
+    valid = encode_documents(tok.backend_tokenizer, data.heldout, tok.eos_token_id)
     m = cfg.model
     model = tiny_llama(len(tok), d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, ffn_mult=m.ffn_mult,
                        max_seq_len=max(cfg.pretrain.seq_len, 128), tie_embeddings=m.tie_embeddings, seed=seed)  # fmt: skip
@@ -75,13 +84,13 @@ def pretrained_model(ctx: Any, data: dict[str, Any], seed: int) -> Path:
 
 
 # -- fine-tuning -----------------------------------------------------------------------------------------------------
-def _trainer(arm: str, setting: dict[str, Any], model: Any, data: dict[str, Any], cfg: Any, seed: int,
+def _trainer(arm: str, setting: dict[str, Any], model: Any, data: NoiseFiTData, cfg: Any, seed: int,
              out: Path) -> Any:  # fmt: skip
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
     from leanfit.noisefit.config import NoiseFiTConfig
-    from leanfit.studies.noisefit.hallucination import batch_to_tensors
     from leanfit.noisefit.trainer import NoiseFiTTrainer, RDropTrainer
+    from leanfit.studies.noisefit.hallucination import batch_to_tensors
 
     sft = cfg.sft
     args = TrainingArguments(
@@ -92,8 +101,8 @@ def _trainer(arm: str, setting: dict[str, Any], model: Any, data: dict[str, Any]
         label_smoothing_factor=setting.get("label_smoothing", 0.0), neftune_noise_alpha=setting.get("neftune_alpha"),
         remove_unused_columns=False,
     )  # fmt: skip
-    pad = data["tokenizer"].pad_token_id
-    common = {"model": model, "args": args, "train_dataset": data["train_features"],
+    pad = data.tokenizer.pad_token_id
+    common = {"model": model, "args": args, "train_dataset": data.train_features,
               "data_collator": lambda feats: batch_to_tensors(feats, pad)}  # fmt: skip
     if arm == "rdrop":
         trainer = RDropTrainer(**common, rdrop_alpha=setting["rdrop_alpha"])
@@ -107,21 +116,22 @@ def _trainer(arm: str, setting: dict[str, Any], model: Any, data: dict[str, Any]
     return trainer
 
 
-def finetune(ctx: Any, data: dict[str, Any], arm: str, setting: dict[str, Any], seed: int,
+def finetune(ctx: Any, data: NoiseFiTData, arm: str, setting: dict[str, Any], seed: int,
              validate: bool = True) -> dict[str, Any]:  # fmt: skip
     """Fine-tune one arm/setting/seed from its pretrained model; returns its record, with validation metrics if
     ``validate`` (only the first seed's choose a setting)."""
     import torch
     from transformers import LlamaForCausalLM
 
-    from leanfit.core.io import atomic_dir, atomic_write_json, read_json
+    from leanfit.core.io import atomic_dir
     from leanfit.studies.noisefit.hallucination import score_items
 
     cfg = ctx.config
     name = _setting_name(arm, setting, seed)
-    sub = ctx.run.path / "runs" / name
-    if (sub / "result.json").exists():
-        return read_json(sub / "result.json")
+    subrun = ctx.run.subrun(name)
+    if (done := subrun.stored()) is not None:
+        return done
+    sub = subrun.path
     base = pretrained_model(ctx, data, seed)
     kwargs = {"attention_dropout": cfg.sft.rdrop_dropout} if arm == "rdrop" else {}
     model = LlamaForCausalLM.from_pretrained(base, **kwargs)
@@ -132,11 +142,11 @@ def finetune(ctx: Any, data: dict[str, Any], arm: str, setting: dict[str, Any], 
     seconds = time.perf_counter() - began
     model = trainer.model
     model.config.attention_dropout = 0.0
-    world = data["world"]
+    world = data.world
     record = {"name": name, "arm": arm, "setting": setting, "seed": seed, "train_seconds": seconds,
               "step_seconds": seconds / cfg.sft.steps, "train_loss": float(out.training_loss)}  # fmt: skip
     if validate:
-        scores = score_items(model, data["tokenizer"], world, world.evaluation("valid"),
+        scores = score_items(model, data.tokenizer, world, world.evaluation("valid"),
                              closed_set_size=cfg.closed_set_size)  # fmt: skip
         record["valid"] = _summary(scores, cfg.tau)
     calibration = getattr(trainer, "calibration", None)
@@ -145,8 +155,7 @@ def finetune(ctx: Any, data: dict[str, Any], arm: str, setting: dict[str, Any], 
     if ctx.is_main:
         with atomic_dir(sub / "model") as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
-        atomic_write_json(sub / "result.json", record)
-    return record
+    return subrun.store(record)
 
 
 def _summary(scores: dict[str, Any], tau: float) -> dict[str, dict[str, float]]:
@@ -162,23 +171,16 @@ def _summary(scores: dict[str, Any], tau: float) -> dict[str, dict[str, float]]:
     return summary
 
 
-def choose_setting(records: list[dict[str, Any]], sft_em: float, max_drop_points: float) -> dict[str, Any]:
-    """The validation record with the lowest unknown-split confident-wrong rate among those whose known-split exact
-    match is within ``max_drop_points`` of SFT's; the one with the best exact match if none is."""
-    def em(r: dict[str, Any]) -> float:
-        return r["valid"]["known"]["accuracy"]
+def _valid_em(record: dict[str, Any]) -> float:
+    return record["valid"]["known"]["accuracy"]
 
-    def cw(r: dict[str, Any]) -> float:
-        return r["valid"]["unknown"]["confident_wrong_rate"]
 
-    ok = [r for r in records if 100 * (sft_em - em(r)) <= max_drop_points + 1e-9]
-    if ok:
-        return min(ok, key=lambda r: (cw(r), -em(r)))
-    return max(records, key=lambda r: (em(r), -cw(r)))
+def _valid_cw(record: dict[str, Any]) -> float:
+    return record["valid"]["unknown"]["confident_wrong_rate"]
 
 
 # -- test scoring and summaries ----------------------------------------------------------------------------------
-def score_test(ctx: Any, data: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+def score_test(ctx: Any, data: NoiseFiTData, record: dict[str, Any]) -> dict[str, Any]:
     """Test-split arrays of one chosen model (scored once; cached in its folder)."""
     import numpy as np
     from transformers import LlamaForCausalLM
@@ -186,14 +188,14 @@ def score_test(ctx: Any, data: dict[str, Any], record: dict[str, Any]) -> dict[s
     from leanfit.core.io import atomic_write_bytes
     from leanfit.studies.noisefit.hallucination import heldout_loss, score_items
 
-    sub = ctx.run.path / "runs" / record["name"]
+    sub = ctx.run.subrun(record["name"]).path
     cache = sub / "test_scores.npz"
     if not cache.exists():
         model = LlamaForCausalLM.from_pretrained(sub / "model")
-        world = data["world"]
-        scores = score_items(model, data["tokenizer"], world, world.evaluation("test"),
+        world = data.world
+        scores = score_items(model, data.tokenizer, world, world.evaluation("test"),
                              closed_set_size=ctx.config.closed_set_size)  # fmt: skip
-        scores["heldout_loss"] = np.array([heldout_loss(model, data["tokenizer"], data["heldout"])])
+        scores["heldout_loss"] = np.array([heldout_loss(model, data.tokenizer, data.heldout)])
         import io
 
         buf = io.BytesIO()
@@ -216,6 +218,7 @@ def run_benchmark(ctx: Any) -> dict[str, Any]:
 def _run_benchmark(ctx: Any) -> dict[str, Any]:
     from leanfit.core.device import configure_threads
     from leanfit.core.progress import progress_bar
+    from leanfit.core.stats import choose_within_drop
 
     cfg = ctx.config
     threads = configure_threads(cfg.threads, small_workload=True)
@@ -229,8 +232,10 @@ def _run_benchmark(ctx: Any) -> dict[str, Any]:
         for arm in cfg.arms:
             sweep = [finetune(ctx, data, arm, s, first) for s in arm_settings(cfg, arm)]
             bar.advance(len(sweep), arm=arm)
-            sft_em = (chosen["sft"] if "sft" in chosen else sweep[0])["valid"]["known"]["accuracy"]
-            best = choose_setting(sweep, sft_em, cfg.max_em_drop)
+            sft_em = _valid_em(chosen["sft"] if "sft" in chosen else sweep[0])
+            # the lowest unknown-split confident-wrong rate among the settings within max_em_drop of SFT's EM
+            best = choose_within_drop(sweep, score=_valid_em, cost=_valid_cw, baseline=sft_em,
+                                      max_drop_points=cfg.max_em_drop)  # fmt: skip
             chosen[arm] = best
             sweeps += [{"arm": arm, "setting": r["setting"], "chosen": r is best,
                         "valid_em_known": r["valid"]["known"]["accuracy"],
@@ -241,7 +246,7 @@ def _run_benchmark(ctx: Any) -> dict[str, Any]:
                 bar.advance(1, arm=arm)
     tests = {r["name"]: score_test(ctx, data, r) for r in records} if ctx.is_main else {}
     rows, summary = summarise(cfg, records, tests) if ctx.is_main else ([], [])
-    return {"world": data["world"].summary(), "threads": threads, "sweeps": sweeps, "rows": rows,
+    return {"world": data.world.summary(), "threads": threads, "sweeps": sweeps, "rows": rows,
             "summary": summary, "chosen": {a: r["setting"] for a, r in chosen.items()},
             "calibration": {r["name"]: r["calibration"] for r in records if "calibration" in r},
             "headline": _headline(summary)}  # fmt: skip
@@ -297,7 +302,7 @@ def summarise(cfg: Any, records: list[dict[str, Any]], tests: dict[str, Any]) ->
     every arm but SFT the paired relative change against SFT (same seeds, same items)."""
     import numpy as np
 
-    from leanfit.studies.noisefit.metrics import bootstrap_ci, relative_change_ci
+    from leanfit.core.stats import bootstrap_ci, paired_bootstrap_ci
 
     by_arm: dict[str, list[dict[str, Any]]] = {}
     for r in records:
@@ -320,29 +325,13 @@ def summarise(cfg: Any, records: list[dict[str, Any]], tests: dict[str, Any]) ->
                                  "step_seconds": float(np.mean([r["step_seconds"] for r in recs]))}  # fmt: skip
         for key, _group, kind in METRICS:
             values, stat = arrays[arm, key], _stat(kind)
-            ci = _ci(bootstrap_ci, values, stat, cfg.n_boot)
-            entry[key] = ci
+            common = {"n_boot": cfg.n_boot, "stat": stat, "trailing_axes": values.ndim - 2}  # ECE/Brier: pairs
+            entry[key] = list(bootstrap_ci(values, **common))
             if arm != "sft" and stat(arrays["sft", key]) != 0:
-                entry[f"{key}_rel_vs_sft"] = _ci(relative_change_ci, values, stat, cfg.n_boot, arrays["sft", key])
+                rel = paired_bootstrap_ci(values, arrays["sft", key], effect="relative", **common)
+                entry[f"{key}_rel_vs_sft"] = list(rel)
         summary.append(entry)
     return rows, summary
-
-
-def _ci(fn: Any, values: Any, stat: Any, n_boot: int, base: Any = None) -> list[float]:
-    """[estimate, low, high]; (seeds, items, 2) pairs are bootstrapped through an index array."""
-    import numpy as np
-
-    if values.ndim == 3:  # ECE/Brier need (confidence, correct) pairs: resample indices into a flat table
-        table = values.reshape(-1, 2) if base is None else np.concatenate([values, base]).reshape(-1, 2)
-        idx = np.arange(values.shape[0] * values.shape[1], dtype=float).reshape(values.shape[:2])
-        pair_stat = lambda i: stat(table[i.astype(int)])  # noqa: E731
-        args = (idx,) if base is None else (idx, idx + idx.size)
-        est = fn(*args, n_boot=n_boot, stat=pair_stat)
-    else:
-        args = (values,) if base is None else (values, base)
-        mask_stat = lambda v: float(np.nanmean(v))  # noqa: E731
-        est = fn(*args, n_boot=n_boot, stat=mask_stat)
-    return [est.estimate, est.low, est.high]
 
 
 def _headline(summary: list[dict[str, Any]]) -> str:
