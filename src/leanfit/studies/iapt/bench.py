@@ -385,7 +385,8 @@ def _time_cells(cfg: IAPTServingBenchConfig, servers: Servers, todo: list[tuple[
     return times, outputs
 
 
-def _peak_mb(servers: Servers, method: str, tenants: int, ids: Any, new_tokens: int, device: Any) -> tuple[float, str]:
+def _peak_mb(servers: Servers, method: str, tenants: int, ids: Any, new_tokens: int,
+             device: Any) -> tuple[float | None, str]:  # fmt: skip
     """Peak memory (MB) of one generate above what was held before it, and how it was measured."""
     import torch
 
@@ -399,7 +400,7 @@ def _peak_mb(servers: Servers, method: str, tenants: int, ids: Any, new_tokens: 
 
 
 def measure_peak_memory(cfg: IAPTServingBenchConfig, method: str, tenants: int, seed: int,
-                        threads: int = 0) -> tuple[float, str]:  # fmt: skip
+                        threads: int = 0) -> tuple[float | None, str]:  # fmt: skip
     """Peak memory (MB) of one ``generate`` of a cell with only that cell's model and ``tenants`` adapters
     built; meant to run in a fresh process (module level, so a spawned process can call it)."""
     from leanfit.core.device import configure_threads, resolve_device, resolve_dtype

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,15 +159,20 @@ def measure_decode(v: int, d: int, k: int, *, steps: int, rounds: int = 3, seed:
         for name, call in calls.items():  # method after method: its tables stay in the cache, as in decoding
             medians = []
             for r in range(rounds):  # the least disturbed round estimates the cost best (as timeit does)
-                tokens = itertools.cycle(hidden)  # one (1, d) hidden state per call
                 with torch.inference_mode():
-                    times = time_side_by_side({name: lambda call=call, tokens=tokens: call(next(tokens))},
-                                              repeats=steps, warmup=min(10, steps) if r == 0 else 0)  # fmt: skip
+                    times = time_side_by_side({name: _token_by_token(call, hidden)}, repeats=steps,
+                                              warmup=min(10, steps) if r == 0 else 0)  # fmt: skip
                 medians.append(statistics.median(times[name]))
             rows.append({"method": name, "v": v, "d": d, "k": k if not name.startswith("dense") else None,
                          "us_per_token": 1e6 * min(medians), "us_per_token_max_round": 1e6 * max(medians),
                          "threads": torch.get_num_threads()})  # fmt: skip
     return rows
+
+
+def _token_by_token(call: Callable[[Any], Any], hidden: Any) -> Callable[[], Any]:
+    """``call`` on the next hidden state (1, d) of ``hidden`` (steps, 1, d) at every call, cycling."""
+    tokens = itertools.cycle(hidden)
+    return lambda: call(next(tokens))
 
 
 def _decode_calls(v: int, d: int, k: int, steps: int, seed: int) -> tuple[dict[str, Any], Any]:
