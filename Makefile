@@ -5,14 +5,19 @@ PIP := $(PYTHON) -m pip
 # requirement would pull a multi-GB CUDA build on a CPU-only machine. An existing torch is kept.
 TORCH_VERSION ?= 2.13.0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# import-linter's `lint-imports` run by the chosen Python (its console script may not be on PATH).
+LINT_IMPORTS := $(PYTHON) -c "from importlinter.cli import lint_imports_command as m; m(['--no-logo'], 'lint-imports')"
 
-.PHONY: help torch smollm2 install install-dev demo test test-slow lint bench-threads
+.PHONY: help torch smollm2 install install-dev demo test test-slow lint lint-imports typecheck bench-threads
 
 help:
 	@echo "make demo       install what is missing, then run 'leanfit demo' (quick preset of every experiment)"
-	@echo "make test       install dev extras, then run the default test suite (slow tests excluded)"
+	@echo "make test       install dev extras, check the import contracts and types, then run the default test suite"
+	@echo "                (slow tests excluded)"
 	@echo "make test-slow  run the slow tests too"
 	@echo "make lint       ruff check"
+	@echo "make lint-imports  import contracts: layers, no method imports a study or plotting, no cycles"
+	@echo "make typecheck  mypy on core, the five method packages and tests/typing"
 
 torch:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)"
@@ -35,6 +40,7 @@ demo: install
 	$(PYTHON) -m leanfit demo
 
 test: install-dev
+	@$(MAKE) --no-print-directory lint-imports typecheck
 	$(PYTHON) -m pytest
 
 test-slow: install-dev
@@ -42,3 +48,11 @@ test-slow: install-dev
 
 lint:
 	$(PYTHON) -m ruff check src tests
+
+# [tool.importlinter] in pyproject.toml
+lint-imports:
+	$(LINT_IMPORTS)
+
+# [tool.mypy] in pyproject.toml: core, the five method packages (the public API) and tests/typing
+typecheck:
+	$(PYTHON) -m mypy
