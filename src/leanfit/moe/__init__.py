@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING
 from leanfit.core.lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from leanfit.moe.estimator import MoEParams as MoEParams
+    from leanfit.moe.estimator import TopKGaussianMoE as TopKGaussianMoE
     from leanfit.moe.gating import router_z_loss as router_z_loss
     from leanfit.moe.gating import switch_load_balancing_loss as switch_load_balancing_loss
     from leanfit.moe.gating import topk_softmax_gate as topk_softmax_gate
     from leanfit.moe.layer import MoEOutput as MoEOutput
     from leanfit.moe.layer import SparseMoE as SparseMoE
-    from leanfit.moe.estimator import MoEParams as MoEParams
-    from leanfit.moe.estimator import TopKGaussianMoE as TopKGaussianMoE
     from leanfit.moe.voronoi import per_parameter_errors as per_parameter_errors
     from leanfit.moe.voronoi import voronoi_cells as voronoi_cells
     from leanfit.moe.voronoi import voronoi_loss as voronoi_loss
