@@ -13,10 +13,10 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from leanfit.noisefit.config import NoiseFiTConfig
-from leanfit.studies.noisefit.facts_qa import qa_example, real_facts
-from leanfit.studies.noisefit.hallucination import batch_to_tensors
 from leanfit.noisefit.injector import find_decoder_layers
 from leanfit.noisefit.trainer import NoiseFiTTrainer
+from leanfit.studies.noisefit.facts_qa import qa_example, real_facts
+from leanfit.studies.noisefit.hallucination import batch_to_tensors
 
 pytestmark = [
     pytest.mark.slow,

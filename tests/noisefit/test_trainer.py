@@ -6,12 +6,12 @@ import pytest
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-from leanfit.studies.models.tiny_llama import tiny_llama
 from leanfit.noisefit.config import NoiseFiTConfig
-from leanfit.studies.noisefit.hallucination import batch_to_tensors
 from leanfit.noisefit.injector import find_decoder_layers
 from leanfit.noisefit.loss import noisefit_loss, rdrop_loss
 from leanfit.noisefit.trainer import NoiseFiTTrainer, RDropTrainer
+from leanfit.studies.models.tiny_llama import tiny_llama
+from leanfit.studies.noisefit.hallucination import batch_to_tensors
 
 VOCAB = 64
 
@@ -132,9 +132,9 @@ def test_noisefit_sft_trainer_from_trl(tmp_path):
     from datasets import Dataset
     from trl import SFTConfig
 
+    from leanfit.noisefit.trainer import NoiseFiTSFTTrainer
     from leanfit.studies.noisefit.facts_qa import build_fact_world, qa_example, tokenizer_texts
     from leanfit.studies.noisefit.hallucination import build_tokenizer
-    from leanfit.noisefit.trainer import NoiseFiTSFTTrainer
 
     world = build_fact_world(0, pretrain_fraction=0.1, n_fictitious=4)
     tok = build_tokenizer(tokenizer_texts(world), 320)

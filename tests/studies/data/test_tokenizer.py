@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from leanfit.core.cache import verify_folder
 from leanfit.core.errors import ConfigError
 from leanfit.studies.data import tokenizer as tokenizer_module
-from leanfit.core.cache import verify_folder
 from leanfit.studies.data.corpora import load_corpus
 from leanfit.studies.data.tokenizer import SPECIAL_TOKENS, bpe_tokenizer, to_hf_tokenizer, train_bpe
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from leanfit.core.errors import MissingDependencyError
 from leanfit.core.cache import verify_folder
+from leanfit.core.errors import MissingDependencyError
 from leanfit.studies.data.tokenizer import to_hf_tokenizer, train_bpe
 from leanfit.studies.models import ALIASES, load_pretrained, resolve_pretrained_path, tiny_llama
 from leanfit.studies.models import pretrained as pretrained_module

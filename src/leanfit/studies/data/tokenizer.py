@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from leanfit.core.errors import ConfigError, bad_value
 from leanfit.core.cache import cache_dir, cached_folder
+from leanfit.core.errors import ConfigError, bad_value
 from leanfit.studies.data.corpora import Corpus
 
 if TYPE_CHECKING:

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from leanfit.core.cache import cache_dir, cached_folder
 from leanfit.core.io import sha256_bytes
 from leanfit.core.packages import package_dir
-from leanfit.core.cache import cache_dir, cached_folder
 
 __all__ = ["ALIASES", "load_pretrained", "resolve_pretrained_path"]
 
