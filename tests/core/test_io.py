@@ -88,3 +88,11 @@ def test_atomic_save_tensors_round_trips(tmp_path):
     atomic_save_tensors(tmp_path / "t.safetensors", {"w": w})
     assert torch.equal(load_file(str(tmp_path / "t.safetensors"))["w"], w)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors"]
+
+
+def test_atomic_write_csv_takes_every_column_in_order_of_first_appearance(tmp_path):
+    from leanfit.core.io import atomic_write_csv
+
+    path = atomic_write_csv(tmp_path / "rows.csv", [{"a": 1, "b": 2.5}, {"b": 3, "c": "x"}])
+    assert path.read_text() == "a,b,c\n1,2.5,\n,3,x\n"
+    assert atomic_write_csv(tmp_path / "empty.csv", []).read_text() == "\n"

@@ -122,8 +122,6 @@ def run_experiment(
 ) -> tuple[Path, dict[str, Any]]:
     """Run experiment ``name`` and return (run folder, results)."""
     from leanfit.core.env import environment_info
-    from leanfit.core.report import render_run
-    from leanfit.core.seed import seed_everything
 
     entry = registry.get("experiment", name)
     config = resolve_config(entry, preset, config_file, overrides)
@@ -139,15 +137,7 @@ def run_experiment(
         run.path.mkdir(parents=True, exist_ok=True)
         run.write_config(record)
         run.write_env(environment_info())
-    seed_everything(seed)
-    ctx = RunContext(name=name, config=config, seed=seed, run=run, resume=resume, preset=preset)
-    start = time.perf_counter()
-    results = entry.run(ctx)
-    results = {**results, "wall_seconds": time.perf_counter() - start}
-    if is_main_process():
-        run.write_env(environment_info())
-        run.write_results(results)
-        render_run(run.path)
+    results = _execute(entry, RunContext(name=name, config=config, seed=seed, run=run, resume=resume, preset=preset))
     return run.path, results
 
 
@@ -162,10 +152,6 @@ def run_benchmark(
 ) -> Path:
     """Run benchmark ``name`` into ``OUT/<name>/`` (replacing earlier results there): ``results.csv`` (one row
     per measurement), ``results.json`` (rows + summary), ``env.json`` (machine), ``report.md`` and plots."""
-    from leanfit.core.env import environment_info
-    from leanfit.core.io import atomic_write_text
-    from leanfit.core.report import render_run
-    from leanfit.core.seed import seed_everything
 
     entry = registry.get("benchmark", name)
     config = resolve_config(entry, preset, config_file, overrides)
@@ -177,28 +163,29 @@ def run_benchmark(
         (run.path / stale).unlink(missing_ok=True)
     run.write_config({"experiment": name, "kind": "benchmark", "preset": preset, "seed": seed,
                       "config": config.to_dict()})  # fmt: skip
-    seed_everything(seed)
-    ctx = RunContext(name=name, config=config, seed=seed, run=run, resume=False, preset=preset)
-    start = time.perf_counter()
-    results = entry.run(ctx)
-    results = {**results, "wall_seconds": time.perf_counter() - start}
-    run.write_env(environment_info())
-    run.write_results(results)
-    atomic_write_text(run.path / "results.csv", _csv(results.get("rows", [])))
-    render_run(run.path)
+    _execute(entry, RunContext(name=name, config=config, seed=seed, run=run, resume=False, preset=preset))
     return run.path
 
 
-def _csv(rows: Sequence[Mapping[str, Any]]) -> str:
-    import csv
-    import io
+def _execute(entry: registry.Entry, ctx: RunContext[Any]) -> dict[str, Any]:
+    """Seed, run, time; the main process writes env.json, results.json (a benchmark's rows also as results.csv)
+    and the report."""
+    from leanfit.core.env import environment_info
+    from leanfit.core.io import atomic_write_csv
+    from leanfit.core.report import render_run
+    from leanfit.core.seed import seed_everything
 
-    buf = io.StringIO()
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
+    seed_everything(ctx.seed)
+    start = time.perf_counter()
+    results = entry.run(ctx)
+    results = {**results, "wall_seconds": time.perf_counter() - start}
+    if is_main_process():
+        ctx.run.write_env(environment_info())
+        ctx.run.write_results(results)
+        if entry.kind == "benchmark":
+            atomic_write_csv(ctx.run.path / "results.csv", results.get("rows", []))
+        render_run(ctx.run.path)
+    return results
 
 
 def run_demo(out: str | os.PathLike = "runs/demo", seed: int = 0, fresh: bool = False) -> Path:

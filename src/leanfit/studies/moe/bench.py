@@ -257,13 +257,12 @@ def report(run: Any, results: dict[str, Any]) -> Any:
           "dense GEMM (forward, forward+backward); estimator fit time", config_cls=MoEBenchConfig, presets=PRESETS,
           report=report)  # fmt: skip
 def run(ctx: Any) -> dict[str, Any]:
-    from leanfit.core.io import atomic_write_text
-    from leanfit.core.runner import _csv
+    from leanfit.core.io import atomic_write_csv
 
     cfg: MoEBenchConfig = ctx.config
     with torch_threads(cfg.threads, small_workload=False):
         rows = _layer_rows(cfg, ctx)
         est = _estimator_rows(cfg, ctx) if cfg.estimator_ns else []
     if est:
-        atomic_write_text(ctx.run.path / "estimator.csv", _csv(est))
+        atomic_write_csv(ctx.run.path / "estimator.csv", est)
     return {"rows": rows, "estimator_rows": est, "headline": _headline(cfg, rows)}

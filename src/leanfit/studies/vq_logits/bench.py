@@ -309,9 +309,8 @@ def report(run: Any, results: dict[str, Any]) -> Any:
           "and gather heads: step time, peak memory, decode time", config_cls=VQLogitsBenchConfig, presets=PRESETS,
           report=report)  # fmt: skip
 def run(ctx: Any) -> dict[str, Any]:
-    from leanfit.core.io import atomic_write_text
+    from leanfit.core.io import atomic_write_csv
     from leanfit.core.progress import progress_bar
-    from leanfit.core.runner import _csv
 
     cfg: VQLogitsBenchConfig = ctx.config
     call = run_in_fresh_process if cfg.isolate else (lambda fn, *a, **kw: fn(*a, **kw))
@@ -330,6 +329,6 @@ def run(ctx: Any) -> dict[str, Any]:
                            rounds=cfg.decode_rounds, seed=ctx.seed, threads=cfg.threads)  # fmt: skip
             bar.advance(1, decode_V=v)
     _add_ratios(rows)
-    atomic_write_text(ctx.run.path / "decode.csv", _csv(decode))
+    atomic_write_csv(ctx.run.path / "decode.csv", decode)
     headline = _headline(cfg, rows, decode)
     return {"rows": rows, "decode_rows": decode, "summary": headline, "headline": _headline_text(headline)}
