@@ -1,6 +1,6 @@
 """The neural-de experiment at toy sizes: it runs through the runner, every arm of a seed starts from the same
-weights, the lambda rule picks on validation, ratios are to vanilla of the same seed, and an interrupted run resumes
-without retraining finished models."""
+weights, the lambda rule (core.stats.choose_within_drop) picks on validation, ratios are to vanilla of the same
+seed, and an interrupted run resumes without retraining finished models."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import torch
 from leanfit.core.errors import ConfigError
 from leanfit.core.io import read_json, read_jsonl
 from leanfit.core.runner import run_experiment
-from leanfit.studies.neural_de.experiment import choose_lambda
 
 TINY = ["seeds=[0,1]", "timing_repeats=1", "eval_batch=128", "threads=1",
         "ode.steps=4", "ode.hidden=8", "ode.lambdas=[0.5,2.0]", "ode.rtol=1e-4", "ode.atol=1e-4",
@@ -108,15 +107,6 @@ def test_parallel_training_gives_the_models_of_sequential_training(study, tmp_pa
 def _folder(out):
     (folder,) = [p.name for p in (out / "neural-de").iterdir()]
     return folder
-
-
-def test_choose_lambda_prefers_fewest_nfe_within_the_accuracy_band():
-    recs = [{"lambda": 0.1, "val_accuracy": 0.950, "val_nfe_joint": 80.0},
-            {"lambda": 1.0, "val_accuracy": 0.948, "val_nfe_joint": 50.0},
-            {"lambda": 10.0, "val_accuracy": 0.900, "val_nfe_joint": 20.0}]  # fmt: skip
-    assert choose_lambda(recs, vanilla_acc=0.950, max_drop_points=0.3)["lambda"] == 1.0
-    assert choose_lambda(recs, vanilla_acc=0.950, max_drop_points=0.1)["lambda"] == 0.1
-    assert choose_lambda(recs, vanilla_acc=0.990, max_drop_points=0.3)["lambda"] == 0.1  # none in band: most accurate
 
 
 @pytest.mark.parametrize(("override", "match"), [

@@ -43,7 +43,7 @@ from leanfit.core.device import device_name, synchronize
 from leanfit.core.registry import register
 from leanfit.studies.neural_de.config import DEArmConfig, NeuralDEExperimentConfig
 
-__all__ = ["PRESETS", "choose_lambda", "load_data", "run", "train_one"]
+__all__ = ["PRESETS", "DEData", "load_data", "run", "train_one"]
 
 PRESETS = {
     "quick": {"seeds": [0, 1, 2], "timing_repeats": 3,
@@ -69,7 +69,22 @@ def resolve_device(name: str) -> Any:
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
-def load_data(cfg: NeuralDEExperimentConfig) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DEData:
+    """The images scaled to [0, 1] (tensors of ``cfg.dtype``), split once; each split is (X (n, n_features),
+    y (n,))."""
+
+    n_features: int
+    n_classes: int
+    train: tuple[Any, Any]
+    val: tuple[Any, Any]
+    test: tuple[Any, Any]
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train[1]), "val": len(self.val[1]), "test": len(self.test[1])}
+
+
+def load_data(cfg: NeuralDEExperimentConfig) -> DEData:
     """Stratified train/val/test split of the images scaled to [0, 1], as tensors of ``cfg.dtype``."""
     import numpy as np
     import torch
@@ -84,24 +99,23 @@ def load_data(cfg: NeuralDEExperimentConfig) -> dict[str, Any]:
     val_share = cfg.val_fraction / (1 - cfg.test_fraction)
     train, val = train_test_split(rest, test_size=val_share, stratify=y[rest], random_state=cfg.split_seed)
     dtype = getattr(torch, cfg.dtype)
-    out: dict[str, Any] = {"n_features": X.shape[1], "n_classes": int(y.max()) + 1}
-    for name, part in (("train", train), ("val", val), ("test", test)):
-        out[name] = (torch.as_tensor(X[part], dtype=dtype), torch.as_tensor(y[part]))
-    return out
+    parts = {name: (torch.as_tensor(X[part], dtype=dtype), torch.as_tensor(y[part]))
+             for name, part in (("train", train), ("val", val), ("test", test))}  # fmt: skip
+    return DEData(n_features=X.shape[1], n_classes=int(y.max()) + 1, **parts)
 
 
 # --- training -----------------------------------------------------------------------------------------------------
-def build_model(family: str, cfg: NeuralDEExperimentConfig, data: dict[str, Any]) -> Any:
+def build_model(family: str, cfg: NeuralDEExperimentConfig, data: DEData) -> Any:
     import torch
 
     from leanfit.neural_de.models import NeuralODEClassifier, NeuralSDEClassifier
 
     arm: DEArmConfig = getattr(cfg, family)
     if family == "ode":
-        model = NeuralODEClassifier(data["n_features"], arm.hidden, data["n_classes"], rtol=arm.rtol, atol=arm.atol)
+        model = NeuralODEClassifier(data.n_features, arm.hidden, data.n_classes, rtol=arm.rtol, atol=arm.atol)
     else:
-        model = NeuralSDEClassifier(data["n_features"], latent=arm.latent, hidden=arm.hidden,
-                                    n_classes=data["n_classes"], rtol=arm.rtol, atol=arm.atol)  # fmt: skip
+        model = NeuralSDEClassifier(data.n_features, latent=arm.latent, hidden=arm.hidden,
+                                    n_classes=data.n_classes, rtol=arm.rtol, atol=arm.atol)  # fmt: skip
     return model.to(getattr(torch, cfg.dtype))
 
 
@@ -136,7 +150,7 @@ def evaluate(model: Any, X: Any, y: Any, batch: int, seed: int, per_sample: bool
     return _Eval(correct / len(y), nfe / n_batches, nfe_sample / len(y) if per_sample else None)
 
 
-def train_one(ctx: Any, data: dict[str, Any], family: str, method: str, lam: float, seed: int,
+def train_one(ctx: Any, data: DEData, family: str, method: str, lam: float, seed: int,
               show_progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """Train (or reuse) one model on ``cfg.device``; returns its record (validation metrics, training time and NFE,
     the device it was trained on)."""
@@ -145,17 +159,17 @@ def train_one(ctx: Any, data: dict[str, Any], family: str, method: str, lam: flo
     from accelerate import Accelerator
 
     from leanfit.core.device import configure_threads
-    from leanfit.core.io import append_jsonl, atomic_save_tensors, atomic_write_json, read_json
+    from leanfit.core.io import append_jsonl, atomic_save_tensors
     from leanfit.core.progress import progress_bar
     from leanfit.core.seed import derive_seed
 
     cfg: NeuralDEExperimentConfig = ctx.config
     arm: DEArmConfig = getattr(cfg, family)
     name = f"{family}-{method}-lam{lam:g}-s{seed}"
-    sub = ctx.run.path / "runs" / name
-    if (sub / "result.json").exists():
-        return read_json(sub / "result.json")
-    sub.mkdir(parents=True, exist_ok=True)
+    subrun = ctx.run.subrun(name)
+    if (done := subrun.stored()) is not None:
+        return done
+    sub = subrun.path
     (sub / "metrics.jsonl").unlink(missing_ok=True)
     configure_threads(cfg.threads, small_workload=True)  # again: joblib workers start with torch's default
     device = resolve_device(cfg.device)
@@ -165,8 +179,8 @@ def train_one(ctx: Any, data: dict[str, Any], family: str, method: str, lam: flo
     optimizer = torch.optim.Adam(model.parameters(), lr=arm.lr)
     model, optimizer = acc.prepare(model, optimizer)
     device = acc.device
-    X, y = (t.to(device) for t in data["train"])
-    val = tuple(t.to(device) for t in data["val"])
+    X, y = (t.to(device) for t in data.train)
+    val = tuple(t.to(device) for t in data.val)
     batches = torch.Generator().manual_seed(derive_seed(seed, family, "batches"))  # the same batches for every arm
     draws = torch.Generator(device=device).manual_seed(derive_seed(seed, family, method, "draws"))
     regularizer = None if method == "vanilla" else method
@@ -206,12 +220,12 @@ def train_one(ctx: Any, data: dict[str, Any], family: str, method: str, lam: flo
               "train_jobs": cfg.jobs}  # fmt: skip
     if ctx.is_main:
         atomic_save_tensors(sub / "model.safetensors", {k: v.detach() for k, v in model.state_dict().items()})
-        atomic_write_json(sub / "result.json", result)
+    subrun.store(result)
     acc.wait_for_everyone()  # the other processes read these files next
     return result
 
 
-def load_trained(ctx: Any, family: str, data: dict[str, Any], name: str, device: Any = "cpu") -> Any:
+def load_trained(ctx: Any, family: str, data: DEData, name: str, device: Any = "cpu") -> Any:
     from safetensors.torch import load_file
 
     model = build_model(family, ctx.config, data)
@@ -219,52 +233,34 @@ def load_trained(ctx: Any, family: str, data: dict[str, Any], name: str, device:
     return model.to(device).eval()
 
 
-def choose_lambda(records: list[dict[str, Any]], vanilla_acc: float, max_drop_points: float) -> dict[str, Any]:
-    """The sweep record with the fewest validation NFE among those within ``max_drop_points`` of vanilla's
-    validation accuracy; the most accurate record if none is."""
-    ok = [r for r in records if 100 * (vanilla_acc - r["val_accuracy"]) <= max_drop_points + 1e-9]
-    if ok:
-        return min(ok, key=lambda r: (r["val_nfe_joint"], -r["val_accuracy"], r["lambda"]))
-    return max(records, key=lambda r: (r["val_accuracy"], -r["val_nfe_joint"]))
+def _train_job(ctx: Any, data: DEData, family: str, job: tuple[str, float, int],
+               show_progress: bool = False) -> dict[str, Any]:  # fmt: skip
+    """One ``(method, lambda, seed)`` model (module level, so that it pickles into a joblib worker)."""
+    return train_one(ctx, data, family, *job, show_progress=show_progress)
 
 
-def _train_job(ctx: Any, data: dict[str, Any], family: str, method: str, lam: float, seed: int) -> dict[str, Any]:
-    """One model in a joblib worker (module level, so that it pickles)."""
-    return train_one(ctx, data, family, method, lam, seed, show_progress=False)
-
-
-def train_many(ctx: Any, data: dict[str, Any], family: str,
+def train_many(ctx: Any, data: DEData, family: str,
                jobs: list[tuple[str, float, int]]) -> dict[tuple[str, float, int], dict[str, Any]]:  # fmt: skip
-    """Train (or reuse) every ``(method, lambda, seed)`` of ``jobs``; ``cfg.jobs`` of them at once through joblib."""
-    import os
+    """Train (or reuse) every ``(method, lambda, seed)`` of ``jobs``; ``cfg.jobs`` of them at once."""
+    from functools import partial
 
-    from leanfit.core.progress import progress_bar
+    from leanfit.core.parallel import run_jobs
 
     cfg: NeuralDEExperimentConfig = ctx.config
-    if cfg.jobs == 1 or len(jobs) <= 1:
-        return {job: train_one(ctx, data, family, *job) for job in jobs}
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError(f"jobs={cfg.jobs} with WORLD_SIZE={os.environ['WORLD_SIZE']}: a data-parallel launch "
-                         "already splits every batch over processes; use jobs=1 under torchrun")  # fmt: skip
-    from joblib import Parallel, delayed
-
-    from leanfit.core.parallel import joblib_backend
-
-    out = {}
-    with progress_bar(len(jobs), f"{family}: {len(jobs)} models, {cfg.jobs} at once") as bar, \
-            joblib_backend(cfg.backend):  # fmt: skip
-        parallel = Parallel(n_jobs=min(cfg.jobs, len(jobs)), return_as="generator_unordered")
-        for record in parallel(delayed(_train_job)(ctx, data, family, *job) for job in jobs):
-            out[(record["method"], record["lambda"], record["seed"])] = record
-            bar.advance(1, last=record["name"], val_acc=record["val_accuracy"])
-    return {job: out[job] for job in jobs}
+    records = run_jobs(partial(_train_job, ctx, data, family), jobs, jobs=cfg.jobs, backend=cfg.backend,
+                       desc=f"{family}: {len(jobs)} models, {cfg.jobs} at once",
+                       serial_fn=partial(_train_job, ctx, data, family, show_progress=True),
+                       postfix=lambda r: {"last": r["name"], "val_acc": r["val_accuracy"]})  # fmt: skip
+    return dict(zip(jobs, records, strict=True))
 
 
-def run_family(ctx: Any, data: dict[str, Any], family: str) -> list[dict[str, Any]]:
+def run_family(ctx: Any, data: DEData, family: str) -> list[dict[str, Any]]:
     """Sweep lambda on the first seed, train the chosen lambda on every seed; returns the trained records.
 
     Two rounds of independent models (run ``cfg.jobs`` at a time): every seed's vanilla with the first seed's
     sweep, then the chosen lambdas on the other seeds."""
+    from leanfit.core.stats import choose_within_drop
+
     cfg: NeuralDEExperimentConfig = ctx.config
     arm: DEArmConfig = getattr(cfg, family)
     first, methods = cfg.seeds[0], [m for m in arm.methods if m != "vanilla"]
@@ -274,7 +270,10 @@ def run_family(ctx: Any, data: dict[str, Any], family: str) -> list[dict[str, An
     chosen = {}
     for method in methods:
         sweep = [done[(method, lam, first)] for lam in arm.lambdas]
-        best = choose_lambda(sweep, done[("vanilla", 0.0, first)]["val_accuracy"], cfg.max_acc_drop)
+        # the fewest validation NFE among the lambdas within max_acc_drop of vanilla's validation accuracy
+        best = choose_within_drop(sweep, score=lambda r: r["val_accuracy"], cost=lambda r: r["val_nfe_joint"],
+                                  baseline=done[("vanilla", 0.0, first)]["val_accuracy"],
+                                  max_drop_points=cfg.max_acc_drop, tiebreak=lambda r: r["lambda"])  # fmt: skip
         chosen[method] = {**best, "sweep": [{k: r[k] for k in ("lambda", "val_accuracy", "val_nfe_joint")}
                                             for r in sweep]}  # fmt: skip
     second_round = [(m, chosen[m]["lambda"], s) for m in methods for s in cfg.seeds[1:]]
@@ -285,7 +284,7 @@ def run_family(ctx: Any, data: dict[str, Any], family: str) -> list[dict[str, An
     return records
 
 
-def score(ctx: Any, data: dict[str, Any], family: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def score(ctx: Any, data: DEData, family: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Test metrics of every trained model (scored once) and their prediction times, timed interleaved."""
     import torch
 
@@ -294,7 +293,7 @@ def score(ctx: Any, data: dict[str, Any], family: str, records: list[dict[str, A
 
     cfg: NeuralDEExperimentConfig = ctx.config
     device = resolve_device(cfg.device)
-    X, y = (t.to(device) for t in data["test"])
+    X, y = (t.to(device) for t in data.test)
     models = {r["name"]: load_trained(ctx, family, data, r["name"], device) for r in records}
     rows = []
     for r in records:
@@ -483,6 +482,6 @@ def run(ctx: Any) -> dict[str, Any]:
         if ctx.is_main:  # scored and timed in one process (concurrent timings would measure each other)
             rows += score(ctx, data, family, records)
     summary = summarise(rows)
-    return {"dataset": cfg.dataset, "splits": {k: len(data[k][1]) for k in ("train", "val", "test")},
+    return {"dataset": cfg.dataset, "splits": data.sizes(),
             "threads": threads, "device": device_name(resolve_device(cfg.device)), "jobs": cfg.jobs, "rows": rows,
             "summary": summary, "targets": targets(summary), "sweeps": sweeps, "headline": _headline(summary)}  # fmt: skip
