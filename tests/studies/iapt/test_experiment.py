@@ -276,17 +276,6 @@ def test_decoder_study_on_a_tiny_lm(tiny_lm, tmp_path):
     assert "Decoder" in (path / "report.md").read_text() and (path / "plots" / "decoder_rouge_l.png").exists()
 
 
-def test_bootstrap_interval_of_the_mean():
-    from leanfit.studies.iapt.report import bootstrap_mean_ci
-
-    assert bootstrap_mean_ci([0.3] * 50) == pytest.approx((0.3, 0.3))
-    values = torch.randn(400, generator=torch.Generator().manual_seed(0)).tolist()
-    mean, se = sum(values) / 400, torch.tensor(values).std().item() / 20
-    lo, hi = bootstrap_mean_ci(values)
-    assert lo == pytest.approx(mean - 1.96 * se, abs=0.2 * se) and hi == pytest.approx(mean + 1.96 * se, abs=0.2 * se)
-    assert bootstrap_mean_ci(values, seed=1) != (lo, hi)  # resampled, not analytic
-
-
 @pytest.mark.parametrize(("pred", "ref", "expected"), [
     ("the cat was on the mat", "the cat sat on the mat", 5 / 6),  # LCS "the cat on the mat": P = R = 5/6
     ("two men arrested by police", "Police arrest two men", 2 * 0.4 * 0.5 / 0.9),  # LCS "two men": P 2/5, R 2/4

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from leanfit.core.errors import MissingDependencyError
-from leanfit.core.io import atomic_write_json, atomic_write_text, read_json
+from leanfit.core.io import atomic_write_text
 from leanfit.core.seed import derive_seed
 from leanfit.iapt.generator import iapt_parameter_count
 from leanfit.studies.data.labelled import LabelledText
@@ -156,10 +156,10 @@ def _decoder_run(ctx: Any, base: nn.Module, tokenizer: Any, method: str, data: d
     """Train (unless zero-shot) and score one decoder method: ``result.json``, ``losses.jsonl`` and
     ``predictions.jsonl`` in its folder."""
     dcfg = ctx.config.decoder
-    sub = ctx.run.path / "runs" / f"decoder-{method}-s{dcfg.seed}"
-    if (sub / "result.json").exists():
-        return read_json(sub / "result.json")
-    sub.mkdir(parents=True, exist_ok=True)
+    subrun = ctx.run.subrun(f"decoder-{method}-s{dcfg.seed}")
+    if (done := subrun.stored()) is not None:
+        return done
+    sub = subrun.path
     lm = _build_lm(base, method, dcfg, sizes["lora_r"], dcfg.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainable = sum(p.numel() for p in lm.parameters() if p.requires_grad)
@@ -193,7 +193,7 @@ def _decoder_run(ctx: Any, base: nn.Module, tokenizer: Any, method: str, data: d
         lines = [json.dumps({"reference": e.reference, "prediction": p, "rouge_l": s}) + "\n"
                  for e, p, s in zip(data["test"], predictions, scores, strict=True)]  # fmt: skip
         atomic_write_text(sub / "predictions.jsonl", "".join(lines))
-        atomic_write_json(sub / "result.json", record)
+    subrun.store(record)
     acc.wait_for_everyone()
     return record
 

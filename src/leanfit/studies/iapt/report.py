@@ -8,6 +8,8 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from leanfit.core.stats import bootstrap_ci
+
 __all__ = ["headline", "report", "summarise", "targets"]
 
 _STATS = ("test_accuracy", "test_macro_f1", "train_seconds")
@@ -104,14 +106,7 @@ def _ablation_table(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def bootstrap_mean_ci(values: Sequence[float], level: float = 0.95, draws: int = 10_000,
-                      seed: int = 0) -> tuple[float, float]:  # fmt: skip
-    """Percentile bootstrap interval of the mean of ``values`` (resampled with replacement, fixed ``seed``)."""
-    import numpy as np
-
-    x = np.asarray(values, dtype=float)
-    means = x[np.random.default_rng(seed).integers(0, len(x), (draws, len(x)))].mean(1)
-    return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))
+_DRAWS = 10_000  # bootstrap replicates of the decoder's per-article ROUGE-L intervals (seed 0)
 
 
 def _decoder_table(decoder: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -121,11 +116,12 @@ def _decoder_table(decoder: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         row = {"method": d["method"], "adapter params": d["adapter_params"], "LoRA r": d.get("lora_r"), "lr": d["lr"],
                "steps": d["steps"], "ROUGE-L F1 (%)": 100 * d["rouge_l"]}  # fmt: skip
         if "rouge_l_articles" in d:
-            lo, hi = bootstrap_mean_ci(d["rouge_l_articles"])
+            _, lo, hi = bootstrap_ci(d["rouge_l_articles"], n_boot=_DRAWS)
             row["95% CI"] = f"[{100 * lo:.1f}, {100 * hi:.1f}]"
             if lora is not None and d is not lora:
+                # the per-article differences bootstrapped as one sample (paired: the same articles)
                 diff = [a - b for a, b in zip(d["rouge_l_articles"], lora["rouge_l_articles"], strict=True)]
-                lo, hi = bootstrap_mean_ci(diff)
+                _, lo, hi = bootstrap_ci(diff, n_boot=_DRAWS)
                 row["vs LoRA (paired, 95% CI)"] = f"{100 * sum(diff) / len(diff):+.2f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
         rows.append({**row, "test articles": d["test_examples"], "prompt tokens (mean)": d.get("prompt_tokens_mean"),
                      "train s": d["train_seconds"], "generate s": d["generate_seconds"]})  # fmt: skip
@@ -143,7 +139,8 @@ def _decoder_plot(run: Any, decoder: Sequence[dict[str, Any]]) -> None:
     fig, ax = plt.subplots(figsize=(5.6, 4.0), dpi=110)
     for i, d in enumerate(decoder):
         mean = 100 * d["rouge_l"]
-        lo, hi = bootstrap_mean_ci(d["rouge_l_articles"]) if "rouge_l_articles" in d else (d["rouge_l"],) * 2
+        articles = d.get("rouge_l_articles")
+        lo, hi = bootstrap_ci(articles, n_boot=_DRAWS)[1:] if articles is not None else (d["rouge_l"],) * 2
         ax.bar(i, mean, yerr=[[mean - 100 * lo], [100 * hi - mean]], capsize=4, color=f"C{i}")
     ax.set_xticks(range(len(decoder)), [d["method"] for d in decoder])
     ax.set(ylabel="ROUGE-L F1 (%)", title="BBC headlines (bars: 95% bootstrap CI over articles)")

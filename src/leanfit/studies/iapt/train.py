@@ -5,10 +5,10 @@ and ablation at the chosen rates."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +16,15 @@ import torch
 from torch import Tensor, nn
 
 from leanfit.core.device import device_name, resolve_device, synchronize
-from leanfit.core.errors import ConfigError, LeanfitError, bad_value
-from leanfit.core.io import append_jsonl, atomic_save_tensors, atomic_write_json, read_json
+from leanfit.core.errors import LeanfitError
+from leanfit.core.io import append_jsonl, atomic_save_tensors
+from leanfit.core.parallel import run_jobs
 from leanfit.core.progress import progress_bar
 from leanfit.core.seed import derive_seed
 from leanfit.studies.iapt.classifiers import build_classifier, count_trainable, iapt_config
 from leanfit.studies.iapt.task import HEAD, ClassificationTask, Split, task_env
 
-__all__ = ["Job", "RunSpec", "batch_indices", "choose_lrs", "evaluate", "final_runs", "make_accelerator", "make_optimizer", "run_jobs", "train_loop"]
+__all__ = ["Job", "RunSpec", "batch_indices", "choose_lrs", "evaluate", "final_runs", "make_accelerator", "make_optimizer", "run_classifiers", "train_loop"]
 
 
 # --------------------------------------------------------------------------------------------------- training
@@ -149,10 +150,10 @@ def _train_classifier(ctx: Any, task: ClassificationTask, spec: RunSpec, validat
     import torch.nn.functional as F
 
     cfg = task.cfg
-    sub = ctx.run.path / "runs" / spec.name
-    if (sub / "result.json").exists():
-        return read_json(sub / "result.json")
-    sub.mkdir(parents=True, exist_ok=True)
+    subrun = ctx.run.subrun(spec.name)
+    if (done := subrun.stored()) is not None:
+        return done
+    sub = subrun.path
     (sub / "losses.jsonl").unlink(missing_ok=True)
     module = build_classifier(task, spec.method, spec.setting, spec.seed)
     counts = count_trainable(module)
@@ -182,7 +183,7 @@ def _train_classifier(ctx: Any, task: ClassificationTask, spec: RunSpec, validat
         record.update(val_accuracy=val["accuracy"], val_macro_f1=val["macro_f1"])
     if acc.is_main_process:
         atomic_save_tensors(sub / "trainable.safetensors", _trainable_state(module))
-        atomic_write_json(sub / "result.json", record)
+    subrun.store(record)
     acc.wait_for_everyone()
     return record
 
@@ -195,20 +196,18 @@ def _size(task: ClassificationTask, spec: RunSpec) -> dict[str, int]:
 
 
 def _score(ctx: Any, task: ClassificationTask, spec: RunSpec) -> dict[str, Any]:
-    """Test scores of a trained classifier (``test.json``; computed once)."""
-    sub = ctx.run.path / "runs" / spec.name
-    if (sub / "test.json").exists():
-        return read_json(sub / "test.json")
+    """Test scores of a trained classifier (``test.json`` beside its training record; computed once)."""
+    subrun = ctx.run.subrun(spec.name, file="test.json")
+    if (done := subrun.stored()) is not None:
+        return done
     module = _load_trainable(build_classifier(task, spec.method, spec.setting, spec.seed),
-                             sub / "trainable.safetensors")  # fmt: skip
+                             subrun.path / "trainable.safetensors")  # fmt: skip
     module.to(resolve_device(task.cfg.device))
     began = time.perf_counter()
     test = evaluate(module, task.splits["test"], task.cfg.eval_batch, task.num_labels)
     result = {"test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
               "test_seconds": time.perf_counter() - began, "test_examples": len(task.splits["test"])}  # fmt: skip
-    if ctx.is_main:
-        atomic_write_json(sub / "test.json", result)
-    return result
+    return subrun.store(result)
 
 
 
@@ -231,26 +230,12 @@ def _run_job(ctx: Any, job: Job, show_progress: bool = True) -> dict[str, Any]:
     return {**record, **_score(ctx, task, job.spec)} if job.score else record
 
 
-def run_jobs(ctx: Any, jobs: Sequence[Job], title: str) -> list[dict[str, Any]]:
+def run_classifiers(ctx: Any, jobs: Sequence[Job], title: str) -> list[dict[str, Any]]:
     """The records of ``jobs`` in order; ``cfg.jobs`` classifiers at once through joblib when > 1."""
     cfg = ctx.config
-    if cfg.jobs == 1 or len(jobs) <= 1:
-        return [_run_job(ctx, job) for job in jobs]
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(bad_value("jobs", cfg.jobs, "1 under torchrun", "a data-parallel launch already splits "
-                                    "every batch over processes"))  # fmt: skip
-    from joblib import Parallel, delayed
-
-    from leanfit.core.parallel import joblib_backend
-
-    out = []
-    with progress_bar(len(jobs), f"{title}: {len(jobs)} classifiers, {cfg.jobs} at once") as bar, \
-            joblib_backend(cfg.backend):  # fmt: skip
-        parallel = Parallel(n_jobs=min(cfg.jobs, len(jobs)), return_as="generator")
-        for record in parallel(delayed(_run_job)(ctx, job, False) for job in jobs):  # one bar for the round
-            out.append(record)
-            bar.advance(1, last=record["name"])
-    return out
+    return run_jobs(partial(_run_job, ctx, show_progress=False), jobs, jobs=cfg.jobs, backend=cfg.backend,
+                    desc=f"{title}: {len(jobs)} classifiers, {cfg.jobs} at once", serial_fn=partial(_run_job, ctx),
+                    postfix=lambda r: {"last": r["name"]})  # fmt: skip
 
 
 def choose_lrs(ctx: Any) -> tuple[dict[tuple[str, str], float], list[dict[str, Any]]]:
@@ -261,7 +246,7 @@ def choose_lrs(ctx: Any) -> tuple[dict[tuple[str, str], float], list[dict[str, A
     seed = cfg.seeds[0]
     jobs = [Job(RunSpec(task, method, "main", lr, seed), validate=len(cfg.lrs.grid(method)) > 1)
             for task in cfg.tasks for method in cfg.methods for lr in cfg.lrs.grid(method)]  # fmt: skip
-    records = run_jobs(ctx, jobs, "rate grids")
+    records = run_classifiers(ctx, jobs, "rate grids")
     chosen: dict[tuple[str, str], float] = {}
     rows: list[dict[str, Any]] = []
     for task in cfg.tasks:
@@ -283,4 +268,4 @@ def final_runs(ctx: Any, rates: dict[tuple[str, str], float]) -> list[dict[str, 
                   for seed in cfg.seeds]  # fmt: skip
         specs += [RunSpec(task, "iapt", setting, rates[task, "iapt"], seed) for setting in cfg.ablations
                   for seed in cfg.seeds]  # fmt: skip
-    return run_jobs(ctx, [Job(spec, score=True) for spec in specs], "seeds and ablations")
+    return run_classifiers(ctx, [Job(spec, score=True) for spec in specs], "seeds and ablations")
