@@ -34,14 +34,6 @@ PRESETS = {
 }  # fmt: skip
 
 
-def _sub_run(ctx: Any, name: str) -> Any:
-    from leanfit.core.runs import RunDir
-
-    sub = RunDir(ctx.run.path / "runs" / name)
-    sub.path.mkdir(parents=True, exist_ok=True)
-    return sub
-
-
 def _vq_loss(model: Any, inputs: Any, targets: Any) -> Any:
     return model(input_ids=inputs, shift_labels=targets).loss
 
@@ -50,13 +42,12 @@ def _train_one(ctx: Any, name: str, build: Any, data: dict[str, Any], vq: bool, 
     """Train (or resume, or reuse) one sub-run; returns its record."""
     import shutil
 
-    from leanfit.core.io import atomic_save_tensors, atomic_write_json, read_json
+    from leanfit.core.io import atomic_save_tensors
     from leanfit.studies.lm.train import next_token_loss, train_lm
 
-    sub = _sub_run(ctx, name)
-    done = sub.path / "result.json"
-    if done.exists():
-        return read_json(done)
+    sub = ctx.run.subrun(name)
+    if (done := sub.stored()) is not None:
+        return done
     model = build()
     model, result = train_lm(model, data["tokens"]["train"], data["tokens"]["valid"], ctx.config.train, run=sub,
                              seed=seed, resume=ctx.resume, loss_fn=_vq_loss if vq else next_token_loss,
@@ -65,7 +56,7 @@ def _train_one(ctx: Any, name: str, build: Any, data: dict[str, Any], vq: bool, 
     if ctx.is_main:
         if not vq:  # the trained full head: kmeans/hybrid maps cluster it
             atomic_save_tensors(sub.path / "head.safetensors", {"weight": model.get_output_embeddings().weight})
-        atomic_write_json(done, record)
+        sub.store(record)
         shutil.rmtree(sub.checkpoint_dir, ignore_errors=True)  # a finished sub-run is never resumed
     return record
 
