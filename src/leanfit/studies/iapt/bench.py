@@ -49,13 +49,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from leanfit.core.bench import TimingConfig, add_ratios, peak_memory, time_side_by_side, torch_threads
 from leanfit.core.config import option
 from leanfit.core.errors import ConfigError, bad_value
 from leanfit.core.memory import run_in_fresh_process
 from leanfit.core.registry import register
+
+if TYPE_CHECKING:
+    from leanfit.core.report import Report
+    from leanfit.core.runner import RunContext
+    from leanfit.core.runs import RunDir
 
 __all__ = ["DECODE_TARGET", "LORA_TARGETS", "METHODS", "TINY_LLAMA", "IAPTServingBenchConfig", "Servers",
            "build_servers", "cells", "decode_flops", "make_prompts", "matched_rank", "measure_peak_memory",
@@ -559,7 +564,7 @@ def _time_bars(path: Path, rows: list[dict[str, Any]]) -> None:
     bar_chart(path, [f"N={n}" for n in tenants], panels, ylabel=["decode ms per step", "prefill ms"])
 
 
-def report(run: Any, results: dict[str, Any]) -> Any:
+def report(run: RunDir, results: dict[str, Any]) -> Report:
     from leanfit.core.report import Report
 
     rows, counts, flops = results["rows"], results["counts"], results["flops"]
@@ -654,12 +659,12 @@ def _measure(cfg: IAPTServingBenchConfig, seed: int, device: Any, dtype: Any, th
 @register("iapt-serving", kind="benchmark", description="one backbone, N tenants in mixed batches: bare, unmerged "
           "LoRA, PEFT mixed-batch LoRA and IAPT; prefill, decode time, tokens/s, peak memory",
           config_cls=IAPTServingBenchConfig, presets=PRESETS, report=report)  # fmt: skip
-def run(ctx: Any) -> dict[str, Any]:
+def run(ctx: RunContext[IAPTServingBenchConfig]) -> dict[str, Any]:
     import torch
 
     from leanfit.core.device import resolve_device, resolve_dtype
 
-    cfg: IAPTServingBenchConfig = ctx.config
+    cfg = ctx.config
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     threads = cfg.threads if device.type == "cpu" else torch.get_num_threads()  # CUDA: torch's CPU threads as set

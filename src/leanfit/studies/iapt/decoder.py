@@ -10,7 +10,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,10 @@ from leanfit.iapt.generator import iapt_parameter_count
 from leanfit.studies.data.labelled import LabelledText
 from leanfit.studies.iapt.task import load_labelled, lora_unit, sample_labelled
 from leanfit.studies.iapt.train import batch_indices, make_accelerator, make_optimizer, train_loop
+
+if TYPE_CHECKING:
+    from leanfit.core.runner import RunContext
+    from leanfit.studies.iapt.config import IAPTExperimentConfig
 
 __all__ = ["HeadlineExample", "HeadlineLM", "IAPTHeadlineLM", "headline_examples", "rouge_l", "run_decoder"]
 
@@ -151,7 +155,7 @@ def _generate(lm: HeadlineLM, tokenizer: Any, examples: Sequence[HeadlineExample
     return out
 
 
-def _decoder_run(ctx: Any, base: nn.Module, tokenizer: Any, method: str, data: dict[str, list[HeadlineExample]],
+def _decoder_run(ctx: RunContext[IAPTExperimentConfig], base: nn.Module, tokenizer: Any, method: str, data: dict[str, list[HeadlineExample]],
                  sizes: dict[str, int]) -> dict[str, Any]:  # fmt: skip
     """Train (unless zero-shot) and score one decoder method: ``result.json``, ``losses.jsonl`` and
     ``predictions.jsonl`` in its folder."""
@@ -198,7 +202,7 @@ def _decoder_run(ctx: Any, base: nn.Module, tokenizer: Any, method: str, data: d
     return record
 
 
-def run_decoder(ctx: Any) -> list[dict[str, Any]]:
+def run_decoder(ctx: RunContext[IAPTExperimentConfig]) -> list[dict[str, Any]]:
     """The headline study: every method of ``decoder.methods`` on the same articles; one record per method."""
     from leanfit.core.device import configure_threads
     from leanfit.studies.models.pretrained import load_pretrained

@@ -66,11 +66,14 @@ encoder study keeps 1 (``threads=0``); the decoder study uses one thread per CPU
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from leanfit.core.registry import register
 from leanfit.studies.iapt.config import IAPTExperimentConfig
 from leanfit.studies.iapt.report import report
+
+if TYPE_CHECKING:
+    from leanfit.core.runner import RunContext
 
 __all__ = ["PRESETS", "run"]
 
@@ -89,13 +92,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 @register("iapt", kind="experiment", description="IAPT vs PEFT LoRA / prefix / prompt tuning at matched budgets "
           "(MiniLM on BBC News + Rotten Tomatoes; SmolLM2 headlines in the full preset)",
           config_cls=IAPTExperimentConfig, presets=PRESETS, report=report)  # fmt: skip
-def run(ctx: Any) -> dict[str, Any]:
+def run(ctx: RunContext[IAPTExperimentConfig]) -> dict[str, Any]:
     from leanfit.core.device import configure_threads
     from leanfit.studies.iapt import decoder, train
     from leanfit.studies.iapt import report as rep
     from leanfit.studies.iapt.task import task_env
 
-    cfg: IAPTExperimentConfig = ctx.config
+    cfg = ctx.config
     threads = configure_threads(cfg.threads, small_workload=True)
     budgets = []
     for task in cfg.tasks:

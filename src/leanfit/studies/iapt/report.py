@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from leanfit.core.stats import bootstrap_ci
+
+if TYPE_CHECKING:
+    from leanfit.core.report import Report
+    from leanfit.core.runs import RunDir
 
 __all__ = ["headline", "report", "summarise", "targets"]
 
@@ -128,7 +132,7 @@ def _decoder_table(decoder: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _decoder_plot(run: Any, decoder: Sequence[dict[str, Any]]) -> None:
+def _decoder_plot(run: RunDir, decoder: Sequence[dict[str, Any]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,7 +167,7 @@ _NOTES = (
 )
 
 
-def report(run: Any, results: dict[str, Any]) -> Any:
+def report(run: RunDir, results: dict[str, Any]) -> Report:
     from leanfit.core.report import Report
 
     rep = Report("iapt: instruction-aware prompt tuning vs LoRA, prefix and prompt tuning")
@@ -203,7 +207,7 @@ def report(run: Any, results: dict[str, Any]) -> Any:
     return rep
 
 
-def _accuracy_plot(run: Any, summary: Sequence[dict[str, Any]], tasks: Sequence[str]) -> None:
+def _accuracy_plot(run: RunDir, summary: Sequence[dict[str, Any]], tasks: Sequence[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -223,7 +227,7 @@ def _accuracy_plot(run: Any, summary: Sequence[dict[str, Any]], tasks: Sequence[
     save_figure(fig, run.plots_dir / "accuracy_vs_params.png")
 
 
-def _ablation_plot(run: Any, summary: Sequence[dict[str, Any]]) -> None:
+def _ablation_plot(run: RunDir, summary: Sequence[dict[str, Any]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,10 @@ from leanfit.core.progress import progress_bar
 from leanfit.core.seed import derive_seed
 from leanfit.studies.iapt.classifiers import build_classifier, count_trainable, iapt_config
 from leanfit.studies.iapt.task import HEAD, ClassificationTask, Split, task_env
+
+if TYPE_CHECKING:
+    from leanfit.core.runner import RunContext
+    from leanfit.studies.iapt.config import IAPTExperimentConfig
 
 __all__ = ["Job", "RunSpec", "batch_indices", "choose_lrs", "evaluate", "final_runs", "make_accelerator", "make_optimizer", "run_classifiers", "train_loop"]
 
@@ -144,7 +148,7 @@ class RunSpec:
         return f"{self.task}-{self.method}-{self.setting}-lr{self.lr:g}-s{self.seed}"
 
 
-def _train_classifier(ctx: Any, task: ClassificationTask, spec: RunSpec, validate: bool,
+def _train_classifier(ctx: RunContext[IAPTExperimentConfig], task: ClassificationTask, spec: RunSpec, validate: bool,
                       show_progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """Train (or reuse) one classifier: ``result.json`` (record) and ``trainable.safetensors`` in its folder."""
     import torch.nn.functional as F
@@ -195,7 +199,7 @@ def _size(task: ClassificationTask, spec: RunSpec) -> dict[str, int]:
     return {"bottleneck": icfg.bottleneck, "soft_tokens": icfg.num_soft_tokens}
 
 
-def _score(ctx: Any, task: ClassificationTask, spec: RunSpec) -> dict[str, Any]:
+def _score(ctx: RunContext[IAPTExperimentConfig], task: ClassificationTask, spec: RunSpec) -> dict[str, Any]:
     """Test scores of a trained classifier (``test.json`` beside its training record; computed once)."""
     subrun = ctx.run.subrun(spec.name, file="test.json")
     if (done := subrun.stored()) is not None:
@@ -221,7 +225,7 @@ class Job:
     score: bool = False
 
 
-def _run_job(ctx: Any, job: Job, show_progress: bool = True) -> dict[str, Any]:
+def _run_job(ctx: RunContext[IAPTExperimentConfig], job: Job, show_progress: bool = True) -> dict[str, Any]:
     from leanfit.core.device import configure_threads
 
     configure_threads(ctx.config.threads, small_workload=True)  # again: joblib workers start with torch's default
@@ -230,7 +234,7 @@ def _run_job(ctx: Any, job: Job, show_progress: bool = True) -> dict[str, Any]:
     return {**record, **_score(ctx, task, job.spec)} if job.score else record
 
 
-def run_classifiers(ctx: Any, jobs: Sequence[Job], title: str) -> list[dict[str, Any]]:
+def run_classifiers(ctx: RunContext[IAPTExperimentConfig], jobs: Sequence[Job], title: str) -> list[dict[str, Any]]:
     """The records of ``jobs`` in order; ``cfg.jobs`` classifiers at once through joblib when > 1."""
     cfg = ctx.config
     return run_jobs(partial(_run_job, ctx, show_progress=False), jobs, jobs=cfg.jobs, backend=cfg.backend,
@@ -238,7 +242,7 @@ def run_classifiers(ctx: Any, jobs: Sequence[Job], title: str) -> list[dict[str,
                     postfix=lambda r: {"last": r["name"]})  # fmt: skip
 
 
-def choose_lrs(ctx: Any) -> tuple[dict[tuple[str, str], float], list[dict[str, Any]]]:
+def choose_lrs(ctx: RunContext[IAPTExperimentConfig]) -> tuple[dict[tuple[str, str], float], list[dict[str, Any]]]:
     """Train the first seed at every rate of each (task, method) grid and keep the best validation accuracy (ties:
     higher macro-F1, then the smaller rate). A one-rate grid is taken as is (no validation run).
     Returns ({(task, method): rate}, sweep rows)."""
@@ -259,7 +263,7 @@ def choose_lrs(ctx: Any) -> tuple[dict[tuple[str, str], float], list[dict[str, A
     return chosen, rows
 
 
-def final_runs(ctx: Any, rates: dict[tuple[str, str], float]) -> list[dict[str, Any]]:
+def final_runs(ctx: RunContext[IAPTExperimentConfig], rates: dict[tuple[str, str], float]) -> list[dict[str, Any]]:
     """Every method at its chosen rate and every IAPT ablation at IAPT's, on every seed, scored on test once."""
     cfg = ctx.config
     specs = []

@@ -9,11 +9,16 @@ import functools
 import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from leanfit.core.bench import TimingConfig, add_ratios, time_side_by_side, torch_threads
 from leanfit.core.config import option
 from leanfit.core.registry import register
+
+if TYPE_CHECKING:
+    from leanfit.core.report import Report
+    from leanfit.core.runner import RunContext
+    from leanfit.core.runs import RunDir
 
 __all__ = ["ThreadsBenchConfig"]
 
@@ -60,7 +65,7 @@ def _num_threads(threads: int) -> Iterator[None]:
     yield
 
 
-def report(run: Any, results: dict[str, Any]) -> Any:
+def report(run: RunDir, results: dict[str, Any]) -> Report:
     from leanfit.core.report import Report, line_plot
 
     rows = results["rows"]
@@ -78,13 +83,13 @@ def report(run: Any, results: dict[str, Any]) -> Any:
 
 @register("threads", kind="benchmark", description="tiny-Llama training throughput by torch thread count",
           config_cls=ThreadsBenchConfig, presets=PRESETS, report=report)  # fmt: skip
-def run(ctx: Any) -> dict[str, Any]:
+def run(ctx: RunContext[ThreadsBenchConfig]) -> dict[str, Any]:
     import torch
 
     from leanfit.core.progress import progress_bar
     from leanfit.studies.models.tiny_llama import tiny_llama
 
-    cfg: ThreadsBenchConfig = ctx.config
+    cfg = ctx.config
     rows = []
     batch = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1),
                           generator=torch.Generator().manual_seed(ctx.seed))  # fmt: skip

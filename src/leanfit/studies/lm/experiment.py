@@ -5,13 +5,18 @@ experiment compares against exactly this baseline."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from leanfit.core.config import BaseConfig, option
 from leanfit.core.registry import register
 from leanfit.studies.lm.config import DataConfig, ModelConfig
 from leanfit.studies.lm.data import prepare_lm_data
 from leanfit.studies.lm.train import TrainConfig
+
+if TYPE_CHECKING:
+    from leanfit.core.report import Report
+    from leanfit.core.runner import RunContext
+    from leanfit.core.runs import RunDir
 
 __all__ = ["LMBaselineConfig"]
 
@@ -33,7 +38,7 @@ PRESETS = {
 }  # fmt: skip
 
 
-def report(run: Any, results: dict[str, Any]) -> Any:
+def report(run: RunDir, results: dict[str, Any]) -> Report:
     from leanfit.core.report import Report, line_plot
 
     metrics = run.metrics()
@@ -65,13 +70,13 @@ def report(run: Any, results: dict[str, Any]) -> Any:
     presets=PRESETS,
     report=report,
 )
-def run(ctx: Any) -> dict[str, Any]:
+def run(ctx: RunContext[LMBaselineConfig]) -> dict[str, Any]:
     import math
 
     from leanfit.studies.lm.train import train_lm
     from leanfit.studies.models.tiny_llama import tiny_llama
 
-    cfg: LMBaselineConfig = ctx.config
+    cfg = ctx.config
     data = prepare_lm_data(cfg.data)
     vocab = data["tokenizer"].get_vocab_size()
     m = cfg.model

@@ -26,11 +26,16 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from leanfit.core.bench import TimingConfig, add_ratios, time_side_by_side, torch_threads
 from leanfit.core.config import option
 from leanfit.core.registry import register
+
+if TYPE_CHECKING:
+    from leanfit.core.report import Report
+    from leanfit.core.runner import RunContext
+    from leanfit.core.runs import RunDir
 
 __all__ = ["LAYER_METHODS", "MODES", "MoEBenchConfig"]
 
@@ -152,7 +157,7 @@ def _layer_cell(t: int, d: int, e: int, k: int, cfg: MoEBenchConfig, seed: int) 
     return rows
 
 
-def _layer_rows(cfg: MoEBenchConfig, ctx: Any) -> list[dict[str, Any]]:
+def _layer_rows(cfg: MoEBenchConfig, ctx: RunContext[MoEBenchConfig]) -> list[dict[str, Any]]:
     """The layer section: one row per (configuration, mode, method)."""
     from leanfit.core.progress import progress_bar
 
@@ -165,7 +170,7 @@ def _layer_rows(cfg: MoEBenchConfig, ctx: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def _estimator_rows(cfg: MoEBenchConfig, ctx: Any) -> list[dict[str, Any]]:
+def _estimator_rows(cfg: MoEBenchConfig, ctx: RunContext[MoEBenchConfig]) -> list[dict[str, Any]]:
     """The estimator section: fit time of TopKGaussianMoE against the number of samples."""
     import warnings
 
@@ -208,7 +213,7 @@ def _headline(cfg: MoEBenchConfig, rows: list[dict[str, Any]]) -> str:
     return "SparseMoE at T={}, d={}, E={}, K={}: ".format(*target) + "; ".join(parts)
 
 
-def _layer_report(rep: Any, run: Any, rows: list[dict[str, Any]]) -> None:
+def _layer_report(rep: Any, run: RunDir, rows: list[dict[str, Any]]) -> None:
     from leanfit.core.report import line_plot
 
     cells = sorted({tuple(r[c] for c in _CELL) for r in rows})
@@ -232,7 +237,7 @@ def _layer_report(rep: Any, run: Any, rows: list[dict[str, Any]]) -> None:
     rep.table(sorted(rows, key=lambda r: (tuple(r[c] for c in _CELL), MODES.index(r["mode"]))), cols)
 
 
-def _estimator_report(rep: Any, run: Any, rows: list[dict[str, Any]]) -> None:
+def _estimator_report(rep: Any, run: RunDir, rows: list[dict[str, Any]]) -> None:
     from leanfit.core.report import line_plot
 
     line_plot(run.plots_dir / "estimator.png", {"TopKGaussianMoE.fit": ([r["n"] for r in rows],
@@ -242,7 +247,7 @@ def _estimator_report(rep: Any, run: Any, rows: list[dict[str, Any]]) -> None:
     rep.table(rows)
 
 
-def report(run: Any, results: dict[str, Any]) -> Any:
+def report(run: RunDir, results: dict[str, Any]) -> Report:
     from leanfit.core.report import Report
 
     rep = Report("Results").text(results.get("headline", ""))
@@ -256,10 +261,10 @@ def report(run: Any, results: dict[str, Any]) -> Any:
 @register("moe", kind="benchmark", description="sparse MoE layer vs Hugging Face's Mixtral block and the ideal "
           "dense GEMM (forward, forward+backward); estimator fit time", config_cls=MoEBenchConfig, presets=PRESETS,
           report=report)  # fmt: skip
-def run(ctx: Any) -> dict[str, Any]:
+def run(ctx: RunContext[MoEBenchConfig]) -> dict[str, Any]:
     from leanfit.core.io import atomic_write_csv
 
-    cfg: MoEBenchConfig = ctx.config
+    cfg = ctx.config
     with torch_threads(cfg.threads, small_workload=False):
         rows = _layer_rows(cfg, ctx)
         est = _estimator_rows(cfg, ctx) if cfg.estimator_ns else []

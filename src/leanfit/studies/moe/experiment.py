@@ -36,11 +36,16 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from leanfit.core.config import BaseConfig, option
 from leanfit.core.errors import ConfigError
 from leanfit.core.registry import register
+
+if TYPE_CHECKING:
+    from leanfit.core.report import Report
+    from leanfit.core.runner import RunContext
+    from leanfit.core.runs import RunDir
 
 __all__ = ["SETTINGS", "THEORY", "TRUTH", "TopKMoEStudyConfig", "fit_one", "rate_slope"]
 
@@ -292,7 +297,7 @@ def _per_n(fits: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def report(run: Any, results: dict[str, Any]) -> Any:
+def report(run: RunDir, results: dict[str, Any]) -> Report:
     from leanfit.core.report import Report
 
     rep = Report("Results")
@@ -356,11 +361,11 @@ def _headline(slopes: list[dict[str, Any]], fits: list[dict[str, Any]]) -> str:
 @register("topk-moe", kind="experiment", description="rates of the top-K sparse softmax-gated Gaussian MoE MLE "
           "(exact- and over-specified simulation study)", config_cls=TopKMoEStudyConfig, presets=PRESETS,
           report=report)  # fmt: skip
-def run(ctx: Any) -> dict[str, Any]:
+def run(ctx: RunContext[TopKMoEStudyConfig]) -> dict[str, Any]:
     from leanfit.core.io import append_jsonl, read_jsonl
     from leanfit.core.parallel import run_jobs
 
-    cfg: TopKMoEStudyConfig = ctx.config
+    cfg = ctx.config
     path = ctx.run.path / "fits.jsonl"
     done = read_jsonl(path) if (ctx.resume and path.exists()) else []
     if not ctx.resume:

@@ -43,11 +43,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from leanfit.core.bench import TimingConfig, add_ratios, median_iqr, time_side_by_side, torch_threads
 from leanfit.core.config import option
 from leanfit.core.registry import register
+
+if TYPE_CHECKING:
+    from leanfit.core.report import Report
+    from leanfit.core.runner import RunContext
+    from leanfit.core.runs import RunDir
 
 __all__ = ["METHODS", "MIN_TOL", "PROBLEMS", "NeuralDEBenchConfig"]
 
@@ -453,7 +458,7 @@ def _ratio_bars(path: Any, rows: list[dict[str, Any]], base: str) -> bool:
     return True
 
 
-def report(run: Any, results: dict[str, Any]) -> Any:
+def report(run: RunDir, results: dict[str, Any]) -> Report:
     from leanfit.core.report import Report
 
     rows = results["rows"]
@@ -484,12 +489,12 @@ def report(run: Any, results: dict[str, Any]) -> Any:
 @register("neural-de", kind="benchmark", description="adaptive ODE solver vs torchdiffeq and torchode: NFE, wall "
           "time and error on the same problems and tolerances", config_cls=NeuralDEBenchConfig, presets=PRESETS,
           report=report)  # fmt: skip
-def run(ctx: Any) -> dict[str, Any]:
+def run(ctx: RunContext[NeuralDEBenchConfig]) -> dict[str, Any]:
     import importlib.metadata
 
     from leanfit.core.device import device_name, resolve_device
 
-    cfg: NeuralDEBenchConfig = ctx.config
+    cfg = ctx.config
     device = resolve_device(cfg.device)  # refuses an absent device before any solve
     _require_baselines(cfg.methods)
     with torch_threads(cfg.threads, small_workload=True) as threads:

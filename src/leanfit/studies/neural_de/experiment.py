@@ -37,11 +37,16 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from leanfit.core.device import device_name, synchronize
 from leanfit.core.registry import register
 from leanfit.studies.neural_de.config import DEArmConfig, NeuralDEExperimentConfig
+
+if TYPE_CHECKING:
+    from leanfit.core.report import Report
+    from leanfit.core.runner import RunContext
+    from leanfit.core.runs import RunDir
 
 __all__ = ["PRESETS", "DEData", "load_data", "run", "train_one"]
 
@@ -150,7 +155,7 @@ def evaluate(model: Any, X: Any, y: Any, batch: int, seed: int, per_sample: bool
     return _Eval(correct / len(y), nfe / n_batches, nfe_sample / len(y) if per_sample else None)
 
 
-def train_one(ctx: Any, data: DEData, family: str, method: str, lam: float, seed: int,
+def train_one(ctx: RunContext[NeuralDEExperimentConfig], data: DEData, family: str, method: str, lam: float, seed: int,
               show_progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """Train (or reuse) one model on ``cfg.device``; returns its record (validation metrics, training time and NFE,
     the device it was trained on)."""
@@ -163,7 +168,7 @@ def train_one(ctx: Any, data: DEData, family: str, method: str, lam: float, seed
     from leanfit.core.progress import progress_bar
     from leanfit.core.seed import derive_seed
 
-    cfg: NeuralDEExperimentConfig = ctx.config
+    cfg = ctx.config
     arm: DEArmConfig = getattr(cfg, family)
     name = f"{family}-{method}-lam{lam:g}-s{seed}"
     subrun = ctx.run.subrun(name)
@@ -225,7 +230,7 @@ def train_one(ctx: Any, data: DEData, family: str, method: str, lam: float, seed
     return result
 
 
-def load_trained(ctx: Any, family: str, data: DEData, name: str, device: Any = "cpu") -> Any:
+def load_trained(ctx: RunContext[NeuralDEExperimentConfig], family: str, data: DEData, name: str, device: Any = "cpu") -> Any:
     from safetensors.torch import load_file
 
     model = build_model(family, ctx.config, data)
@@ -233,20 +238,20 @@ def load_trained(ctx: Any, family: str, data: DEData, name: str, device: Any = "
     return model.to(device).eval()
 
 
-def _train_job(ctx: Any, data: DEData, family: str, job: tuple[str, float, int],
+def _train_job(ctx: RunContext[NeuralDEExperimentConfig], data: DEData, family: str, job: tuple[str, float, int],
                show_progress: bool = False) -> dict[str, Any]:  # fmt: skip
     """One ``(method, lambda, seed)`` model (module level, so that it pickles into a joblib worker)."""
     return train_one(ctx, data, family, *job, show_progress=show_progress)
 
 
-def train_many(ctx: Any, data: DEData, family: str,
+def train_many(ctx: RunContext[NeuralDEExperimentConfig], data: DEData, family: str,
                jobs: list[tuple[str, float, int]]) -> dict[tuple[str, float, int], dict[str, Any]]:  # fmt: skip
     """Train (or reuse) every ``(method, lambda, seed)`` of ``jobs``; ``cfg.jobs`` of them at once."""
     from functools import partial
 
     from leanfit.core.parallel import run_jobs
 
-    cfg: NeuralDEExperimentConfig = ctx.config
+    cfg = ctx.config
     records = run_jobs(partial(_train_job, ctx, data, family), jobs, jobs=cfg.jobs, backend=cfg.backend,
                        desc=f"{family}: {len(jobs)} models, {cfg.jobs} at once",
                        serial_fn=partial(_train_job, ctx, data, family, show_progress=True),
@@ -254,14 +259,14 @@ def train_many(ctx: Any, data: DEData, family: str,
     return dict(zip(jobs, records, strict=True))
 
 
-def run_family(ctx: Any, data: DEData, family: str) -> list[dict[str, Any]]:
+def run_family(ctx: RunContext[NeuralDEExperimentConfig], data: DEData, family: str) -> list[dict[str, Any]]:
     """Sweep lambda on the first seed, train the chosen lambda on every seed; returns the trained records.
 
     Two rounds of independent models (run ``cfg.jobs`` at a time): every seed's vanilla with the first seed's
     sweep, then the chosen lambdas on the other seeds."""
     from leanfit.core.stats import choose_within_drop
 
-    cfg: NeuralDEExperimentConfig = ctx.config
+    cfg = ctx.config
     arm: DEArmConfig = getattr(cfg, family)
     first, methods = cfg.seeds[0], [m for m in arm.methods if m != "vanilla"]
     first_round = [("vanilla", 0.0, s) for s in cfg.seeds] + [(m, lam, first) for m in methods for lam in arm.lambdas]
@@ -284,14 +289,14 @@ def run_family(ctx: Any, data: DEData, family: str) -> list[dict[str, Any]]:
     return records
 
 
-def score(ctx: Any, data: DEData, family: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def score(ctx: RunContext[NeuralDEExperimentConfig], data: DEData, family: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Test metrics of every trained model (scored once) and their prediction times, timed interleaved."""
     import torch
 
     from leanfit.core.progress import progress_bar
     from leanfit.core.seed import derive_seed
 
-    cfg: NeuralDEExperimentConfig = ctx.config
+    cfg = ctx.config
     device = resolve_device(cfg.device)
     X, y = (t.to(device) for t in data.test)
     models = {r["name"]: load_trained(ctx, family, data, r["name"], device) for r in records}
@@ -383,7 +388,7 @@ def _table(summary: list[dict[str, Any]], family: str) -> list[dict[str, Any]]:
     return rows
 
 
-def report(run: Any, results: dict[str, Any]) -> Any:
+def report(run: RunDir, results: dict[str, Any]) -> Report:
     from leanfit.core.report import Report
 
     rep = Report("neural-de: local vs global error regularisation")
@@ -412,7 +417,7 @@ def report(run: Any, results: dict[str, Any]) -> Any:
     return rep
 
 
-def _plots(run: Any, results: dict[str, Any], family: str) -> None:
+def _plots(run: RunDir, results: dict[str, Any], family: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -466,10 +471,10 @@ def _headline(summary: list[dict[str, Any]]) -> str:
 @register("neural-de", kind="experiment", description="local vs global error regularisation of neural ODEs/SDEs "
           "(digits; MNIST-5k in the full preset)", config_cls=NeuralDEExperimentConfig, presets=PRESETS,
           report=report)  # fmt: skip
-def run(ctx: Any) -> dict[str, Any]:
+def run(ctx: RunContext[NeuralDEExperimentConfig]) -> dict[str, Any]:
     from leanfit.core.device import configure_threads
 
-    cfg: NeuralDEExperimentConfig = ctx.config
+    cfg = ctx.config
     threads = configure_threads(cfg.threads, small_workload=True)
     data = load_data(cfg)
     rows, sweeps = [], []

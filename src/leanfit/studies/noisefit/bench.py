@@ -55,6 +55,10 @@ from leanfit.core.registry import register
 if TYPE_CHECKING:
     import torch
 
+    from leanfit.core.report import Report
+    from leanfit.core.runner import RunContext
+    from leanfit.core.runs import RunDir
+
 __all__ = ["ARMS", "MODELS", "ArmStep", "NoiseFiTBenchConfig", "arm_step", "build_model", "count_forwards",
            "make_batch", "measure_model", "measure_peak", "spread_layers"]  # fmt: skip
 
@@ -462,7 +466,7 @@ def _ratio_plot(path: Any, rows: list[dict[str, Any]]) -> None:
               target=(2.0, "2x (step-cost target)"), value_labels=True)  # fmt: skip
 
 
-def report(run: Any, results: dict[str, Any]) -> Any:
+def report(run: RunDir, results: dict[str, Any]) -> Report:
     from leanfit.core.report import Report
 
     rows = results["rows"]
@@ -494,13 +498,13 @@ def _require(models: list[str]) -> None:
 @register("noisefit", kind="benchmark", description="step time and peak memory of every NoiseFiT fine-tuning arm "
           "against plain SFT (tiny Llama and SmolLM2 LoRA)", config_cls=NoiseFiTBenchConfig, presets=PRESETS,
           report=report)  # fmt: skip
-def run(ctx: Any) -> dict[str, Any]:
+def run(ctx: RunContext[NoiseFiTBenchConfig]) -> dict[str, Any]:
     import importlib.metadata
 
     from leanfit.core.device import resolve_device
     from leanfit.core.progress import progress_bar
 
-    cfg: NoiseFiTBenchConfig = ctx.config
+    cfg = ctx.config
     _require(cfg.models)
     device = resolve_device(cfg.device)
     isolated = cfg.memory and cfg.isolate and device.type == "cpu"

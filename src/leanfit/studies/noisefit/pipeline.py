@@ -7,7 +7,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from leanfit.core.runner import RunContext
+    from leanfit.studies.noisefit.config import NoiseFiTExperimentConfig
 
 __all__ = ["NoiseFiTData", "arm_settings", "prepare", "run_benchmark", "summarise"]
 
@@ -53,7 +57,7 @@ def prepare(cfg: Any) -> NoiseFiTData:
                         pretrain_text=text, heldout=heldout_sentences(world))  # fmt: skip
 
 
-def pretrained_model(ctx: Any, data: NoiseFiTData, seed: int) -> Path:
+def pretrained_model(ctx: RunContext[NoiseFiTExperimentConfig], data: NoiseFiTData, seed: int) -> Path:
     """Folder of the model pretrained for ``seed`` (trained now unless already saved)."""
     import torch
 
@@ -116,7 +120,7 @@ def _trainer(arm: str, setting: dict[str, Any], model: Any, data: NoiseFiTData, 
     return trainer
 
 
-def finetune(ctx: Any, data: NoiseFiTData, arm: str, setting: dict[str, Any], seed: int,
+def finetune(ctx: RunContext[NoiseFiTExperimentConfig], data: NoiseFiTData, arm: str, setting: dict[str, Any], seed: int,
              validate: bool = True) -> dict[str, Any]:  # fmt: skip
     """Fine-tune one arm/setting/seed from its pretrained model; returns its record, with validation metrics if
     ``validate`` (only the first seed's choose a setting)."""
@@ -180,7 +184,7 @@ def _valid_cw(record: dict[str, Any]) -> float:
 
 
 # -- test scoring and summaries ----------------------------------------------------------------------------------
-def score_test(ctx: Any, data: NoiseFiTData, record: dict[str, Any]) -> dict[str, Any]:
+def score_test(ctx: RunContext[NoiseFiTExperimentConfig], data: NoiseFiTData, record: dict[str, Any]) -> dict[str, Any]:
     """Test-split arrays of one chosen model (scored once; cached in its folder)."""
     import numpy as np
     from transformers import LlamaForCausalLM
@@ -205,7 +209,7 @@ def score_test(ctx: Any, data: NoiseFiTData, record: dict[str, Any]) -> dict[str
         return {k: z[k] for k in z.files}
 
 
-def run_benchmark(ctx: Any) -> dict[str, Any]:
+def run_benchmark(ctx: RunContext[NoiseFiTExperimentConfig]) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight loading/saving bars of every arm would bury the run's own bar
@@ -215,7 +219,7 @@ def run_benchmark(ctx: Any) -> dict[str, Any]:
         hf_logging.enable_progress_bar()
 
 
-def _run_benchmark(ctx: Any) -> dict[str, Any]:
+def _run_benchmark(ctx: RunContext[NoiseFiTExperimentConfig]) -> dict[str, Any]:
     from leanfit.core.device import configure_threads
     from leanfit.core.progress import progress_bar
     from leanfit.core.stats import choose_within_drop

@@ -3,7 +3,11 @@ diagrams (pooled over seeds and test items)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from leanfit.core.report import Report
+    from leanfit.core.runs import RunDir
 
 __all__ = ["render_report"]
 
@@ -59,7 +63,7 @@ def _bars(path: Any, summary: list[dict[str, Any]]) -> None:
     save_figure(fig, path)
 
 
-def _reliability(path: Any, run: Any, results: dict[str, Any]) -> None:
+def _reliability(path: Any, run: RunDir, results: dict[str, Any]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,7 +97,7 @@ def _reliability(path: Any, run: Any, results: dict[str, Any]) -> None:
     save_figure(fig, path)
 
 
-def render_report(run: Any, results: dict[str, Any]) -> Any:
+def render_report(run: RunDir, results: dict[str, Any]) -> Report:
     from leanfit.core.report import Report
 
     rep = Report("Results")

@@ -24,12 +24,17 @@ import itertools
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from leanfit.core.bench import TimingConfig, add_ratios, peak_memory, time_side_by_side, torch_threads
 from leanfit.core.config import option
 from leanfit.core.memory import run_in_fresh_process
 from leanfit.core.registry import register
+
+if TYPE_CHECKING:
+    from leanfit.core.report import Report
+    from leanfit.core.runner import RunContext
+    from leanfit.core.runs import RunDir
 
 __all__ = ["METHODS", "VQLogitsBenchConfig", "measure_decode", "measure_step"]
 
@@ -259,7 +264,7 @@ def _headline_text(h: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def report(run: Any, results: dict[str, Any]) -> Any:
+def report(run: RunDir, results: dict[str, Any]) -> Report:
     from leanfit.core.report import Report, line_plot
 
     rows, decode, h = results["rows"], results.get("decode_rows", []), results["summary"]
@@ -308,11 +313,11 @@ def report(run: Any, results: dict[str, Any]) -> Any:
 @register("vq-logits", kind="benchmark", description="VQ-Logits head + loss against full softmax, fused, adaptive "
           "and gather heads: step time, peak memory, decode time", config_cls=VQLogitsBenchConfig, presets=PRESETS,
           report=report)  # fmt: skip
-def run(ctx: Any) -> dict[str, Any]:
+def run(ctx: RunContext[VQLogitsBenchConfig]) -> dict[str, Any]:
     from leanfit.core.io import atomic_write_csv
     from leanfit.core.progress import progress_bar
 
-    cfg: VQLogitsBenchConfig = ctx.config
+    cfg = ctx.config
     call = run_in_fresh_process if cfg.isolate else (lambda fn, *a, **kw: fn(*a, **kw))
     cells = _grid(cfg)
     rows: list[dict[str, Any]] = []

@@ -16,10 +16,15 @@ sub-runs and continues the interrupted one.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from leanfit.core.registry import register
 from leanfit.studies.vq_logits.config import VQLogitsExperimentConfig
+
+if TYPE_CHECKING:
+    from leanfit.core.report import Report
+    from leanfit.core.runner import RunContext
+    from leanfit.core.runs import RunDir
 
 __all__ = ["PRESETS"]
 
@@ -38,7 +43,7 @@ def _vq_loss(model: Any, inputs: Any, targets: Any) -> Any:
     return model(input_ids=inputs, shift_labels=targets).loss
 
 
-def _train_one(ctx: Any, name: str, build: Any, data: dict[str, Any], vq: bool, seed: int) -> dict[str, Any]:
+def _train_one(ctx: RunContext[VQLogitsExperimentConfig], name: str, build: Any, data: dict[str, Any], vq: bool, seed: int) -> dict[str, Any]:
     """Train (or resume, or reuse) one sub-run; returns its record."""
     import shutil
 
@@ -73,7 +78,7 @@ def _scratch_grid(cfg: VQLogitsExperimentConfig) -> list[tuple[int, str, bool, i
     return grid
 
 
-def run_scratch(ctx: Any, data: dict[str, Any]) -> list[dict[str, Any]]:
+def run_scratch(ctx: RunContext[VQLogitsExperimentConfig], data: dict[str, Any]) -> list[dict[str, Any]]:
     import torch
     from safetensors.torch import load_file
 
@@ -81,7 +86,7 @@ def run_scratch(ctx: Any, data: dict[str, Any]) -> list[dict[str, Any]]:
     from leanfit.vq_logits.hf import replace_lm_head
     from leanfit.vq_logits.mapping import build_mapping, unigram_floor
 
-    cfg: VQLogitsExperimentConfig = ctx.config
+    cfg = ctx.config
     vocab = data["tokenizer"].get_vocab_size()
     counts = torch.bincount(data["tokens"]["train"], minlength=vocab).double()
     m = cfg.model
@@ -177,7 +182,7 @@ def _features(model: Any, tokenizer: Any, texts: list[str], n_tokens: int, seq_l
     return torch.cat(hs), torch.cat(ys)
 
 
-def run_pretrained(ctx: Any) -> dict[str, Any]:
+def run_pretrained(ctx: RunContext[VQLogitsExperimentConfig]) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
@@ -228,7 +233,7 @@ def run_pretrained(ctx: Any) -> dict[str, Any]:
 
 
 # --- report and registration ----------------------------------------------------------------------------------------
-def report(run: Any, results: dict[str, Any]) -> Any:
+def report(run: RunDir, results: dict[str, Any]) -> Report:
     from leanfit.core.report import Report
 
     rep = Report("Results")
@@ -251,7 +256,7 @@ def report(run: Any, results: dict[str, Any]) -> Any:
     return rep
 
 
-def _pareto(run: Any, summary: list[dict[str, Any]]) -> None:
+def _pareto(run: RunDir, summary: list[dict[str, Any]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -276,7 +281,7 @@ def _pareto(run: Any, summary: list[dict[str, Any]]) -> None:
     save_figure(fig, run.plots_dir / "pareto.png")
 
 
-def _curves(run: Any) -> None:
+def _curves(run: RunDir) -> None:
     from leanfit.core.io import read_jsonl
     from leanfit.core.report import line_plot
 
@@ -291,7 +296,7 @@ def _curves(run: Any) -> None:
 
 @register("vq-logits", kind="experiment", description="VQ-Logits heads vs full softmax (scratch) and on SmolLM2-135M",
           config_cls=VQLogitsExperimentConfig, presets=PRESETS, report=report)  # fmt: skip
-def run(ctx: Any) -> dict[str, Any]:
+def run(ctx: RunContext[VQLogitsExperimentConfig]) -> dict[str, Any]:
     from leanfit.studies.lm.experiment import prepare_lm_data
 
     data = prepare_lm_data(ctx.config.data)
