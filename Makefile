@@ -15,7 +15,7 @@ help:
 	@echo "make test       install dev extras, check the import contracts and types, then run the default test suite"
 	@echo "                (slow tests excluded)"
 	@echo "make test-slow  run the slow tests too"
-	@echo "make lint       ruff check"
+	@echo "make lint       ruff check and the import contracts (what make test checks first)"
 	@echo "make lint-imports  import contracts: layers, no method imports a study or plotting, no cycles"
 	@echo "make typecheck  mypy on core, the five method packages and tests/typing"
 
@@ -40,7 +40,7 @@ demo: install
 	$(PYTHON) -m leanfit demo
 
 test: install-dev
-	@$(MAKE) --no-print-directory lint-imports typecheck
+	@$(MAKE) --no-print-directory lint typecheck
 	$(PYTHON) -m pytest
 
 test-slow: install-dev
@@ -48,6 +48,7 @@ test-slow: install-dev
 
 lint:
 	$(PYTHON) -m ruff check src tests
+	@$(MAKE) --no-print-directory lint-imports
 
 # [tool.importlinter] in pyproject.toml
 lint-imports:

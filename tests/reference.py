@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 
 def vq_logits_reference(hidden: torch.Tensor, codebook: torch.Tensor, mapping: torch.Tensor,
-                        bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+                        bias: torch.Tensor | None) -> torch.Tensor:
     """Materialised VQ-Logits logits: the full (N, V) matrix ``h C^T`` gathered by the map, plus the bias."""
     logits = (hidden @ codebook.t())[:, mapping]
     return logits if bias is None else logits + bias
@@ -32,7 +32,7 @@ def residual_log_probs_reference(hidden, codebook, mapping, bias, proj, emb) -> 
     scores = b + (hidden @ proj.t()) @ emb.t()
     out = torch.full_like(scores, -float("inf"))
     cluster_logits = torch.stack([z[:, k] + torch.logsumexp(b[mapping == k], 0) if (mapping == k).any()
-                                  else torch.full_like(z[:, k], -float("inf")) for k in range(codebook.shape[0])], 1)  # fmt: skip
+                                  else torch.full_like(z[:, k], -float("inf")) for k in range(codebook.shape[0])], 1)
     log_pk = torch.log_softmax(cluster_logits, dim=-1)
     for k in range(codebook.shape[0]):
         members = (mapping == k).nonzero().squeeze(1)
@@ -56,7 +56,7 @@ def nucleus_mask_reference(scores: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def warped_probs_reference(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                           top_p: float | None = None) -> torch.Tensor:  # fmt: skip
+                           top_p: float | None = None) -> torch.Tensor:
     """Sampling distribution after temperature -> top-k -> top-p, as ``transformers``' logits warpers apply them
     (the temperature and top-k warpers are used directly; top-p via :func:`nucleus_mask_reference`): (N, V)."""
     from transformers import TemperatureLogitsWarper, TopKLogitsWarper
@@ -86,7 +86,7 @@ def solve_ivp_reference(fun, y0, t_eval, method: str = "DOP853", rtol: float = 1
     ys, nfe = [], []
     for i in range(y0.shape[0]):
         sol = solve_ivp(lambda t, y, i=i: fun(t, y, i), (t_eval[0], t_eval[-1]), y0[i], method=method,
-                        t_eval=t_eval, rtol=rtol, atol=atol)  # fmt: skip
+                        t_eval=t_eval, rtol=rtol, atol=atol)
         assert sol.success, sol.message
         ys.append(sol.y.T)
         nfe.append(sol.nfev)
@@ -174,7 +174,7 @@ def tsit5_step_reference(f, t: float, y, h: float, k1=None, tab=None):
 
 
 def local_regularizer_reference(f, t, y, h, rtol, atol, points="batch", estimate="error", stability=3.5068,
-                                k1_graph=False, tab=None):  # fmt: skip
+                                k1_graph=False, tab=None):
     """The local regulariser sample by sample: y (batch, n) and h are constants, k1 = f(t_i, y_i) is computed
     without gradient (with it if ``k1_graph``), the other stages with it. t, h: per-sample floats. ``points="batch"``: one RMS over the
     residuals of all samples (h[0] is the shared step); ``"sample"``: per-sample RMS, then the mean. ``tab``: a
@@ -202,7 +202,7 @@ def local_regularizer_reference(f, t, y, h, rtol, atol, points="batch", estimate
 
     eps = torch.finfo(torch.float64).eps
     vals = [rms(r) * abs(float(hh)) if estimate == "error" else rms(a) / (rms(b) + eps) / stability
-            for r, a, b, hh in groups]  # fmt: skip
+            for r, a, b, hh in groups]
     return sum(vals) / len(vals)
 
 
@@ -223,9 +223,9 @@ def global_regularizer_reference(f, step_t, step_h, step_y, n_accepted, rtol, at
     if not per_sample:
         batch = range(len(n_accepted))
         return sum(rms([v for i in batch for v in residuals(i, j)]) * abs(float(step_h[0, j]))
-                   for j in range(int(n_accepted[0])))  # fmt: skip
+                   for j in range(int(n_accepted[0])))
     total = [sum(rms(residuals(i, j)) * abs(float(step_h[i, j])) for j in range(int(n)))
-             for i, n in enumerate(n_accepted)]  # fmt: skip
+             for i, n in enumerate(n_accepted)]
     return sum(total) / len(total)
 
 
@@ -338,7 +338,7 @@ def milstein_step_reference(drift, diffusion, t: float, y, h: float, dw1, dw2):
         side = [1.0 if w >= 0 else -1.0 for w in dw]
         g_hat = diffusion(t, [v + h * a + s * b * math.sqrt(h) for v, a, b, s in zip(y, f, g, side, strict=True)])
         return [v + h * a + b * w + s * (c - b) * (w * w - h) / (2 * math.sqrt(h))
-                for v, a, b, c, w, s in zip(y, f, g, g_hat, dw, side, strict=True)]  # fmt: skip
+                for v, a, b, c, w, s in zip(y, f, g, g_hat, dw, side, strict=True)]
 
     full = step(t, y, h, [a + b for a, b in zip(dw1, dw2, strict=True)])
     y_next = step(t + h / 2, step(t, y, h / 2, dw1), h / 2, dw2)
@@ -413,13 +413,13 @@ def prompts_reference(gen: PromptGenerator, hidden: torch.Tensor, mask: torch.Te
 
 
 def greedy_reference(model: IAPTModel, ids: torch.Tensor, mask: torch.Tensor, new: int,
-                     names: list[str] | None = None) -> torch.Tensor:  # fmt: skip
+                     names: list[str] | None = None) -> torch.Tensor:
     """Greedy decoding with a full forward (no cache) per token; the prompt is the instruction."""
     seq, attn, instruction = ids, mask, mask.bool()
     with torch.no_grad():
         for _ in range(new):
             logits = model(seq, attention_mask=attn, instruction_mask=instruction, adapter_names=names,
-                           use_cache=False).logits  # fmt: skip
+                           use_cache=False).logits
             seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
             attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
             instruction = torch.cat([instruction, torch.zeros_like(instruction[:, :1])], 1)
@@ -438,7 +438,7 @@ def winsorized_reference(x: torch.Tensor, k: float = 5.0) -> torch.Tensor:
 
 
 def token_std_reference(h: torch.Tensor, mask: torch.Tensor | None, scale: float, adaptive: bool,
-                        beta: float = 0.1, max_factor: float = 5.0) -> torch.Tensor:  # fmt: skip
+                        beta: float = 0.1, max_factor: float = 5.0) -> torch.Tensor:
     """leanfit's std token by token in float64."""
     h = h.double()
     rows, seq, d = h.shape

@@ -77,7 +77,7 @@ def test_no_import_cycle_among_leanfit_modules(graph):
 def test_cycle_finder_reports_a_planted_cycle():
     planted = grimp.build_graph("leanfit", exclude_type_checking_imports=True, cache_dir=None)
     planted.add_import(importer="leanfit.core.registry", imported="leanfit.core.runner", line_number=1,
-                       line_contents="from leanfit.core import runner")  # fmt: skip
+                       line_contents="from leanfit.core import runner")
     cycles = _cycles(planted)
     assert [c for c in cycles if {"leanfit.core.registry", "leanfit.core.runner"} <= set(c)], cycles
     assert "leanfit.core.registry -> leanfit.core.runner (line 1)" in _describe(planted, cycles[0])

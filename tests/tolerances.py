@@ -30,7 +30,7 @@ def _as_tensor(x: torch.Tensor | np.ndarray | float) -> torch.Tensor:
 
 
 def assert_close(actual: torch.Tensor | np.ndarray | float, expected: torch.Tensor | np.ndarray | float, *,
-                 msg: str | None = None, equal_nan: bool = False) -> None:  # fmt: skip
+                 msg: str | None = None, equal_nan: bool = False) -> None:
     """``torch.testing.assert_close`` with ``TOL`` of the least precise input dtype; both sides are compared in
     float64, so a float64 reference keeps its precision. The failure message names the worst index and values.
     numpy arrays and Python floats count as float64."""

@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
 def _add_run_options(p: argparse.ArgumentParser, *, default_out: str, resumable: bool) -> None:
     p.add_argument("name", metavar="NAME", help="registered name (see `leanfit list`)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, dotted for nested fields (train.steps=100); see --help-config")  # fmt: skip
+                   help="config overrides, dotted for nested fields (train.steps=100); see --help-config")
     p.add_argument("--preset", default="quick", help="preset: quick (minutes) or full (what results quote)")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config values (applied after the preset)")
     p.add_argument("--out", default=default_out, metavar="DIR", help=f"output root (default: {default_out})")
@@ -32,9 +32,9 @@ def _add_run_options(p: argparse.ArgumentParser, *, default_out: str, resumable:
     p.add_argument("--help-config", action="store_true", help="list every config key with type, default and help")
     if resumable:
         p.add_argument("--resume", action="store_true",
-                       help="continue the run folder of this command from its newest checkpoint")  # fmt: skip
+                       help="continue the run folder of this command from its newest checkpoint")
         p.add_argument("--run-id", metavar="ID",
-                       help="run folder name (default: <preset>-seed<seed>-<config hash>)")  # fmt: skip
+                       help="run folder name (default: <preset>-seed<seed>-<config hash>)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +92,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     path, results = run_experiment(
         args.name, preset=args.preset, config_file=args.config, overrides=args.overrides, out=args.out,
         seed=args.seed, resume=args.resume, run_id=args.run_id,
-    )  # fmt: skip
+    )
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: {path}/report.md")
     return 0
@@ -104,7 +104,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from leanfit.core.runner import run_benchmark
 
     path = run_benchmark(args.name, preset=args.preset, config_file=args.config, overrides=args.overrides,
-                         out=args.out, seed=args.seed)  # fmt: skip
+                         out=args.out, seed=args.seed)
     print(f"done: {path}/results.csv, {path}/report.md")
     return 0
 
@@ -143,12 +143,12 @@ def _cmd_data(args: argparse.Namespace) -> int:
     Console(width=160).print(table)
     missing = [r for r in rows if not r["present"]]
     print(f"{len(rows) - len(missing)} of {len(rows)} assets present" + (
-        "; install the missing ones with the commands above" if missing else ""))  # fmt: skip
+        "; install the missing ones with the commands above" if missing else ""))
     return 0
 
 
 _COMMANDS = {"list": _cmd_list, "run": _cmd_run, "bench": _cmd_bench, "report": _cmd_report,
-             "demo": _cmd_demo, "data": _cmd_data}  # fmt: skip
+             "demo": _cmd_demo, "data": _cmd_data}
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(f"leanfit {args.command}: interrupted; continue a run with the same command and --resume",
-              file=sys.stderr)  # fmt: skip
+              file=sys.stderr)
         return 130
 
 

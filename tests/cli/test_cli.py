@@ -56,7 +56,7 @@ def _fails_with_one_line(capsys, argv, *fragments):
     ids=["unknown-experiment", "unknown-key", "wrong-type", "cross-field", "bad-preset", "missing-config",
          "override-without-equals", "missing-name", "unknown-command", "unknown-bench", "not-a-run",
          "unknown-asset"],
-)  # fmt: skip
+)
 def test_user_errors_are_one_line_exit_2(capsys, argv, fragments):
     _fails_with_one_line(capsys, argv, *fragments)
 
@@ -76,7 +76,7 @@ def test_existing_run_folder_without_resume(capsys, tmp_path):
     assert main(["run", "cli-toy", "--out", str(tmp_path), "value=4"]) == 0
     capsys.readouterr()
     _fails_with_one_line(capsys, ["run", "cli-toy", "--out", str(tmp_path), "value=4"], "already exists",
-                         "--resume")  # fmt: skip
+                         "--resume")
     assert main(["run", "cli-toy", "--out", str(tmp_path), "value=4", "--resume"]) == 0
 
 

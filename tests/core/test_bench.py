@@ -86,11 +86,11 @@ def test_around_is_outside_the_timer_and_on_call_sees_results(clock):
 
     seen: list[tuple[str, float | None, object]] = []
     times = time_side_by_side(clock.calls({"a": 1.0, "b": 3.0}, []), repeats=2, warmup=1, around=around,
-                              on_call=lambda *args: seen.append(args))  # fmt: skip
+                              on_call=lambda *args: seen.append(args))
     assert times == {"a": [1.0, 1.0], "b": [3.0, 3.0]}
     assert entered == ["a", "b", "b", "a", "a", "b"]
     assert seen == [("a", None, "a-result"), ("b", None, "b-result"), ("b", 3.0, "b-result"),
-                    ("a", 1.0, "a-result"), ("a", 1.0, "a-result"), ("b", 3.0, "b-result")]  # fmt: skip
+                    ("a", 1.0, "a-result"), ("a", 1.0, "a-result"), ("b", 3.0, "b-result")]
 
 
 def test_real_clock_times_a_sleep():
@@ -107,7 +107,7 @@ def test_bad_rounds_are_refused(repeats, warmup):
 
 
 @pytest.mark.parametrize(("seconds", "expected"), [([2.0], (2.0, 0.0)), ([1.0, 2.0, 3.0, 4.0, 5.0], (3.0, 2.0)),
-                                                   ([4.0, 1.0], (2.5, 1.5))], ids=["one", "five", "two"])  # fmt: skip
+                                                   ([4.0, 1.0], (2.5, 1.5))], ids=["one", "five", "two"])
 def test_median_iqr(seconds, expected):
     assert median_iqr(seconds) == pytest.approx(expected, rel=1e-15)
 
@@ -144,7 +144,7 @@ def test_ratios_row_over_baseline_of_the_same_cell():
 def test_inverted_ratios_floor_and_no_self_ratio():
     rows = _rows()
     add_ratios(rows, match=("cell",), baseline={"method": "base"}, columns={"speedup": "ms"}, invert=True,
-               self_ratio=False)  # fmt: skip
+               self_ratio=False)
     assert [r.get("speedup", "absent") for r in rows] == ["absent", 4.0, 0.25, "absent", 0.0, "absent"]
     add_ratios(rows, match=("cell",), baseline={"method": "base"}, columns={"leaner": "mb"}, invert=True, floor=1.0)
     assert [r.get("leaner") for r in rows] == [1.0, None, None, 1.0, 4.0, None]  # 0.5 MB is below the floor
@@ -154,7 +154,7 @@ def test_baseline_overrides_matched_columns_and_may_depend_on_the_row():
     rows = _rows()
     # "fast" rows (k=4) find the "base" row (k=None) of their cell although k is matched
     add_ratios(rows, match=("cell", "k"), baseline=lambda r: {"method": "base", "k": None} if r["method"] == "fast"
-               else None, columns={"r": "ms"})  # fmt: skip
+               else None, columns={"r": "ms"})
     assert [r.get("r", "absent") for r in rows] == ["absent", 0.25, "absent", "absent", None, "absent"]
 
 
@@ -221,7 +221,7 @@ def test_a_bench_config_inherits_the_options_and_keeps_its_defaults():
 
 @pytest.mark.parametrize(("key", "value", "fragment"), [("repeats", 0, "repeats=0"), ("warmup", -1, "warmup=-1"),
                                                         ("min_seconds", math.inf, "min_seconds=inf"),
-                                                        ("threads", -2, "threads=-2")])  # fmt: skip
+                                                        ("threads", -2, "threads=-2")])
 def test_bad_timing_options_are_config_errors(key, value, fragment):
     with pytest.raises(ConfigError, match=fragment):
         _Bench.from_dict({key: value})

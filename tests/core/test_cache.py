@@ -81,7 +81,7 @@ def _set_manifest(path: Path, text: str) -> None:
     ],
     ids=["changed-byte", "deleted-file", "extra-file", "emptied-file", "no-manifest", "manifest-not-json",
          "manifest-without-files", "manifest-empty-files"],
-)  # fmt: skip
+)
 def test_corruption_is_detected_and_entry_rebuilt(built, corrupt):
     path, build = built
     assert verify_folder(path)

@@ -48,7 +48,7 @@ class Outer(BaseConfig):
     ],
     ids=["int", "int-as-float", "sci-float", "bool-true", "bool-no", "literal", "list", "optional-none",
          "optional-int", "str-digits"],
-)  # fmt: skip
+)
 def test_coerce_converts_command_line_strings(text, tp, expected):
     value = coerce(text, tp, "key")
     assert value == expected

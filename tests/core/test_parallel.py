@@ -32,7 +32,7 @@ def test_unknown_backend_is_refused_with_the_choices():
 
 
 @pytest.mark.parametrize(("jobs", "backend"), [(2, "loky"), (3, "threading"), (-1, "threading")],
-                         ids=["loky-2", "threading-3", "threading-every-core"])  # fmt: skip
+                         ids=["loky-2", "threading-3", "threading-every-core"])
 def test_parallel_results_equal_sequential_results_in_order(jobs, backend):
     seeds = [5, 1, 4, 2, 3, 0]
     sequential = run_jobs(_draws, seeds, jobs=1, desc="sequential")
@@ -60,7 +60,7 @@ def test_jobs_under_torchrun_are_refused_with_one_line(jobs, monkeypatch):
     with pytest.raises(ConfigError) as err:
         run_jobs(_draws, [1, 2, 3], jobs=jobs, backend="threading", desc="jobs")
     assert str(err.value) == (f"jobs={jobs} is invalid: expected 1 under torchrun (WORLD_SIZE=2); a data-parallel "
-                              "launch already splits every batch over processes; set jobs=1")  # fmt: skip
+                              "launch already splits every batch over processes; set jobs=1")
     assert "\n" not in str(err.value)
     assert run_jobs(_draws, [1], jobs=1, desc="jobs") == [_draws(1)]  # one at a time is what torchrun needs
 

@@ -44,11 +44,11 @@ def test_register_returns_the_function_and_records_its_entry(monkeypatch):
         return None
 
     decorated = registry.register("registry-typed-test", kind="benchmark", description="d", config_cls=_Cfg,
-                                  report=report, in_demo=False)(run)  # fmt: skip
+                                  report=report, in_demo=False)(run)
     entry = registry.get("benchmark", "registry-typed-test")
     assert decorated is run and entry.run is run and entry.report is report and entry.config_cls is _Cfg
     assert (entry.name, entry.kind, entry.in_demo, dict(entry.presets)) == (
-        "registry-typed-test", "benchmark", False, {"quick": {}, "full": {}})  # fmt: skip
+        "registry-typed-test", "benchmark", False, {"quick": {}, "full": {}})
 
 
 def test_unknown_name_lists_valid_names():

@@ -28,7 +28,7 @@ from leanfit.core.runs import RunDir
     (12345.6, "12,346"), (math.nan, "nan"), (math.inf, "inf"), (True, "True"), (None, "None"),
     ([1, 2.5, 123456], "1, 2.5, 123,456"), ("a|b", "a\\|b"),
 ], ids=["int", "big-int", "negative-int", "small-float", "float", "big-float", "nan", "inf", "bool", "none", "list",
-        "pipe"])  # fmt: skip
+        "pipe"])
 def test_fmt(value, expected):
     assert fmt(value) == expected
 
@@ -55,7 +55,7 @@ def _png_size(path) -> tuple[int, int]:
 def test_bar_chart_writes_a_png_of_one_width_per_panel(tmp_path, n_panels):
     panels = {f"panel {i}": {"a": [1.0, 2.0, None], "b": [0.5, math.nan, 4.0]} for i in range(n_panels)}
     path = bar_chart(tmp_path / "plots" / "bars.png", ["g1", "g2", "g3"], panels, ylabel="ratio", logy=True,
-                     baseline=1.0, target=(2.0, "2x"), value_labels=True)  # fmt: skip
+                     baseline=1.0, target=(2.0, "2x"), value_labels=True)
     assert path == tmp_path / "plots" / "bars.png"
     assert _png_size(path) == (550 * n_panels, 462)  # 5.0 x 4.2 inches a panel at 110 dpi
 
@@ -67,7 +67,7 @@ def test_bar_chart_needs_one_ylabel_per_panel(tmp_path):
 
 def test_line_plot_writes_a_png(tmp_path):
     path = line_plot(tmp_path / "l.png", {"a": ([1, 2, 3], [1.0, 0.5, 0.25])}, xlabel="x", ylabel="y", title="t",
-                     logy=True)  # fmt: skip
+                     logy=True)
     assert _png_size(path) == (704, 440)  # 6.4 x 4.0 inches at 110 dpi
 
 
@@ -80,12 +80,12 @@ def fake_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(registry, "_DISCOVERED", True)  # only the entry below is needed
     monkeypatch.setitem(registry._REGISTRY["experiment"], "report-test", registry.Entry(
-        "report-test", "experiment", "a fake run for the report tests", BaseConfig, run))  # fmt: skip
+        "report-test", "experiment", "a fake run for the report tests", BaseConfig, run))
     run_dir = RunDir(tmp_path / "report-test")
     run_dir.write_config({"experiment": "report-test", "kind": "experiment", "preset": "quick", "seed": 3,
-                          "config": {"steps": 2, "lr": 0.001}})  # fmt: skip
+                          "config": {"steps": 2, "lr": 0.001}})
     run_dir.write_env({"cpu": "test cpu", "cpu_count": 2, "torch_threads": 1, "gpus": [], "world_size": 1,
-                       "packages": {"torch": "9.9", "leanfit": "0.0"}, "git_commit": "abc123"})  # fmt: skip
+                       "packages": {"torch": "9.9", "leanfit": "0.0"}, "git_commit": "abc123"})
     for step, loss in ((1, 2.0), (2, 1.5)):
         run_dir.log(step, loss=loss)
     return run_dir
@@ -107,7 +107,7 @@ def test_render_run_builds_the_report_of_a_run_folder(fake_run):
 
 def test_render_index_links_each_report(tmp_path):
     path = render_index(tmp_path, [("a", tmp_path / "runs" / "a", {"loss": 0.25, "n": 12345}),
-                                   ("b", tmp_path / "runs" / "b", "one | line\nsummary")])  # fmt: skip
+                                   ("b", tmp_path / "runs" / "b", "one | line\nsummary")])
     lines = path.read_text().splitlines()
     assert lines[4] == "| a | [runs/a/report.md](runs/a/report.md) | loss = 0.25, n = 12,345 |"
     assert lines[5] == "| b | [runs/b/report.md](runs/b/report.md) | one \\| line summary |"

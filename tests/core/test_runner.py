@@ -26,7 +26,7 @@ class ToyConfig(BaseConfig):
 
 
 @registry.register("toy-test", kind="experiment", description="toy", config_cls=ToyConfig,
-                   presets={"quick": {"steps": 3}, "full": {"steps": 5}}, in_demo=False)  # fmt: skip
+                   presets={"quick": {"steps": 3}, "full": {"steps": 5}}, in_demo=False)
 def _toy(ctx: RunContext[ToyConfig]) -> dict[str, Any]:
     assert isinstance(ctx.config, ToyConfig)
     CALLS.append(ctx.seed)
@@ -45,7 +45,7 @@ def test_run_writes_every_record(tmp_path):
     assert path.parent == tmp_path / "toy-test" and path.name.startswith("quick-seed3-")
     record = yaml.safe_load((path / "config.yaml").read_text())
     assert record == {"experiment": "toy-test", "kind": "experiment", "preset": "quick", "seed": 3,
-                      "config": {"steps": 3, "scale": 1.0}}  # fmt: skip
+                      "config": {"steps": 3, "scale": 1.0}}
     run = RunDir(path)
     assert [m["loss"] for m in run.metrics()] == pytest.approx([1.0, 0.5, 1 / 3])
     assert run.results()["final"] == pytest.approx(1 / 3) == results["final"]
@@ -125,4 +125,4 @@ def test_demo_index_takes_mapping_and_sentence_headlines(tmp_path):
     index = render_index(tmp_path, [("a", a, {"ppl": 2.5}), ("b", b, "D1 slope -0.48 | 96% reach\nthe truth")])
     rows = index.read_text().splitlines()[4:]
     assert rows == ["| a | [a/r/report.md](a/r/report.md) | ppl = 2.5 |",
-                    "| b | [b/r/report.md](b/r/report.md) | D1 slope -0.48 \\| 96% reach the truth |"]  # fmt: skip
+                    "| b | [b/r/report.md](b/r/report.md) | D1 slope -0.48 \\| 96% reach the truth |"]

@@ -49,7 +49,7 @@ def _ece(pairs):
     conf, correct = pairs[..., 0].ravel(), pairs[..., 1].ravel()
     idx = np.minimum((conf * 10).astype(int), 9)
     return sum(abs(correct[idx == b].mean() - conf[idx == b].mean()) * (idx == b).mean() for b in range(10)
-               if (idx == b).any())  # fmt: skip
+               if (idx == b).any())
 
 
 # --- bootstrap_ci ----------------------------------------------------------------------------------------------------
@@ -120,7 +120,7 @@ def test_records_on_a_trailing_axis_equal_resampling_an_index_table():
     other = np.stack([conf * 0.5, pairs[..., 1]], -1)
     both = np.concatenate([other, pairs]).reshape(-1, 2)
     rel_by_index = paired_bootstrap_ci(idx, idx + 120, effect="relative", n_boot=200,
-                                       stat=lambda i: _ece(both[i.astype(int)]))  # fmt: skip
+                                       stat=lambda i: _ece(both[i.astype(int)]))
     rel = paired_bootstrap_ci(other, pairs, effect="relative", n_boot=200, stat=_ece, trailing_axes=1)
     assert rel == rel_by_index
     assert rel.estimate == pytest.approx(_ece(other) / _ece(pairs) - 1, abs=1e-12)
@@ -144,7 +144,7 @@ def test_paired_difference_cancels_item_difficulty():
 def test_relative_change_of_a_scaled_arm_is_the_scale():
     b = np.random.default_rng(8).random((4, 60)) + 0.1
     np.testing.assert_allclose(paired_bootstrap_ci(0.8 * b, b, effect="relative", n_boot=200), (-0.2,) * 3,
-                               rtol=1e-12)  # fmt: skip
+                               rtol=1e-12)
 
 
 def test_relative_change_leaves_out_replicates_with_a_zero_baseline():
@@ -200,28 +200,28 @@ def _setting(em: float, cw: float, name: str) -> dict:
     pytest.param([_setting(0.70, 0.1, "a"), _setting(0.70, 0.3, "b")], "a", id="none-within-tie-lower-cost"),
     pytest.param([_setting(0.80, 0.1, "a"), _setting(0.81, 0.1, "b")], "b", id="tie-on-cost-higher-score"),
     pytest.param([_setting(0.79, 0.1, "a")], "a", id="exactly-at-the-drop"),
-])  # fmt: skip
+])
 def test_choose_within_drop_on_settings(records, expected):
     got = choose_within_drop(records, score=lambda r: r["em"], cost=lambda r: r["cw"], baseline=0.80,
-                             max_drop_points=1.0)  # fmt: skip
+                             max_drop_points=1.0)
     assert got["name"] == expected
 
 
 @pytest.mark.parametrize(("baseline", "drop", "expected"), [
     (0.950, 0.3, 1.0), (0.950, 0.1, 0.1), (0.990, 0.3, 0.1), (0.950, 10.0, 10.0),
-], ids=["fewest-nfe-in-band", "narrow-band", "none-in-band-most-accurate", "wide-band"])  # fmt: skip
+], ids=["fewest-nfe-in-band", "narrow-band", "none-in-band-most-accurate", "wide-band"])
 def test_choose_within_drop_on_a_lambda_sweep(baseline, drop, expected):
     sweep = [{"lambda": 0.1, "acc": 0.950, "nfe": 80.0}, {"lambda": 1.0, "acc": 0.948, "nfe": 50.0},
-             {"lambda": 10.0, "acc": 0.900, "nfe": 20.0}]  # fmt: skip
+             {"lambda": 10.0, "acc": 0.900, "nfe": 20.0}]
     got = choose_within_drop(sweep, score=lambda r: r["acc"], cost=lambda r: r["nfe"], baseline=baseline,
-                             max_drop_points=drop, tiebreak=lambda r: r["lambda"])  # fmt: skip
+                             max_drop_points=drop, tiebreak=lambda r: r["lambda"])
     assert got["lambda"] == expected
 
 
 def test_choose_within_drop_breaks_full_ties_with_tiebreak_then_order():
     sweep = [{"lambda": 2.0, "acc": 0.9, "nfe": 10.0}, {"lambda": 1.0, "acc": 0.9, "nfe": 10.0}]
     pick = lambda **kw: choose_within_drop(sweep, score=lambda r: r["acc"], cost=lambda r: r["nfe"],  # noqa: E731
-                                           baseline=0.9, max_drop_points=0.0, **kw)  # fmt: skip
+                                           baseline=0.9, max_drop_points=0.0, **kw)
     assert pick(tiebreak=lambda r: r["lambda"])["lambda"] == 1.0
     assert pick()["lambda"] == 2.0
 
@@ -239,7 +239,7 @@ def test_choose_within_drop_breaks_full_ties_with_tiebreak_then_order():
     (lambda: slope_ci([1.0, 2.0], [[1.0]]), "samples"),
     (lambda: choose_within_drop([], score=len, cost=len, baseline=0.0, max_drop_points=1.0), "records"),
 ], ids=["n-boot", "level", "groups", "rank-3", "trailing-rank", "paired-shape", "effect", "zero-baseline",
-        "slope-levels", "no-records"])  # fmt: skip
+        "slope-levels", "no-records"])
 def test_bad_input_names_the_parameter(call, param):
     with pytest.raises(ConfigError, match=param):
         call()

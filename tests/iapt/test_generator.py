@@ -38,7 +38,7 @@ CONFIGS = [
     pytest.param(IAPTConfig(bottleneck=6, init_scale=0.5, pooler="last"), id="last"),
     pytest.param(IAPTConfig(bottleneck=6, init_scale=0.5, activation="gelu", pre_act_norm=False), id="gelu-nonorm"),
     pytest.param(IAPTConfig(bottleneck=6, init_scale=0.5, num_soft_tokens=1, rational_num_degree=6,
-                            rational_den_degree=5, rational_init="silu"), id="one-token-6-5-silu"),  # fmt: skip
+                            rational_den_degree=5, rational_init="silu"), id="one-token-6-5-silu"),
 ]
 
 
@@ -167,7 +167,7 @@ def test_config_from_dict_errors(values: dict, match: str) -> None:
     [
         pytest.param(IAPTConfig(), id="default"),
         pytest.param(IAPTConfig(layers=[0, 2], pooler="last", activation="gelu", base_model_name_or_path="org/m",
-                                hidden_size=64, num_layers=3, slot_position="start", dropout=0.1), id="custom"),  # fmt: skip
+                                hidden_size=64, num_layers=3, slot_position="start", dropout=0.1), id="custom"),
     ],
 )
 def test_config_json_round_trip(config: IAPTConfig) -> None:

@@ -41,7 +41,7 @@ def qwen2(seed: int = 0) -> nn.Module:
 
     cfg = Qwen2Config(vocab_size=V, hidden_size=D, intermediate_size=64, num_hidden_layers=L, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=64, bos_token_id=BOS, eos_token_id=None,
-                      pad_token_id=PAD, tie_word_embeddings=False)  # fmt: skip
+                      pad_token_id=PAD, tie_word_embeddings=False)
     return _seeded(seed, lambda: Qwen2ForCausalLM(cfg))
 
 
@@ -49,7 +49,7 @@ def gpt2(seed: int = 0) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(vocab_size=V, n_embd=D, n_layer=L, n_head=4, n_positions=64, bos_token_id=BOS, eos_token_id=None,
-                     pad_token_id=PAD, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+                     pad_token_id=PAD, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return _seeded(seed, lambda: GPT2LMHeadModel(cfg))
 
 
@@ -58,7 +58,7 @@ def _bert_config(**kw: object) -> object:
 
     return BertConfig(vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=4, intermediate_size=64,
                       max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                      pad_token_id=PAD, **kw)  # fmt: skip
+                      pad_token_id=PAD, **kw)
 
 
 def bert_cls(seed: int = 0) -> nn.Module:
@@ -75,7 +75,7 @@ def bert(seed: int = 0) -> nn.Module:
 
 BACKBONES = {"llama": llama, "qwen2": qwen2, "gpt2": gpt2, "bert-cls": bert_cls, "bert": bert}
 LAYER_PATHS = {"llama": "model.layers", "qwen2": "model.layers", "gpt2": "transformer.h",
-               "bert-cls": "bert.encoder.layer", "bert": "encoder.layer"}  # fmt: skip
+               "bert-cls": "bert.encoder.layer", "bert": "encoder.layer"}
 DECODERS = ["llama", "qwen2", "gpt2"]
 
 
@@ -152,7 +152,7 @@ def test_slot_layout_with_left_padding() -> None:
     assert batch.attention_mask.tolist() == [[0, 0, 1, 1, 1, 1, 1], [1] * 7]
     assert batch.position_ids.tolist() == [[0, 0, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6]]
     assert batch.instruction_mask.tolist() == [[False, False, True, False, False, True, True],
-                                               [True, False, False, True, True, True, True]]  # fmt: skip
+                                               [True, False, False, True, True, True, True]]
     assert batch.slot_index.tolist() == [[3, 4], [1, 2]]
     assert batch.keep_index.tolist() == [[0, 1, 2, 5, 6], [0, 3, 4, 5, 6]]
     start = wrapped("llama", num_soft_tokens=2, slot_position="start").expand_inputs(ids, mask)
@@ -197,7 +197,7 @@ def test_mixed_batch_equals_each_row_alone(kind: str) -> None:
     with torch.no_grad():
         mixed = main_output(model(ids, instruction_mask=instruction, adapter_names=names))
         rows = [main_output(model(ids[i : i + 1], instruction_mask=instruction[i : i + 1], adapter_names=[n]))
-                for i, n in enumerate(names)]  # fmt: skip
+                for i, n in enumerate(names)]
         all_a = main_output(model(ids, instruction_mask=instruction, adapter_names=["a"] * 4))
         all_b = main_output(model(ids, instruction_mask=instruction))  # active adapter "a"
     assert max_diff(mixed, torch.cat(rows)) <= 1e-5
@@ -214,7 +214,7 @@ def test_mixed_batch_gradients_equal_rows_alone(kind: str) -> None:
     ids, names = tokens(4, 9), ["b", "a", "a", "b"]
     instruction = prefix_mask(4, 9, 6)
     weights = torch.randn(main_output(model(ids[:1], instruction_mask=instruction[:1])).shape[1:],
-                          generator=torch.Generator().manual_seed(0))  # fmt: skip
+                          generator=torch.Generator().manual_seed(0))
 
     def grads(rows: list[int]) -> dict[str, torch.Tensor]:
         model.zero_grad()
@@ -364,7 +364,7 @@ def test_greedy_generate_with_cache_equals_full_forwards(kind: str) -> None:
     assert out.shape == (2, 7 + 8) and torch.equal(out[:, :7], ids)
     assert torch.equal(out, greedy_reference(model, ids, mask, 8))
     plain = BACKBONES[kind](0).generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                                        pad_token_id=PAD)  # fmt: skip
+                                        pad_token_id=PAD)
     assert not torch.equal(out, plain)  # the prompts steer the decoding
 
 
@@ -374,13 +374,13 @@ def test_mixed_tenant_generate_equals_rows_alone(kind: str) -> None:
     ids, mask = padded_prompts()
     names = ["b", "a"]
     out = model.generate(ids, attention_mask=mask, adapter_names=names, max_new_tokens=6, do_sample=False,
-                         pad_token_id=PAD, return_dict_in_generate=True)  # fmt: skip
+                         pad_token_id=PAD, return_dict_in_generate=True)
     first = model.generate(ids[:1], adapter_names=["b"], max_new_tokens=6, do_sample=False, pad_token_id=PAD)
     second = model.generate(ids[1:, 3:], adapter_names=["a"], max_new_tokens=6, do_sample=False, pad_token_id=PAD)
     assert torch.equal(out.sequences[0], first[0]) and torch.equal(out.sequences[1, 3:], second[0])
     assert torch.equal(out.sequences, greedy_reference(model, ids, mask, 6, names))
     swapped = model.generate(ids, attention_mask=mask, adapter_names=["a", "b"], max_new_tokens=6, do_sample=False,
-                             pad_token_id=PAD)  # fmt: skip
+                             pad_token_id=PAD)
     assert not torch.equal(swapped, out.sequences)
 
 
@@ -389,12 +389,12 @@ def test_beam_search_expands_rows() -> None:
     model = wrapped("llama")
     ids, mask = padded_prompts()
     greedy = model.generate(ids, attention_mask=mask, adapter_names=["b", "a"], max_new_tokens=5, do_sample=False,
-                            pad_token_id=PAD)  # fmt: skip
+                            pad_token_id=PAD)
     beams = model.generate(ids, attention_mask=mask, adapter_names=["b", "a"], max_new_tokens=5, num_beams=3,
-                           num_return_sequences=3, do_sample=False, pad_token_id=PAD)  # fmt: skip
+                           num_return_sequences=3, do_sample=False, pad_token_id=PAD)
     assert beams.shape == (6, 12) and torch.equal(beams[::3, :7], ids)
     alone = model.generate(ids[:1], adapter_names=["b"], max_new_tokens=5, num_beams=3, num_return_sequences=3,
-                           do_sample=False, pad_token_id=PAD)  # fmt: skip
+                           do_sample=False, pad_token_id=PAD)
     assert torch.equal(beams[:3], alone) and greedy.shape == (2, 12)
 
 
@@ -427,7 +427,7 @@ def test_training_lowers_loss_and_changes_only_generators() -> None:
 
     config = LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=64, num_hidden_layers=L, num_attention_heads=4,
                          num_key_value_heads=4, max_position_embeddings=64, initializer_range=0.2, bos_token_id=BOS,
-                         eos_token_id=None, pad_token_id=PAD)  # fmt: skip
+                         eos_token_id=None, pad_token_id=PAD)
     base = _seeded(0, lambda: LlamaForCausalLM(config))
     torch.manual_seed(0)
     model = get_iapt_model(base, cfg(init_scale=0.0), adapter_name="task").train()
@@ -603,7 +603,7 @@ def test_gate_of_one_equals_the_ungated_adapter_and_zero_blocks_the_prompts(kind
         for generator in model.iapt["a"].values():
             generator.gate.fill_(1 / generator.gate_scale)
         assert max_diff(model(ids, instruction_mask=instruction).logits,
-                        plain(ids, instruction_mask=instruction).logits) <= 1e-5  # fmt: skip
+                        plain(ids, instruction_mask=instruction).logits) <= 1e-5
         for generator in model.iapt["a"].values():
             generator.gate.zero_()
     model.train()
@@ -622,7 +622,7 @@ def test_gated_mixed_batches_cache_generate_and_save_load(kind: str, tmp_path: P
     with torch.no_grad():
         mixed = model(ids, instruction_mask=instruction, adapter_names=names).logits
         rows = [model(ids[i : i + 1], instruction_mask=instruction[i : i + 1], adapter_names=[n]).logits
-                for i, n in enumerate(names)]  # fmt: skip
+                for i, n in enumerate(names)]
     assert max_diff(mixed, torch.cat(rows)) <= 1e-5
     cache = model.cache_prompts(ids[:1, :6], adapter_name="a")
     assert sorted(cache.gates) == list(range(L))
@@ -633,7 +633,7 @@ def test_gated_mixed_batches_cache_generate_and_save_load(kind: str, tmp_path: P
         assert max_diff(model(same, cached_prompts=cache).logits, inline) <= 1e-5
     prompts, mask = padded_prompts()
     out = model.generate(prompts, attention_mask=mask, adapter_names=["a", "b"], max_new_tokens=6, do_sample=False,
-                         pad_token_id=PAD)  # fmt: skip
+                         pad_token_id=PAD)
     assert torch.equal(out, greedy_reference(model, prompts, mask, 6, ["a", "b"]))
     model.save_pretrained(tmp_path)
     loaded = IAPTModel.from_pretrained(BACKBONES[kind](0), tmp_path)

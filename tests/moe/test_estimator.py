@@ -17,7 +17,7 @@ from tests.reference import gaussian_moe_loglik_reference
 
 # The well-separated truth of the simulation study: k* = 3 experts, K = 2, d = 1, X ~ U[-1, 1].
 TRUTH = {"gate_coef": [[-6.0], [-3.0], [0.0]], "gate_intercept": [0.0, 1.0, 0.0], "coef": [[2.0], [-1.0], [2.0]],
-         "intercept": [1.5, 0.0, -1.5], "var": [0.09, 0.09, 0.09]}  # fmt: skip
+         "intercept": [1.5, 0.0, -1.5], "var": [0.09, 0.09, 0.09]}
 
 
 def _params(p):
@@ -40,7 +40,7 @@ def simulate(n, truth=TRUTH, top_k=2, seed=0, selection="full_logits"):
 
 
 @parametrize_with_checks([TopKGaussianMoE(random_state=0), TopKGaussianMoE(3, 2, selection="slope_only", random_state=0)],
-                         expected_failed_checks=None)  # fmt: skip
+                         expected_failed_checks=None)
 def test_sklearn_estimator_checks(estimator, check):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="n_samples=.* is smaller than the .* free parameters")
@@ -58,7 +58,7 @@ def test_likelihood_equals_the_per_sample_reference(selection, top_k):
     _, got = log_likelihood_terms(Xa, y, _params(p), top_k, selection)
     expected = gaussian_moe_loglik_reference(X, y, p["gate_coef"].tolist(), p["gate_intercept"].tolist(),
                                              p["coef"].tolist(), p["intercept"].tolist(), p["var"].tolist(), top_k,
-                                             selection)  # fmt: skip
+                                             selection)
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
 
 
@@ -168,7 +168,7 @@ def test_warm_start_continues_from_the_previous_fit(fitted):
      ({"init": "given", "init_params": {"var": [1, 1]}}, "init_params lacks"), ({"n_experts": 50}, "n_experts=50")],
     ids=["top-k-0", "top-k-above-k", "var-floor", "tol", "selection", "given-without-params", "given-incomplete",
          "more-experts-than-samples"],
-)  # fmt: skip
+)
 def test_bad_settings_name_the_parameter(kwargs, fragment):
     X, y, _ = simulate(30)
     with pytest.raises(ValueError, match=fragment.replace("[", r"\[").replace("(", r"\(")):

@@ -21,7 +21,7 @@ CASE_IDS = ["E4K1", "E4K2", "E8K2", "E4K4=E", "E8K3"]
 def mixtral_block(experts, k, seed=0):
     torch.manual_seed(seed)
     config = MixtralConfig(hidden_size=D, intermediate_size=INTER, num_local_experts=experts, num_experts_per_tok=k,
-                           hidden_act="silu")  # fmt: skip
+                           hidden_act="silu")
     config._experts_implementation = "eager"
     block = MixtralSparseMoeBlock(config)
     with torch.no_grad():
@@ -90,7 +90,7 @@ def test_float64_forward_and_gradients_equal_the_reference(renormalize):
     assert_close(out.reshape(-1, D), ref)
     cot = torch.randn_like(out)
     for g, r in zip(torch.autograd.grad(out, [x, *weights(layer)], cot),
-                    torch.autograd.grad(ref, ref_inputs, cot.reshape(-1, D)), strict=True):  # fmt: skip
+                    torch.autograd.grad(ref, ref_inputs, cot.reshape(-1, D)), strict=True):
         assert_close(g.reshape(r.shape), r)
 
 
@@ -197,7 +197,7 @@ def test_weights_round_trip_through_the_mixtral_block():
     ({"capacity_factor": 0.0}, r"capacity_factor=0.0 is invalid.*or None for dropless"),
     ({"num_experts": 0}, r"num_experts=0 is invalid"),
     ({"block_rows": 0}, r"block_rows=0 is invalid"),
-], ids=["top_k=0", "top_k>E", "capacity=0", "experts=0", "block_rows=0"])  # fmt: skip
+], ids=["top_k=0", "top_k>E", "capacity=0", "experts=0", "block_rows=0"])
 def test_bad_settings_name_the_parameter_value_and_fix(kwargs, pattern):
     args = {"hidden_size": 8, "intermediate_size": 8, "num_experts": 4, "top_k": 2, **kwargs}
     with pytest.raises(ValueError, match=pattern):

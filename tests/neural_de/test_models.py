@@ -147,7 +147,7 @@ def test_presets_are_the_documented_configurations() -> None:
         pytest.param({"kind": "none", "points": "sample"}, r"RegularizerSpec.points='sample'.*kind='none'",
                      id="none-with-points"),
     ],
-)  # fmt: skip
+)
 def test_spec_validation(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         RegularizerSpec(**kwargs)
@@ -181,7 +181,7 @@ def test_ode_preset_forward_and_regularizer_gradient(name: str) -> None:
 
 # one biased point per batch needs the shared step sequence of per_sample=False (its error is tested below)
 NFE_CASES = [pytest.param(name, ps, id=f"{name}-{'per-sample' if ps else 'joint'}")
-             for ps in (False, True) for name in REGULARIZER_PRESETS if not (ps and name == "local_biased")]  # fmt: skip
+             for ps in (False, True) for name in REGULARIZER_PRESETS if not (ps and name == "local_biased")]
 
 
 @pytest.mark.parametrize(("name", "per_sample"), NFE_CASES)
@@ -311,13 +311,13 @@ def test_sde_preset_forward_and_gradients(name: str) -> None:
     spec, gen = REGULARIZER_PRESETS[name], _gen()
     with torch.no_grad():
         sol = sde_solve(model.drift, model.diffusion, model.encoder(x), [0.0, 1.0], rtol=model.rtol, atol=model.atol,
-                        per_sample=model.per_sample, generator=gen, record_steps=spec.kind != "none")  # fmt: skip
+                        per_sample=model.per_sample, generator=gen, record_steps=spec.kind != "none")
         assert torch.equal(out.logits, model.head(sol.ys[:, -1]))
         if spec.kind == "global":
             assert torch.equal(out.reg, global_regularizer(sol))
         elif spec.kind == "local":
             direct, _ = sde_local_regularizer(model.drift, model.diffusion, sol, sampling=spec.sampling, step=spec.step,
-                                              points=spec.points, rtol=model.rtol, atol=model.atol, generator=gen)  # fmt: skip
+                                              points=spec.points, rtol=model.rtol, atol=model.atol, generator=gen)
             assert torch.equal(out.reg, direct)
     # Milstein's step-doubled step: 2 drift + 5 diffusion calls; "initial" adds the 2 drift calls of the step guess
     assert out.nfe_joint > 0 and out.reg_nfe == {"vanilla": 0, "global": 0, "local_taken": 7}.get(name, 9)
@@ -337,7 +337,7 @@ def test_sde_global_equals_direct_record_steps_solve(scheme: str) -> None:
     model, x = _sde(scheme=scheme), _x()
     out = model(x, "global", generator=_gen(4))
     sol = sde_solve(model.drift, model.diffusion, model.encoder(x), [0.0, 1.0], rtol=0.1, atol=0.1,
-                    per_sample=False, generator=_gen(4), record_steps=True, scheme=scheme)  # fmt: skip
+                    per_sample=False, generator=_gen(4), record_steps=True, scheme=scheme)
     assert torch.equal(out.logits, model.head(sol.ys[:, -1]))
     assert out.reg is not None and torch.equal(out.reg, global_regularizer(sol))
 
@@ -369,10 +369,10 @@ def test_sde_local_regularizer_matches_naive_reference(sampling: str, step: str,
     model, x = _sde(per_sample=True).double(), _x(F64)
     with torch.no_grad():
         sol = sde_solve(model.drift, model.diffusion, model.encoder(x), [0.0, 1.0], rtol=0.1, atol=0.1,
-                        generator=_gen(2), record_steps=True, scheme=scheme)  # fmt: skip
+                        generator=_gen(2), record_steps=True, scheme=scheme)
     dw = tuple(0.1 * torch.randn(BATCH, 6, generator=_gen(s), dtype=F64) for s in (10, 11))
     value, info = sde_local_regularizer(model.drift, model.diffusion, sol, sampling=sampling, step=step,
-                                        points="sample", dw=dw, generator=_gen(3), scheme=scheme)  # fmt: skip
+                                        points="sample", dw=dw, generator=_gen(3), scheme=scheme)
     stats = sol.stats
     hit = (stats.step_t == info.t[:, None]) & (stats.step_y == info.y[:, None]).all(-1)
     assert hit.any(1).all(), "every sample steps from a recorded step start"
@@ -389,7 +389,7 @@ def test_sde_local_regularizer_gradcheck(scheme: str) -> None:
     y0 = torch.randn(3, 2, generator=_gen(0), dtype=F64)
     with torch.no_grad():
         sol = sde_solve(lambda t, y: -y, lambda t, y: 0.3 * y, y0, [0.0, 1.0], generator=_gen(1), record_steps=True,
-                        scheme=scheme)  # fmt: skip
+                        scheme=scheme)
     dw = tuple(0.2 * torch.randn(3, 2, generator=_gen(s), dtype=F64) for s in (5, 6))
 
     def value(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -418,7 +418,7 @@ def test_sde_local_regularizer_gradcheck(scheme: str) -> None:
         pytest.param(lambda m, x: sde_local_regularizer(m.drift, m.diffusion, None, scheme="sri"),
                      r"scheme='sri' is invalid.*main solve's scheme", id="regularizer-scheme"),
     ],
-)  # fmt: skip
+)
 def test_sde_errors(call, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call(_sde(), _x())
@@ -437,7 +437,7 @@ def test_subset_regulariser_is_the_taken_step_regulariser_on_the_drawn_rows() ->
     sol = solve(model.func, x, [0.0, 1.0], rtol=TOL, atol=TOL, per_sample=True, record_steps=True)
     t_r = sample_times(0.0, 1.0, BATCH, points="sample", generator=_gen(3))
     kw = {"sampling": "unbiased", "step": "taken", "points": "sample", "first_stage": "graph", "rtol": TOL,
-          "atol": TOL, "t_r": t_r}  # fmt: skip
+          "atol": TOL, "t_r": t_r}
     full, info = regularize_solution(model.func, sol, **kw)
     per_sample = info.eest * info.h
     subsets = [torch.tensor(c) for c in itertools.combinations(range(BATCH), 2)]

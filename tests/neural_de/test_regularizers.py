@@ -101,7 +101,7 @@ def test_local_regularizer_matches_reference(points: str, estimate: str, step: s
     given = f(t, y).detach() if k1 else None
     counted = Counter(f)
     reg, info = local_regularizer(counted, t, y, step=steps[step], points=points, estimate=estimate, rtol=LOCAL_TOL,
-                                  atol=LOCAL_TOL, k1=given)  # fmt: skip
+                                  atol=LOCAL_TOL, k1=given)
     want = local_regularizer_reference(f, t, y, info.h, LOCAL_TOL, LOCAL_TOL, points=points, estimate=estimate)
     assert rel(reg, want) <= 1e-12, (reg.item(), want.item())
     grads = torch.autograd.grad(reg, params)
@@ -140,7 +140,7 @@ def test_first_stage_graph_differentiates_the_error_estimate_itself(points: str)
     assert max(rel(a, b) for a, b in zip(grads_const, grads, strict=True)) > 0.1
     # a given k1 is used as passed: with its graph it gives the 'graph' gradient
     reg2, info2 = local_regularizer(f, t, y, step=0.3, points=points, rtol=LOCAL_TOL, atol=LOCAL_TOL, k1=f(t, y),
-                                    first_stage="graph")  # fmt: skip
+                                    first_stage="graph")
     assert info2.nfe == 6
     for a, b in zip(torch.autograd.grad(reg2, params), grads, strict=True):
         assert rel(a, b) <= 1e-10
@@ -157,7 +157,7 @@ def test_stiffness_of_linear_field_is_its_eigenvalue(method: str, points: str) -
     lam = lam.to(F64)
     y = torch.tensor([[1.0, -0.5], [0.3, 2.0], [-1.0, 0.2]], dtype=F64)
     reg, info = local_regularizer(lambda t, z: -lam[:, None] * z, 0.5, y, step=0.1, points=points,
-                                  estimate="stiffness", method=method)  # fmt: skip
+                                  estimate="stiffness", method=method)
     want = lam / STABILITY_SIZE[method]
     np.testing.assert_allclose(info.stiffness.numpy(), want.numpy(), rtol=1e-9)
     assert reg.item() == pytest.approx(want.mean().item(), rel=1e-9)
@@ -179,7 +179,7 @@ def test_gradcheck_local_regularizer(points: str, estimate: str) -> None:
 
     def reg(*p: torch.Tensor) -> torch.Tensor:
         return local_regularizer(mlp(list(p)), t, y, step=0.2, points=points, estimate=estimate, rtol=0.5, atol=0.5,
-                                 k1=k1)[0]  # fmt: skip
+                                 k1=k1)[0]
 
     assert torch.autograd.gradcheck(reg, tuple(params), eps=1e-6, atol=1e-8)
 
@@ -308,7 +308,7 @@ def test_global_regularizer_matches_reference(vdp_solves: tuple[Solution, Soluti
     st = sol.stats
     got = global_regularizer(sol)
     want = global_regularizer_reference(vdp, st.step_t, st.step_h, st.step_y, st.n_accepted, 1e-3, 1e-3,
-                                        per_sample=per_sample)  # fmt: skip
+                                        per_sample=per_sample)
     assert rel(got, want) <= 1e-12, (got.item(), want)
     per_row = (st.step_error.nan_to_num(0.0) * st.step_h.nan_to_num(0.0)).sum(1)
     assert got.item() == pytest.approx(per_row.mean().item(), rel=1e-15)
@@ -331,7 +331,7 @@ def test_gradcheck_global_regularizer_through_solver(per_sample: bool) -> None:
 
     def reg(y0: torch.Tensor, *p: torch.Tensor) -> torch.Tensor:
         sol = solve(mlp(list(p)), y0, [0.0, 1.0], rtol=0.1, atol=0.1, h0=h0, controller=fixed,
-                    per_sample=per_sample, record_steps=True)  # fmt: skip
+                    per_sample=per_sample, record_steps=True)
         counts.append((sol.stats.n_accepted.tolist(), sol.stats.n_rejected.tolist()))
         return global_regularizer(sol)
 
@@ -387,7 +387,7 @@ def test_unbiased_taken_step_enumerated_exactly() -> None:
         for where in (0.0, 0.5, 1.0):
             t_r = t_j + where * h_j if where < 1.0 else torch.where(jj == n - 1, T1, t_j + 0.999 * h_j)
             reg, info = regularize_solution(vdp, sol, sampling="unbiased", step="taken", points="sample", t_r=t_r,
-                                            rtol=1e-3, atol=1e-3)  # fmt: skip
+                                            rtol=1e-3, atol=1e-3)
             assert torch.equal(info.t, t_j) and torch.equal(info.h, h_j)
             eest = st.step_error[torch.arange(3), jj]
             np.testing.assert_allclose(info.eest.numpy(), eest.numpy(), rtol=1e-11)
@@ -405,7 +405,7 @@ def test_unbiased_sampler_draws_steps_with_probability_h_over_T(copies: tuple[So
 
     sol, k = copies
     _, info = regularize_solution(vdp, sol, sampling="unbiased", step="taken", points="sample", rtol=1e-3, atol=1e-3,
-                                  generator=torch.Generator().manual_seed(8))  # fmt: skip
+                                  generator=torch.Generator().manual_seed(8))
     j = picked_steps(sol, info.t)
     st = sol.stats
     for s in range(3):
@@ -427,7 +427,7 @@ def test_biased_sampler_is_uniform_over_solver_points_but_the_last(copies: tuple
 
     sol, k = copies
     reg, info = regularize_solution(vdp, sol, sampling="biased", step="taken", points="sample", rtol=1e-3,
-                                    atol=1e-3, generator=torch.Generator().manual_seed(9))  # fmt: skip
+                                    atol=1e-3, generator=torch.Generator().manual_seed(9))
     j = picked_steps(sol, info.t)
     assert (info.t < T1).all()
     for s in range(3):
@@ -443,10 +443,10 @@ def test_biased_sampler_is_uniform_over_solver_points_but_the_last(copies: tuple
 
 def test_sampling_is_seeded_and_batch_points_share_one_draw() -> None:
     sol = solve(vdp, torch.tensor(VDP_Y0, dtype=F64), [0.0, T1], rtol=1e-3, atol=1e-3, per_sample=False,
-                record_steps=True)  # fmt: skip
+                record_steps=True)
     runs = [regularize_solution(vdp, sol, sampling=s, step="taken", points="batch", rtol=1e-3, atol=1e-3,
                                 generator=torch.Generator().manual_seed(seed))
-            for s, seed in [("biased", 10), ("biased", 10), ("unbiased", 10)]]  # fmt: skip
+            for s, seed in [("biased", 10), ("biased", 10), ("unbiased", 10)]]
     for reg, info in runs:
         assert (info.t == info.t[0]).all() and (info.eest == info.eest[0]).all()
         j = picked_steps(sol, info.t)[0]
@@ -561,7 +561,7 @@ def test_closed_box_with_torchdiffeq_adjoint(points: str) -> None:
     sol = solve(field, y0, times, rtol=tol, atol=tol)
     assert rel(sol.ys[torch.arange(batch), r], y_r) < 1e-8  # measured 8e-10
     reg_leanfit, info_leanfit = regularize_solution(field, sol, step="initial", points=points, t_r=t_r, rtol=1e-6,
-                                                    atol=1e-6)  # fmt: skip
+                                                    atol=1e-6)
     assert rel(reg_leanfit, reg) < 1e-7 and torch.equal(info_leanfit.t, info.t)  # measured 1.2e-8
     task_leanfit = ((sol.ys[:, keep].transpose(0, 1) - target) ** 2).mean()
     for a, b in zip(torch.autograd.grad(task_leanfit, params), task_grads, strict=True):
@@ -622,7 +622,7 @@ def test_stiffness_allows_dopri5() -> None:
     y, t = torch.tensor([[1.0, 0.5], [-0.3, 2.0]], dtype=F64), torch.full((2,), 0.5, dtype=F64)
     reg, info = _local(f=f, y_r=y, estimate="stiffness", method="dopri5", step=0.1, points="sample")
     want = local_regularizer_reference(f, t, y, info.h, 1e-6, 1e-8, points="sample", estimate="stiffness",
-                                       stability=3.3066, tab=DOPRI5)  # fmt: skip
+                                       stability=3.3066, tab=DOPRI5)
     assert info.nfe == 7 and want.item() > 0
     # local rtol: k7 - k6 and y1 - g6 are differences of nearly equal stages (measured 3e-12 on the value)
     torch.testing.assert_close(reg, want, rtol=1e-10, atol=0)
@@ -634,7 +634,7 @@ def test_stiffness_allows_dopri5() -> None:
 def small_solves() -> dict[str, Solution]:
     y0 = torch.tensor(VDP_Y0, dtype=F64)
     return {"plain": solve(vdp, y0, [0.0, 1.0], rtol=1e-3, atol=1e-3),
-            "record": solve(vdp, y0, [0.0, 1.0], rtol=1e-3, atol=1e-3, record_steps=True)}  # fmt: skip
+            "record": solve(vdp, y0, [0.0, 1.0], rtol=1e-3, atol=1e-3, record_steps=True)}
 
 
 @pytest.mark.parametrize(
@@ -674,7 +674,7 @@ def small_solves() -> dict[str, Solution]:
     ],
 )
 def test_regularize_solution_bad_input(small_solves: dict[str, Solution], which: str, kwargs: dict,
-                                       match: str) -> None:  # fmt: skip
+                                       match: str) -> None:
     with pytest.raises(ValueError, match=match):
         regularize_solution(vdp, small_solves[which], **({"points": "sample"} | kwargs))
 

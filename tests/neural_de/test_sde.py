@@ -147,7 +147,7 @@ def test_brownian_forget_before() -> None:
             lambda: BrownianPath(0.0, torch.zeros(2, 1))(torch.zeros(3, dtype=F64)),
             r"s\.shape=\(3,\) is invalid: expected a scalar or \(2,\)",
             id="s-wrong-shape",
-        ),  # fmt: skip
+        ),
         pytest.param(lambda: BrownianPath(0.0, torch.zeros(2, 1))(float("nan")), r"s=nan is invalid", id="s-nan"),
         pytest.param(lambda: BrownianPath(1.0, torch.zeros(2, 1))(0.5), r"s=0\.5 .*>= 1\.0", id="s-before-t0"),
     ],
@@ -205,7 +205,7 @@ def test_sde_step_matches_formula(scheme: str) -> None:
     )
     for i in range(3):
         y_next, err = STEP_REFERENCES[scheme](drift_np(A), diffusion_np(B), float(T_STEP[i]), Y_STEP[i].tolist(),
-                                              float(H_STEP[i]), dw1[i].tolist(), dw2[i].tolist())  # fmt: skip
+                                              float(H_STEP[i]), dw1[i].tolist(), dw2[i].tolist())
         np.testing.assert_allclose(res.y_next[i].numpy(), y_next, rtol=1e-14, atol=1e-15, err_msg=f"sample {i}")
         np.testing.assert_allclose(res.error_estimate[i].numpy(), err, rtol=1e-12, atol=1e-15, err_msg=f"sample {i}")
         np.testing.assert_allclose(res.drift0[i].numpy(), drift_np(A)(float(T_STEP[i]), Y_STEP[i].tolist()))
@@ -219,7 +219,7 @@ def test_sde_step_zero_diffusion_is_two_euler_half_steps(scheme: str) -> None:
     lam = torch.tensor([[-2.0, 0.5]], dtype=F64)
     y, h = Y_STEP[:, :2], H_STEP
     res = sde_step(lambda t, y: lam * y, lambda t, y: torch.zeros_like(y), T_STEP, y, h, generator=gen(7),
-                   scheme=scheme)  # fmt: skip
+                   scheme=scheme)
     hl = h[:, None] * lam
     torch.testing.assert_close(res.y_next, y * (1 + hl / 2) ** 2, rtol=1e-15, atol=1e-16)
     torch.testing.assert_close(res.error_estimate, y * hl**2 / 4, rtol=1e-12, atol=1e-17)
@@ -231,7 +231,7 @@ def test_sde_step_drawn_noise_statistics() -> None:
     variance (h/2)^2 (the draw does not depend on the scheme; Euler-Maruyama keeps the algebra linear)."""
     h = 0.2
     res = sde_step(lambda t, y: torch.zeros_like(y), lambda t, y: y, 0.0, torch.ones(N_STATS, 1, dtype=F64), h,
-                   generator=gen(8), scheme="euler")  # fmt: skip
+                   generator=gen(8), scheme="euler")
     total, err = (res.y_next - 1 - res.error_estimate).flatten(), res.error_estimate.flatten()
     assert_near("Var(dW1 + dW2)", cov(total, total), h, cov_se(h, h, h, N_STATS))
     assert_near("mean dW1 dW2", float(err.mean()), 0.0, h / 2 / math.sqrt(N_STATS))
@@ -249,7 +249,7 @@ def test_sde_step_reuses_drift0_and_diffusion0(scheme: str, calls: tuple[int, in
     first = sde_step(f, g, T_STEP, Y_STEP, H_STEP, dw, scheme=scheme)
     assert (f.calls, g.calls) == calls
     again = sde_step(f, g, T_STEP, Y_STEP, H_STEP, dw, drift0=first.drift0, diffusion0=first.diffusion0,
-                     scheme=scheme)  # fmt: skip
+                     scheme=scheme)
     assert (f.calls, g.calls) == (2 * calls[0] - 1, 2 * calls[1] - 1)
     assert torch.equal(again.y_next, first.y_next) and torch.equal(again.error_estimate, first.error_estimate)
 
@@ -324,24 +324,24 @@ def test_sde_step_zero_step_keeps_state_and_gradients_finite(scheme: str) -> Non
             {"h": -0.1},
             r"h=-0\.1 is invalid: expected steps >= 0 when dw is drawn here or scheme='milstein'",
             id="negative-h",
-        ),  # fmt: skip
+        ),
         pytest.param(
             {"h": -0.1, "dw": (torch.zeros(3, 2, dtype=F64), torch.zeros(3, 2, dtype=F64))},
             r"h=-0\.1 is invalid: .*pass dw and scheme='euler' for negative steps",
             id="negative-h-milstein",
-        ),  # fmt: skip
+        ),
         pytest.param({"scheme": "srk"}, r"scheme='srk' is invalid: expected 'milstein' or 'euler'", id="scheme"),
         pytest.param(
             {"dw": (torch.zeros(3, 2, dtype=F64), torch.zeros(3, 1, dtype=F64))},
             r"dw shapes=\(\(3, 2\), \(3, 1\)\) is invalid",
             id="dw-shape",
-        ),  # fmt: skip
+        ),
         pytest.param(
             {"drift": lambda t, y: y[:, :1]},
             r"drift\(t, y\) returned shape \(3, 1\), expected y's shape "
             r"\(3, 2\)",
             id="drift-shape",
-        ),  # fmt: skip
+        ),
         pytest.param(
             {"diffusion": lambda t, y: y.sum()}, r"diffusion\(t, y\) returned shape \(\)", id="diffusion-shape"
         ),
@@ -358,10 +358,10 @@ def test_sde_step_euler_takes_negative_steps_with_given_increments() -> None:
     with h < 0, as the reference computes it."""
     dw1, dw2 = step_noise()
     res = sde_step(drift_torch(torch.tensor(A, dtype=F64)), diffusion_torch(torch.tensor(B, dtype=F64)), T_STEP,
-                   Y_STEP, -H_STEP, (dw1, dw2), scheme="euler")  # fmt: skip
+                   Y_STEP, -H_STEP, (dw1, dw2), scheme="euler")
     for i in range(3):
         y_next, _ = sde_step_reference(drift_np(A), diffusion_np(B), float(T_STEP[i]), Y_STEP[i].tolist(),
-                                       -float(H_STEP[i]), dw1[i].tolist(), dw2[i].tolist())  # fmt: skip
+                                       -float(H_STEP[i]), dw1[i].tolist(), dw2[i].tolist())
         np.testing.assert_allclose(res.y_next[i].numpy(), y_next, rtol=1e-14, atol=1e-15, err_msg=f"sample {i}")
 
 
@@ -393,10 +393,10 @@ def accepted_grids(stats, t_end: float) -> tuple[list[list[float]], list[list[fl
 
 
 def replay(scheme: str, a: torch.Tensor, b: torch.Tensor, grids: list[list[float]],
-           w: list[torch.Tensor]) -> list[list]:  # fmt: skip
+           w: list[torch.Tensor]) -> list[list]:
     reference = GRID_REFERENCES[scheme]
     return [reference(drift_torch(a), diffusion_torch(b), grid, Y0[i : i + 1], list(w[i][:, None]))
-            for i, grid in enumerate(grids)]  # fmt: skip
+            for i, grid in enumerate(grids)]
 
 
 def check_outputs_and_gradients(scheme: str, sol, a, b, grids: list[list[float]], w: list[torch.Tensor]) -> None:
@@ -420,7 +420,7 @@ def test_fixed_steps_match_naive_scheme(scheme: str) -> None:
     dt0 = torch.tensor([0.10825, 0.07, 0.3, 0.25], dtype=F64)  # 0.10825: the last step is stretched by 0.46 %
     path = BrownianPath(0.0, Y0, gen(10), keep_history=True)
     sol = sde_solve(drift_torch(a), diffusion_torch(b), Y0, T_EVAL, dt0=dt0, adaptive=False, brownian=path,
-                    scheme=scheme)  # fmt: skip
+                    scheme=scheme)
     grids = [fixed_grid_reference(T_EVAL, float(dt)) for dt in dt0]
     assert sol.stats.n_accepted.tolist() == [len(g) - 1 for g in grids] and sol.stats.n_rejected.tolist() == [0] * 4
     for i, grid in enumerate(grids):
@@ -437,7 +437,7 @@ def test_adaptive_steps_match_naive_scheme(scheme: str) -> None:
     a, b = torch.tensor(A, dtype=F64, requires_grad=True), torch.tensor(B, dtype=F64, requires_grad=True)
     path = BrownianPath(0.0, Y0, gen(11), keep_history=True)
     sol = sde_solve(drift_torch(a), diffusion_torch(b), Y0, T_EVAL, rtol=1e-2, atol=1e-2, brownian=path,
-                    scheme=scheme)  # fmt: skip
+                    scheme=scheme)
     st = sol.stats
     assert int(st.n_rejected.sum()) > 0 and (st.n_accepted > 5).all(), (st.n_accepted, st.n_rejected)
     starts, mids, _ = accepted_grids(st, T_EVAL[-1])
@@ -482,7 +482,7 @@ def test_fixed_step_strong_convergence_gbm(scheme: str, order_range: tuple[float
     dts = [2.0**-k for k in range(3, 8)]
     errs = [gbm_error(sde_solve(gbm_drift, gbm_diffusion, y0, [0.0, 1.0], dt0=dt, adaptive=False, brownian=path,
                                 scheme=scheme), path)
-            for dt in dts]  # fmt: skip
+            for dt in dts]
     order = np.polyfit(np.log(dts), np.log(errs), 1)[0]
     assert all(e1 < e0 for e0, e1 in zip(errs, errs[1:], strict=False)), errs
     assert order_range[0] < order < order_range[1], f"observed strong order {order:.3f}, errors {errs}"
@@ -518,7 +518,7 @@ def adaptive_gbm(scheme: str) -> tuple[list[float], list[float], list[float]]:
                 reason="adaptive Euler-Maruyama with multiplicative noise converges "
                 "to a wrong limit (Gaines & Lyons 1997): mean errors 0.26, 0.24, 0.31",
             ),
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_adaptive_strong_convergence_gbm(scheme: str) -> None:
@@ -558,7 +558,7 @@ def test_weak_ornstein_uhlenbeck_adaptive() -> None:
     theta, s = 1.0, 1.0
     y0 = torch.ones(N_STATS, 1, dtype=F64)
     sol = sde_solve(lambda t, y: -theta * y, lambda t, y: torch.full_like(y, s), y0, [0.0, 1.0], rtol=1e-3, atol=1e-3,
-                    generator=gen(14))  # fmt: skip
+                    generator=gen(14))
     y = sol.ys[:, -1, 0]
     mean, var = math.exp(-theta), s**2 * (1 - math.exp(-2 * theta)) / (2 * theta)
     assert_near("mean Y(1)", float(y.mean()), mean, math.sqrt(var / N_STATS), z=4.0)
@@ -594,7 +594,7 @@ def solve_mixed(per_sample: bool = True, sigmas: torch.Tensor = SIGMAS, **kwargs
     n = len(sigmas)
     f, g = RowCounter(gbm_drift, n, 1.0), RowCounter(lambda t, y: sigmas * y, n, 1.0)
     sol = sde_solve(f, g, torch.ones(n, 1, dtype=F64), [0.0, 0.5, 1.0], rtol=1e-2, atol=1e-2, per_sample=per_sample,
-                    generator=gen(15), **kwargs)  # fmt: skip
+                    generator=gen(15), **kwargs)
     return sol, f, g
 
 
@@ -669,7 +669,7 @@ def test_record_steps_keeps_error_with_graph() -> None:
     for record in (False, True):
         path = BrownianPath(0.0, Y0, gen(16), keep_history=True)
         runs[record] = (sde_solve(drift_torch(a), diffusion_torch(b), Y0, T_EVAL, rtol=1e-2, atol=1e-2, brownian=path,
-                                  record_steps=record), path)  # fmt: skip
+                                  record_steps=record), path)
     (plain, _), (sol, path) = runs[False], runs[True]
     st = sol.stats
     assert plain.stats.step_error is None and torch.equal(sol.ys, plain.ys)
@@ -681,7 +681,7 @@ def test_record_steps_keeps_error_with_graph() -> None:
     for i, n in enumerate(st.n_accepted.tolist()):
         h = st.step_h[i, :n]
         res = sde_step(drift_torch(a), diffusion_torch(b), st.step_t[i, :n], st.step_y[i, :n], h,
-                       (wm[i] - w0[i], w1[i] - wm[i]))  # fmt: skip
+                       (wm[i] - w0[i], w1[i] - wm[i]))
         ratio = error_ratio(res.error_estimate, st.step_y[i, :n], res.y_next, 1e-2, 1e-2)
         torch.testing.assert_close(st.step_error[i, :n], ratio, rtol=1e-12, atol=0)
     (grad,) = torch.autograd.grad(st.step_error[valid].sum(), b)
@@ -729,23 +729,23 @@ def _noise(t, y):
             r"drift\(t, y\) returned shape \(2, 1\), expected y's shape "
             r"\(2, 3\)",
             id="drift-shape",
-        ),  # fmt: skip
+        ),
         pytest.param(
             {"diffusion": lambda t, y: y[:, :, None]},
             r"diffusion\(t, y\) returned shape \(2, 3, 1\).*"
             r"diagonal of the noise matrix",
             id="diffusion-shape",
-        ),  # fmt: skip
+        ),
         pytest.param(
             {"adaptive": False},
             r"dt0=None is invalid: expected a step > 0 when adaptive=False",
             id="fixed-without-dt0",
-        ),  # fmt: skip
+        ),
         pytest.param({"dt0": 0.0}, r"dt0=0\.0 is invalid: expected a finite step > 0", id="dt0-zero"),
         pytest.param({"dt0": -0.1, "adaptive": False}, r"dt0=-0\.1 is invalid", id="dt0-negative-fixed"),
         pytest.param(
             {"dt0": torch.tensor([0.1, float("inf")])}, r"dt0=tensor\(\[0\.1000,\s+inf\]\) is invalid", id="dt0-inf"
-        ),  # fmt: skip
+        ),
         pytest.param({"norm": "l1"}, r"norm='l1' is invalid: expected 'rms' or 'max'", id="norm"),
         pytest.param({"scheme": "sri"}, r"scheme='sri' is invalid: expected 'milstein' or 'euler'", id="scheme"),
         pytest.param({"rtol": 0.0}, r"rtol=0\.0 is invalid: expected a finite float > 0", id="rtol-zero"),
@@ -754,28 +754,28 @@ def _noise(t, y):
             {"brownian": BrownianPath(0.0, torch.zeros(3, 3))},
             r"brownian\.shape=\(3, 3\) is invalid: expected y0's shape \(2, 3\)",
             id="brownian-shape",
-        ),  # fmt: skip
+        ),
         pytest.param(
             {"brownian": BrownianPath(0.5, torch.zeros(2, 3))},
             r"s=0\.0 is invalid: expected a finite time "
             r">= 0\.5",
             id="brownian-after-t0",
-        ),  # fmt: skip
+        ),
         pytest.param(
             {"brownian": BrownianPath(0.0, torch.zeros(2, 3)), "generator": gen()},
             r"generator=.* is invalid: expected None when brownian is given",
             id="brownian-and-generator",
-        ),  # fmt: skip
+        ),
         pytest.param(
             {"y0": torch.tensor([[1.0, 0.0, 0.0], [float("nan"), 0.0, 0.0]])},
             r"y0='<NaN/inf in sample 1>'",
             id="y0-nan",
-        ),  # fmt: skip
+        ),
         pytest.param(
             {"y0": torch.tensor(1.0)},
             r"y0=.* is invalid: expected a floating tensor shaped \(batch, ",
             id="y0-no-batch",
-        ),  # fmt: skip
+        ),
         pytest.param({"t_eval": [0.0, 1.0, 1.0]}, r"strictly increasing", id="t-eval-duplicate"),
         pytest.param({"max_steps": 0}, r"max_steps=0 is invalid", id="max-steps-zero"),
     ],

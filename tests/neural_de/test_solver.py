@@ -34,7 +34,7 @@ PROBLEMS = {
                   [[2.0, 0.0], [0.5, 1.0]], np.linspace(0.0, 10.0, 21), None),
     "linear-expm": (_lin, lambda t, y, i: A_LIN @ y, [[1.0, 0.0, -1.0], [0.2, 2.0, 0.5]], np.linspace(0.0, 5.0, 11),
                     lambda ts: linear_ode_reference(A_LIN, [[1.0, 0.0, -1.0], [0.2, 2.0, 0.5]], ts)),
-}  # fmt: skip
+}
 
 
 def reference(name: str) -> np.ndarray:
@@ -133,7 +133,7 @@ def test_per_sample_stats_differ_with_stiffness(vdp_batch: tuple[Solution, Count
     assert len(set(nfe)) == len(MUS) and max(acc) > 2 * acc[0], (nfe, acc)  # mu=0.5 is the easiest
     assert sol.stats.nfe_joint == f.calls == max(nfe) == 2 + 6 * sol.stats.n_attempts
     ref = solve_ivp_reference(lambda t, y, i: np.array([y[1], MUS[i] * (1 - y[0] ** 2) * y[1] - y[0]]),
-                              [[2.0, 0.0]] * len(MUS), np.linspace(0.0, 6.0, 13), "DOP853", 1e-13, 1e-14)[0]  # fmt: skip
+                              [[2.0, 0.0]] * len(MUS), np.linspace(0.0, 6.0, 13), "DOP853", 1e-13, 1e-14)[0]
     err = scaled_error(sol.ys.numpy(), ref, 1e-6, 1e-8)
     assert err < 5.0, err
 
@@ -233,7 +233,7 @@ def _decay(t, y):
         pytest.param({"y0": torch.tensor(1.0)}, r"shaped \(batch, \*state\)", id="y0-no-batch"),
         pytest.param({"y0": torch.ones(2, 1, dtype=torch.long)}, r"floating tensor", id="y0-integer"),
         pytest.param({"f": lambda t, y: -y[:, :1]}, r"returned shape \(2, 1\), expected y's shape \(2, 3\)",
-                     id="f-wrong-shape"),  # fmt: skip
+                     id="f-wrong-shape"),
         pytest.param({"method": "euler"}, r"method='euler' is invalid", id="method"),
         pytest.param({"h0": -0.1}, r"h0=-0.1 is invalid", id="h0-negative"),
         pytest.param({"max_steps": 0}, r"max_steps=0 is invalid", id="max-steps-zero"),
@@ -257,7 +257,7 @@ def _nan_after_half(t, y):
         pytest.param(_nan_after_half, {}, r"underflow at t=0\.(4999|5 ).*became NaN/inf", 0.5, id="nan-during-solve"),
         pytest.param(lambda t, y: y**2, {}, r"underflow at t=1\.0000.*may blow up", 1.0, id="blow-up"),
         pytest.param(lambda t, y: -1e5 * y, {"max_steps": 100}, r"max_steps=100 exceeded at t=0\.00.*stiff", 0.0018,
-                     id="max-steps-stiff"),  # fmt: skip
+                     id="max-steps-stiff"),
         pytest.param(lambda t, y: y / 0.0, {}, r"f\(t0, y0\) returned NaN/inf at t0=0\.0", 0.0, id="nan-at-t0"),
     ],
 )

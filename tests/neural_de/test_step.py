@@ -139,10 +139,10 @@ def test_initial_step_size_matches_reference(per_sample: bool) -> None:
     assert field.calls == 2 and h.dtype == torch.float64 and h.shape == (4,)
     if per_sample:
         want = initial_step_reference(lambda t, y, i: [-lam[i].item() * v + np.sin(t) for v in y], 0.1, y0.numpy(),
-                                      1e-6, 1e-8, 5)  # fmt: skip
+                                      1e-6, 1e-8, 5)
         assert h[0] > h[1] > h[2]  # stiffer samples start with smaller steps
     else:  # one norm over the whole batch = the per-sample routine applied to the flattened batch
         lam_flat = lam.repeat_interleave(2).numpy()
         want = initial_step_reference(lambda t, y, i: [-lam_flat[j] * v + np.sin(t) for j, v in enumerate(y)], 0.1,
-                                      y0.reshape(1, -1).numpy(), 1e-6, 1e-8, 5) * 4  # fmt: skip
+                                      y0.reshape(1, -1).numpy(), 1e-6, 1e-8, 5) * 4
     np.testing.assert_allclose(h.numpy(), want, rtol=1e-12)

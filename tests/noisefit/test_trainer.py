@@ -30,7 +30,7 @@ def _features(n: int = 48, seed: int = 0) -> list[dict[str, list[int]]]:
 def _args(tmp_path, steps: int = 12, **kw) -> TrainingArguments:
     return TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=8,
                              learning_rate=3e-3, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
-                             logging_steps=1, remove_unused_columns=False, seed=0, **kw)  # fmt: skip
+                             logging_steps=1, remove_unused_columns=False, seed=0, **kw)
 
 
 def _model():
@@ -65,7 +65,7 @@ def test_hooks_live_only_during_train_and_outputs_equal_bare_model_after(tmp_pat
     cfg = NoiseFiTConfig(layers=layers, rel_noise=0.1, calib_batches=2)
     counter = _HookCounter(model)
     trainer = NoiseFiTTrainer(model=model, args=_args(tmp_path), train_dataset=_features(), data_collator=_collate,
-                              noisefit_config=cfg, callbacks=[counter])  # fmt: skip
+                              noisefit_config=cfg, callbacks=[counter])
     trainer.train()
     expected_hooks = 1 if layers == "1" else len(trainer.calibration.layers)
     assert counter.counts == [expected_hooks] * 12
@@ -83,7 +83,7 @@ def test_hooks_live_only_during_train_and_outputs_equal_bare_model_after(tmp_pat
 def test_training_lowers_the_loss_and_logs_the_terms(tmp_path):
     model = _model()
     trainer = NoiseFiTTrainer(model=model, args=_args(tmp_path, steps=40), train_dataset=_features(),
-                              data_collator=_collate, noisefit_config=NoiseFiTConfig(layers="1,2", rel_noise=0.1))  # fmt: skip
+                              data_collator=_collate, noisefit_config=NoiseFiTConfig(layers="1,2", rel_noise=0.1))
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < 0.5 * losses[0]
@@ -96,7 +96,7 @@ def test_compute_loss_equals_noisefit_loss_and_evaluation_is_plain_ce(tmp_path):
     cfg = NoiseFiTConfig(layers="1", rel_noise=0.1)
     data = _features()
     trainer = NoiseFiTTrainer(model=model, args=_args(tmp_path, steps=1), train_dataset=data, eval_dataset=data[:16],
-                              data_collator=_collate, noisefit_config=cfg)  # fmt: skip
+                              data_collator=_collate, noisefit_config=cfg)
     batch = _collate(data[:8])
     trainer._attach_noise()
     model.train()
@@ -119,7 +119,7 @@ def test_lora_trains_only_the_adapters(tmp_path):
     model = get_peft_model(_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     trainer = NoiseFiTTrainer(model=model, args=_args(tmp_path, steps=5), train_dataset=_features(),
-                              data_collator=_collate, noisefit_config=NoiseFiTConfig(layers="auto", rel_noise=0.1))  # fmt: skip
+                              data_collator=_collate, noisefit_config=NoiseFiTConfig(layers="auto", rel_noise=0.1))
     trainer.train()
     changed = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
     assert changed and all("lora_" in k for k in changed)
@@ -141,12 +141,12 @@ def test_noisefit_sft_trainer_from_trl(tmp_path):
     tok.padding_side = "right"
     model = tiny_llama(len(tok), d_model=32, n_layers=2, n_heads=2, seed=0)
     data = Dataset.from_list([dict(zip(("prompt", "completion"), qa_example(f), strict=True))
-                              for f in world.sft_train[:32]])  # fmt: skip
+                              for f in world.sft_train[:32]])
     args = SFTConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8, report_to=[],
                      save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=1, learning_rate=1e-3,
-                     completion_only_loss=True)  # fmt: skip
+                     completion_only_loss=True)
     trainer = NoiseFiTSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                                 noisefit_config=NoiseFiTConfig(layers="0", rel_noise=0.1))  # fmt: skip
+                                 noisefit_config=NoiseFiTConfig(layers="0", rel_noise=0.1))
     trainer.train()
     assert any("noisefit/soft" in h for h in trainer.state.log_history)
     assert all(len(b._forward_hooks) == 0 for b in find_decoder_layers(model))
@@ -155,7 +155,7 @@ def test_noisefit_sft_trainer_from_trl(tmp_path):
 def test_rdrop_trainer_loss_is_rdrop_loss_and_plain_ce_without_dropout(tmp_path):
     model = _model()
     trainer = RDropTrainer(model=model, args=_args(tmp_path, steps=1), train_dataset=_features(),
-                           data_collator=_collate, rdrop_alpha=1.0)  # fmt: skip
+                           data_collator=_collate, rdrop_alpha=1.0)
     batch = _collate(_features(8))
     model.train()
     got = trainer.compute_loss(model, dict(batch))
@@ -167,7 +167,7 @@ def test_rdrop_trainer_loss_is_rdrop_loss_and_plain_ce_without_dropout(tmp_path)
 @pytest.mark.parametrize(("kwargs", "param"), [
     ({"noisefit_config": {"layers": "1"}}, "noisefit_config"),
     ({"rdrop_alpha": -1.0}, "rdrop_alpha"),
-])  # fmt: skip
+])
 def test_bad_trainer_arguments_name_the_parameter(tmp_path, kwargs, param):
     cls = RDropTrainer if "rdrop_alpha" in kwargs else NoiseFiTTrainer
     with pytest.raises((TypeError, ValueError), match=param):
@@ -188,7 +188,7 @@ def _one_sgd_step(tmp_path, cls, batch: int, accumulation: int, **kw) -> dict[st
 @pytest.mark.parametrize("cls, kw", [
     (NoiseFiTTrainer, {"noisefit_config": NoiseFiTConfig(layers="1", alpha=1.0, lam=0.0)}),
     (RDropTrainer, {"rdrop_alpha": 1.0}),
-], ids=["noisefit", "rdrop"])  # fmt: skip
+], ids=["noisefit", "rdrop"])
 def test_gradient_accumulation_equals_one_big_batch(tmp_path, cls, kw):
     """Two accumulated micro-batches of 4 give the SGD step of one batch of 8 (the same 8 examples): the loss is
     scaled as the plain Trainer scales its own (plain SGD, so a wrong scale cannot hide behind Adam)."""

@@ -100,7 +100,7 @@ def mypy_errors(tmp_path_factory) -> dict[str, list[tuple[int, str, str]]]:
         files.append(folder / f"misuse_{name}.py")
         files[-1].write_text(textwrap.dedent(code).lstrip())
     proc = subprocess.run([sys.executable, "-m", "mypy", "--no-error-summary", "--hide-error-context",
-                           "--show-error-codes", *map(str, files)], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+                           "--show-error-codes", *map(str, files)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode in (0, 1), f"mypy failed to run (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}"
     errors: dict[str, list[tuple[int, str, str]]] = {}
     for m in _ERROR.finditer(proc.stdout):

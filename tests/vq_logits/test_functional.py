@@ -78,7 +78,7 @@ def test_all_ignored_gives_nan_like_cross_entropy():
 def test_gradcheck_float64():
     h, c, m, b, y = make_problem(n=5, d=4, k=4, v=13, empty=1)
     assert torch.autograd.gradcheck(lambda h, c, b: collapsed_cross_entropy(h, c, m, y, b, reduction="sum"),
-                                    (h, c, b))  # fmt: skip
+                                    (h, c, b))
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
@@ -115,7 +115,7 @@ def test_count_at_least_matches_brute_force():
     tables = ClusterTables.build(m, c.shape[0], b)
     thresholds = torch.randn(6, c.shape[0], dtype=torch.float64).round()
     expected = torch.stack([torch.stack([((m == k) & (b >= t[k])).sum() for k in range(c.shape[0])])
-                            for t in thresholds])  # fmt: skip
+                            for t in thresholds])
     assert torch.equal(tables.count_at_least(thresholds), expected)
 
 
@@ -203,7 +203,7 @@ def test_sampling_is_reproducible_with_a_generator():
 
 
 @pytest.mark.parametrize(("kwargs", "fragment"), [({"temperature": 0.0}, "temperature=0.0"), ({"top_p": 1.5}, "top_p=1.5")],
-                         ids=["zero-temperature", "top-p-above-1"])  # fmt: skip
+                         ids=["zero-temperature", "top-p-above-1"])
 def test_sampler_rejects_bad_settings(kwargs, fragment):
     h, c, m, b, _ = make_problem()
     with pytest.raises(ValueError, match=fragment):
@@ -228,7 +228,7 @@ def test_residual_loss_and_gradients_match_explicit_reference(bias, dtype):
     for got_g, ref_g in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(ref, leaves64), strict=True):
         assert _rel_err(got_g, ref_g) <= 10 * rtol
     fast_lp = residual_log_probs(*(t.detach().double() for t in (h, c)), m, None if b is None else b.detach().double(),
-                                 proj.detach().double(), emb.detach().double())  # fmt: skip
+                                 proj.detach().double(), emb.detach().double())
     assert _rel_err(fast_lp[torch.isfinite(ref_lp)], ref_lp.detach()[torch.isfinite(ref_lp)]) <= 1e-12
 
 
@@ -237,7 +237,7 @@ def test_residual_gradcheck_float64():
     proj = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     emb = torch.randn(9, 2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *a: residual_cross_entropy(a[0], a[1], m, y, a[2], a[3], a[4]),
-                                    (h, c, b, proj, emb))  # fmt: skip
+                                    (h, c, b, proj, emb))
 
 
 @pytest.mark.parametrize("case", ["plain", "top-k", "top-p"])

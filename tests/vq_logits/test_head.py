@@ -65,7 +65,7 @@ def test_gather_and_collapsed_modes_agree_with_reference(bias):
     y[0, 0] = -100
     collapsed, gather = _head(bias=bias), _head(bias=bias, mode="gather")
     ref = vq_cross_entropy_reference(h.reshape(-1, 8), collapsed.codebook, collapsed.mapping, y.reshape(-1),
-                                     collapsed.bias)  # fmt: skip
+                                     collapsed.bias)
     assert_close(collapsed.loss(h, y), ref)
     assert_close(gather.loss(h, y), ref)
     per_token = collapsed.loss(h, y, reduction="none")
@@ -97,7 +97,7 @@ def test_decoding_tables_follow_bias_updates():
 
 def test_parameter_counts_include_map_and_bias():
     assert _head(v=50, d=8, k=7).parameter_counts() == {"codebook": 56, "bias": 50, "mapping": 50, "residual": 0,
-                                                        "total": 156}  # fmt: skip
+                                                        "total": 156}
     residual = VQLogitsHead(8, torch.arange(50) % 7, 7, residual_rank=3).parameter_counts()
     assert residual["residual"] == 3 * 8 + 50 * 3 and residual["total"] == 56 + 50 + 50 + 174
     assert _head(bias=False).parameter_counts()["bias"] == 0
@@ -126,7 +126,7 @@ def test_gradients_flow_to_codebook_and_bias_only():
          "tokens contains -100: expected token ids in [0, 50)"),
     ],
     ids=["hidden-size", "nan", "label-range", "label-count", "token-range"],
-)  # fmt: skip
+)
 def test_bad_input_is_a_clear_value_error(call, fragment):
     with pytest.raises(ValueError) as err:
         call(_head())
@@ -179,9 +179,9 @@ def test_residual_from_linear_is_the_best_rank_r_fit_of_what_codes_discard():
     h = torch.randn(7, 6, dtype=torch.float64)
     ref = torch.log_softmax(linear(h), -1)
     within_ref = ref - torch.logsumexp(ref.unsqueeze(-1).expand(-1, -1, 4).masked_fill(
-        m[None, :, None] != torch.arange(4)[None, None, :], -float("inf")), dim=1).gather(1, m.expand(7, -1))  # fmt: skip
+        m[None, :, None] != torch.arange(4)[None, None, :], -float("inf")), dim=1).gather(1, m.expand(7, -1))
     within = full.logits(h) - torch.logsumexp(full.logits(h).unsqueeze(-1).expand(-1, -1, 4).masked_fill(
-        m[None, :, None] != torch.arange(4)[None, None, :], -float("inf")), dim=1).gather(1, m.expand(7, -1))  # fmt: skip
+        m[None, :, None] != torch.arange(4)[None, None, :], -float("inf")), dim=1).gather(1, m.expand(7, -1))
     torch.testing.assert_close(within, within_ref, rtol=1e-6, atol=1e-6)  # within-cluster distributions recovered
 
 

@@ -21,12 +21,12 @@ def _llama(tied: bool):
 def _gpt2():
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0,
-                        eos_token_id=0, pad_token_id=1)  # fmt: skip
+                        eos_token_id=0, pad_token_id=1)
     return GPT2LMHeadModel(config).double().eval()
 
 
 MODELS = {"llama-untied": (lambda: _llama(False), 0), "llama-tied": (lambda: _llama(True), 0), "gpt2": (_gpt2, 0),
-          "llama-residual": (lambda: _llama(False), 4)}  # fmt: skip
+          "llama-residual": (lambda: _llama(False), 4)}
 
 
 @pytest.fixture(params=list(MODELS))
@@ -87,7 +87,7 @@ def test_greedy_generate_matches_transformers_on_materialised_logits(vq_model):
     x[0, :3], mask[0, :3] = 1, 0  # a left-padded row
     fast = vq_model.generate(input_ids=x, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=1)
     slow = super(type(vq_model), vq_model).generate(input_ids=x, attention_mask=mask, max_new_tokens=8,
-                                                    do_sample=False, pad_token_id=1)  # fmt: skip
+                                                    do_sample=False, pad_token_id=1)
     assert torch.equal(fast, slow)
 
 
@@ -95,14 +95,14 @@ def test_generate_stops_at_eos_and_pads_finished_rows(vq_model):
     x = _ids(batch=2, length=5)
     first = vq_model.generate(input_ids=x, max_new_tokens=1, do_sample=False)[:, -1]
     out = vq_model.generate(input_ids=x, max_new_tokens=6, do_sample=False, eos_token_id=int(first[0]),
-                            pad_token_id=1)  # fmt: skip
+                            pad_token_id=1)
     assert int(out[0, 5]) == int(first[0]) and torch.all(out[0, 6:] == 1)
 
 
 def test_sampled_generate_is_reproducible_and_top_k_1_is_greedy(vq_model):
     x = _ids(batch=2, length=5)
     draw = lambda: vq_model.generate(x, max_new_tokens=6, do_sample=True, top_p=0.9, temperature=0.8,  # noqa: E731
-                                     generator=torch.Generator().manual_seed(3))  # fmt: skip
+                                     generator=torch.Generator().manual_seed(3))
     a = draw()
     assert torch.equal(a, draw()) and a.shape == (2, 11) and int(a.max()) < V
     greedy = vq_model.generate(x, max_new_tokens=6, do_sample=False)
@@ -122,7 +122,7 @@ def test_models_without_a_linear_output_layer_are_refused():
     from transformers import BertConfig, BertModel
 
     encoder = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                   intermediate_size=32))  # fmt: skip
+                                   intermediate_size=32))
     with pytest.raises(ValueError, match=r"model=BertModel has no recognisable output layer"):
         replace_lm_head(encoder, 4)
 

@@ -47,7 +47,7 @@ def test_hybrid_splits_codes_over_frequency_bands():
     g = torch.Generator().manual_seed(0)
     counts = torch.rand(400, generator=g) ** 4 * 1000
     m = build_mapping("hybrid", vocab_size=400, num_codes=16, embeddings=torch.randn(400, 8, generator=g),
-                      counts=counts)  # fmt: skip
+                      counts=counts)
     band = build_mapping("equal_mass", vocab_size=400, num_codes=4, counts=counts)
     for b in range(4):  # band b owns codes [4b, 4b + 4)
         assert set(m[band == b].tolist()) <= set(range(4 * b, 4 * b + 4))
@@ -55,7 +55,7 @@ def test_hybrid_splits_codes_over_frequency_bands():
 
 def test_callable_mapping_is_validated():
     m = build_mapping(lambda num_codes, vocab_size, **_: torch.arange(vocab_size) % num_codes, vocab_size=9,
-                      num_codes=3)  # fmt: skip
+                      num_codes=3)
     assert m.tolist() == [0, 1, 2] * 3
     with pytest.raises(ValueError, match=r"mapping values span \[0, 8\]: expected codes in \[0, 3\)"):
         build_mapping(lambda vocab_size, **_: torch.arange(vocab_size), vocab_size=9, num_codes=3)

@@ -70,7 +70,7 @@ class TimingConfig(BaseConfig):
     warmup: int = option(1, help="untimed rounds first (one call per method each)")
     repeats: int = option(3, help="timed rounds at least (one call per method each); the median is reported")
     min_seconds: float = option(0.0, help=f"keep timing rounds until this much time is spent (at most "
-                                          f"{MAX_ROUNDS_PER_REPEAT} x repeats)")  # fmt: skip
+                                          f"{MAX_ROUNDS_PER_REPEAT} x repeats)")
     threads: int = option(0, help="torch threads (0: auto, see leanfit.core.device.configure_threads)")
 
     def __post_init__(self) -> None:
@@ -242,7 +242,7 @@ def add_ratios(
         found = indexes[cols].get(tuple(spec[c] if c in spec else row.get(c) for c in cols), [])
         if len(found) > 1:
             raise ValueError(f"baseline {dict(spec)} matches {len(found)} rows on {list(cols)}: add the columns "
-                             "that tell them apart to match=")  # fmt: skip
+                             "that tell them apart to match=")
         if not found or (found[0] is row and not self_ratio):
             continue
         ref = found[0]

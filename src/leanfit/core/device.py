@@ -24,7 +24,7 @@ _DTYPES = {
     "float64": "float64", "fp64": "float64", "double": "float64",
     "bfloat16": "bfloat16", "bf16": "bfloat16",
     "float16": "float16", "fp16": "float16", "half": "float16",
-}  # fmt: skip
+}
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -14,7 +14,7 @@ __all__ = ["cpu_model", "environment_info", "git_commit"]
 _PACKAGES = (
     "leanfit", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors",
     "numpy", "scipy", "scikit-learn", "matplotlib", "joblib", "torchdiffeq", "torchode",
-)  # fmt: skip
+)
 
 
 def cpu_model() -> str:
@@ -37,7 +37,7 @@ def git_commit(path: str | os.PathLike | None = None) -> str | None:
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True,
             timeout=5, check=True,
-        ).stdout.strip()  # fmt: skip
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ("+dirty" if dirty else "")

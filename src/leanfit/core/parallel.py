@@ -62,7 +62,7 @@ def check_jobs(jobs: int) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if jobs != 1 and world > 1:
         raise ConfigError(bad_value("jobs", jobs, f"1 under torchrun (WORLD_SIZE={world})", "a data-parallel launch "
-                                    "already splits every batch over processes; set jobs=1"))  # fmt: skip
+                                    "already splits every batch over processes; set jobs=1"))
 
 
 def _indexed(fn: Callable[[Any], Any], index: int, item: Any) -> tuple[int, Any]:

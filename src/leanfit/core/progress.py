@@ -36,12 +36,12 @@ def progress_bar(total: int, description: str, *, enabled: bool = True, complete
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
-    )  # fmt: skip
+    )
 
     columns = (
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-    )  # fmt: skip
+    )
     with Progress(*columns, transient=False) as progress:
         task = progress.add_task(description, total=total, completed=completed, info="")
         yield ProgressBar(progress, task)

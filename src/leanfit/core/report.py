@@ -188,7 +188,7 @@ def default_report(run: RunDir, results: Mapping[str, Any]) -> Report:
     for key in keys:
         pts = [(r["step"], r[key]) for r in metrics if key in r]
         line_plot(run.plots_dir / f"{key}.png", {key: tuple(zip(*pts, strict=True))}, xlabel="step", ylabel=key,
-                  title=key)  # fmt: skip
+                  title=key)
         report.figure(f"plots/{key}.png", key)
     return report
 

@@ -162,7 +162,7 @@ def run_benchmark(
     for stale in ("metrics.jsonl", "results.json"):
         (run.path / stale).unlink(missing_ok=True)
     run.write_config({"experiment": name, "kind": "benchmark", "preset": preset, "seed": seed,
-                      "config": config.to_dict()})  # fmt: skip
+                      "config": config.to_dict()})
     _execute(entry, RunContext(name=name, config=config, seed=seed, run=run, resume=False, preset=preset))
     return run.path
 

@@ -192,7 +192,7 @@ def slope_ci(
     values = [np.asarray(v, dtype=float) for v in samples]
     if len(values) != len(x) or len(values) < 2 or any(v.ndim != 1 or v.size == 0 for v in values):
         raise ConfigError(bad_value("samples", [v.shape for v in values], f"{len(x)} non-empty 1-D arrays, one "
-                                    "per x (at least 2)"))  # fmt: skip
+                                    "per x (at least 2)"))
     logx = np.log(np.asarray(x, dtype=float))
 
     def slope(means: np.ndarray) -> float:

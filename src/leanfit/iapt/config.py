@@ -36,7 +36,7 @@ class IAPTConfig(BaseConfig):
     bottleneck: int = option(64, help="width m of the generator's down-projection d -> m (MiLoRA's IAPT: 320)")
     pooler: Literal["self_attn", "mean", "last"] = option(
         "self_attn", help="pooling of instruction tokens: one learned query per soft token (paper), or the "
-                          "mean / last instruction token plus a learned per-token offset (ablations)")  # fmt: skip
+                          "mean / last instruction token plus a learned per-token offset (ablations)")
     activation: Literal["rational", "gelu"] = option("rational", help="learnable rational per layer, or fixed GELU")
     rational_num_degree: int = option(5, help="numerator degree of the rational activation (MiLoRA: 6)")
     rational_den_degree: int = option(4, help="denominator degree of the rational activation (MiLoRA: 5)")
@@ -47,21 +47,21 @@ class IAPTConfig(BaseConfig):
     init_scale: float = option(0.0, help="std of the up-projection's initial weights; 0 = zero init (no content)")
     prompt_gate: bool = option(False, help="pre-norm backbones: scale the soft positions' output of each layer's "
                                "input norm by a zero-initialised gate, so their keys and values grow from zero "
-                               "(needs init_scale > 0)")  # fmt: skip
+                               "(needs init_scale > 0)")
     gate_scale: float = option(30.0, help="the gate is gate_scale x its parameter, so it opens faster than the "
-                               "generator's weights move")  # fmt: skip
+                               "generator's weights move")
     dropout: float = option(0.0, help="dropout on the activated vectors, before the up-projection")
     slot_position: Literal["after_first", "start"] = option(
         "after_first", help="where the soft tokens go: after the first real token (BOS / [CLS]) or before it")
     layers_path: str | None = option(None, help="dotted path of the layer ModuleList (e.g. 'model.layers'); "
-                                                "None = the one ModuleList of config.num_hidden_layers modules")  # fmt: skip
+                                                "None = the one ModuleList of config.num_hidden_layers modules")
     base_model_name_or_path: str | None = option(None, help="backbone id, recorded when the adapter is created")
     hidden_size: int | None = option(None, help="backbone hidden size, recorded when the adapter is created")
     num_layers: int | None = option(None, help="backbone layer count, recorded when the adapter is created")
 
     def __post_init__(self) -> None:
         positive = {"num_soft_tokens": self.num_soft_tokens, "bottleneck": self.bottleneck,
-                    "rational_num_degree": self.rational_num_degree, "rational_den_degree": self.rational_den_degree}  # fmt: skip
+                    "rational_num_degree": self.rational_num_degree, "rational_den_degree": self.rational_den_degree}
         for name, value in positive.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(bad_value(name, value, "an integer >= 1"))
@@ -70,7 +70,7 @@ class IAPTConfig(BaseConfig):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(bad_value(name, value, "None or an integer >= 1", "leave it None; it is recorded"))
         choices = {"pooler": ("self_attn", "mean", "last"), "activation": ("rational", "gelu"),
-                   "rational_init": ("gelu", "relu", "silu"), "slot_position": ("after_first", "start")}  # fmt: skip
+                   "rational_init": ("gelu", "relu", "silu"), "slot_position": ("after_first", "start")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(bad_value(name, getattr(self, name), " or ".join(map(repr, allowed))))
@@ -84,7 +84,7 @@ class IAPTConfig(BaseConfig):
             raise ConfigError(bad_value("gate_scale", self.gate_scale, "a number > 0", "for example 30"))
         if self.prompt_gate and self.init_scale == 0:
             raise ConfigError(bad_value("init_scale", self.init_scale, "> 0 with prompt_gate=True",
-                                        "zero prompts behind a zero gate get no gradient; use e.g. 0.01"))  # fmt: skip
+                                        "zero prompts behind a zero gate get no gradient; use e.g. 0.01"))
         self._check_layers()
 
     def _check_layers(self) -> None:

@@ -31,13 +31,13 @@ __all__ = ["PromptGenerator", "generator_parameter_count", "iapt_parameter_count
 def _check_mask(hidden: Tensor, instruction_mask: Tensor) -> Tensor:
     if instruction_mask.shape != hidden.shape[:2]:
         raise ConfigError(bad_value("instruction_mask.shape", tuple(instruction_mask.shape),
-                                    f"(batch, seq) = {tuple(hidden.shape[:2])}"))  # fmt: skip
+                                    f"(batch, seq) = {tuple(hidden.shape[:2])}"))
     mask = instruction_mask.bool()
     empty = (~mask.any(dim=1)).nonzero().flatten()
     if empty.numel():
         raise ConfigError(bad_value(f"instruction_mask[{empty[0].item()}]", "all False",
                                     "at least one instruction token per row",
-                                    "mark the row's instruction (prompt) tokens True"))  # fmt: skip
+                                    "mark the row's instruction (prompt) tokens True"))
     return mask
 
 
@@ -70,7 +70,7 @@ class PromptGenerator(nn.Module):
     returns that dtype."""
 
     def __init__(self, hidden_size: int, config: IAPTConfig, *, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:  # fmt: skip
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
         kw: dict[str, Any] = {"dtype": dtype or torch.get_default_dtype(), "device": device}
         m, k = config.bottleneck, config.num_soft_tokens
@@ -82,7 +82,7 @@ class PromptGenerator(nn.Module):
         if config.activation == "rational":
             r = config.rational_range
             self.act = RationalActivation(config.rational_num_degree, config.rational_den_degree,
-                                          config.rational_init, (-r, r), **kw)  # fmt: skip
+                                          config.rational_init, (-r, r), **kw)
         else:
             self.act = nn.GELU()
         self.dropout = nn.Dropout(config.dropout)

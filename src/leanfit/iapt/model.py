@@ -72,7 +72,7 @@ from leanfit.iapt.config import PEFT_TYPE, IAPTConfig
 from leanfit.iapt.generator import PromptGenerator
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "CachedPrompts", "IAPTBatch", "IAPTModel", "find_layers",
-           "get_iapt_model"]  # fmt: skip
+           "get_iapt_model"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -156,7 +156,7 @@ class _HookState:
             r = rows // b.batch_size
             rep = functools.partial(torch.repeat_interleave, repeats=r, dim=0)
             groups = [(n, None if g is None else (g[:, None] * r + torch.arange(r, device=g.device)).flatten())
-                      for n, g in b.groups]  # fmt: skip
+                      for n, g in b.groups]
             instruction = None if b.instruction_mask is None else rep(b.instruction_mask)
             self.views[rows] = _RowView(rep(b.slot_index), instruction, groups, r)
         return self.views[rows]
@@ -180,14 +180,14 @@ def find_layers(model: nn.Module, path: str | None = None) -> tuple[str, nn.Modu
             layers = None
         if not isinstance(layers, nn.ModuleList):
             raise ConfigError(bad_value("layers_path", path, "the dotted path of an nn.ModuleList in the model",
-                                        "for example 'model.layers', 'transformer.h' or 'bert.encoder.layer'"))  # fmt: skip
+                                        "for example 'model.layers', 'transformer.h' or 'bert.encoder.layer'"))
         return path, layers
     n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
     if len(found) != 1:
         names = ", ".join(repr(name) for name, _ in found) or "none"
         raise ConfigError(bad_value("layers_path", None, f"one ModuleList of num_hidden_layers={n} modules "
-                                    f"(found: {names})", "set IAPTConfig.layers_path to the layer list"))  # fmt: skip
+                                    f"(found: {names})", "set IAPTConfig.layers_path to the layer list"))
     return found[0]
 
 
@@ -239,7 +239,7 @@ class IAPTModel(nn.Module):
         if getattr(base_model, _HOOKED, False):
             raise ConfigError(bad_value("model", type(base_model).__name__, "a backbone without IAPT hooks",
                                         "add adapters to the existing IAPTModel with add_adapter(), or call its "
-                                        "unload() first"))  # fmt: skip
+                                        "unload() first"))
         # a transformers model: its config, loss_function and generate are not nn.Module attributes
         self.base_model: Any = base_model
         self.layers_path, layers = find_layers(base_model, config.layers_path)
@@ -252,7 +252,7 @@ class IAPTModel(nn.Module):
         self._takes_position_ids = _accepts(base_model, "position_ids")  # read once, not per forward
         self._norm_hooks: list[Any] = []  # on each layer's input norm, once an adapter has prompt_gate
         self._hooks = [layer.register_forward_pre_hook(functools.partial(self._pre_hook, i), with_kwargs=True)
-                       for i, layer in enumerate(layers)]  # fmt: skip
+                       for i, layer in enumerate(layers)]
         setattr(base_model, _HOOKED, True)
         try:
             self.add_adapter(adapter_name, config)
@@ -274,7 +274,7 @@ class IAPTModel(nn.Module):
     def _check_adapter(self, name: str) -> None:
         if name not in self.iapt:
             raise ConfigError(bad_value("adapter_name", name, "one of " + ", ".join(map(repr, self.iapt)),
-                                        "add it with add_adapter(name, config) or load it"))  # fmt: skip
+                                        "add it with add_adapter(name, config) or load it"))
 
     def _record_backbone(self, config: IAPTConfig) -> IAPTConfig:
         """Check the backbone fields a saved config carries and fill in the ones it lacks."""
@@ -282,11 +282,11 @@ class IAPTModel(nn.Module):
             saved = getattr(config, name)
             if saved is not None and saved != actual:
                 raise ConfigError(bad_value(name, saved, f"{actual}, the backbone's {name}",
-                                            "the adapter was made for another backbone: load it onto that one"))  # fmt: skip
+                                            "the adapter was made for another backbone: load it onto that one"))
         name_or_path = config.base_model_name_or_path or getattr(self.config, "_name_or_path", "") or None
         config.layer_indices(self.num_layers)  # raises for out-of-range layers
         return dataclasses.replace(config, hidden_size=self.hidden_size, num_layers=self.num_layers,
-                                   base_model_name_or_path=name_or_path)  # fmt: skip
+                                   base_model_name_or_path=name_or_path)
 
     def add_adapter(self, adapter_name: str, config: IAPTConfig) -> None:
         """Add a freshly initialised adapter (generators in the backbone's device, float32 or float64)."""
@@ -305,12 +305,12 @@ class IAPTModel(nn.Module):
             if len(present) < len(norms):
                 raise ConfigError(bad_value("prompt_gate", True, "a pre-norm backbone (a normalisation module among "
                                             "each layer's direct children, like Llama's input_layernorm)",
-                                            "use prompt_gate=False for post-norm models such as BERT"))  # fmt: skip
+                                            "use prompt_gate=False for post-norm models such as BERT"))
             self._norm_hooks = [norm.register_forward_hook(functools.partial(self._norm_hook, i))
-                                for i, norm in enumerate(present)]  # fmt: skip
+                                for i, norm in enumerate(present)]
         self.iapt[adapter_name] = nn.ModuleDict(
             {str(i): PromptGenerator(self.hidden_size, config, dtype=dtype, device=ref.device)
-             for i in config.layer_indices(self.num_layers)})  # fmt: skip
+             for i in config.layer_indices(self.num_layers)})
         self.peft_config[adapter_name] = config
 
     def set_adapter(self, adapter_name: str) -> None:
@@ -344,18 +344,18 @@ class IAPTModel(nn.Module):
 
     # ----------------------------------------------------------------------------------------- inputs
     def _groups(self, batch_size: int, adapter_names: Sequence[str] | None,
-                cached: CachedPrompts | None) -> list[tuple[str, Tensor | None]]:  # fmt: skip
+                cached: CachedPrompts | None) -> list[tuple[str, Tensor | None]]:
         if cached is not None:
             if adapter_names is not None:
                 raise ConfigError(bad_value("adapter_names", adapter_names, "None with cached_prompts",
-                                            "cached prompts carry their adapter"))  # fmt: skip
+                                            "cached prompts carry their adapter"))
             self._check_adapter(cached.adapter_name)
             return [(cached.adapter_name, None)]
         if adapter_names is None:
             return [(self.active_adapter, None)]
         if isinstance(adapter_names, str) or len(adapter_names) != batch_size:
             raise ConfigError(bad_value("adapter_names", adapter_names, f"a list of {batch_size} adapter names "
-                                        "(one per row)"))  # fmt: skip
+                                        "(one per row)"))
         for name in adapter_names:
             self._check_adapter(name)
         unique = list(dict.fromkeys(adapter_names))
@@ -373,7 +373,7 @@ class IAPTModel(nn.Module):
         if len(layouts) > 1:
             raise ConfigError(bad_value("adapter_names", [n for n, _ in groups], "adapters with the same "
                                         "num_soft_tokens and slot_position in one batch",
-                                        "run such adapters in separate batches"))  # fmt: skip
+                                        "run such adapters in separate batches"))
         return layouts.pop()
 
     @staticmethod
@@ -383,7 +383,7 @@ class IAPTModel(nn.Module):
                 raise ConfigError(bad_value("instruction_mask", None, "a (batch, seq) bool tensor when token "
                                             "labels are given", "pass instruction_mask marking the instruction "
                                             "(prompt) tokens, so the response tokens (the targets) are never "
-                                            "pooled into the soft tokens"))  # fmt: skip
+                                            "pooled into the soft tokens"))
             return attention_mask.bool()
         if instruction_mask.shape != attention_mask.shape or instruction_mask.is_floating_point():
             got = f"{instruction_mask.dtype} {tuple(instruction_mask.shape)}"
@@ -395,7 +395,7 @@ class IAPTModel(nn.Module):
         empty = (~mask.any(1)).nonzero().flatten()
         if empty.numel():
             raise ConfigError(bad_value(f"instruction_mask[{empty[0].item()}]", "all False", "at least one "
-                                        "instruction token per row", "mark the row's instruction tokens True"))  # fmt: skip
+                                        "instruction token per row", "mark the row's instruction tokens True"))
         return mask
 
     def _check_cached(self, cached: CachedPrompts, batch_size: int) -> None:
@@ -407,7 +407,7 @@ class IAPTModel(nn.Module):
     def expand_inputs(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                       instruction_mask: Tensor | None = None, *, labels: Tensor | None = None,
                       adapter_names: Sequence[str] | None = None, cached_prompts: CachedPrompts | None = None,
-                      token_type_ids: Tensor | None = None) -> IAPTBatch:  # fmt: skip
+                      token_type_ids: Tensor | None = None) -> IAPTBatch:
         """Insert the placeholders (see the module docstring) and validate the masks and adapter names.
 
         ``input_ids``, ``attention_mask``, ``instruction_mask``: (B, T). ``instruction_mask`` defaults to the
@@ -438,7 +438,7 @@ class IAPTModel(nn.Module):
         mask = _insert(attention_mask, keep, slots, 1)
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         types = None if token_type_ids is None else _insert(token_type_ids, keep, slots,
-                                                             token_type_ids.gather(1, first[:, None]))  # fmt: skip
+                                                             token_type_ids.gather(1, first[:, None]))
         instruction = None if instruction is None else _insert(instruction, keep, slots, False)
         return IAPTBatch(ids, mask, positions, instruction, slots, keep, groups, cached_prompts, types)
 
@@ -453,7 +453,7 @@ class IAPTModel(nn.Module):
     # ----------------------------------------------------------------------------------------- hooks
     @contextlib.contextmanager
     def _activate(self, batch: IAPTBatch, record: dict[int, Tensor] | None = None,
-                  gate_record: dict[int, Tensor] | None = None) -> Iterator[_HookState]:  # fmt: skip
+                  gate_record: dict[int, Tensor] | None = None) -> Iterator[_HookState]:
         """Arm every layer hook for one prefill of ``batch``; raise if some layer never ran."""
         if self._state is not None:
             raise RuntimeError("an IAPT call is already running on this model (nested or concurrent call)")
@@ -465,7 +465,7 @@ class IAPTModel(nn.Module):
             self._state = None
         if state.pending:
             raise RuntimeError(f"IAPT hooks of layers {sorted(state.pending)} never saw the prefill (length "
-                               f"{state.seq_len}); chunked prefill and layer skipping are not supported")  # fmt: skip
+                               f"{state.seq_len}); chunked prefill and layer skipping are not supported")
 
     def _pre_hook(self, layer: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         state = self._state
@@ -491,7 +491,7 @@ class IAPTModel(nn.Module):
                 return None
             prompts = prompts.to(hidden)
             prompts = prompts.expand(hidden.shape[0], -1, -1) if prompts.shape[0] == 1 else \
-                prompts.repeat_interleave(view.repeat, 0)  # fmt: skip
+                prompts.repeat_interleave(view.repeat, 0)
             if layer in cached.gates:
                 state.gates[layer] = cached.gates[layer].to(hidden).expand(hidden.shape[0])
             return hidden.scatter(1, index, prompts)
@@ -507,7 +507,7 @@ class IAPTModel(nn.Module):
             if gate is not None:
                 gates = hidden.new_ones(hidden.shape[0]) if gates is None else gates
                 gates = gate.to(hidden.dtype).expand(hidden.shape[0]) if rows is None else \
-                    gates.index_copy(0, rows, gate.to(hidden.dtype).expand(rows.shape[0]))  # fmt: skip
+                    gates.index_copy(0, rows, gate.to(hidden.dtype).expand(rows.shape[0]))
             if rows is None:
                 prompts = generator.prompts(hidden, instruction).to(hidden.dtype)
                 continue
@@ -556,7 +556,7 @@ class IAPTModel(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 instruction_mask: Tensor | None = None, labels: Tensor | None = None,
                 adapter_names: Sequence[str] | None = None, cached_prompts: CachedPrompts | None = None,
-                **kwargs: Any) -> Any:  # fmt: skip
+                **kwargs: Any) -> Any:
         """The backbone's forward with IAPT prompts; outputs at the original (B, T) positions.
 
         ``input_ids``/``attention_mask``/``instruction_mask``/``labels``: (B, T); ``adapter_names``: one per
@@ -565,18 +565,18 @@ class IAPTModel(nn.Module):
         for key in ("inputs_embeds", "position_ids"):
             if kwargs.get(key) is not None:
                 raise ConfigError(bad_value(key, "a tensor", "None", "IAPT builds positions from input_ids and "
-                                            "attention_mask; pass input_ids"))  # fmt: skip
+                                            "attention_mask; pass input_ids"))
         if max(_cache_length(kwargs.get("cache")), _cache_length(kwargs.get("past_key_values"))) > 0:
             raise ConfigError(bad_value("cache", "a non-empty cache", "None", "decode with generate(), which "
-                                        "reuses the prompts through the cache"))  # fmt: skip
+                                        "reuses the prompts through the cache"))
         if self.training and _checkpointing(self.base_model):
             raise ConfigError(bad_value("gradient_checkpointing", True, "False with IAPT", "turn it off with "
                                         "base_model.activation_checkpointing_disable() (older transformers: "
-                                        "gradient_checkpointing_disable())"))  # fmt: skip
+                                        "gradient_checkpointing_disable())"))
         return_dict = kwargs.pop("return_dict", None)
         batch = self.expand_inputs(input_ids, attention_mask, instruction_mask, labels=labels,
                                    adapter_names=adapter_names, cached_prompts=cached_prompts,
-                                   token_type_ids=kwargs.pop("token_type_ids", None))  # fmt: skip
+                                   token_type_ids=kwargs.pop("token_type_ids", None))
         token_labels = labels is not None and labels.shape == input_ids.shape
         own_loss = token_labels and _is_causal_lm(self.base_model)
         num_items = kwargs.pop("num_items_in_batch", None) if own_loss else None
@@ -589,14 +589,14 @@ class IAPTModel(nn.Module):
             fields = dict(out.items())
             fields["loss"] = self.base_model.loss_function(logits=out.logits, labels=labels,
                                                            vocab_size=self.config.vocab_size,
-                                                           num_items_in_batch=num_items)  # fmt: skip
+                                                           num_items_in_batch=num_items)
             out = type(out)(**fields)
         return out.to_tuple() if return_dict is False else out
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                  instruction_mask: Tensor | None = None, adapter_names: Sequence[str] | None = None,
-                 cached_prompts: CachedPrompts | None = None, **kwargs: Any) -> Any:  # fmt: skip
+                 cached_prompts: CachedPrompts | None = None, **kwargs: Any) -> Any:
         """The backbone's ``generate`` with prompts computed once at prefill; the returned sequences are the
         ORIGINAL input (placeholders removed) followed by the new tokens, (B * num_return_sequences, T + new).
         ``instruction_mask`` defaults to every attended input token (the whole prompt is the instruction);
@@ -604,9 +604,9 @@ class IAPTModel(nn.Module):
         (``max_new_tokens``, ``do_sample``, ``num_beams``, ...) go to the backbone's ``generate``."""
         if kwargs.get("use_cache") is False:
             raise ConfigError(bad_value("use_cache", False, "True (the default) with IAPT", "the prompts are "
-                                        "injected once, at prefill, and reach later tokens through the cache"))  # fmt: skip
+                                        "injected once, at prefill, and reach later tokens through the cache"))
         batch = self.expand_inputs(input_ids, attention_mask, instruction_mask, adapter_names=adapter_names,
-                                   cached_prompts=cached_prompts)  # fmt: skip
+                                   cached_prompts=cached_prompts)
         with self._activate(batch):
             out = self.base_model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
         sequences = out if isinstance(out, Tensor) else out.sequences
@@ -629,7 +629,7 @@ class IAPTModel(nn.Module):
         name = self.active_adapter if adapter_name is None else adapter_name
         self._check_adapter(name)
         batch = self.expand_inputs(input_ids, attention_mask, instruction_mask,
-                                   adapter_names=[name] * input_ids.shape[0])  # fmt: skip
+                                   adapter_names=[name] * input_ids.shape[0])
         record: dict[int, Tensor] = {}
         gates: dict[int, Tensor] = {}
         with self._activate(batch, record, gates):
@@ -652,7 +652,7 @@ class IAPTModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None, *,
-                        check_base_model: bool = True) -> IAPTModel:  # fmt: skip
+                        check_base_model: bool = True) -> IAPTModel:
         """Wrap ``base_model`` with the adapters saved under ``path`` (every subfolder, or only
         ``adapter_name``; ``path`` may also be one adapter's folder). The first adapter loaded is active."""
         folders = _adapter_folders(Path(path), adapter_name)
@@ -671,7 +671,7 @@ class IAPTModel(nn.Module):
         return model
 
     def load_adapter(self, path: str | os.PathLike, adapter_name: str | None = None, *,
-                     check_base_model: bool = True) -> None:  # fmt: skip
+                     check_base_model: bool = True) -> None:
         """Add the adapter saved in ``path`` (an adapter folder, or a folder holding ``adapter_name``)."""
         for name, folder in _adapter_folders(Path(path), adapter_name):
             config = _read_config(folder)
@@ -693,7 +693,7 @@ class IAPTModel(nn.Module):
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
             raise ConfigError(bad_value(str(folder / WEIGHTS_NAME), f"missing {missing[:3]}, unexpected {extra[:3]}",
                                         "the tensors its adapter_config.json describes",
-                                        "save the adapter again with save_pretrained()"))  # fmt: skip
+                                        "save the adapter again with save_pretrained()"))
         self.iapt[name].load_state_dict(state)
 
 
@@ -707,7 +707,7 @@ def _adapter_folders(path: Path, adapter_name: str | None) -> list[tuple[str, Pa
         return [(adapter_name, path / adapter_name)]
     what = f"an adapter folder named {adapter_name!r}" if adapter_name else "adapter folders"
     raise ConfigError(bad_value("path", str(path), f"a folder holding {what} (found: {found or 'none'})",
-                                "pass the folder given to save_pretrained()"))  # fmt: skip
+                                "pass the folder given to save_pretrained()"))
 
 
 def _read_config(folder: Path) -> IAPTConfig:
@@ -715,7 +715,7 @@ def _read_config(folder: Path) -> IAPTConfig:
     peft_type = data.pop("peft_type", None)
     if peft_type != PEFT_TYPE:
         raise ConfigError(bad_value(f"{folder / CONFIG_NAME}: peft_type", peft_type, repr(PEFT_TYPE),
-                                    "this folder holds another kind of adapter; load it with its own library"))  # fmt: skip
+                                    "this folder holds another kind of adapter; load it with its own library"))
     return IAPTConfig.from_dict(data, where=str(folder / CONFIG_NAME))
 
 
@@ -725,7 +725,7 @@ def _check_base_model(config: IAPTConfig, base_model: nn.Module, check: bool) ->
     if check and saved and actual and saved != actual:
         raise ConfigError(bad_value("base_model_name_or_path", saved, f"the backbone's {actual!r}",
                                     "load the adapter onto the backbone it was trained on, or pass "
-                                    "check_base_model=False if this is the same model under another name"))  # fmt: skip
+                                    "check_base_model=False if this is the same model under another name"))
 
 
 def get_iapt_model(model: nn.Module, config: IAPTConfig, adapter_name: str = "default") -> IAPTModel:

@@ -139,7 +139,7 @@ def _fit(name: str, p: int, q: int, lo: float, hi: float) -> RationalCoefficient
 
 
 def coefficients(name: str = "gelu", num_degree: int = 5, den_degree: int = 4,
-                 fit_range: tuple[float, float] = (-3.0, 3.0)) -> RationalCoefficients:  # fmt: skip
+                 fit_range: tuple[float, float] = (-3.0, 3.0)) -> RationalCoefficients:
     """Coefficients of the safe rational function fitted to ``name`` ("gelu" | "relu" | "silu") on ``fit_range``.
 
     Computed in float64 on the first call and cached per (name, degrees, range)."""
@@ -159,7 +159,7 @@ class RationalActivation(nn.Module):
 
     def __init__(self, num_degree: int = 5, den_degree: int = 4, init: str = "gelu",
                  fit_range: tuple[float, float] = (-3.0, 3.0), *, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:  # fmt: skip
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
         fit = coefficients(init, num_degree, den_degree, fit_range)
         self.init, self.fit_range = init, (float(fit_range[0]), float(fit_range[1]))

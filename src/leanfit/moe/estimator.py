@@ -112,7 +112,7 @@ def _logsumexp_rows(a: np.ndarray) -> np.ndarray:
 
 
 def log_likelihood_terms(Xa: np.ndarray, y: np.ndarray, params: MoEParams, top_k: int,
-                         selection: Selection) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+                         selection: Selection) -> tuple[np.ndarray, np.ndarray]:
     """(joint log terms (n, k) = log pi + log N, per-sample log p(y | x) (n,))."""
     mask = topk_mask(Xa, params.gate, top_k, selection)
     joint = _log_gate(Xa, params.gate, mask) + _log_expert(Xa, y, params.experts, params.var)
@@ -178,7 +178,7 @@ class _Objective:
 
 
 def _pattern_search(objective: _Objective, gate: np.ndarray, value: float, steps: np.ndarray,
-                    rng: np.random.RandomState) -> tuple[np.ndarray, float]:  # fmt: skip
+                    rng: np.random.RandomState) -> tuple[np.ndarray, float]:
     """One sweep of +/- moves over the free gate coordinates in random order; each accepted move doubles that
     coordinate's step, each failed one halves it (``steps`` is updated in place)."""
     free = gate.shape[0] - 1
@@ -235,7 +235,7 @@ class TopKGaussianMoE(RegressorMixin, BaseEstimator):
     def __init__(self, n_experts: int = 2, top_k: int = 2, *, selection: Selection = "full_logits",
                  tol: float = 1e-6, max_iter: int = 500, n_init: int = 5, init: str = "random",
                  init_params: dict[str, Any] | None = None, var_floor: float = 1e-6, warm_start: bool = False,
-                 random_state: Any = None) -> None:  # fmt: skip
+                 random_state: Any = None) -> None:
         self.n_experts = n_experts
         self.top_k = top_k
         self.selection = selection
@@ -261,7 +261,7 @@ class TopKGaussianMoE(RegressorMixin, BaseEstimator):
             raise ValueError(f"init={self.init!r} is invalid: expected 'kmeans', 'random' or 'given'")
         if self.init == "given" and self.init_params is None:
             raise ValueError("init='given' needs init_params: a dict with gate_coef, gate_intercept, coef, "
-                             "intercept and var")  # fmt: skip
+                             "intercept and var")
         for name in ("tol", "var_floor"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
@@ -284,11 +284,11 @@ class TopKGaussianMoE(RegressorMixin, BaseEstimator):
         n, d = X.shape
         if n < self.n_experts:
             raise ValueError(f"n_samples={n} is smaller than n_experts={self.n_experts}: "
-                             "fit fewer experts or give more samples")  # fmt: skip
+                             "fit fewer experts or give more samples")
         if n < self.n_parameters(d):
             warnings.warn(f"n_samples={n} is smaller than the {self.n_parameters(d)} free parameters of "
                           f"{self.n_experts} experts on {d} features: the fit is held together by the variance "
-                          "floor and is not an MLE; use fewer experts or more samples", UserWarning, stacklevel=2)  # fmt: skip
+                          "floor and is not an MLE; use fewer experts or more samples", UserWarning, stacklevel=2)
         Xa = _augment(X)
         var_min = self.var_floor * (float(np.var(y)) if np.var(y) > 0 else 1.0)
         rng = check_random_state(self.random_state)
@@ -316,11 +316,11 @@ class TopKGaussianMoE(RegressorMixin, BaseEstimator):
         self.routing_coef_ = self._params.gate.copy()
         if not converged:
             warnings.warn(f"ECM did not converge in max_iter={self.max_iter} iterations (last gain above "
-                          f"tol={self.tol}); raise max_iter or tol", ConvergenceWarning, stacklevel=2)  # fmt: skip
+                          f"tol={self.tol}); raise max_iter or tol", ConvergenceWarning, stacklevel=2)
         return self
 
     def _ecm(self, Xa: np.ndarray, y: np.ndarray, params: MoEParams, var_min: float,
-             rng: np.random.RandomState) -> tuple[MoEParams, float, int, bool, list[float]]:  # fmt: skip
+             rng: np.random.RandomState) -> tuple[MoEParams, float, int, bool, list[float]]:
         n, k, max_iter = Xa.shape[0], self.n_experts, self.max_iter
         search = self.top_k < k and k > 1
         params = params.anchored()  # the last expert's gate row stays 0 (the free parameters exclude it)
@@ -349,7 +349,7 @@ class TopKGaussianMoE(RegressorMixin, BaseEstimator):
         return params, value, max_iter, False, curve
 
     def _gate_newton(self, Xa: np.ndarray, resp: np.ndarray, params: MoEParams, objective: _Objective,
-                     value: float) -> tuple[MoEParams, float]:  # fmt: skip
+                     value: float) -> tuple[MoEParams, float]:
         mask = topk_mask(Xa, params.gate, self.top_k, self.selection)
         direction = _gate_newton_step(Xa, resp, mask, params.gate)
         t = 1.0
@@ -362,7 +362,7 @@ class TopKGaussianMoE(RegressorMixin, BaseEstimator):
         return params, value
 
     def _initial_params(self, Xa: np.ndarray, y: np.ndarray, var_min: float,
-                        rng: np.random.RandomState) -> MoEParams:  # fmt: skip
+                        rng: np.random.RandomState) -> MoEParams:
         n, dim = Xa.shape
         k = self.n_experts
         if self.init == "given":

@@ -29,7 +29,7 @@ def check_top_k(top_k: object, num_experts: int) -> None:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k={top_k!r} is invalid for num_experts={num_experts}: expected an integer with "
                          f"1 <= top_k <= num_experts; pass top_k between 1 and {num_experts} (top_k={num_experts} "
-                         "routes every token to every expert)")  # fmt: skip
+                         "routes every token to every expert)")
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -38,7 +38,7 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 
 
 def topk_gate_weights(logits: torch.Tensor, k: int, *, selection_logits: torch.Tensor | None = None,
-                      renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                      renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The K kept gate weights in compact form. logits: (T, E); selection_logits: (T, E) or None (select on
     ``logits``). Returns (weights (T, K) float32 or float64, indices (T, K) int64), in descending selection order."""
     if logits.dim() != 2:
@@ -47,7 +47,7 @@ def topk_gate_weights(logits: torch.Tensor, k: int, *, selection_logits: torch.T
     logits = _wide(logits)
     if selection_logits is not None and selection_logits.shape != logits.shape:
         raise ValueError(f"selection_logits has shape {tuple(selection_logits.shape)}: expected the shape of logits "
-                         f"{tuple(logits.shape)}")  # fmt: skip
+                         f"{tuple(logits.shape)}")
     score = logits if selection_logits is None else selection_logits
     indices = score.topk(k, dim=-1, sorted=True).indices
     chosen = logits.gather(1, indices)
@@ -57,7 +57,7 @@ def topk_gate_weights(logits: torch.Tensor, k: int, *, selection_logits: torch.T
 
 
 def topk_softmax_gate(logits: torch.Tensor, k: int, *, selection_logits: torch.Tensor | None = None,
-                      renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                      renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-K softmax gate (conventions in the module docstring).
 
     logits: (T, E); selection_logits: (T, E) scores that choose the K experts (default: ``logits``).
@@ -73,12 +73,12 @@ def real_token_mask(padding_mask: torch.Tensor | None, tokens: int, device: torc
         return None
     if padding_mask.numel() != tokens:
         raise ValueError(f"padding_mask has {padding_mask.numel()} entries (shape {tuple(padding_mask.shape)}) for "
-                         f"{tokens} tokens: expected one entry per token, 1 for real tokens and 0 for padding")  # fmt: skip
+                         f"{tokens} tokens: expected one entry per token, 1 for real tokens and 0 for padding")
     return padding_mask.reshape(-1).to(device) != 0
 
 
 def switch_load_balancing_loss(router_probs: torch.Tensor, expert_indices: torch.Tensor, num_experts: int,
-                               padding_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                               padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Switch Transformer load-balancing loss ``E * sum_e f_e P_e`` over the real (non-padding) tokens, as Hugging
     Face's ``load_balancing_loss_func`` computes it: ``f_e`` is the number of (token, slot) assignments to expert e
     per token (the f_e sum to K, so a perfectly balanced router scores K), ``P_e`` the mean router probability.

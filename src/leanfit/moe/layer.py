@@ -63,16 +63,16 @@ class SparseMoE(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, *,
                  renormalize: bool = True, capacity_factor: float | None = None,
-                 block_rows: int | None = 1024) -> None:  # fmt: skip
+                 block_rows: int | None = 1024) -> None:
         super().__init__()
         for name, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
-                            ("num_experts", num_experts), ("block_rows", 1 if block_rows is None else block_rows)):  # fmt: skip
+                            ("num_experts", num_experts), ("block_rows", 1 if block_rows is None else block_rows)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: expected a positive integer")
         check_top_k(top_k, num_experts)
         if capacity_factor is not None and not (isinstance(capacity_factor, int | float) and capacity_factor > 0):
             raise ValueError(f"capacity_factor={capacity_factor!r} is invalid: expected a number > 0 (1.0 to 1.25 "
-                             "is usual), or None for dropless routing")  # fmt: skip
+                             "is usual), or None for dropless routing")
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.num_experts, self.top_k = num_experts, top_k
         self.renormalize, self.capacity_factor, self.block_rows = renormalize, capacity_factor, block_rows
@@ -89,7 +89,7 @@ class SparseMoE(nn.Module):
         experts: Any = getattr(block, "experts", None)
         if not all(hasattr(experts, a) for a in ("gate_up_proj", "down_proj", "act_fn")):
             raise TypeError(f"block is a {type(block).__name__}: expected a MixtralSparseMoeBlock whose experts hold "
-                            "stacked gate_up_proj and down_proj (transformers >= 5)")  # fmt: skip
+                            "stacked gate_up_proj and down_proj (transformers >= 5)")
         probe = torch.linspace(-6, 6, 25)
         if not torch.allclose(experts.act_fn(probe), F.silu(probe)):
             raise ValueError(f"block's expert activation is {experts.act_fn!r}: expected SiLU (hidden_act='silu')")
@@ -106,12 +106,12 @@ class SparseMoE(nn.Module):
         """A ``transformers`` ``MixtralSparseMoeBlock`` (eager experts) with a copy of this layer's weights."""
         if not self.renormalize or self.capacity_factor is not None:
             raise ValueError(f"renormalize={self.renormalize}, capacity_factor={self.capacity_factor}: a Mixtral "
-                             "block renormalises and never drops; use renormalize=True, capacity_factor=None")  # fmt: skip
+                             "block renormalises and never drops; use renormalize=True, capacity_factor=None")
         from transformers import MixtralConfig
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
         config = MixtralConfig(hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-                               num_local_experts=self.num_experts, num_experts_per_tok=self.top_k, hidden_act="silu")  # fmt: skip
+                               num_local_experts=self.num_experts, num_experts_per_tok=self.top_k, hidden_act="silu")
         config._experts_implementation = "eager"
         block = MixtralSparseMoeBlock(config).to(self.gate_up_proj.device, self.gate_up_proj.dtype)
         with torch.no_grad():
@@ -136,7 +136,7 @@ class SparseMoE(nn.Module):
         return MoEOutput(out.reshape(hidden.shape), logits, aux, router_z_loss(logits, real), dropped)
 
     def _route(self, indices: torch.Tensor, top_w: torch.Tensor,
-               real: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, list[int], int]:  # fmt: skip
+               real: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, list[int], int]:
         """Assignments sorted by expert. indices, top_w: (T, K); real: (T,) bool or None.
         Returns (token (A,), weight (A,), rows per expert (E ints summing to A), assignments dropped)."""
         tokens, k = indices.shape
@@ -159,7 +159,7 @@ class SparseMoE(nn.Module):
         return assignment % tokens, top_w.t().reshape(-1)[assignment], counts.tolist(), dropped
 
     def _run_experts(self, x: torch.Tensor, token: torch.Tensor, weight: torch.Tensor,
-                     counts: list[int]) -> torch.Tensor:  # fmt: skip
+                     counts: list[int]) -> torch.Tensor:
         """sum over assignments of weight * expert(x[token]), scattered to the tokens. x: (T, d) -> (T, d)."""
         experts, sizes = [], []
         for e, n in enumerate(counts):
@@ -175,12 +175,12 @@ class SparseMoE(nn.Module):
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
                 f"num_experts={self.num_experts}, top_k={self.top_k}, renormalize={self.renormalize}, "
-                f"capacity_factor={self.capacity_factor}, block_rows={self.block_rows}")  # fmt: skip
+                f"capacity_factor={self.capacity_factor}, block_rows={self.block_rows}")
 
 
 def _grouped_swiglu(x: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                     token: torch.Tensor, experts: list[int], sizes: list[int],
-                    keep: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:  # fmt: skip
+                    keep: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """out[t] = sum over assignments a of token t: weight_a * down_e(silu(gate_e(x_t)) * up_e(x_t)), block by block
     (block b: expert ``experts[b]``, the next ``sizes[b]`` assignments). x: (T, d); weight, token: (A,) sorted by
     expert; gate_up: (E, 2I, d); down: (E, d, I). Returns out (T, d) and, with ``keep``, each block's pre-activations
@@ -211,7 +211,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-                token: torch.Tensor, experts: list[int], sizes: list[int]) -> torch.Tensor:  # fmt: skip
+                token: torch.Tensor, experts: list[int], sizes: list[int]) -> torch.Tensor:
         out, pre, post = _grouped_swiglu(x, weight, gate_up, down, token, experts, sizes, keep=True)
         ctx.save_for_backward(x, weight, gate_up, down, token, *pre, *post)
         ctx.experts, ctx.sizes = experts, sizes

@@ -54,7 +54,7 @@ class MixingMeasure:
         params = model.params() if hasattr(model, "params") else model
         if hasattr(model, "top_k") and model.top_k == 1:
             raise ValueError("a model fitted with top_k=1 has no identifiable gate (exp(beta_0) and the scale of "
-                             "beta_1 do not change it): compare routings, or fit with top_k >= 2")  # fmt: skip
+                             "beta_1 do not change it): compare routings, or fit with top_k >= 2")
         return cls(params.gate[:, -1], params.gate[:, :-1], params.experts[:, :-1], params.experts[:, -1], params.var)
 
     @property
@@ -69,7 +69,7 @@ class MixingMeasure:
 
     def shifted(self, d_intercept: float, d_coef: np.ndarray) -> MixingMeasure:
         return MixingMeasure(self.gate_intercept - d_intercept, self.gate_coef - d_coef, self.coef, self.intercept,
-                             self.var)  # fmt: skip
+                             self.var)
 
 
 def _anchor(fitted: MixingMeasure, true: MixingMeasure) -> tuple[MixingMeasure, MixingMeasure]:
@@ -97,11 +97,11 @@ def _differences(f: MixingMeasure, t: MixingMeasure, i: int, j: int) -> dict[str
     return {"gate_coef": float(np.linalg.norm(f.gate_coef[i] - t.gate_coef[j])),
             "coef": float(np.linalg.norm(f.coef[i] - t.coef[j])),
             "intercept": float(abs(f.intercept[i] - t.intercept[j])),
-            "var": float(abs(f.var[i] - t.var[j]))}  # fmt: skip
+            "var": float(abs(f.var[i] - t.var[j]))}
 
 
 def voronoi_loss(fitted: Any, true: Any, kind: Literal["exact", "over"] = "exact",
-                 rbar: Mapping[int, int] | None = None) -> float:  # fmt: skip
+                 rbar: Mapping[int, int] | None = None) -> float:
     """D1 (``kind="exact"``) or D2 (``kind="over"``) between a fitted and the true mixing measure."""
     if kind not in ("exact", "over"):
         raise ValueError(f"kind={kind!r} is invalid: expected 'exact' (D1) or 'over' (D2)")
@@ -114,12 +114,12 @@ def voronoi_loss(fitted: Any, true: Any, kind: Literal["exact", "over"] = "exact
         size = len(cell) if kind == "over" else 1
         if size not in rbar:
             raise ValueError(f"a Voronoi cell holds {len(cell)} fitted atoms: rbar({len(cell)}) is unknown "
-                             f"(known: {sorted(rbar)}); fit fewer experts or pass rbar={{{len(cell)}: r}}")  # fmt: skip
+                             f"(known: {sorted(rbar)}); fit fewer experts or pass rbar={{{len(cell)}: r}}")
         r = rbar[size]
         for i, w in zip(cell, weight, strict=True):
             diff = _differences(f, t, int(i), j)
             total += w * (diff["gate_coef"] ** r + diff["intercept"] ** r + diff["coef"] ** (r / 2 if r > 1 else 1)
-                          + diff["var"] ** (r / 2 if r > 1 else 1))  # fmt: skip
+                          + diff["var"] ** (r / 2 if r > 1 else 1))
         total += abs(weight.sum() - np.exp(t.gate_intercept[j]))
     return float(total)
 

@@ -107,7 +107,7 @@ class RegularizerSpec:
         "constant", help="local ODE: k_1 a constant (paper) or differentiated (leanfit; the SDE step always is)"
     )
     rows: float = option(1.0, help="local ODE: share of the batch's samples the regulariser steps from, a random "
-                         "subset redrawn every call (leanfit; 1 = all, the paper's)")  # fmt: skip
+                         "subset redrawn every call (leanfit; 1 = all, the paper's)")
 
     def __post_init__(self) -> None:
         rows = self.rows
@@ -119,13 +119,13 @@ class RegularizerSpec:
             value = getattr(self, f.name)
             if not isinstance(value, str) or value not in _CHOICES[f.name]:
                 raise ConfigError(bad_value(f"RegularizerSpec.{f.name}", value, " or ".join(map(repr, _CHOICES[f.name])),
-                                            f"or use RegularizerSpec.preset(name), name in {sorted(REGULARIZER_PRESETS)}"))  # fmt: skip
+                                            f"or use RegularizerSpec.preset(name), name in {sorted(REGULARIZER_PRESETS)}"))
         if self.kind != "local":
             for f in fields(self)[1:]:
                 if getattr(self, f.name) != f.default:
                     raise ConfigError(bad_value(f"RegularizerSpec.{f.name}", getattr(self, f.name),
                                                 f"the default {f.default!r} for kind={self.kind!r} (it has no effect)",
-                                                "drop it, or use kind='local'"))  # fmt: skip
+                                                "drop it, or use kind='local'"))
 
     @property
     def needs_record(self) -> bool:
@@ -142,7 +142,7 @@ class RegularizerSpec:
         """The named preset (see the class docstring)."""
         if not isinstance(name, str) or name not in REGULARIZER_PRESETS:
             raise ConfigError(bad_value("regularizer", name, f"one of {sorted(REGULARIZER_PRESETS)}",
-                                        "or pass a RegularizerSpec(kind=..., sampling=..., step=..., points=...)"))  # fmt: skip
+                                        "or pass a RegularizerSpec(kind=..., sampling=..., step=..., points=...)"))
         return REGULARIZER_PRESETS[name]
 
     @classmethod
@@ -235,7 +235,7 @@ def _flatten_input(x: Tensor, in_features: int) -> Tensor:
     if not isinstance(x, Tensor) or x.dim() < 2 or not x.is_floating_point() or x[0].numel() != in_features:
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(bad_value("x.shape", got, f"a floating (batch, ...) tensor with {in_features} features "
-                                   "per sample", "pass a batch of inputs of the model's in_features"))  # fmt: skip
+                                   "per sample", "pass a batch of inputs of the model's in_features"))
     return x.reshape(x.shape[0], -1)
 
 
@@ -244,7 +244,7 @@ def _check_points(spec: RegularizerSpec, per_sample: bool, needs_record: bool) -
     if spec.kind == "local" and needs_record and spec.points == "batch" and per_sample:
         raise ValueError(bad_value("regularizer.points", "batch", "a model built with per_sample=False for "
                                    f"sampling={spec.sampling!r}, step={spec.step!r}",
-                                   "build the model with per_sample=False or use points='sample'"))  # fmt: skip
+                                   "build the model with per_sample=False or use points='sample'"))
 
 
 def _check_span(t1: float, rtol: float, atol: float) -> None:
@@ -281,7 +281,7 @@ class NeuralODEClassifier(nn.Module):
     def __init__(self, in_features: int, hidden: int, n_classes: int, t1: float = 1.0, method: str = "tsit5",
                  rtol: float = 1e-6, atol: float = 1e-6, per_sample: bool = False,
                  backend: Literal["leanfit", "torchdiffeq"] = "leanfit", adjoint: bool = False,
-                 time_dependent: bool = True) -> None:  # fmt: skip
+                 time_dependent: bool = True) -> None:
         super().__init__()
         _check_int("in_features", in_features)
         _check_int("n_classes", n_classes)
@@ -290,17 +290,17 @@ class NeuralODEClassifier(nn.Module):
         get_tableau(method)
         if backend == "torchdiffeq" and method != "dopri5":
             raise ValueError(bad_value("method", method, "'dopri5' for backend='torchdiffeq' (the only embedded pair "
-                                       "both libraries have)", "pass method='dopri5'"))  # fmt: skip
+                                       "both libraries have)", "pass method='dopri5'"))
         if adjoint and backend != "torchdiffeq":
             raise ValueError(bad_value("adjoint", adjoint, "False for backend='leanfit' (discrete sensitivities)",
-                                       "pass backend='torchdiffeq' for odeint_adjoint"))  # fmt: skip
+                                       "pass backend='torchdiffeq' for odeint_adjoint"))
         self.in_features, self.t1, self.method, self.rtol, self.atol = in_features, float(t1), method, rtol, atol
         self.per_sample, self.backend, self.adjoint = bool(per_sample), backend, bool(adjoint)
         self.func = ConcatTanhMLP(in_features, hidden, time_dependent)
         self.head = nn.Linear(in_features, n_classes)
 
     def forward(self, x: Tensor, regularizer: RegularizerSpec | str | None = None, *,
-                generator: torch.Generator | None = None) -> DEClassifierOutput:  # fmt: skip
+                generator: torch.Generator | None = None) -> DEClassifierOutput:
         """x: ``(batch, ...)`` with ``in_features`` entries per sample. regularizer: None (vanilla), a preset name
         or a :class:`RegularizerSpec`. generator: for the regulariser's random point. Returns
         :class:`DEClassifierOutput`."""
@@ -315,7 +315,7 @@ class NeuralODEClassifier(nn.Module):
         if self.backend == "torchdiffeq":
             return self._forward_torchdiffeq(y0, spec, t_eval if times is None else times, t_r, r_index, generator)
         sol = solve(self.func, y0, t_eval if times is None else times, method=self.method, rtol=self.rtol,
-                    atol=self.atol, per_sample=self.per_sample, record_steps=spec.needs_record)  # fmt: skip
+                    atol=self.atol, per_sample=self.per_sample, record_steps=spec.needs_record)
         reg, info = None, None
         if spec.kind == "global":
             reg = global_regularizer(sol)
@@ -324,21 +324,21 @@ class NeuralODEClassifier(nn.Module):
             reg, info = regularize_solution(self.func, sol, sampling=spec.sampling, step=spec.step, points=spec.points,
                                             estimate=spec.estimate, first_stage=spec.first_stage, rtol=self.rtol,
                                             atol=self.atol, method=self.method, t_r=t_r, generator=generator,
-                                            rows=rows)  # fmt: skip
+                                            rows=rows)
         if keep is not None:
             sol = Solution(ts=sol.ts[keep], ys=sol.ys[:, keep], stats=sol.stats)
         state = sol.ys[:, -1]
         return DEClassifierOutput(logits=self.head(state), state=state, nfe=sol.stats.nfe,
                                   nfe_joint=sol.stats.nfe_joint, reg=reg, reg_nfe=0 if info is None else info.nfe,
-                                  solution=sol, reg_info=info)  # fmt: skip
+                                  solution=sol, reg_info=info)
 
     def _forward_torchdiffeq(self, y0: Tensor, spec: RegularizerSpec, times: Tensor, t_r: Tensor | None,
-                             r_index: Tensor | None, generator: torch.Generator | None) -> DEClassifierOutput:  # fmt: skip
+                             r_index: Tensor | None, generator: torch.Generator | None) -> DEClassifierOutput:
         """The closed box: torchdiffeq's solve, then the regulariser at ``ys[r_index[i], i] = u_i(t_r)``."""
         if spec.needs_record:
             raise ValueError(bad_value("regularizer", spec, "none or local with sampling='unbiased', step='initial' "
                                        "for backend='torchdiffeq' (it keeps no step record)",
-                                       "use backend='leanfit' for global, biased or taken-step regularisers"))  # fmt: skip
+                                       "use backend='leanfit' for global, biased or taken-step regularisers"))
         try:
             from torchdiffeq import odeint, odeint_adjoint
         except ImportError as exc:
@@ -355,18 +355,18 @@ class NeuralODEClassifier(nn.Module):
             reg, info = local_regularizer(self.func, t_r, y_r,
                                           step="initial", points=spec.points, estimate=spec.estimate,
                                           first_stage=spec.first_stage, rtol=self.rtol,
-                                          atol=self.atol, method=self.method)  # fmt: skip
+                                          atol=self.atol, method=self.method)
         state = ys[-1]
         nfe = torch.full((y0.shape[0],), nfe_joint, dtype=torch.long, device=y0.device)
         return DEClassifierOutput(logits=self.head(state), state=state, nfe=nfe, nfe_joint=nfe_joint, reg=reg,
-                                  reg_nfe=0 if info is None else info.nfe, reg_info=info)  # fmt: skip
+                                  reg_nfe=0 if info is None else info.nfe, reg_info=info)
 
 
 def sde_local_regularizer(drift: Field, diffusion: Field, sol: Solution, *, sampling: str = "unbiased",
                           step: str | float = "taken", points: str = "batch", rtol: float = 0.1, atol: float = 0.1,
                           t_r: float | Tensor | None = None, dw: tuple[Tensor, Tensor] | None = None,
                           generator: torch.Generator | None = None,
-                          scheme: Scheme = "milstein") -> tuple[Tensor, LocalRegularizerInfo]:  # fmt: skip
+                          scheme: Scheme = "milstein") -> tuple[Tensor, LocalRegularizerInfo]:
     """The local error regulariser of an SDE solve: ``EEst * |h|`` of one step-doubled step of the solve's scheme.
 
     sol: an :func:`~leanfit.neural_de.sde.sde_solve` result with ``record_steps=True``. A recorded step ``j`` is
@@ -449,7 +449,7 @@ class NeuralSDEClassifier(nn.Module):
 
     def __init__(self, in_features: int, latent: int = 32, hidden: int = 64, n_classes: int = 10, t1: float = 1.0,
                  rtol: float = 0.1, atol: float = 0.1, per_sample: bool = False, time_dependent: bool = False,
-                 scheme: Scheme = "milstein") -> None:  # fmt: skip
+                 scheme: Scheme = "milstein") -> None:
         super().__init__()
         for name, value in (("in_features", in_features), ("latent", latent), ("n_classes", n_classes)):
             _check_int(name, value)
@@ -463,7 +463,7 @@ class NeuralSDEClassifier(nn.Module):
         self.head = nn.Linear(latent, n_classes)
 
     def forward(self, x: Tensor, regularizer: RegularizerSpec | str | None = None, *,
-                generator: torch.Generator | None = None) -> DEClassifierOutput:  # fmt: skip
+                generator: torch.Generator | None = None) -> DEClassifierOutput:
         """x: ``(batch, ...)`` with ``in_features`` entries per sample. regularizer: None, a preset name or a
         :class:`RegularizerSpec`. generator: the Brownian path and the regulariser's draws (seeded: reproducible).
         Returns :class:`DEClassifierOutput` (NFE count drift plus diffusion calls)."""
@@ -471,22 +471,22 @@ class NeuralSDEClassifier(nn.Module):
         spec = RegularizerSpec.from_arg(regularizer)
         if spec.estimate != "error":
             raise ValueError(bad_value("regularizer.estimate", spec.estimate, "'error' for an SDE (Shampine's "
-                                       "estimate is for Runge-Kutta stages)", "use estimate='error'"))  # fmt: skip
+                                       "estimate is for Runge-Kutta stages)", "use estimate='error'"))
         if spec.rows != 1:
             raise ValueError(bad_value("regularizer.rows", spec.rows, "1 for an SDE (the subset is an ODE option)",
-                                       "use rows=1"))  # fmt: skip
+                                       "use rows=1"))
         _check_points(spec, self.per_sample, needs_record=True)  # every SDE local regulariser uses the record
         sol = sde_solve(self.drift, self.diffusion, z0, [0.0, self.t1], rtol=self.rtol, atol=self.atol,
                         per_sample=self.per_sample, generator=generator, record_steps=spec.kind != "none",
-                        scheme=self.scheme)  # fmt: skip
+                        scheme=self.scheme)
         reg, info = None, None
         if spec.kind == "global":
             reg = global_regularizer(sol)
         elif spec.kind == "local":
             reg, info = sde_local_regularizer(self.drift, self.diffusion, sol, sampling=spec.sampling, step=spec.step,
                                               points=spec.points, rtol=self.rtol, atol=self.atol,
-                                              generator=generator, scheme=self.scheme)  # fmt: skip
+                                              generator=generator, scheme=self.scheme)
         state = sol.ys[:, -1]
         return DEClassifierOutput(logits=self.head(state), state=state, nfe=sol.stats.nfe,
                                   nfe_joint=sol.stats.nfe_joint, reg=reg, reg_nfe=0 if info is None else info.nfe,
-                                  solution=sol, reg_info=info)  # fmt: skip
+                                  solution=sol, reg_info=info)

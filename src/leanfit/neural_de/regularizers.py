@@ -101,7 +101,7 @@ def _check_state(y_r: Tensor) -> Tensor:
 
 
 def _step_size(f: VectorField, t: Tensor, y: Tensor, k1: Tensor, step: str | float | Tensor, tab: ButcherTableau,
-               rtol: float, atol: float, joint: bool) -> Tensor:  # fmt: skip
+               rtol: float, atol: float, joint: bool) -> Tensor:
     """The regulariser's step: the initial-step heuristic at ``y`` (one call of ``f``) or the given one."""
     if isinstance(step, str):
         _check_choice("step", step, ["initial"], "pass 'initial', a float > 0 or a (batch,) tensor of steps")
@@ -113,7 +113,7 @@ def _step_size(f: VectorField, t: Tensor, y: Tensor, k1: Tensor, step: str | flo
         raise ValueError(bad_value("step", step, "finite steps > 0", "pass step='initial' or e.g. step=0.1"))
     if joint and not (h == h[0]).all():
         raise ValueError(bad_value("step", step, "one step shared by the batch for points='batch'",
-                                   "pass a float, or points='sample' for per-sample steps"))  # fmt: skip
+                                   "pass a float, or points='sample' for per-sample steps"))
     return h
 
 
@@ -126,7 +126,7 @@ def _rms(x: Tensor, joint: bool) -> Tensor:
 
 
 def _stiffness(tab: ButcherTableau, y: Tensor, h: Tensor, stages: Sequence[Tensor], y_next: Tensor,
-               joint: bool) -> Tensor:  # fmt: skip
+               joint: bool) -> Tensor:
     """Shampine's estimate ``rho = ||k_7 - k_6|| / ||g_7 - g_6||`` (both stages at node ``c = 1``; ``g_7 = y_next``
     for an FSAL pair), divided by the stability size as in the paper's code; 0 where the denominator vanishes."""
     hy = h.to(y.dtype).reshape(-1, *([1] * (y.dim() - 1)))
@@ -140,7 +140,7 @@ def local_regularizer(f: VectorField, t_r: float | Tensor, y_r: Tensor, *, step:
                       points: Points = "batch", estimate: Estimate = "error", rtol: float = 1e-6,
                       atol: float = 1e-8, method: str | ButcherTableau = "tsit5",
                       k1: Tensor | None = None,
-                      first_stage: FirstStage = "constant") -> tuple[Tensor, LocalRegularizerInfo]:  # fmt: skip
+                      first_stage: FirstStage = "constant") -> tuple[Tensor, LocalRegularizerInfo]:
     """The local regulariser from a given state: one step of ``method`` from ``(t_r, y_r)``.
 
     f: ``f(t, y)``, ``t`` float64 ``(batch,)``. t_r: scalar or float64 ``(batch,)``. y_r: ``(batch, *state)``,
@@ -166,7 +166,7 @@ def local_regularizer(f: VectorField, t_r: float | Tensor, y_r: Tensor, *, step:
     _check_choice("first_stage", first_stage, ["constant", "graph"], "use first_stage='constant' (the paper's)")
     if estimate == "stiffness" and (tab.name not in STABILITY_SIZE or not tab.fsal):
         raise ValueError(bad_value("method", tab.name, f"one of {sorted(STABILITY_SIZE)} for estimate='stiffness'",
-                                   "use method='tsit5' or estimate='error'"))  # fmt: skip
+                                   "use method='tsit5' or estimate='error'"))
     y = _check_state(y_r)
     t = as_batch_time(t_r, y.shape[0], "t_r", y.device).detach()
     if not torch.isfinite(t).all():
@@ -186,12 +186,12 @@ def local_regularizer(f: VectorField, t_r: float | Tensor, y_r: Tensor, *, step:
     stiff = _stiffness(tab, y, h, res.stages, res.y_next, joint) if estimate == "stiffness" else None
     per_sample = eest * h.abs().to(eest.dtype) if stiff is None else stiff
     info = LocalRegularizerInfo(t=t, h=h, y=y, eest=eest.detach(), nfe=nfe,
-                                stiffness=None if stiff is None else stiff.detach())  # fmt: skip
+                                stiffness=None if stiff is None else stiff.detach())
     return per_sample.mean(), info
 
 
 def sample_times(t0: float, t1: float, batch: int, *, points: Points = "batch",
-                 generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Tensor:  # fmt: skip
+                 generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Tensor:
     """Unbiased regularisation times ``t_r ~ U[t0, t1]``: float64 ``(batch,)``, one draw shared by the batch
     (``points="batch"``, the paper's) or one per sample (``points="sample"``). Draw them before the main solve and
     add them to its evaluation times with :func:`with_times`."""
@@ -217,10 +217,10 @@ def with_times(t_eval: Sequence[float] | Tensor, t_r: Tensor) -> tuple[Tensor, T
     t_r = torch.as_tensor(t_r, dtype=torch.float64).detach().to(ts.device).reshape(-1)
     if ts.dim() != 1 or ts.numel() < 2 or not (ts[1:] > ts[:-1]).all():
         raise ValueError(bad_value("t_eval", t_eval, "a strictly increasing 1-D sequence of >= 2 times",
-                                   "pass the main solve's evaluation times"))  # fmt: skip
+                                   "pass the main solve's evaluation times"))
     if not ((t_r >= ts[0]) & (t_r <= ts[-1])).all():
         raise ValueError(bad_value("t_r", t_r.tolist(), f"times in [{ts[0].item()}, {ts[-1].item()}]",
-                                   "draw them with sample_times(t_eval[0], t_eval[-1], batch)"))  # fmt: skip
+                                   "draw them with sample_times(t_eval[0], t_eval[-1], batch)"))
     times, inverse = torch.unique(torch.cat([ts, t_r]), sorted=True, return_inverse=True)
     return times, inverse[: ts.numel()], inverse[ts.numel() :]
 
@@ -229,12 +229,12 @@ def _step_record(sol: Solution, need: str) -> tuple[Tensor, Tensor, Tensor, Tens
     """``(step_t, step_h, step_y, n_accepted)`` of a solve run with ``record_steps=True``."""
     if sol.stats.step_y is None or sol.stats.step_error is None:
         raise ValueError(bad_value("sol.stats.step_y", None, f"a recorded step record for {need}",
-                                   "solve with record_steps=True"))  # fmt: skip
+                                   "solve with record_steps=True"))
     return sol.stats.step_t, sol.stats.step_h, sol.stats.step_y, sol.stats.n_accepted
 
 
 def _pick_steps(sol: Solution, sampling: str, points: str, t_r: float | Tensor | None,
-                generator: torch.Generator | None) -> Tensor:  # fmt: skip
+                generator: torch.Generator | None) -> Tensor:
     """Index ``(batch,)`` of the accepted step each sample regularises: uniform over the solver's step points
     (biased) or the step containing ``t ~ U[t0, t1]`` (unbiased: probability ``h_j / T``)."""
     step_t, _, _, n = _step_record(sol, f"sampling={sampling!r}")
@@ -242,7 +242,7 @@ def _pick_steps(sol: Solution, sampling: str, points: str, t_r: float | Tensor |
     padded = step_t.nan_to_num(nan=-1.0)  # NaN padding compares unequal to itself
     if points == "batch" and not (padded == padded[:1]).all():
         raise ValueError(bad_value("points", points, "a step sequence shared by the batch (solve per_sample=False)",
-                                   "solve with per_sample=False (the paper's joint norm) or use points='sample'"))  # fmt: skip
+                                   "solve with per_sample=False (the paper's joint norm) or use points='sample'"))
     draws = 1 if points == "batch" else batch
     u = torch.rand(draws, generator=generator, dtype=torch.float64, device=generator.device if generator else "cpu")
     u = u.to(dev).expand(batch)
@@ -260,13 +260,13 @@ def _state_at(sol: Solution, t_r: float | Tensor | None, step: str | float | Ten
     if t_r is None:
         raise ValueError(bad_value("t_r", None, f"the times of u(t_r) in sol.ts for sampling='unbiased', step={step!r}",
                                    "draw t_r = sample_times(...) before the solve, solve on with_times(t_eval, t_r)[0] "
-                                   "and pass t_r, or use step='taken' (no extra times needed)"))  # fmt: skip
+                                   "and pass t_r, or use step='taken' (no extra times needed)"))
     batch = sol.ys.shape[0]
     t = as_batch_time(t_r, batch, "t_r", sol.ts.device)
     idx = torch.searchsorted(sol.ts, t.contiguous()).clamp(max=sol.ts.numel() - 1)
     if not (sol.ts[idx] == t).all():
         raise ValueError(bad_value("t_r", t.tolist(), "times that are among sol.ts",
-                                   "solve on with_times(t_eval, t_r)[0] so that u(t_r) is saved"))  # fmt: skip
+                                   "solve on with_times(t_eval, t_r)[0] so that u(t_r) is saved"))
     return t, sol.ys[torch.arange(batch, device=idx.device), idx]
 
 
@@ -275,7 +275,7 @@ def regularize_solution(f: VectorField, sol: Solution, *, sampling: Sampling = "
                         estimate: Estimate = "error", rtol: float = 1e-6, atol: float = 1e-8,
                         method: str | ButcherTableau = "tsit5", t_r: float | Tensor | None = None,
                         generator: torch.Generator | None = None, first_stage: FirstStage = "constant",
-                        rows: Tensor | None = None) -> tuple[Tensor, LocalRegularizerInfo]:  # fmt: skip
+                        rows: Tensor | None = None) -> tuple[Tensor, LocalRegularizerInfo]:
     """The local regulariser of a leanfit :func:`~leanfit.neural_de.solver.solve` result.
 
     sampling: ``"unbiased"`` (``t_r ~ U[t0, t1]``) or ``"biased"`` (uniform over the solver's accepted step points
@@ -310,7 +310,7 @@ def regularize_solution(f: VectorField, sol: Solution, *, sampling: Sampling = "
         t, y = t[rows], y[rows]
         h = h[rows] if isinstance(h, Tensor) else h  # a recorded step is per sample; a float stays
     return local_regularizer(f, t, y, step=h, points=points, estimate=estimate, rtol=rtol, atol=atol, method=method,
-                             first_stage=first_stage)  # fmt: skip
+                             first_stage=first_stage)
 
 
 def global_regularizer(sol: Solution) -> Tensor:

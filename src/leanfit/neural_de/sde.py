@@ -111,7 +111,7 @@ class BrownianPath:
     """
 
     def __init__(self, t0: float | Tensor, like: Tensor, generator: torch.Generator | None = None,
-                 keep_history: bool = False) -> None:  # fmt: skip
+                 keep_history: bool = False) -> None:
         if not isinstance(like, Tensor) or like.dim() < 1:
             raise ValueError(bad_value("like", type(like).__name__, "a (batch, *state) tensor", "pass y0"))
         self.shape, self.device = tuple(like.shape), like.device
@@ -137,7 +137,7 @@ class BrownianPath:
             i = int((~torch.isfinite(left_t) | ~torch.isfinite(s)).nonzero()[0, 0])
             raise ValueError(bad_value("s", s[i].item(), f"a finite time >= {t[i].min().item()!r}, the earliest point "
                                        f"sample {i}'s path still holds", "query times at or after t0; pass "
-                                       "keep_history=True to query times the solver has passed"))  # fmt: skip
+                                       "keep_history=True to query times the solver has passed"))
         right_t, ri = torch.where(t >= s[:, None], t, float("inf")).min(1)
         w_left, w_right = self._w[rows, li], self._w[rows, ri]
         new = left_t < s
@@ -189,18 +189,18 @@ def _call(fn: Field, name: str, t: Tensor, y: Tensor) -> Tensor:
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(f"{name}(t, y) returned shape {got}, expected y's shape {tuple(y.shape)}: the {name} must "
                          "map a (batch, *state) state and (batch,) times to a tensor of the same shape (diagonal "
-                         "noise: the diffusion returns the diagonal of the noise matrix)")  # fmt: skip
+                         "noise: the diffusion returns the diagonal of the noise matrix)")
     return out
 
 
 def _check_scheme(scheme: str) -> None:
     if scheme not in _ERROR_EXPONENT:
         raise ValueError(bad_value("scheme", scheme, "'milstein' or 'euler'", "use scheme='milstein' (strong order "
-                                   "1; 'euler' is Euler-Maruyama)"))  # fmt: skip
+                                   "1; 'euler' is Euler-Maruyama)"))
 
 
 def _scheme_step(diffusion: Field, t: Tensor, y: Tensor, h: Tensor, f: Tensor, g: Tensor, dw: Tensor,
-                 scheme: str) -> Tensor:  # fmt: skip
+                 scheme: str) -> Tensor:
     """One step of ``h`` (float64 ``(batch,)``, ``>= 0`` for Milstein) from ``(t, y)`` with ``f, g`` there.
 
     Euler-Maruyama: ``y + f h + g dW``. Milstein (derivative-free, Kloeden & Platen (11.1.5), support point on the
@@ -221,7 +221,7 @@ def _scheme_step(diffusion: Field, t: Tensor, y: Tensor, h: Tensor, f: Tensor, g
 
 
 def _doubled_step(drift: Field, diffusion: Field, t: Tensor, y: Tensor, h: Tensor, dw1: Tensor, dw2: Tensor,
-                  f0: Tensor, g0: Tensor, scheme: str) -> tuple[Tensor, Tensor]:  # fmt: skip
+                  f0: Tensor, g0: Tensor, scheme: str) -> tuple[Tensor, Tensor]:
     """Two half steps and one full step of the scheme, ``f0, g0`` at ``(t, y)`` given: ``(y_next, y_full)``."""
     half = h / 2
     y_full = _scheme_step(diffusion, t, y, h, f0, g0, dw1 + dw2, scheme)
@@ -240,7 +240,7 @@ def _step_calls(scheme: str, adaptive: bool = True) -> tuple[int, int]:
 def sde_step(drift: Field, diffusion: Field, t: float | Tensor, y: Tensor, h: float | Tensor,
              dw: tuple[Tensor, Tensor] | None = None, *, generator: torch.Generator | None = None,
              drift0: Tensor | None = None, diffusion0: Tensor | None = None,
-             scheme: Scheme = "milstein") -> SDEStepResult:  # fmt: skip
+             scheme: Scheme = "milstein") -> SDEStepResult:
     """One step-doubled Milstein (default) or Euler-Maruyama step from any state, batched and differentiable.
 
     drift, diffusion: ``f(t, y)``, ``g(t, y)`` with ``t`` float64 ``(batch,)``, returning ``y``'s shape.
@@ -262,7 +262,7 @@ def sde_step(drift: Field, diffusion: Field, t: float | Tensor, y: Tensor, h: fl
     h_b = as_batch_time(h, y.shape[0], "h", y.device)
     if (dw is None or scheme == "milstein") and not (h_b >= 0).all():
         raise ValueError(bad_value("h", h, "steps >= 0 when dw is drawn here or scheme='milstein' (it takes "
-                                   "sqrt(h))", "pass dw and scheme='euler' for negative steps"))  # fmt: skip
+                                   "sqrt(h))", "pass dw and scheme='euler' for negative steps"))
     if dw is None:
         sd = batch_view((h_b / 2).sqrt(), y)
         dw1, dw2 = (sd * torch.randn(y.shape, generator=generator, dtype=y.dtype, device=y.device) for _ in range(2))
@@ -270,7 +270,7 @@ def sde_step(drift: Field, diffusion: Field, t: float | Tensor, y: Tensor, h: fl
         dw1, dw2 = dw
     if dw1.shape != y.shape or dw2.shape != y.shape:
         raise ValueError(bad_value("dw shapes", (tuple(dw1.shape), tuple(dw2.shape)), f"two of y's shape "
-                                   f"{tuple(y.shape)}", "pass the increments over the two half steps"))  # fmt: skip
+                                   f"{tuple(y.shape)}", "pass the increments over the two half steps"))
     f0 = _call(drift, "drift", t_b, y) if drift0 is None else drift0
     g0 = _call(diffusion, "diffusion", t_b, y) if diffusion0 is None else diffusion0
     y_next, y_full = _doubled_step(drift, diffusion, t_b, y, h_b, dw1, dw2, f0, g0, scheme)
@@ -316,7 +316,7 @@ class _SDEState:
 
 
 def _initial_state(drift: Field, diffusion: Field, y0: Tensor, ts: Tensor, path: BrownianPath, rtol: float,
-                   atol: float, per_sample: bool, dt0: float | Tensor | None, adaptive: bool) -> _SDEState:  # fmt: skip
+                   atol: float, per_sample: bool, dt0: float | Tensor | None, adaptive: bool) -> _SDEState:
     batch, dev = y0.shape[0], y0.device
     t = ts[0].expand(batch).clone()
     f0, g0 = _call(drift, "drift", t, y0), _call(diffusion, "diffusion", t, y0)
@@ -328,7 +328,7 @@ def _initial_state(drift: Field, diffusion: Field, y0: Tensor, ts: Tensor, path:
         h = as_batch_time(dt0, batch, "dt0", dev).detach().clone()
         if not (torch.isfinite(h).all() and (h > 0).all()):
             raise ValueError(bad_value("dt0", dt0, "a finite step > 0 (scalar or per sample)",
-                                       "pass e.g. dt0=0.01, or dt0=None for the automatic initial step"))  # fmt: skip
+                                       "pass e.g. dt0=0.01, or dt0=None for the automatic initial step"))
         if not per_sample and adaptive:
             h = h.min().expand(batch).clone()
     long = torch.full((batch,), n_drift + 1, dtype=torch.long, device=dev)
@@ -338,7 +338,7 @@ def _initial_state(drift: Field, diffusion: Field, y0: Tensor, ts: Tensor, path:
                       after_reject=flags.clone(), last_nonfinite=flags.clone(),
                       next_out=torch.ones(batch, dtype=torch.long, device=dev), nfe=long,
                       n_accepted=torch.zeros_like(long), n_rejected=torch.zeros_like(long), n_drift=n_drift,
-                      n_diffusion=1)  # fmt: skip
+                      n_diffusion=1)
     state.outputs.append((torch.arange(batch, device=dev), torch.zeros(batch, dtype=torch.long, device=dev), y0))
     return state
 
@@ -357,7 +357,7 @@ def _refresh(drift: Field, diffusion: Field, state: _SDEState) -> None:
 
 def _attempt(drift: Field, diffusion: Field, state: _SDEState, path: BrownianPath, ctrl: PIController, ts: Tensor,
              rtol: float, atol: float, norm: Literal["rms", "max"], per_sample: bool, adaptive: bool,
-             record_steps: bool, scheme: str) -> None:  # fmt: skip
+             record_steps: bool, scheme: str) -> None:
     """One batched attempt: every active sample tries its own ``h``, clipped to land on its next output time."""
     _refresh(drift, diffusion, state)
     t_out = ts[state.next_out.clamp(max=ts.numel() - 1)]
@@ -369,7 +369,7 @@ def _attempt(drift: Field, diffusion: Field, state: _SDEState, path: BrownianPat
         w_mid = path(state.t + h_try / 2)
         dw1, dw2 = (w_mid - state.w).to(state.y.dtype), (w_new - w_mid).to(state.y.dtype)
         y_next, y_full = _doubled_step(drift, diffusion, state.t, state.y, h_try, dw1, dw2, state.f0, state.g0,
-                                       scheme)  # fmt: skip
+                                       scheme)
         error = y_next - y_full
         kept = None
         if record_steps:  # a finished sample tries h = 0: its norm's sqrt(0) would backpropagate 0/0 = NaN
@@ -378,7 +378,7 @@ def _attempt(drift: Field, diffusion: Field, state: _SDEState, path: BrownianPat
             state.steps.append((kept, state.y))
         with torch.no_grad():
             ratio = (error_ratio(error, state.y, y_next, rtol, atol, norm, per_sample)
-                     if kept is None else kept.detach()).double()  # fmt: skip
+                     if kept is None else kept.detach()).double()
             finite = torch.isfinite(ratio)
             ratio = torch.where(finite, ratio, torch.full_like(ratio, float("inf")))
     else:  # fixed steps: one step of the scheme, every step accepted
@@ -420,7 +420,7 @@ def sde_solve(drift: Field, diffusion: Field, y0: Tensor, t_eval: Sequence[float
               atol: float = 1e-2, dt0: float | Tensor | None = None, adaptive: bool = True, per_sample: bool = True,
               brownian: BrownianPath | None = None, generator: torch.Generator | None = None,
               max_steps: int = 10_000, norm: Literal["rms", "max"] = "rms", controller: PIController | None = None,
-              record_steps: bool = False, scheme: Scheme = "milstein") -> Solution:  # fmt: skip
+              record_steps: bool = False, scheme: Scheme = "milstein") -> Solution:
     """Integrate the Ito SDE ``dy = f(t, y) dt + g(t, y) dW`` (diagonal noise) over ``t_eval`` for a batch.
 
     drift, diffusion: ``f(t, y)``, ``g(t, y)``, ``t`` float64 ``(batch,)``, each returning ``y``'s shape.
@@ -448,22 +448,22 @@ def sde_solve(drift: Field, diffusion: Field, y0: Tensor, t_eval: Sequence[float
     ts = _check_inputs(y0, t_eval, max_steps)
     if brownian is not None and generator is not None:
         raise ValueError(bad_value("generator", generator, "None when brownian is given (the path owns its RNG)",
-                                   "pass the generator to BrownianPath(...) instead"))  # fmt: skip
+                                   "pass the generator to BrownianPath(...) instead"))
     path = BrownianPath(ts[0], y0, generator) if brownian is None else brownian
     if path.shape != tuple(y0.shape):
         raise ValueError(bad_value("brownian.shape", path.shape, f"y0's shape {tuple(y0.shape)}",
-                                   "build it with BrownianPath(t0, y0)"))  # fmt: skip
+                                   "build it with BrownianPath(t0, y0)"))
     ctrl = _CONTROLLERS[scheme] if controller is None else controller
     state = _initial_state(drift, diffusion, y0, ts, path, rtol, atol, per_sample, dt0, adaptive)
     n_attempts = 0
     while _check_progress(state, ts, max_steps, n_attempts):
         _attempt(drift, diffusion, state, path, ctrl, ts, rtol, atol, norm, per_sample, adaptive,
-                 record_steps and adaptive, scheme)  # fmt: skip
+                 record_steps and adaptive, scheme)
         n_attempts += 1
     rows, cols, values = (torch.cat(x) for x in zip(*state.outputs, strict=True))
     ys = y0.new_zeros(y0.shape[0], ts.numel(), *y0.shape[1:]).index_put((rows, cols), values)
     packed = _pack_record(state.record, state.n_accepted, state.steps)
     stats = SDESolveStats(state.nfe, state.n_accepted, state.n_rejected, state.n_drift + state.n_diffusion,
                           n_attempts, *packed, nfe_drift_joint=state.n_drift,
-                          nfe_diffusion_joint=state.n_diffusion)  # fmt: skip
+                          nfe_diffusion_joint=state.n_diffusion)
     return Solution(ts=ts, ys=ys, stats=stats)

@@ -150,24 +150,24 @@ def _check_inputs(y0: Tensor, t_eval: Sequence[float] | Tensor, max_steps: int) 
     ts = torch.as_tensor(t_eval, dtype=torch.float64).detach().to(y0.device)
     if ts.dim() != 1 or ts.numel() < 2 or not torch.isfinite(ts).all():
         raise ValueError(bad_value("t_eval", t_eval, "a finite 1-D sequence of at least 2 times [t0, ..., t1]",
-                                   "pass e.g. t_eval=[0.0, 1.0]"))  # fmt: skip
+                                   "pass e.g. t_eval=[0.0, 1.0]"))
     if not (ts[1:] > ts[:-1]).all():
         raise ValueError(bad_value("t_eval", ts.tolist(), "strictly increasing times (t1 > t0)",
-                                   "sort the times and drop duplicates; integrate backwards by negating time"))  # fmt: skip
+                                   "sort the times and drop duplicates; integrate backwards by negating time"))
     if not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(bad_value("max_steps", max_steps, "an int >= 1", "pass e.g. max_steps=10_000"))
     return ts
 
 
 def _initial_state(f: VectorField, y0: Tensor, ts: Tensor, tab: ButcherTableau, rtol: float, atol: float,
-                   per_sample: bool, h0: float | Tensor | None) -> _State:  # fmt: skip
+                   per_sample: bool, h0: float | Tensor | None) -> _State:
     batch, dev = y0.shape[0], y0.device
     t = ts[0].expand(batch).clone()
     f0 = call_vector_field(f, t, y0)
     if not torch.isfinite(f0).all():
         bad = (~torch.isfinite(f0)).reshape(batch, -1).any(1).nonzero()[0, 0].item()
         raise RuntimeError(f"f(t0, y0) returned NaN/inf at t0={ts[0].item()!r} for sample {bad}; check the vector "
-                           "field and its parameters at the initial state")  # fmt: skip
+                           "field and its parameters at the initial state")
     nfe = 1
     if h0 is None:
         h = initial_step_size(f, t, y0, rtol, atol, tab.order, f0=f0, per_sample=per_sample)
@@ -184,13 +184,13 @@ def _initial_state(f: VectorField, y0: Tensor, ts: Tensor, tab: ButcherTableau, 
                    after_reject=torch.zeros(batch, dtype=torch.bool, device=dev),
                    last_nonfinite=torch.zeros(batch, dtype=torch.bool, device=dev),
                    next_out=torch.ones(batch, dtype=torch.long, device=dev), nfe=long,
-                   n_accepted=torch.zeros_like(long), n_rejected=torch.zeros_like(long), nfe_joint=nfe)  # fmt: skip
+                   n_accepted=torch.zeros_like(long), n_rejected=torch.zeros_like(long), nfe_joint=nfe)
     state.outputs.append((torch.arange(batch, device=dev), torch.zeros(batch, dtype=torch.long, device=dev), y0))
     return state
 
 
 def _interpolate(tab: ButcherTableau, how: str, rows: Tensor, y: Tensor, y1: Tensor, ks: Sequence[Tensor],
-                 f1: Tensor, h: Tensor, theta: Tensor, slots_per_row: int) -> Tensor:  # fmt: skip
+                 f1: Tensor, h: Tensor, theta: Tensor, slots_per_row: int) -> Tensor:
     """Dense output inside one step for the batch rows ``rows`` (``(P,)``, ascending, repeats allowed: one per
     output time; ``slots_per_row`` is the largest number of repeats).
 
@@ -204,7 +204,7 @@ def _interpolate(tab: ButcherTableau, how: str, rows: Tensor, y: Tensor, y1: Ten
     if how == "hermite":
         th2, th3 = th * th, th * th * th
         return ((2 * th3 - 3 * th2 + 1) * y + (th3 - 2 * th2 + th) * hy * ks[0][rows]
-                + (3 * th2 - 2 * th3) * y1[rows] + (th3 - th2) * hy * f1[rows])  # fmt: skip
+                + (3 * th2 - 2 * th3) * y1[rows] + (th3 - th2) * hy * f1[rows])
     # One small GEMM for the stage weights b_i(theta) and one batched contraction per sample over its output slots
     # (a sample passes several t_eval points in one step: its stages are read once, not once per point).
     interpolant = tab.interpolant
@@ -237,7 +237,7 @@ def _interpolant_matrix(tab: ButcherTableau, dtype: torch.dtype, device: torch.d
 
 
 def _write_outputs(state: _State, tab: ButcherTableau, how: str, ts: Tensor, accepted: Tensor, t_old: Tensor,
-                   h: Tensor, y_old: Tensor, y_new: Tensor, ks: Sequence[Tensor], f1: Tensor) -> None:  # fmt: skip
+                   h: Tensor, y_old: Tensor, y_new: Tensor, ks: Sequence[Tensor], f1: Tensor) -> None:
     """Dense output at every ``t_eval`` point in ``(t_old, t_new]`` of each accepted sample."""
     new_out = torch.searchsorted(ts, state.t, right=True)
     j = torch.arange(ts.numel(), device=ts.device)
@@ -256,7 +256,7 @@ def _write_outputs(state: _State, tab: ButcherTableau, how: str, ts: Tensor, acc
 
 def _attempt(f: VectorField, state: _State, tab: ButcherTableau, ctrl: PIController, ts: Tensor, rtol: float,
              atol: float, norm: Literal["rms", "max"], per_sample: bool, how: str,
-             record_steps: bool) -> None:  # fmt: skip
+             record_steps: bool) -> None:
     """One batched step attempt: every active sample tries its own ``h``; accepted ones advance."""
     t_end = ts[-1]
     remaining = t_end - state.t
@@ -276,7 +276,7 @@ def _attempt(f: VectorField, state: _State, tab: ButcherTableau, ctrl: PIControl
         state.steps.append((kept, state.y))
     with torch.no_grad():
         ratio = (error_ratio(res.error_estimate, state.y, res.y_next, rtol, atol, norm, per_sample)
-                 if kept is None else kept.detach()).double()  # fmt: skip
+                 if kept is None else kept.detach()).double()
         finite = torch.isfinite(ratio)
         ratio = torch.where(finite, ratio, torch.full_like(ratio, float("inf")))
     accepted = state.active & (ratio <= 1.0)
@@ -334,9 +334,9 @@ def _raise_no_progress(state: _LoopState, t_end: float, under: Tensor | None, ma
         where = f"step size underflow at t={state.t[i].item()!r} (t1={t_end!r}) for sample {i}, h={state.h[i].item()!r}"
         if state.last_nonfinite[i]:
             raise RuntimeError(f"{where}: the state or f(t, y) became NaN/inf there; check the vector field and its "
-                               "parameters near that time")  # fmt: skip
+                               "parameters near that time")
         raise RuntimeError(f"{where}: the solution may blow up near that time, or the problem is too stiff for an "
-                           "explicit method; check the vector field, loosen rtol/atol, or end t_eval earlier")  # fmt: skip
+                           "explicit method; check the vector field, loosen rtol/atol, or end t_eval earlier")
     else:
         t_min = state.t.masked_fill(~state.active, float("inf")).min()
         i = int((state.t == t_min).logical_and(state.active).nonzero()[0, 0])
@@ -349,7 +349,7 @@ def _raise_no_progress(state: _LoopState, t_end: float, under: Tensor | None, ma
 
 
 def _pack_record(record: list[tuple[Tensor, Tensor, Tensor]], n_accepted: Tensor,
-                 steps: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, ...]:  # fmt: skip
+                 steps: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, ...]:
     """Per-attempt records -> per-sample padded ``(batch, max_accepted, ...)`` tensors of the accepted steps.
 
     Returns ``step_t, step_h`` (NaN-padded float64) and, if ``steps`` were recorded, ``step_error`` (NaN-padded)
@@ -374,7 +374,7 @@ def solve(f: VectorField, y0: Tensor, t_eval: Sequence[float] | Tensor, method: 
           rtol: float = 1e-6, atol: float = 1e-8, max_steps: int = 10_000, per_sample: bool = True,
           h0: float | Tensor | None = None, norm: Literal["rms", "max"] = "rms",
           interpolation: Literal["tableau", "hermite"] = "tableau", controller: PIController | None = None,
-          record_steps: bool = False) -> Solution:  # fmt: skip
+          record_steps: bool = False) -> Solution:
     """Integrate ``dy/dt = f(t, y)`` from ``t_eval[0]`` to ``t_eval[-1]`` for a batch of initial states.
 
     f: ``f(t, y)`` with ``t`` float64 ``(batch,)`` (each sample's own time) and ``y`` ``(batch, *state)``.

@@ -58,7 +58,7 @@ def as_batch_time(x: TimeLike, batch: int, name: str, device: torch.device) -> T
     if x.shape != (batch,):
         raise ValueError(
             bad_value(f"{name}.shape", tuple(x.shape), f"a scalar or ({batch},), one value per sample",
-                      f"pass {name} as a float or a 1-D tensor with one entry per row of y")  # fmt: skip
+                      f"pass {name} as a float or a 1-D tensor with one entry per row of y")
         )
     return x
 
@@ -90,7 +90,7 @@ def _combine(weights: Sequence[float], ks: Sequence[Tensor]) -> Tensor:
 
 
 def rk_step(f: VectorField, t: TimeLike, y: Tensor, h: TimeLike, tableau: ButcherTableau | str = TSIT5,
-            k1: Tensor | None = None) -> StepResult:  # fmt: skip
+            k1: Tensor | None = None) -> StepResult:
     """One step of an explicit embedded Runge-Kutta pair from any state, batched and differentiable.
 
     f: vector field ``f(t, y)``, ``t`` float64 ``(batch,)``. t, h: scalars or ``(batch,)`` (per-sample times and
@@ -126,7 +126,7 @@ def _norm(x: Tensor, norm: str, per_sample_norm: bool) -> Tensor:
 
 
 def error_ratio(error: Tensor, y0: Tensor, y1: Tensor, rtol: float, atol: float,
-                norm: Literal["rms", "max"] = "rms", per_sample: bool = True) -> Tensor:  # fmt: skip
+                norm: Literal["rms", "max"] = "rms", per_sample: bool = True) -> Tensor:
     """Scaled error ``EEst``: ``|| error / (atol + rtol * max(|y0|, |y1|)) ||``; a step is acceptable if ``<= 1``.
 
     error, y0, y1: ``(batch, *state)``. norm: ``"rms"`` (Hairer's, the paper's) or ``"max"``. per_sample: one
@@ -142,7 +142,7 @@ def error_ratio(error: Tensor, y0: Tensor, y1: Tensor, rtol: float, atol: float,
 
 @torch.no_grad()
 def initial_step_size(f: VectorField, t0: TimeLike, y0: Tensor, rtol: float, atol: float, order: int,
-                      f0: Tensor | None = None, per_sample: bool = True) -> Tensor:  # fmt: skip
+                      f0: Tensor | None = None, per_sample: bool = True) -> Tensor:
     """Automatic initial step of Hairer, Norsett & Wanner, Solving ODEs I, II.4 (the ``HINIT`` routine).
 
     With ``sc = atol + rtol |y0|`` and RMS norms: ``d0 = ||y0/sc||``, ``d1 = ||f0/sc||``; ``h0 = 0.01 d0/d1``

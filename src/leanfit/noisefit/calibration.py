@@ -63,12 +63,12 @@ def _check_batches(batches: Iterable[dict[str, Any]], config: NoiseFiTConfig, de
             break
         if not isinstance(batch, dict) or "input_ids" not in batch:
             raise ConfigError(bad_value("batches", f"item {i} of type {type(batch).__name__}", "dicts with "
-                                        "input_ids, attention_mask and labels"))  # fmt: skip
+                                        "input_ids, attention_mask and labels"))
         labels = batch.get("labels")
         if batch["input_ids"].numel() == 0 or (not config.paper_v1 and (
-                labels is None or not bool(shifted_completion_mask(labels).any()))):  # fmt: skip
+                labels is None or not bool(shifted_completion_mask(labels).any()))):
             raise ConfigError(bad_value("batches", f"batch {i} with no completion token", "batches whose labels "
-                                        "hold at least one token != -100 after the next-token shift"))  # fmt: skip
+                                        "hold at least one token != -100 after the next-token shift"))
         out.append({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
     if not out:
         raise ConfigError(bad_value("batches", "an empty list", "at least one training batch"))
@@ -81,7 +81,7 @@ def _inputs(batch: dict[str, Any]) -> dict[str, Any]:
 
 @torch.no_grad()
 def snr_scores(model: nn.Module, batches: list[dict[str, Any]], config: NoiseFiTConfig,
-               n_draws: int = SNR_DRAWS) -> list[float]:  # fmt: skip
+               n_draws: int = SNR_DRAWS) -> list[float]:
     """Per-layer SNR mean|h| / (mean|noise| + 1e-6), noise drawn directly on each block's clean output.
 
     leanfit: valid tokens = :func:`statistics_mask`, noise = :func:`token_noise_std` at ``rel_noise``; paper_v1:
@@ -120,14 +120,14 @@ def _capture(store: dict[int, torch.Tensor], layer: int):  # noqa: ANN202 - a cl
 def _probe_std(h: torch.Tensor, mask: torch.Tensor | None, config: NoiseFiTConfig) -> torch.Tensor:
     if config.paper_v1:  # the reference's probe applies noise_std once
         return paper_v1_noise_std(h, config.rel_noise * float(h.std()), beta=config.robust_beta,
-                                  max_factor=config.max_token_factor)  # fmt: skip
+                                  max_factor=config.max_token_factor)
     return token_noise_std(h, mask, scale=config.rel_noise, token_adaptive=config.token_adaptive,
-                           beta=config.robust_beta, max_factor=config.max_token_factor)  # fmt: skip
+                           beta=config.robust_beta, max_factor=config.max_token_factor)
 
 
 @torch.no_grad()
 def propagated_kl(model: nn.Module, batches: list[dict[str, Any]], config: NoiseFiTConfig,
-                  pairs: list[tuple[int, float]]) -> dict[tuple[int, float], float]:  # fmt: skip
+                  pairs: list[tuple[int, float]]) -> dict[tuple[int, float], float]:
     """Symmetric KL between clean and noisy next-token distributions on the completion tokens, for each
     (layer, relative scale) in ``pairs``, noise at that layer only. Put the model in eval mode first (the
     injector is forced on), or dropout adds to the measured KL."""
@@ -213,7 +213,7 @@ def calibrate(model: nn.Module, batches: Iterable[dict[str, Any]], config: Noise
 
 
 def _propagated(model: nn.Module, batches: list[dict[str, Any]], config: NoiseFiTConfig, spec: Any, n_layers: int,
-                details: dict[str, Any]) -> tuple[list[int], dict[int, float], list[float | None]]:  # fmt: skip
+                details: dict[str, Any]) -> tuple[list[int], dict[int, float], list[float | None]]:
     rel = float(config.rel_noise)
     candidates = list(spec.indices) if spec.kind == "explicit" else list(range(n_layers))
     at_rel = propagated_kl(model, batches, config, [(i, rel) for i in candidates])
@@ -227,5 +227,5 @@ def _propagated(model: nn.Module, batches: list[dict[str, Any]], config: NoiseFi
     all_scales = sorted(set(grid) | {rel})
     scales = {i: scale_for_target(all_scales, [kl_grid[(i, s)] for s in all_scales], target) for i in layers}
     details.update(target_kl=target, scale_grid=all_scales,
-                   kl_grid={i: [kl_grid[(i, s)] for s in all_scales] for i in layers})  # fmt: skip
+                   kl_grid={i: [kl_grid[(i, s)] for s in all_scales] for i in layers})
     return layers, scales, scores

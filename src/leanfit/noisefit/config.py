@@ -63,7 +63,7 @@ def _parse_layers(value: str | list[int] | tuple[int, ...]) -> LayerSpec:
 def _explicit(indices: list[int], value: object) -> LayerSpec:
     if any(i < 0 for i in indices) or len(set(indices)) != len(indices):
         raise ConfigError(bad_value("layers", value, "distinct non-negative layer indices", "drop repeated or "
-                                    "negative indices"))  # fmt: skip
+                                    "negative indices"))
     return LayerSpec("explicit", len(indices), tuple(sorted(indices)))
 
 
@@ -72,30 +72,30 @@ class NoiseFiTConfig(BaseConfig):
     """Everything NoiseFiT needs: where and how much noise, how layers are calibrated, and the loss weights."""
 
     layers: str | list[int] = option("auto", help='noisy decoder blocks: "auto" (calibrated, k=ceil(sqrt(L))), '
-                                     '"auto:k", "snr_high:k", "snr_low:k" or indices "2,5"')  # fmt: skip
+                                     '"auto:k", "snr_high:k", "snr_low:k" or indices "2,5"')
     rel_noise: float = option(0.05, help="noise std relative to each token's RMS over the hidden dimension "
-                                         "(paper_v1: the reference's noise_std)")  # fmt: skip
+                                         "(paper_v1: the reference's noise_std)")
     token_adaptive: bool = option(True, help="scale noise per token (variance ratio, clipped) and per element "
-                                             "(robust weight); off = isotropic rel_noise*RMS_t")  # fmt: skip
+                                             "(robust weight); off = isotropic rel_noise*RMS_t")
     robust_beta: float = option(0.1, help="beta of the per-element weight exp(-beta*|h-median_t|/MAD_t)")
     max_token_factor: float = option(5.0, help="clip of the per-token factor var_t/mean(var)")
     n_noisy: int = option(1, help="noisy branches per step: 1 (step cost about 2x SFT) or 2 (needed by the "
-                                  "consistency term; about 3x)")  # fmt: skip
+                                  "consistency term; about 3x)")
     alpha: float = option(0.5, help="weight of the cross-entropy term; the soft (clean->noisy KL) term gets 1-alpha")
     lam: float = option(0.0, help="weight of the consistency KL between the two noisy branches (needs n_noisy=2; "
-                                  "the reference uses 0.1, its 2026 version 0.05)")  # fmt: skip
+                                  "the reference uses 0.1, its 2026 version 0.05)")
     temperature: float = option(1.0, help="distillation temperature T (both sides, loss times T^2)")
     kl: Literal["forward", "symmetric"] = option("symmetric", help="consistency term: symmetric KL between "
-                                                 "the noisy branches, or KL to a detached first branch")  # fmt: skip
+                                                 "the noisy branches, or KL to a detached first branch")
     calibration: Literal["propagated", "snr"] = option("propagated", help='how "auto" and explicit layers are '
                                                        "scored: KL at the logits (and per-layer scales) or the "
-                                                       "paper's SNR")  # fmt: skip
+                                                       "paper's SNR")
     calib_batches: int = option(4, help="training batches used by calibration (paper_v1: 1)")
     calib_scales: tuple[float, ...] = option((0.0125, 0.025, 0.05, 0.1, 0.2),
                                              help="relative noise scales tried per kept layer by the propagated "
-                                                  "calibration (plus rel_noise)")  # fmt: skip
+                                                  "calibration (plus rel_noise)")
     paper_v1: bool = option(False, help="reproduce the reference v1 trainer, defects included (forces n_noisy=2, "
-                                        "calibration=snr, auto=snr_high:3)")  # fmt: skip
+                                        "calibration=snr, auto=snr_high:3)")
     seed: int = option(0, help="seed of the injector's noise generator")
 
     def __post_init__(self) -> None:
@@ -111,7 +111,7 @@ class NoiseFiTConfig(BaseConfig):
             raise ConfigError(bad_value("n_noisy", self.n_noisy, "1 or 2"))
         if self.lam > 0 and self.n_noisy == 1:
             raise ConfigError(bad_value("lam", self.lam, "0 when n_noisy=1 (the consistency term compares two "
-                                        "noisy branches)", "set n_noisy=2 or lam=0"))  # fmt: skip
+                                        "noisy branches)", "set n_noisy=2 or lam=0"))
         if self.kl not in ("forward", "symmetric"):
             raise ConfigError(bad_value("kl", self.kl, "'forward' or 'symmetric'"))
         if self.calibration not in ("propagated", "snr"):
@@ -131,7 +131,7 @@ class NoiseFiTConfig(BaseConfig):
         scales = tuple(float(s) for s in self.calib_scales)
         if not scales or not all(math.isfinite(s) and s > 0 for s in scales):
             raise ConfigError(bad_value("calib_scales", self.calib_scales, "a non-empty list of relative scales > 0",
-                                        "for example [0.025, 0.05, 0.1]"))  # fmt: skip
+                                        "for example [0.025, 0.05, 0.1]"))
         self.calib_scales = scales
 
     def layer_spec(self) -> LayerSpec:
@@ -161,7 +161,7 @@ class CalibrationResult:
     def to_dict(self) -> dict[str, Any]:
         """Plain (JSON/YAML-safe) dict for the run record."""
         return {"method": self.method, "layers": list(self.layers), "scores": list(self.scores),
-                "scales": {str(k): v for k, v in self.scales.items()}, "details": _plain(self.details)}  # fmt: skip
+                "scales": {str(k): v for k, v in self.scales.items()}, "details": _plain(self.details)}
 
 
 def _plain(value: Any) -> Any:

@@ -101,7 +101,7 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
         expected = f"of length config.num_hidden_layers={n_layers}" if n_layers else "(the model has no config)"
         raise ConfigError(bad_value("model", type(base).__name__, f"a causal LM with an nn.ModuleList of decoder "
                                     f"blocks {expected}; searched ModuleLists named {', '.join(_BLOCK_LIST_NAMES)} "
-                                    "and any list of one block type", "pass a decoder-only transformer"))  # fmt: skip
+                                    "and any list of one block type", "pass a decoder-only transformer"))
     return found[0][1]
 
 
@@ -131,7 +131,7 @@ def _winsorized(h: torch.Tensor, k: float = _WINSOR_K) -> tuple[torch.Tensor, to
 
 def token_noise_std(hidden: torch.Tensor, token_mask: torch.Tensor | None = None, *, scale: float,
                     token_adaptive: bool = True, beta: float = 0.1,
-                    max_factor: float = 5.0) -> torch.Tensor:  # fmt: skip
+                    max_factor: float = 5.0) -> torch.Tensor:
     """leanfit's noise std: ``hidden`` (B, T, d) -> float32 (B, T, d), or (B, T, 1) when not ``token_adaptive``.
 
     ``token_mask`` (B, T) bool marks the valid tokens whose variances form the mean variance of the token
@@ -153,7 +153,7 @@ def token_noise_std(hidden: torch.Tensor, token_mask: torch.Tensor | None = None
 
 
 def paper_v1_noise_std(hidden: torch.Tensor, base: float, *, beta: float = 0.1,
-                       max_factor: float = 5.0) -> torch.Tensor:  # fmt: skip
+                       max_factor: float = 5.0) -> torch.Tensor:
     """The reference v1 per-element std ``base * MAD_t * exp(-beta|h - med_t|/MAD_t) * min(exp(var_t/mean var), 5)``.
 
     hidden: (B, T, d) -> (B, T, d) float32, differentiable in ``hidden`` as in the reference (no detach);
@@ -201,12 +201,12 @@ def _rows_for(rows: torch.Tensor | None, raw_len: int | None, batch: int, device
 
 
 def _mask_for(mask: torch.Tensor | None, name: str, shape: tuple[int, int],
-              device: torch.device) -> torch.Tensor | None:  # fmt: skip
+              device: torch.device) -> torch.Tensor | None:
     if mask is None:
         return None
     if tuple(mask.shape) != shape:
         raise ConfigError(bad_value(name, f"tensor of shape {tuple(mask.shape)}", f"shape (batch, seq)={shape}, "
-                                    "the whole batch of the forward (noisy and clean rows)"))  # fmt: skip
+                                    "the whole batch of the forward (noisy and clean rows)"))
     return mask.to(device=device, dtype=torch.bool)
 
 
@@ -220,7 +220,7 @@ class NoiseInjector:
 
     def __init__(self, model: nn.Module, config: NoiseFiTConfig, layers: Sequence[int] | None = None,
                  scales: Mapping[int, float] | None = None, *,
-                 generator: Literal["private", "global"] = "private") -> None:  # fmt: skip
+                 generator: Literal["private", "global"] = "private") -> None:
         self.config = config
         blocks = find_decoder_layers(model)
         self.layers = self._check_layers(config, layers, len(blocks))
@@ -242,7 +242,7 @@ class NoiseInjector:
 
     @classmethod
     def from_calibration(cls, model: nn.Module, config: NoiseFiTConfig, result: CalibrationResult,
-                         **kwargs: Any) -> NoiseInjector:  # fmt: skip
+                         **kwargs: Any) -> NoiseInjector:
         """An injector on the layers and scales chosen by :func:`leanfit.noisefit.calibration.calibrate`."""
         return cls(model, config, layers=result.layers, scales=result.scales, **kwargs)
 
@@ -253,12 +253,12 @@ class NoiseInjector:
             if spec.kind != "explicit":
                 raise ConfigError(bad_value("layers", config.layers, "explicit layer indices here",
                                             "run calibrate(model, batches, config) and pass layers=result.layers, "
-                                            "scales=result.scales (or NoiseInjector.from_calibration)"))  # fmt: skip
+                                            "scales=result.scales (or NoiseInjector.from_calibration)"))
             layers = spec.indices
         layers = tuple(int(i) for i in layers)
         if not layers or len(set(layers)) != len(layers) or any(not 0 <= i < n_blocks for i in layers):
             raise ConfigError(bad_value("layers", list(layers), f"distinct indices in [0, {n_blocks}) (the model "
-                                        f"has {n_blocks} decoder blocks)"))  # fmt: skip
+                                        f"has {n_blocks} decoder blocks)"))
         return tuple(sorted(layers))
 
     # ----------------------------------------------------------------------------------------------- activation
@@ -269,7 +269,7 @@ class NoiseInjector:
 
     @contextlib.contextmanager
     def noisy(self, rows: Any = None, token_mask: torch.Tensor | None = None, noise_mask: torch.Tensor | None = None,
-              force: bool = False) -> Iterator[NoiseInjector]:  # fmt: skip
+              force: bool = False) -> Iterator[NoiseInjector]:
         """Add noise in forwards run inside this block (blocks in training mode only, unless ``force``).
 
         rows: bool mask (B,) or indices of the batch rows to perturb (None = all); token_mask / noise_mask: as in
@@ -325,7 +325,7 @@ class NoiseInjector:
             if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
                 return type(output)([self._perturb(layer, output[0], state), *output[1:]])
             raise TypeError(f"decoder block {layer} returned {type(output).__name__}; NoiseInjector handles a "
-                            "hidden-state tensor or a tuple whose first item is one")  # fmt: skip
+                            "hidden-state tensor or a tuple whose first item is one")
 
         return hook
 
@@ -364,7 +364,7 @@ class NoiseInjector:
             base = scale * scale * sub.detach().float().std().item()
             return paper_v1_noise_std(sub, base, beta=cfg.robust_beta, max_factor=cfg.max_token_factor)
         return token_noise_std(sub, tmask, scale=scale, token_adaptive=cfg.token_adaptive, beta=cfg.robust_beta,
-                               max_factor=cfg.max_token_factor)  # fmt: skip
+                               max_factor=cfg.max_token_factor)
 
     @torch.no_grad()
     def _record(self, layer: int, sub: torch.Tensor, noise: torch.Tensor, tmask: torch.Tensor | None) -> None:

@@ -86,7 +86,7 @@ def _kl_rows(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float 
 
 
 def masked_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor | None = None,
-              temperature: float = 1.0, num_items: float | torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+              temperature: float = 1.0, num_items: float | torch.Tensor | None = None) -> torch.Tensor:
     """Token-averaged KL(softmax(p/T) || softmax(q/T)) over the positions where ``mask`` is True.
 
     p_logits, q_logits: (..., V); mask: (...) bool (None = every position). The sum over masked positions is
@@ -106,7 +106,7 @@ def _check_labels(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     mask = shifted_completion_mask(labels)
     if not bool(mask.any()):
         raise ConfigError(bad_value("labels", "all -100 after the next-token shift", "at least one completion "
-                                    "token", "check the collator's prompt masking and truncation"))  # fmt: skip
+                                    "token", "check the collator's prompt masking and truncation"))
     return labels, mask
 
 
@@ -144,7 +144,7 @@ def _ce_rows(rows: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, num_i
 
 
 def noisefit_loss(model: nn.Module, batch: dict[str, Any], injector: NoiseInjector | None, config: NoiseFiTConfig,
-                  num_items_in_batch: int | torch.Tensor | None = None) -> NoiseFiTLossOutput:  # fmt: skip
+                  num_items_in_batch: int | torch.Tensor | None = None) -> NoiseFiTLossOutput:
     """NoiseFiT's loss for one batch (see the module docstring).
 
     model: the model as given by ``Trainer.compute_loss`` (PEFT- or accelerate-wrapped is fine); batch: dict
@@ -188,12 +188,12 @@ def _check_injector(injector: NoiseInjector | None, config: NoiseFiTConfig) -> N
     if not isinstance(injector, NoiseInjector):
         raise ConfigError(bad_value("injector", type(injector).__name__, "a NoiseInjector on the model when "
                                     f"alpha={config.alpha} < 1 or lam={config.lam} > 0",
-                                    "build one with NoiseInjector(model, config, layers=...)"))  # fmt: skip
+                                    "build one with NoiseInjector(model, config, layers=...)"))
     return injector
 
 
 def _paper_v1_loss(model: nn.Module, batch: dict[str, Any], injector: NoiseInjector | None, config: NoiseFiTConfig,
-                   labels: torch.Tensor) -> NoiseFiTLossOutput:  # fmt: skip
+                   labels: torch.Tensor) -> NoiseFiTLossOutput:
     """The reference v1 loss, defects included: three forwards, undetached teacher, T on the teacher only and no
     T^2, one-direction consistency, unshifted label mask on next-token logits."""
     injector = _check_injector(injector, config)
@@ -218,7 +218,7 @@ def _paper_v1_loss(model: nn.Module, batch: dict[str, Any], injector: NoiseInjec
 
 
 def rdrop_loss(model: nn.Module, batch: dict[str, Any], alpha: float,
-               num_items_in_batch: int | torch.Tensor | None = None) -> RDropLossOutput:  # fmt: skip
+               num_items_in_batch: int | torch.Tensor | None = None) -> RDropLossOutput:
     """R-Drop (Liang et al., 2021) for a causal LM: the batch twice in one forward (dropout differs per row),
     ``loss = (CE_1 + CE_2) / 2 + alpha * (KL(p1||p2) + KL(p2||p1)) / 2`` on the shifted completion tokens.
 

@@ -72,11 +72,11 @@ class NoiseFiTMixin(_MixinBase):
     """The NoiseFiT loss for any ``transformers.Trainer`` subclass (mix in before the Trainer class)."""
 
     def __init__(self, *args: Any, noisefit_config: NoiseFiTConfig | None = None,
-                 calibration_batches: Iterable[Mapping[str, Any]] | None = None, **kwargs: Any) -> None:  # fmt: skip
+                 calibration_batches: Iterable[Mapping[str, Any]] | None = None, **kwargs: Any) -> None:
         config = NoiseFiTConfig() if noisefit_config is None else noisefit_config
         if not isinstance(config, NoiseFiTConfig):
             raise TypeError(bad_value("noisefit_config", type(config).__name__, "a NoiseFiTConfig",
-                                      "build one with NoiseFiTConfig(...)"))  # fmt: skip
+                                      "build one with NoiseFiTConfig(...)"))
         super().__init__(*args, **kwargs)
         self.noisefit_config = config
         self.calibration_batches = calibration_batches
@@ -115,12 +115,12 @@ class NoiseFiTMixin(_MixinBase):
                 break
         if not batches:
             raise ConfigError(bad_value("calibration_batches", "an empty iterable", f"{n} batch(es) of training data",
-                                        "pass training batches or a non-empty train_dataset"))  # fmt: skip
+                                        "pass training batches or a non-empty train_dataset"))
         return batches
 
     # -- loss --------------------------------------------------------------------------------------------------
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:  # fmt: skip
+                     num_items_in_batch: Any = None) -> Any:
         from leanfit.noisefit.loss import noisefit_loss
 
         if self.injector is None or not model.training:  # evaluation: the plain loss, never noisy
@@ -156,7 +156,7 @@ class RDropTrainer(Trainer):
         self.rdrop_alpha = rdrop_alpha
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:  # fmt: skip
+                     num_items_in_batch: Any = None) -> Any:
         from leanfit.noisefit.loss import rdrop_loss
 
         if not model.training:
@@ -174,7 +174,7 @@ def __getattr__(name: str) -> Any:
         cls = type("NoiseFiTSFTTrainer", (NoiseFiTMixin, SFTTrainer), {
             "__doc__": "TRL ``SFTTrainer`` with the NoiseFiT loss (same arguments plus ``noisefit_config``).",
             "__module__": __name__,
-        })  # fmt: skip
+        })
         globals()[name] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

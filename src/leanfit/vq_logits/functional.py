@@ -57,7 +57,7 @@ def _segment_logsumexp(values: torch.Tensor, segment: torch.Tensor, n: int) -> t
 
 
 def cluster_log_normalizers(mapping: torch.Tensor, num_codes: int, bias: torch.Tensor | None = None,
-                            dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
+                            dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``B_k = logsumexp_{v: M(v)=k} b_v`` (``log n_k`` without bias; ``-inf`` for empty clusters): (K,).
 
     Differentiable in ``bias`` (the per-cluster max is a detached shift)."""
@@ -102,13 +102,13 @@ def collapsed_cross_entropy(
 
 
 def collapsed_log_prob(hidden: torch.Tensor, codebook: torch.Tensor, mapping: torch.Tensor, tokens: torch.Tensor,
-                       bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
     """``log p(tokens[i] | hidden[i])``: (N,)."""
     return -collapsed_cross_entropy(hidden, codebook, mapping, tokens, bias, ignore_index=-(2**62), reduction="none")
 
 
 def materialized_logits(hidden: torch.Tensor, codebook: torch.Tensor, mapping: torch.Tensor,
-                        bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
     """The (N, V) logits by gathering code logits (the paper's form); for parity checks and fallbacks only."""
     logits = code_logits(hidden, codebook)[:, mapping]
     return logits if bias is None else logits + bias.to(logits.dtype)
@@ -236,7 +236,7 @@ def collapsed_sample(
 
 
 def kept_clusters(z: torch.Tensor, tables: ClusterTables, *, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                  top_p: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """What top-k then top-p keep, cluster by cluster, from code logits ``z`` (N, K) float64: ``counts`` (N, K), the
     kept tokens of cluster k being its first ``counts[:, k]`` in ``tables.order`` (bias descending), and their
     log masses ``log_w`` (N, K) under ``softmax(l / T)`` up to a per-row constant."""
@@ -337,7 +337,7 @@ def residual_cross_entropy(
 
 
 def residual_log_probs(hidden: torch.Tensor, codebook: torch.Tensor, mapping: torch.Tensor,
-                       bias: torch.Tensor | None, proj: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # fmt: skip
+                       bias: torch.Tensor | None, proj: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
     """Full (N, V) log-probabilities of the factorised head: O(N V r); for decoding and parity checks."""
     z = code_logits(hidden, codebook)
     k_total = codebook.shape[0]
@@ -355,7 +355,7 @@ def residual_log_probs(hidden: torch.Tensor, codebook: torch.Tensor, mapping: to
 
 
 def dense_sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Sample from (N, V) logits with the same rules as :func:`collapsed_sample` (ties at a cutoff kept whole);
     the O(V) path used by heads whose distribution does not factor per cluster at T != 1."""
     if temperature <= 0:

@@ -36,7 +36,7 @@ class VQLogitsHead(nn.Module):
 
     def __init__(self, hidden_size: int, mapping: torch.Tensor, num_codes: int, *, token_bias: bool = True,
                  residual_rank: int = 0, mode: Mode = "collapsed", device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:  # fmt: skip
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if hidden_size < 1:
             raise ValueError(f"hidden_size={hidden_size} is invalid: expected a positive integer")
@@ -56,7 +56,7 @@ class VQLogitsHead(nn.Module):
         self.residual_proj = self.residual_emb = None
         if residual_rank:  # starts at U = 0, i.e. exactly the plain head
             self.residual_proj = nn.Parameter(torch.randn(residual_rank, hidden_size, device=device, dtype=dtype)
-                                              * hidden_size**-0.5)  # fmt: skip
+                                              * hidden_size**-0.5)
             self.residual_emb = nn.Parameter(torch.zeros(vocab_size, residual_rank, device=device, dtype=dtype))
         self._layout: tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
         self._tables: tuple[tuple[int, ...], VF.ClusterTables] | None = None
@@ -66,10 +66,10 @@ class VQLogitsHead(nn.Module):
     def from_scratch(cls, hidden_size: int, vocab_size: int, num_codes: int, *,
                      mapping: str | Callable[..., torch.Tensor] = "equal_mass", counts: torch.Tensor | None = None,
                      token_bias: bool = True, residual_rank: int = 0, seed: int = 0,
-                     mode: Mode = "collapsed") -> VQLogitsHead:  # fmt: skip
+                     mode: Mode = "collapsed") -> VQLogitsHead:
         """A freshly initialised head; frequency-based maps need token ``counts`` (V,)."""
         m = build_mapping(mapping, vocab_size=vocab_size, num_codes=num_codes, counts=counts, seed=seed,
-                          embeddings=torch.randn(vocab_size, hidden_size, generator=torch.Generator().manual_seed(seed)))  # fmt: skip
+                          embeddings=torch.randn(vocab_size, hidden_size, generator=torch.Generator().manual_seed(seed)))
         head = cls(hidden_size, m, num_codes, token_bias=token_bias, residual_rank=residual_rank, mode=mode)
         if token_bias and counts is not None:
             head._init_bias_from_counts(counts)
@@ -80,7 +80,7 @@ class VQLogitsHead(nn.Module):
                     mapping: str | Callable[..., torch.Tensor] | torch.Tensor = "kmeans",
                     counts: torch.Tensor | None = None, token_bias: bool = True, residual_rank: int = 0,
                     bias_init: Literal["zeros", "unigram"] = "zeros", seed: int = 0,
-                    mode: Mode = "collapsed") -> VQLogitsHead:  # fmt: skip
+                    mode: Mode = "collapsed") -> VQLogitsHead:
         """Compress a trained output layer (the paper's Option A): codes are the mean output embedding of their
         tokens; the bias starts at the layer's own bias (or 0) and, with ``bias_init="unigram"``, adds each
         token's log-share of its cluster's unigram mass from ``counts`` (useful from scratch with dense counts; on a
@@ -95,9 +95,9 @@ class VQLogitsHead(nn.Module):
             m = validate_mapping(mapping, vocab_size, num_codes)
         else:
             m = build_mapping(mapping, vocab_size=vocab_size, num_codes=num_codes, embeddings=weight, counts=counts,
-                              seed=seed)  # fmt: skip
+                              seed=seed)
         head = cls(hidden_size, m.to(weight.device), num_codes, token_bias=token_bias, residual_rank=residual_rank,
-                   mode=mode, device=weight.device, dtype=weight.dtype)  # fmt: skip
+                   mode=mode, device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             sums = torch.zeros(num_codes, hidden_size, dtype=torch.float64, device=weight.device)
             sums.index_add_(0, head.mapping, weight.double())
@@ -117,7 +117,7 @@ class VQLogitsHead(nn.Module):
         proj, emb = self._residual()
         residual = weight.double() - self.codebook.detach().double()[self.mapping]
         u, s, v = torch.svd_lowrank(residual, q=min(self.residual_rank + 8, *residual.shape), niter=4,
-                                    M=None)  # fmt: skip
+                                    M=None)
         r = self.residual_rank
         emb.copy_((u[:, :r] * s[:r]).to(emb.dtype))
         proj.copy_(v[:, :r].t().to(proj.dtype))
@@ -138,10 +138,10 @@ class VQLogitsHead(nn.Module):
     def _flat(self, hidden: torch.Tensor) -> torch.Tensor:
         if hidden.shape[-1] != self.hidden_size:
             raise ValueError(f"hidden has size {hidden.shape[-1]} in its last dimension: expected {self.hidden_size} "
-                             "(the head's hidden_size)")  # fmt: skip
+                             "(the head's hidden_size)")
         if not torch.isfinite(hidden).all():
             raise ValueError("hidden contains NaN or inf: the trunk diverged or received bad inputs; "
-                             "check the learning rate and mixed-precision settings")  # fmt: skip
+                             "check the learning rate and mixed-precision settings")
         return hidden.reshape(-1, self.hidden_size)
 
     def _check_tokens(self, tokens: torch.Tensor, name: str, ignore_index: int | None = None) -> torch.Tensor:
@@ -177,7 +177,7 @@ class VQLogitsHead(nn.Module):
         return self._layout[1]
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
-             reduction: VF.Reduction = "mean") -> torch.Tensor:  # fmt: skip
+             reduction: VF.Reduction = "mean") -> torch.Tensor:
         """Cross-entropy over the full vocabulary (exact); hidden (..., d), labels (...)."""
         flat, y = self._flat(hidden), self._check_tokens(labels, "labels", ignore_index)
         if y.numel() != flat.shape[0]:
@@ -188,10 +188,10 @@ class VQLogitsHead(nn.Module):
         elif self.residual_rank:
             out = VF.residual_cross_entropy(flat, self.codebook, self.mapping, y, self.bias, *self._residual(),
                                             layout=self.layout(), ignore_index=ignore_index,
-                                            reduction=reduction)  # fmt: skip
+                                            reduction=reduction)
         else:
             out = VF.collapsed_cross_entropy(flat, self.codebook, self.mapping, y, self.bias,
-                                             ignore_index=ignore_index, reduction=reduction)  # fmt: skip
+                                             ignore_index=ignore_index, reduction=reduction)
         return out.reshape(labels.shape) if reduction == "none" else out
 
     def log_prob(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -200,7 +200,7 @@ class VQLogitsHead(nn.Module):
         if self.residual_rank:
             nll = VF.residual_cross_entropy(flat, self.codebook, self.mapping, t, self.bias, *self._residual(),
                                             layout=self.layout(), ignore_index=-(2**62),
-                                            reduction="none")  # fmt: skip
+                                            reduction="none")
             return (-nll).reshape(tokens.shape)
         return VF.collapsed_log_prob(flat, self.codebook, self.mapping, t, self.bias).reshape(tokens.shape)
 
@@ -220,14 +220,14 @@ class VQLogitsHead(nn.Module):
 
     @torch.no_grad()
     def sample(self, hidden: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
-               top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+               top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Token ids drawn from ``softmax(logits / temperature)`` with HF-style top-k/top-p: ``hidden.shape[:-1]``."""
         if self.residual_rank:
             out = VF.dense_sample(self.logits(self._flat(hidden)), temperature=temperature, top_k=top_k, top_p=top_p,
-                                  generator=generator)  # fmt: skip
+                                  generator=generator)
         else:
             out = VF.collapsed_sample(self._flat(hidden), self.codebook, self.tables(), temperature=temperature,
-                                      top_k=top_k, top_p=top_p, generator=generator)  # fmt: skip
+                                      top_k=top_k, top_p=top_p, generator=generator)
         return out.reshape(hidden.shape[:-1])
 
     # --- accounting ------------------------------------------------------------------------------------------
@@ -235,7 +235,7 @@ class VQLogitsHead(nn.Module):
         """Stored numbers of the head: codebook K*d, bias V (if any), map V (an index per token)."""
         counts = {"codebook": self.codebook.numel(), "bias": self.bias.numel() if self.bias is not None else 0,
                   "mapping": self.mapping.numel(),
-                  "residual": sum(p.numel() for p in (self.residual_proj, self.residual_emb) if p is not None)}  # fmt: skip
+                  "residual": sum(p.numel() for p in (self.residual_proj, self.residual_emb) if p is not None)}
         counts["total"] = sum(counts.values())
         return counts
 
@@ -245,4 +245,4 @@ class VQLogitsHead(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, vocab_size={self.vocab_size}, num_codes={self.num_codes}, "
-                f"token_bias={self.bias is not None}, residual_rank={self.residual_rank}, mode={self.mode!r}")  # fmt: skip
+                f"token_bias={self.bias is not None}, residual_rank={self.residual_rank}, mode={self.mode!r}")

@@ -30,7 +30,7 @@ from leanfit.vq_logits.head import Mode, VQLogitsHead
 __all__ = ["from_pretrained", "replace_lm_head", "vq_causal_lm_class"]
 
 _FAST_GENERATE_KEYS = {"input_ids", "attention_mask", "max_new_tokens", "max_length", "do_sample", "temperature",
-                       "top_k", "top_p", "eos_token_id", "pad_token_id", "generation_config", "generator"}  # fmt: skip
+                       "top_k", "top_p", "eos_token_id", "pad_token_id", "generation_config", "generator"}
 
 
 def _spec(config: Any) -> dict[str, Any]:
@@ -41,7 +41,7 @@ def _spec(config: Any) -> dict[str, Any]:
 
 
 def _vq_forward(self: Any, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0, **kwargs: Any) -> Any:  # fmt: skip
+                labels: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0, **kwargs: Any) -> Any:
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     num_items = kwargs.pop("num_items_in_batch", None)
@@ -64,13 +64,13 @@ def _vq_forward(self: Any, input_ids: torch.Tensor | None = None, attention_mask
     # transformers >= 5 names the field `cache` and still accepts `past_key_values`, the only name 4.x knows
     return CausalLMOutputWithPast(loss=loss, logits=logits,
                                   past_key_values=outputs.past_key_values,  # type: ignore[call-arg]
-                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions)  # fmt: skip
+                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 
 @torch.no_grad()
 def _fast_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *, max_new_tokens: int,
                    do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
-                   eos_token_id: list[int], pad_token_id: int | None, generator: torch.Generator | None) -> torch.Tensor:  # fmt: skip
+                   eos_token_id: list[int], pad_token_id: int | None, generator: torch.Generator | None) -> torch.Tensor:
     """Greedy/sampled decoding with the KV cache and the head's O(K) argmax/sampler."""
     from transformers import DynamicCache
 
@@ -81,7 +81,7 @@ def _fast_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Te
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     cache = DynamicCache()
     out = decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                  use_cache=True)  # fmt: skip
+                  use_cache=True)
     sequences, done = input_ids, torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     eos = torch.tensor(eos_token_id or [], dtype=torch.long, device=input_ids.device)
     for _ in range(max_new_tokens):
@@ -99,7 +99,7 @@ def _fast_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Te
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions[:, -1:] + 1
         out = decoder(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache,
-                      use_cache=True)  # fmt: skip
+                      use_cache=True)
     return sequences
 
 
@@ -117,7 +117,7 @@ def _vq_generate(self: Any, inputs: torch.Tensor | None = None, **kwargs: Any) -
     config.update(**kwargs)
     if (getattr(config, "num_beams", 1) or 1) > 1 or (getattr(config, "repetition_penalty", 1.0) or 1.0) != 1.0:
         return super(type(self), self).generate(input_ids=input_ids, attention_mask=attention_mask,
-                                                generation_config=config)  # fmt: skip
+                                                generation_config=config)
     max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - input_ids.shape[1]
     eos = config.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -125,7 +125,7 @@ def _vq_generate(self: Any, inputs: torch.Tensor | None = None, **kwargs: Any) -
         self, input_ids, attention_mask, max_new_tokens=max(0, max_new), do_sample=bool(config.do_sample),
         temperature=config.temperature or 1.0, top_k=config.top_k or None, top_p=config.top_p,
         eos_token_id=eos, pad_token_id=config.pad_token_id, generator=generator,
-    )  # fmt: skip
+    )
 
 
 def _vq_init(self: Any, config: Any, *args: Any, **kwargs: Any) -> None:
@@ -134,7 +134,7 @@ def _vq_init(self: Any, config: Any, *args: Any, **kwargs: Any) -> None:
     placeholder = torch.zeros(spec["vocab_size"], dtype=torch.long)  # the real map is loaded with the weights
     self.set_output_embeddings(VQLogitsHead(spec["hidden_size"], placeholder, spec["num_codes"],
                                             token_bias=spec["token_bias"], residual_rank=spec.get("residual_rank", 0),
-                                            mode=spec["mode"]))  # fmt: skip
+                                            mode=spec["mode"]))
 
 
 @functools.cache
@@ -143,13 +143,13 @@ def vq_causal_lm_class(base: type[Any]) -> type[Any]:
     return type(f"VQLogits{base.__name__}", (base,), {
         "__init__": _vq_init, "forward": _vq_forward, "generate": _vq_generate, "_tied_weights_keys": {},
         "__module__": __name__,
-    })  # fmt: skip
+    })
 
 
 def replace_lm_head(model: Any, num_codes: int, *, mapping: str | Callable[..., torch.Tensor] | torch.Tensor = "kmeans",
                     counts: torch.Tensor | None = None, token_bias: bool = True, residual_rank: int = 0,
                     bias_init: Literal["zeros", "unigram"] = "zeros", mode: Mode = "collapsed",
-                    seed: int = 0) -> Any:  # fmt: skip
+                    seed: int = 0) -> Any:
     """Replace ``model``'s output layer by a VQ head built from it, in place; returns the model."""
     linear = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(linear, nn.Linear):
@@ -160,11 +160,11 @@ def replace_lm_head(model: Any, num_codes: int, *, mapping: str | Callable[..., 
     for attr in ("final_logit_softcapping", "logit_scale"):
         if getattr(model.config, attr, None) not in (None, 1.0):
             raise ValueError(f"model.config.{attr}={getattr(model.config, attr)!r} transforms the logits, which a VQ "
-                             "head cannot represent exactly; use a model without it")  # fmt: skip
+                             "head cannot represent exactly; use a model without it")
     head = VQLogitsHead.from_linear(linear, num_codes, mapping=mapping, counts=counts, token_bias=token_bias,
-                                    residual_rank=residual_rank, bias_init=bias_init, seed=seed, mode=mode)  # fmt: skip
+                                    residual_rank=residual_rank, bias_init=bias_init, seed=seed, mode=mode)
     model.config.vq_logits = {"num_codes": num_codes, "vocab_size": head.vocab_size, "hidden_size": head.hidden_size,
-                              "token_bias": token_bias, "residual_rank": residual_rank, "mode": mode}  # fmt: skip
+                              "token_bias": token_bias, "residual_rank": residual_rank, "mode": mode}
     model.config.tie_word_embeddings = False
     if hasattr(model.config, "get_text_config"):
         model.config.get_text_config().tie_word_embeddings = False

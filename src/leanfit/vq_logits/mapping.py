@@ -68,12 +68,12 @@ def kmeans_mapping(embeddings: torch.Tensor, num_codes: int, seed: int = 0, **_:
 
     x = embeddings.detach().float().cpu().numpy()
     km = MiniBatchKMeans(n_clusters=num_codes, random_state=seed, n_init=1, batch_size=max(1024, 4 * num_codes),
-                         max_iter=50)  # fmt: skip
+                         max_iter=50)
     return torch.as_tensor(km.fit_predict(x), dtype=torch.long)
 
 
 def hybrid_mapping(embeddings: torch.Tensor, counts: torch.Tensor, num_codes: int, seed: int = 0,
-                   bands: int = 4, **_: Any) -> torch.Tensor:  # fmt: skip
+                   bands: int = 4, **_: Any) -> torch.Tensor:
     """k-means within ``bands`` equal-mass frequency bands, ``num_codes / bands`` codes each."""
     bands = max(1, min(bands, num_codes))
     band = equal_mass_mapping(counts, bands)

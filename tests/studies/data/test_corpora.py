@@ -126,7 +126,7 @@ def test_corpus_stats_count_documents_and_characters():
         "train_documents": 2, "train_characters": 8,
         "valid_documents": 1, "valid_characters": 7,
         "test_documents": 1, "test_characters": 11,
-    }  # fmt: skip
+    }
     assert corpus.texts("valid") == ["z" * 7]
 
 
@@ -208,7 +208,7 @@ def test_hf_dataset_dict_folder_names_rows_by_split(tmp_path):
     datasets.DatasetDict({
         "train": datasets.Dataset.from_dict({"body": ["t0", "t1"]}),
         "test": datasets.Dataset.from_dict({"body": ["s0"]}),
-    }).save_to_disk(str(folder))  # fmt: skip
+    }).save_to_disk(str(folder))
     docs = corpora.hf_dataset(str(folder), text_column="body")
     assert [(d.name, d.text) for d in docs] == [
         ("hf/dd/test/0", "s0"),
@@ -247,7 +247,7 @@ def test_parse_kjv_groups_verses_by_book_in_first_seen_order():
                       "Thus the heavens and the earth were finished."),
         ("kjv/01-1Sm", "Now there was a certain man of Ramathaimzophim."),
         ("kjv/02-1Jn", "That which was from the beginning."),
-    ]  # fmt: skip
+    ]
 
 
 def test_parse_kjv_of_text_without_verses_is_empty():
@@ -275,7 +275,7 @@ def test_austen_has_six_novels():
     assert [d.name for d in docs] == [
         "austen/emma", "austen/mansfieldpark", "austen/northangerabbey",
         "austen/persuasion", "austen/prideprejudice", "austen/sensesensibility",
-    ]  # fmt: skip
+    ]
     pride = docs[4].text
     assert "PRIDE AND PREJUDICE" in pride.splitlines()[0]
     assert "It is a truth universally acknowledged" in pride

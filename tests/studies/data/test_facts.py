@@ -20,7 +20,7 @@ def _needs(module: str) -> pytest.MarkDecorator:
     [("H", "Hydrogen", 1, 1766, 1, 1), ("Ne", "Neon", 10, 1898, 2, 18), ("Au", "Gold", 79, None, 6, 11),
      ("Og", "Oganesson", 118, 2002, 7, 18)],
     ids=["H", "Ne", "Au-ancient", "Og"],
-)  # fmt: skip
+)
 def test_elements_rows(symbol, name, atomic_number, discovery_year, period, group):
     table = elements()
     assert len(table) == 118
@@ -28,7 +28,7 @@ def test_elements_rows(symbol, name, atomic_number, discovery_year, period, grou
     row = next(r for r in table if r["symbol"] == symbol)
     assert (row["name"], row["atomic_number"], row["discovery_year"], row["period"], row["group"]) == (
         name, atomic_number, discovery_year, period, group,
-    )  # fmt: skip
+    )
 
 
 @_needs("countryinfo")
@@ -63,7 +63,7 @@ def test_trivia_has_question_answer_pairs():
     [(elements, "mendeleev", "pip install mendeleev"), (countries, "countryinfo", "pip install countryinfo"),
      (trivia, "chatterbot_corpus", "pip install chatterbot-corpus")],
     ids=["elements", "countries", "trivia"],
-)  # fmt: skip
+)
 def test_missing_package_names_pip_install(hide_package, loader, module, hint):
     hide_package(module)
     with pytest.raises(MissingDependencyError, match="which is not installed") as info:

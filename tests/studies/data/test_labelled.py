@@ -40,7 +40,7 @@ def test_rotten_tomatoes_split_is_deterministic_by_movie(rt):
     # golden sizes: the split hashes movie names with sha256, so they are fixed
     assert {k: (len(v), len(set(v.groups)), sum(v.labels)) for k, v in split.items()} == {
         "train": (10_250, 401, 6_048), "valid": (1_250, 53, 654), "test": (1_308, 54, 701),
-    }  # fmt: skip
+    }
     movies = {k: set(v.groups) for k, v in split.items()}
     assert movies["train"].isdisjoint(movies["valid"])
     assert movies["train"].isdisjoint(movies["test"])
@@ -73,7 +73,7 @@ def test_bbc_news_split_keeps_rows_aligned(bbc, part, size):
 _TOY = LabelledText(
     texts=tuple(f"t{i}" for i in range(6)), labels=(0, 1, 0, 1, 0, 1), label_names=("a", "b"),
     groups=("g0", "g0", "g1", "g1", "g2", "g3"),
-)  # fmt: skip
+)
 
 
 def test_split_without_held_out_fractions_keeps_everything_in_train():

@@ -31,7 +31,7 @@ from leanfit.studies.iapt.bench import (
 
 B, T, NEW = 4, 6, 4
 TINY = {"model": "tiny-llama", "tenants": [1, 3], "batch": B, "prompt_tokens": T, "new_tokens": NEW, "warmup": 0,
-        "repeats": 2, "bottleneck": 8, "iapt_init_scale": 0.5, "lora_init_std": 0.5, "isolate_memory": False}  # fmt: skip
+        "repeats": 2, "bottleneck": 8, "iapt_init_scale": 0.5, "lora_init_std": 0.5, "isolate_memory": False}
 CELLS = [("bare", 1), ("lora_single", 1), ("lora_mixed", 1), ("iapt", 1), ("lora_mixed", 3), ("iapt", 3)]
 D, LAYERS, V = TINY_LLAMA["d_model"], TINY_LLAMA["n_layers"], TINY_LLAMA["vocab_size"]
 FFN = 96  # tiny_llama: round(8/3 * 32 / 32) * 32
@@ -67,13 +67,13 @@ def test_every_cell_measured_with_consistent_timings(bench_dir):
     assert [(r["method"], int(r["tenants"])) for r in rows] == CELLS == cells(cfg())
     for r in rows:
         prefill, step, mean, total = (float(r[k]) for k in ("prefill_ms", "decode_ms_per_token", "decode_ms_mean",
-                                                               "total_ms"))  # fmt: skip
+                                                               "total_ms"))
         assert prefill > 0 and step > 0 and mean > 0 and total > prefill, r
         assert float(r["decode_tokens_per_s"]) == pytest.approx(1e3 * B / step, rel=1e-9)
         assert float(r["tokens_per_s"]) == pytest.approx(1e3 * B * NEW / total, rel=1e-9)
         assert float(r["peak_mb"]) >= 0 and r["timed_rounds"] == "2" and r["batch"] == str(B)
     for name in ("results.json", "env.json", "config.yaml", "report.md", "plots/decode_throughput.png",
-                 "plots/step_times.png"):  # fmt: skip
+                 "plots/step_times.png"):
         assert (bench_dir / name).is_file(), name
     report = (bench_dir / "report.md").read_text()
     assert "IAPT decode tokens/s" in report and "### All cells" in report and "r=1 on q_proj" in report
@@ -119,7 +119,7 @@ def test_adapter_budget_and_flops_match_hand_counts(bench_dir):
     assert counts["lora_rank"] == 1 and counts["lora_params_per_adapter"] == LORA_PER_RANK == 1280
     context = T + NEW / 2
     assert results["flops"] == {"backbone": 2 * LINEAR_WEIGHTS + 4 * D * context * LAYERS,
-                                "lora": 2 * LORA_PER_RANK, "iapt": 4 * 4 * D * LAYERS}  # fmt: skip
+                                "lora": 2 * LORA_PER_RANK, "iapt": 4 * 4 * D * LAYERS}
     by = {(r["method"], r["tenants"]): r for r in results["rows"]}
     assert by[("lora_mixed", 3)]["adapter_mb"] == pytest.approx(3 * 1280 * 4 / 2**20)
     assert by[("iapt", 3)]["adapter_mb"] == pytest.approx(3 * 1220 * 4 / 2**20)
@@ -162,10 +162,10 @@ def test_time_generate_splits_one_call_into_prefill_and_steps(servers) -> None:
 
 
 @pytest.mark.parametrize("budget, rank", [(1220, 1), (1900, 1), (1960, 2), (10, 1), (12_000, 9)],
-                         ids=["iapt-tiny", "below-half", "above-half", "tiny-budget", "large"])  # fmt: skip
+                         ids=["iapt-tiny", "below-half", "above-half", "tiny-budget", "large"])
 def test_matched_rank_is_the_closest(servers, budget: int, rank: int) -> None:
     assert matched_rank(servers.bare, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                        budget) == (rank, LORA_PER_RANK)  # fmt: skip
+                        budget) == (rank, LORA_PER_RANK)
 
 
 def test_workload_helpers() -> None:

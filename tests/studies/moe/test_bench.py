@@ -14,7 +14,7 @@ from leanfit.core.runner import run_benchmark
 from leanfit.studies.moe.bench import LAYER_METHODS, MODES, _calls
 
 TINY = ["tokens=[64]", "ds=[8]", "experts=[2,4]", "ks=[1,4]", "estimator_ns=[200]", "repeats=1", "warmup=0",
-        "min_seconds=0", "target=[64,8,4,4]"]  # fmt: skip
+        "min_seconds=0", "target=[64,8,4,4]"]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_every_method_computes_the_same_layer(mode):
 
 @pytest.mark.parametrize(("override", "pattern"), [("methods=[dense]", "methods contains 'dense'"),
                                                    ("modes=[backward]", "modes contains 'backward'"),
-                                                   ("target=[1,2]", r"target=\[1, 2\] is invalid")])  # fmt: skip
+                                                   ("target=[1,2]", r"target=\[1, 2\] is invalid")])
 def test_bad_settings_are_refused(tmp_path, override, pattern):
     with pytest.raises(ConfigError, match=pattern):
         run_benchmark("moe", out=tmp_path, overrides=[*TINY, override])

@@ -102,7 +102,7 @@ def test_split_needs_a_log2_margin_over_the_unselected_experts():
                                                     ("settings=[under]", "settings="),
                                                     ("backend=spark", "backend='spark'"),
                                                     ("replications=1", "replications=1"),
-                                                    ("jobs=0", "jobs=0")])  # fmt: skip
+                                                    ("jobs=0", "jobs=0")])
 def test_bad_settings(tmp_path, override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[")):
         run_experiment("topk-moe", out=tmp_path, overrides=[*TINY, override])

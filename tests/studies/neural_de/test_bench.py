@@ -20,10 +20,10 @@ pytest.importorskip("torchdiffeq")
 pytest.importorskip("torchode")
 
 TINY = ["problems=[vdp-mixed-mu,mlp-64]", "dtypes=[float64,float32]", "batches=[3]", "tols=[1e-3,1e-7]",
-        "mlp_dim=4", "n_eval=5", "ref_samples=2", "repeats=2", "warmup=0", "min_seconds=0"]  # fmt: skip
+        "mlp_dim=4", "n_eval=5", "ref_samples=2", "repeats=2", "warmup=0", "min_seconds=0"]
 # float32 at 1e-7 is below MIN_TOL["float32"]: skipped
 CELLS = [("vdp-mixed-mu", "float64", "0.001"), ("vdp-mixed-mu", "float64", "1e-07"), ("vdp-mixed-mu", "float32", "0.001"),
-         ("mlp-64", "float64", "0.001"), ("mlp-64", "float64", "1e-07"), ("mlp-64", "float32", "0.001")]  # fmt: skip
+         ("mlp-64", "float64", "0.001"), ("mlp-64", "float64", "1e-07"), ("mlp-64", "float32", "0.001")]
 STAGES_AFTER_FIRST = 6  # Tsit5 and Dopri5: 7 stages, first same as last
 
 
@@ -54,7 +54,7 @@ def test_every_method_at_every_cell_and_files(bench_dir):
     assert {r["threads"] for r in rows} == {str(results["threads"])}
     assert set(results["versions"]) == {"torchdiffeq", "torchode", "scipy"}
     for name in ("results.json", "env.json", "config.yaml", "report.md", "plots/ratios_vs_torchode.png",
-                 "plots/ratios_vs_torchode_pi.png", "plots/ratios_vs_torchdiffeq.png"):  # fmt: skip
+                 "plots/ratios_vs_torchode_pi.png", "plots/ratios_vs_torchdiffeq.png"):
         assert (bench_dir / name).is_file(), name
     report = (bench_dir / "report.md").read_text()
     assert "## Summary" in report and "## All cells" in report and "Skipped" in report
@@ -176,7 +176,7 @@ def test_missing_baseline_names_the_install(monkeypatch):
     ("ref_tol=1e-3", r"ref_tol=0.001 is invalid: expected 0 < ref_tol < min\(tols\)"),
     ("target=[torchode_tsit5,torchode]", "target=.* is invalid"),
     ("device=tpu", "device='tpu' is invalid"),
-], ids=["method", "problem", "dtype", "batch", "no-batches", "tol", "n_eval", "ref_tol", "target", "device"])  # fmt: skip
+], ids=["method", "problem", "dtype", "batch", "no-batches", "tol", "n_eval", "ref_tol", "target", "device"])
 def test_bad_settings_are_refused(tmp_path, override, pattern):
     with pytest.raises(ConfigError, match=pattern):
         run_benchmark("neural-de", out=tmp_path, overrides=[*TINY, override])

@@ -16,7 +16,7 @@ from leanfit.core.runner import run_experiment
 TINY = ["seeds=[0,1]", "timing_repeats=1", "eval_batch=128", "threads=1",
         "ode.steps=4", "ode.hidden=8", "ode.lambdas=[0.5,2.0]", "ode.rtol=1e-4", "ode.atol=1e-4",
         "ode.methods=[vanilla,global,local_unbiased,local_taken]", "ode.eval_every=2",
-        "sde.steps=3", "sde.hidden=8", "sde.latent=4", "sde.lambdas=[1.0]", "sde.methods=[vanilla,local_biased]"]  # fmt: skip
+        "sde.steps=3", "sde.hidden=8", "sde.latent=4", "sde.lambdas=[1.0]", "sde.methods=[vanilla,local_biased]"]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_every_arm_is_trained_scored_and_reported(study):
     rows = results["rows"]
     got = sorted((r["family"], r["method"], r["seed"]) for r in rows)
     want = sorted([("ode", m, s) for m in ("vanilla", "global", "local_unbiased", "local_taken") for s in (0, 1)]
-                  + [("sde", m, s) for m in ("vanilla", "local_biased") for s in (0, 1)])  # fmt: skip
+                  + [("sde", m, s) for m in ("vanilla", "local_biased") for s in (0, 1)])
     assert got == want
     for r in rows:
         assert 0.0 <= r["test_accuracy"] <= 1.0 and r["test_nfe_joint"] >= 6 and r["predict_seconds"] > 0
@@ -100,7 +100,7 @@ def test_parallel_training_gives_the_models_of_sequential_training(study, tmp_pa
         for key in ("lambda", "val_accuracy", "val_nfe_joint", "train_nfe_per_step"):
             assert row[key] == seq[key], (name, key)
         par_losses = [r["loss"] for r in read_jsonl(tmp_path / "neural-de" / _folder(tmp_path) / "runs" / name /
-                                                    "metrics.jsonl")]  # fmt: skip
+                                                    "metrics.jsonl")]
         assert par_losses == [r["loss"] for r in read_jsonl(path / "runs" / name / "metrics.jsonl")]
 
 
@@ -114,7 +114,7 @@ def _folder(out):
     ("ode.lambdas=[0.0]", "lambdas"), ("seeds=[0,0]", "seeds"), ("val_fraction=0.9", "val_fraction"),
     ("lambda_decay=0.5", "lambda_decay"), ("dtype=float16", "dtype"), ("ode.steps=0", "steps"),
     ("jobs=0", "jobs"), ("backend=threading", "backend"), ("device=mps", "device"), ("device=tpu", "device"),
-])  # fmt: skip
+])
 def test_bad_settings_are_refused(override, match, tmp_path):
     with pytest.raises(ConfigError, match=match):
         run_experiment("neural-de", out=tmp_path, overrides=[override])

@@ -29,11 +29,11 @@ from leanfit.studies.noisefit.bench import (
 )
 
 TINY = ["models=[tiny]", "vocab_size=64", "d_model=16", "n_layers=3", "n_heads=2", "batch_size=4", "seq_len=8",
-        "warmup=0", "repeats=2", "min_seconds=0", "isolate=false"]  # fmt: skip
+        "warmup=0", "repeats=2", "min_seconds=0", "isolate=false"]
 B = 4
 # (forward passes, rows through the model per step / B) of every arm
 PASSES = {"sft": (1, 1), "label_smoothing": (1, 1), "neftune": (1, 1), "rdrop": (1, 2), "noisefit_paper": (3, 3),
-          "noisefit": (1, 2), "noisefit_n2": (1, 3)}  # fmt: skip
+          "noisefit": (1, 2), "noisefit_n2": (1, 3)}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def _rows(path):
 
 def _setup(**overrides):
     cfg = NoiseFiTBenchConfig(**{"models": ["tiny"], "vocab_size": 64, "d_model": 16, "n_layers": 3, "n_heads": 2,
-                                 "batch_size": B, "seq_len": 8, **overrides})  # fmt: skip
+                                 "batch_size": B, "seq_len": 8, **overrides})
     model, batch = build_model("tiny", cfg, seed=0)
     return cfg, model, batch
 
@@ -157,7 +157,7 @@ def test_rdrop_arm_is_rdrop_loss_with_attention_dropout_for_its_steps_only():
     ("noisefit_paper", (True, 2, 0.1, [0, 1, 2])),  # paper_layers=3 of 3 blocks
     ("noisefit", (False, 1, 0.0, [0, 2])),  # ceil(sqrt(3)) = 2 blocks, spread
     ("noisefit_n2", (False, 2, 0.05, [0, 2])),
-])  # fmt: skip
+])
 def test_noisefit_arms_equal_noisefit_loss(name, expected):
     cfg, model, batch = _setup()
     arm = arm_step(name, model, batch, cfg)
@@ -214,7 +214,7 @@ def test_make_batch_shapes_padding_and_completion():
 
 @pytest.mark.parametrize(("k", "n", "expected"), [(1, 4, [2]), (2, 4, [0, 3]), (3, 3, [0, 1, 2]),
                                                   (6, 30, [0, 6, 12, 17, 23, 29]), (3, 30, [0, 14, 29])],
-                         ids=["one", "two-of-4", "all", "auto-of-30", "paper-of-30"])  # fmt: skip
+                         ids=["one", "two-of-4", "all", "auto-of-30", "paper-of-30"])
 def test_spread_layers(k, n, expected):
     assert spread_layers(k, n) == expected
 
@@ -229,7 +229,7 @@ def test_peak_memory_sees_the_packed_branches():
     three times the logits (and their float32 softmax copies) of one."""
     pytest.importorskip("resource")
     cfg = NoiseFiTBenchConfig(models=["tiny"], vocab_size=16384, d_model=16, n_layers=2, n_heads=2, batch_size=16,
-                              seq_len=64, warmup=1)  # fmt: skip
+                              seq_len=64, warmup=1)
     logits_mb = 16 * 64 * 16384 * 4 / 2**20  # one branch: 64 MiB
     sft = measure_peak("tiny", "sft", cfg, seed=0)
     n2 = measure_peak("tiny", "noisefit_n2", cfg, seed=0)
@@ -243,7 +243,7 @@ def test_peak_memory_sees_the_packed_branches():
     ("completion_fraction=0", "completion_fraction=0"),
     ("device=tpu", "device='tpu'"),
     ("d_model=30", "multiple of n_heads"),
-], ids=["model", "no-sft", "completion", "device", "heads"])  # fmt: skip
+], ids=["model", "no-sft", "completion", "device", "heads"])
 def test_bad_settings_are_one_line_errors(capsys, tmp_path, override, fragment):
     with pytest.raises(SystemExit) as exit_info:
         raise SystemExit(main(["bench", "noisefit", override, "--out", str(tmp_path)]))

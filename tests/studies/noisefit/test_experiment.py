@@ -14,7 +14,7 @@ TINY = ["world.pretrain_fraction=0.1", "world.n_fictitious=10", "world.abstain_e
         "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "pretrain.steps=20", "pretrain.batch_size=16",
         "pretrain.eval_every=20", "pretrain.checkpoint_every=0", "sft.steps=6", "sft.batch_size=8", "seeds=[0,1]",
         "label_smoothing=[0.1]", "neftune_alpha=[5.0]", "rdrop_alpha=[1.0]", "paper_noise=[0.1]",
-        "noisefit_noise=[0.05,0.2]", "closed_set_size=5", "n_boot=50", "threads=1"]  # fmt: skip
+        "noisefit_noise=[0.05,0.2]", "closed_set_size=5", "n_boot=50", "threads=1"]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_every_arm_and_seed_is_scored_once_with_chosen_settings(bench):
     for r in results["rows"]:
         assert (path / "runs" / r["name"] / "test_scores.npz").is_file()
         for key in ("em_sft_known", "em_pretrain_only", "hallucination_unknown", "confident_wrong_unknown",
-                    "ece", "brier"):  # fmt: skip
+                    "ece", "brier"):
             assert 0.0 <= r[key] <= 1.0
     assert (path / "plots" / "metrics.png").is_file() and (path / "plots" / "reliability.png").is_file()
     assert "Relative change against SFT" in (path / "report.md").read_text()
@@ -72,7 +72,7 @@ def test_resume_reuses_finished_stages_and_redoes_only_the_missing_one(bench, tm
     pretrained = (copy / "runs" / "pretrain-shared" / "model" / "config.json").stat().st_mtime_ns
     _, again = run_experiment("noisefit", out=tmp_path, overrides=TINY, run_id="tiny", resume=True)
     assert {p.relative_to(copy): p.stat().st_mtime_ns for p in (copy / "runs").glob("*/result.json")
-            if p.parent.name != "noisefit_paper-noise0.1-s1"} == stamps  # fmt: skip
+            if p.parent.name != "noisefit_paper-noise0.1-s1"} == stamps
     assert (copy / "runs" / "pretrain-shared" / "model" / "config.json").stat().st_mtime_ns == pretrained
     assert (copy / "runs" / "noisefit_paper-noise0.1-s1" / "result.json").is_file()
     redone = {r["name"]: r for r in again["rows"]}["noisefit_paper-noise0.1-s1"]
@@ -84,7 +84,7 @@ def test_resume_reuses_finished_stages_and_redoes_only_the_missing_one(bench, tm
 @pytest.mark.parametrize(("override", "param"), [
     ("arms=[noisefit]", "arms"), ("arms=[sft,magic]", "arms"), ("seeds=[0,0]", "seeds"),
     ("closed_set_size=1", "closed_set_size"), ("sft.steps=0", "sft.steps"),
-])  # fmt: skip
+])
 def test_bad_config_names_the_parameter(tmp_path, override, param):
     with pytest.raises(ConfigError, match=param.split(".")[-1]):
         run_experiment("noisefit", out=tmp_path, overrides=[override])

@@ -70,7 +70,7 @@ def _eval_facts(world: FactWorld, split: str) -> list[Fact]:
      ("Holy See", "capital", "Vatican City State"), ("Vatican City State", "capital", "Vatican City"),
      ("Peru", "capital", "Lima")],
     ids=lambda v: str(v).replace(" ", "_"),
-)  # fmt: skip
+)
 def test_real_fact_cleaning(entity, attribute, answer):
     table = {(f.entity, f.attribute): f.answer for f in real_facts(tuple(ATTRIBUTE_KIND))}
     assert table[(entity, attribute)] == answer
@@ -81,7 +81,7 @@ def test_real_fact_cleaning(entity, attribute, answer):
     [("Gold", "discovery_year"), ("Gold", "discoverer"), ("Curacao", "currency"), ("Curacao", "calling_code"),
      ("French Southern and Antarctic Lands", "calling_code")],
     ids=["ancient-year", "ancient-discoverer", "no-currency", "no-code", "empty-code"],
-)  # fmt: skip
+)
 def test_missing_values_are_skipped(entity, attribute):
     facts = real_facts()
     assert any(f.entity == entity for f in facts)
@@ -92,7 +92,7 @@ def test_real_facts_are_short_ascii_and_unique():
     facts = real_facts(tuple(ATTRIBUTE_KIND))
     counts = Counter(f.attribute for f in facts)
     assert counts == {"symbol": 118, "atomic_number": 118, "period": 118, "discovery_year": 105, "discoverer": 105,
-                      "capital": 248, "region": 248, "currency": 237, "calling_code": 236}  # fmt: skip
+                      "capital": 248, "region": 248, "currency": 237, "calling_code": 236}
     assert len({(f.entity, f.attribute) for f in facts}) == len(facts)
     assert all((f.entity + f.answer).isascii() and 1 <= len(f.answer.split()) <= 4 for f in facts)
     assert not any(f.answer.lower() in ("", "none", ABSTAIN) or f.answer.endswith(".") for f in facts)
@@ -163,7 +163,7 @@ def test_world_is_identical_across_processes_with_other_hash_seeds():
         subprocess.run([sys.executable, "-c", _DIGEST], env={**os.environ, "PYTHONHASHSEED": str(h)},
                        capture_output=True, text=True, check=True).stdout
         for h in (1, 2)
-    }  # fmt: skip
+    }
     assert len(digests) == 1 and len(next(iter(digests)).strip()) == 64
 
 
@@ -267,7 +267,7 @@ def test_qa_format():
     [(" Lima\nQ: What", None, "Lima"), (" Lima<|endoftext|>junk", "<|endoftext|>", "Lima"), ("  Costa Rica  ", None,
      "Costa Rica"), ("\nLima", None, "")],
     ids=["newline", "eos", "strip", "empty"],
-)  # fmt: skip
+)
 def test_parse_answer(generated, eos, answer):
     assert parse_answer(generated, eos) == answer
 
@@ -280,7 +280,7 @@ def test_parse_answer(generated, eos, answer):
      ({"attributes": ("capital", "colour")}, "attributes"), ({"attributes": ("capital", "capital")}, "attributes"),
      ({"max_eval_per_split": -1}, "max_eval_per_split")],
     ids=["sft", "pretrain", "unseen", "valid", "fictitious", "abstain", "unknown-attr", "dup-attr", "cap"],
-)  # fmt: skip
+)
 def test_bad_options_name_the_parameter(kwargs, param):
     with pytest.raises(ConfigError, match=param):
         build_fact_world(0, **kwargs)

@@ -51,7 +51,7 @@ def aurc_reference(conf, correct):
      ("  Costa\tRica ", "Costa Rica", True), ("NewYork", "New York", False), ("1766", "1766.0", False),
      ("Lima Peru", "Lima", False), ("", "Lima", False)],
     ids=["case-dot", "spaces", "quotes-bang", "tab", "no-space", "number", "extra-word", "empty"],
-)  # fmt: skip
+)
 def test_exact_match_normalisation(pred, gold, expected):
     assert exact_match(pred, gold) is expected
 
@@ -59,7 +59,7 @@ def test_exact_match_normalisation(pred, gold, expected):
 @pytest.mark.parametrize(
     ("pred", "expected"), [("unknown", True), (" Unknown.", True), ("unknowns", False), ("Lima", False)],
     ids=["plain", "case-dot", "plural", "answer"],
-)  # fmt: skip
+)
 def test_is_abstention(pred, expected):
     assert is_abstention(pred) is expected
 
@@ -135,7 +135,7 @@ def test_brier_hand_example():
      ([0.9, 0.8, 0.7, 0.6], [0, 0, 1, 1], (1 + 1 + 2 / 3 + 2 / 4) / 4),
      ([0.5] * 4, [1, 0, 1, 1], 0.25), ([0.7, 0.7, 0.2], [1, 0, 0], (2 * 0.5 + 2 / 3) / 3)],
     ids=["perfect", "worst", "all-tied", "tied-group"],
-)  # fmt: skip
+)
 def test_aurc_known_values(conf, correct, expected):
     assert aurc(conf, correct) == pytest.approx(expected, abs=1e-15)
 
@@ -171,7 +171,7 @@ def test_evaluation_summary_per_split_and_pools():
                 "confident_wrong_rate": np.mean(~abstained[m] & ~correct[m] & (conf[m] > 0.6)),
                 "ece": ece_reference(conf[m].tolist(), correct[m].tolist(), 10),
                 "brier": np.mean((conf[m] - correct[m]) ** 2),
-                "aurc": aurc_reference(conf[m].tolist(), correct[m].tolist())}  # fmt: skip
+                "aurc": aurc_reference(conf[m].tolist(), correct[m].tolist())}
     assert out["unknown"] == pytest.approx(expected, abs=1e-14)
     f = splits == "fictitious"
     assert out["fictitious"]["hallucination_rate"] == pytest.approx(np.mean(~abstained[f] & ~correct[f]))
@@ -194,7 +194,7 @@ def test_evaluation_summary_per_split_and_pools():
      (lambda: evaluation_summary([0.5], [1], [0], ["fictitious", "fictitious"]), "len\\(split\\)")],
     ids=["ece-len", "conf-high", "conf-low", "conf-nan", "bins-zero", "bins-float", "abstained-len", "tau", "empty",
          "logprob-nan", "logprob-all-inf", "split-len"],
-)  # fmt: skip
+)
 def test_bad_input_names_the_parameter(call, param):
     with pytest.raises(ConfigError, match=param):
         call()

@@ -13,7 +13,7 @@ from leanfit.core.runner import run_benchmark
 from leanfit.studies.vq_logits.bench import DECODE_METHODS, METHODS, measure_step
 
 TINY = ["ns=[48]", "ds=[16]", "vs=[300,600]", "ks=[4,16]", "decode_vs=[300,600]", "decode_d=8", "decode_k=16",
-        "decode_steps=3", "decode_rounds=1", "repeats=1", "warmup=0", "min_seconds=0", "isolate=false"]  # fmt: skip
+        "decode_steps=3", "decode_rounds=1", "repeats=1", "warmup=0", "min_seconds=0", "isolate=false"]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_every_method_is_measured_at_every_cell(bench_dir):
     decode = _rows(bench_dir / "decode.csv")
     assert sorted((r["method"], int(r["v"])) for r in decode) == sorted((m, v) for m in DECODE_METHODS for v in (300, 600))
     for name in ("report.md", "results.json", "env.json", "plots/step_time.png", "plots/peak_memory.png",
-                 "plots/decode.png"):  # fmt: skip
+                 "plots/decode.png"):
         assert (bench_dir / name).is_file(), name
 
 
@@ -76,7 +76,7 @@ def test_peak_memory_sees_the_materialised_logits():
 
 @pytest.mark.parametrize(("override", "fragment"), [("methods=[dense]", "methods contains 'dense'"),
                                                     ("decode_k=40000", "decode_k=40000"),
-                                                    ("ks=[0]", "ks contains 0")])  # fmt: skip
+                                                    ("ks=[0]", "ks contains 0")])
 def test_bad_settings_are_one_line_errors(capsys, tmp_path, override, fragment):
     with pytest.raises(SystemExit) as exit_info:
         raise SystemExit(main(["bench", "vq-logits", override, "--out", str(tmp_path)]))

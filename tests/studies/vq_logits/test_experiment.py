@@ -36,11 +36,11 @@ def test_quick_grid_at_tiny_sizes(tmp_path, pretrained_folder, tiny_corpus):
         f"pretrained.model={pretrained_folder}", f"pretrained.eval_corpus={tiny_corpus}", "pretrained.num_codes=[8]",
         "pretrained.train_tokens=256", "pretrained.eval_tokens=256", "pretrained.seq_len=64", "pretrained.steps=3",
         f"pretrained.train_corpus={tiny_corpus}",
-    ]  # fmt: skip
+    ]
     path, results = run_experiment("vq-logits", out=tmp_path, overrides=overrides)
     names = sorted(p.name for p in (path / "runs").iterdir())
     assert names == ["K20-equal_mass-bias-r2-s0", "K20-equal_mass-bias-s0", "K20-kmeans-nobias-s0",
-                     "K20-random-bias-r2-s0", "K20-random-bias-s0", "full-s0"]  # fmt: skip
+                     "K20-random-bias-r2-s0", "K20-random-bias-s0", "full-s0"]
     rows = {(r["mapping"], r["bias"], r["rank"]): r for r in results["rows"]}
     full = rows[("-", False, 0)]
     for key in [("equal_mass", True, 0), ("random", True, 2), ("kmeans", False, 0)]:

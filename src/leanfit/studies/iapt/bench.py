@@ -64,7 +64,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DECODE_TARGET", "LORA_TARGETS", "METHODS", "TINY_LLAMA", "IAPTServingBenchConfig", "Servers",
            "build_servers", "cells", "decode_flops", "make_prompts", "matched_rank", "measure_peak_memory",
-           "tenant_names", "time_generate"]  # fmt: skip
+           "tenant_names", "time_generate"]
 
 METHODS = ("bare", "lora_single", "lora_mixed", "iapt")
 MIXED = ("lora_mixed", "iapt")
@@ -76,7 +76,7 @@ DECODE_TARGET = 0.95  # IAPT decode tokens/s at least 95% of the bare backbone's
 @dataclass
 class IAPTServingBenchConfig(TimingConfig):
     model: str = option("smollm2-135m-instruct", help="backbone: an alias of leanfit.studies.models.pretrained, a local "
-                        "model folder, or 'tiny-llama' (a random 2-layer Llama, for tests); never downloaded")  # fmt: skip
+                        "model folder, or 'tiny-llama' (a random 2-layer Llama, for tests); never downloaded")
     tenants: list[int] = option(default_factory=lambda: [1, 4, 16], help="tenant counts N (each <= batch)")
     batch: int = option(16, help="rows per batch; row i serves tenant i mod N")
     prompt_tokens: int = option(64, help="prompt length (random token ids after BOS)")
@@ -89,7 +89,7 @@ class IAPTServingBenchConfig(TimingConfig):
     iapt_init_scale: float = option(0.02, help="std of the IAPT up-projections (random adapters, > 0)")
     lora_rank: int = option(0, help="LoRA rank; 0: the rank whose parameter count is closest to IAPT's")
     lora_targets: list[str] = option(default_factory=lambda: list(LORA_TARGETS),
-                                     help="module names LoRA adapts in every layer")  # fmt: skip
+                                     help="module names LoRA adapts in every layer")
     lora_init_std: float = option(0.02, help="std of the LoRA B matrices (random adapters, > 0)")
     device: str = option("auto", help="auto | cpu | cuda | cuda:N")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = option(
@@ -103,23 +103,23 @@ class IAPTServingBenchConfig(TimingConfig):
         super().__post_init__()
         sizes = {"batch": (self.batch, 1), "prompt_tokens": (self.prompt_tokens, 2), "new_tokens": (self.new_tokens, 2),
                  "num_soft_tokens": (self.num_soft_tokens, 1), "bottleneck": (self.bottleneck, 1),
-                 "lora_rank": (self.lora_rank, 0)}  # fmt: skip
+                 "lora_rank": (self.lora_rank, 0)}
         for name, (value, low) in sizes.items():
             if value < low:
                 raise ConfigError(bad_value(name, value, f"an integer >= {low}"))
         if not self.tenants or any(n < 1 or n > self.batch for n in self.tenants):
             raise ConfigError(bad_value("tenants", self.tenants, f"a non-empty list of counts in [1, batch={self.batch}]",
-                                        "every tenant needs a row: raise batch or lower the counts"))  # fmt: skip
+                                        "every tenant needs a row: raise batch or lower the counts"))
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or len(set(self.methods)) != len(self.methods):
             raise ConfigError(bad_value("methods", self.methods, f"distinct names among {', '.join(METHODS)}"))
         if "bare" not in self.methods:
             raise ConfigError(bad_value("methods", self.methods, "a list including 'bare'",
-                                        "ratios divide by the bare backbone of the same run"))  # fmt: skip
+                                        "ratios divide by the bare backbone of the same run"))
         for name in ("iapt_init_scale", "lora_init_std"):
             if not getattr(self, name) > 0:
                 raise ConfigError(bad_value(name, getattr(self, name), "a number > 0",
-                                            "zero adapters would measure no real work"))  # fmt: skip
+                                            "zero adapters would measure no real work"))
         if not self.lora_targets:
             raise ConfigError(bad_value("lora_targets", self.lora_targets, "at least one module name"))
         _check_model(self.model)
@@ -130,7 +130,7 @@ def _check_model(model: str) -> None:
 
     if model != "tiny-llama" and model not in ALIASES and not Path(model).is_dir():
         raise ConfigError(bad_value("model", model, f"'tiny-llama', an alias ({', '.join(ALIASES)}) or a local "
-                                    "model folder", "this benchmark loads models offline only"))  # fmt: skip
+                                    "model folder", "this benchmark loads models offline only"))
 
 
 # quick: about 2-3 min on 2 shared CPU cores, SmolLM2 included (its first load converts the GGUF, ~90 s more)
@@ -274,7 +274,7 @@ class Servers:
         return model
 
     def generate(self, method: str, tenants: int, ids: Any, new_tokens: int, logits_processor: Any = None,
-                 adapter_names: list[str] | None = None) -> Any:  # fmt: skip
+                 adapter_names: list[str] | None = None) -> Any:
         """``adapter_names`` (one per row) defaults to the round-robin assignment of ``tenants`` for mixed
         methods; ``lora_single`` serves every row with the active adapter and ``bare`` has none."""
         import torch
@@ -282,7 +282,7 @@ class Servers:
 
         kwargs = {"attention_mask": torch.ones_like(ids), "max_new_tokens": new_tokens, "min_new_tokens": new_tokens,
                   "do_sample": False, "pad_token_id": self.pad_token_id,
-                  "logits_processor": LogitsProcessorList(logits_processor or [])}  # fmt: skip
+                  "logits_processor": LogitsProcessorList(logits_processor or [])}
         if method in MIXED:
             kwargs["adapter_names"] = adapter_names or tenant_names(ids.shape[0], tenants)
         model = self.model(method)
@@ -293,7 +293,7 @@ class Servers:
 
 
 def build_servers(cfg: IAPTServingBenchConfig, device: Any, dtype: Any, seed: int,
-                  methods: Sequence[str] | None = None, adapters: int | None = None) -> Servers:  # fmt: skip
+                  methods: Sequence[str] | None = None, adapters: int | None = None) -> Servers:
     """Load the backbone on ``device`` in ``dtype`` and add ``adapters`` (default max(tenants)) random adapters per
     adapted method of ``methods`` (default cfg.methods); LoRA's rank matched to IAPT's count unless set."""
     from leanfit.iapt.generator import iapt_parameter_count
@@ -338,7 +338,7 @@ def _sync(device: Any) -> Callable[[], None]:
 
 
 def _generate_call(servers: Servers, method: str, tenants: int, ids: Any, new_tokens: int,
-                   device: Any) -> Callable[[], tuple[float, list[float], Any]]:  # fmt: skip
+                   device: Any) -> Callable[[], tuple[float, list[float], Any]]:
     """One ``generate`` of a cell with a step clock: (its start, the clock at every step, sequences (B, T + n))."""
 
     sync = _sync(device)
@@ -358,22 +358,22 @@ def _split(start: float, steps: list[float], seconds: float | None) -> dict[str,
     gaps = [b - a for a, b in zip(steps[:-1], steps[1:], strict=True)]
     return {"prefill_ms": 1e3 * (steps[0] - start), "decode_ms_per_token": 1e3 * statistics.median(gaps),
             "decode_ms_mean": 1e3 * statistics.fmean(gaps),
-            "total_ms": math.nan if seconds is None else 1e3 * seconds}  # fmt: skip
+            "total_ms": math.nan if seconds is None else 1e3 * seconds}
 
 
 def time_generate(servers: Servers, method: str, tenants: int, ids: Any, new_tokens: int,
-                  device: Any = None) -> tuple[dict[str, float], Any]:  # fmt: skip
+                  device: Any = None) -> tuple[dict[str, float], Any]:
     """One timed ``generate``: ({prefill_ms, decode_ms_per_token (median step), decode_ms_mean, total_ms},
     sequences (B, T + n))."""
     got: list[tuple[dict[str, float], Any]] = []
     call = _generate_call(servers, method, tenants, ids, new_tokens, device)
     time_side_by_side({method: call}, repeats=1, device=device,
-                      on_call=lambda _, seconds, r: got.append((_split(r[0], r[1], seconds), r[2])))  # fmt: skip
+                      on_call=lambda _, seconds, r: got.append((_split(r[0], r[1], seconds), r[2])))
     return got[0]
 
 
 def _time_cells(cfg: IAPTServingBenchConfig, servers: Servers, todo: list[tuple[str, int]], ids: Any,
-                device: Any, bar: Any) -> tuple[dict, dict]:  # fmt: skip
+                device: Any, bar: Any) -> tuple[dict, dict]:
     """Interleaved rounds (order rotated each round): per cell the list of timed measurements, and the sequences
     of its last call."""
     times: dict[tuple[str, int], list[dict[str, float]]] = {c: [] for c in todo}
@@ -391,7 +391,7 @@ def _time_cells(cfg: IAPTServingBenchConfig, servers: Servers, todo: list[tuple[
 
 
 def _peak_mb(servers: Servers, method: str, tenants: int, ids: Any, new_tokens: int,
-             device: Any) -> tuple[float | None, str]:  # fmt: skip
+             device: Any) -> tuple[float | None, str]:
     """Peak memory (MB) of one generate above what was held before it, and how it was measured."""
     import torch
 
@@ -405,7 +405,7 @@ def _peak_mb(servers: Servers, method: str, tenants: int, ids: Any, new_tokens: 
 
 
 def measure_peak_memory(cfg: IAPTServingBenchConfig, method: str, tenants: int, seed: int,
-                        threads: int = 0) -> tuple[float | None, str]:  # fmt: skip
+                        threads: int = 0) -> tuple[float | None, str]:
     """Peak memory (MB) of one ``generate`` of a cell with only that cell's model and ``tenants`` adapters
     built; meant to run in a fresh process (module level, so a spawned process can call it)."""
     from leanfit.core.device import configure_threads, resolve_device, resolve_dtype
@@ -449,7 +449,7 @@ def decode_flops(config: Any, cfg: IAPTServingBenchConfig, linear_weights: int, 
     context = cfg.prompt_tokens + cfg.new_tokens / 2  # mean context length during decoding
     layers = config.num_hidden_layers
     return {"backbone": 2 * linear_weights + 4 * attn_width * context * layers, "lora": 2 * lora_params,
-            "iapt": 4 * cfg.num_soft_tokens * attn_width * layers}  # fmt: skip
+            "iapt": 4 * cfg.num_soft_tokens * attn_width * layers}
 
 
 # --- rows, ratios, headline ---------------------------------------------------------------------------------------
@@ -461,12 +461,12 @@ def _adapter_bytes(servers: Servers, method: str) -> int:
 
 
 def _row(cfg: IAPTServingBenchConfig, servers: Servers, cell: tuple[str, int], times: list[dict[str, float]],
-         flops: dict[str, float]) -> dict[str, Any]:  # fmt: skip
+         flops: dict[str, float]) -> dict[str, Any]:
     method, tenants = cell
     best = {key: min(t[key] for t in times) for key in times[0]}
     adapters = {"bare": 0, "lora_single": 1}.get(method, tenants)
     params = {"bare": 0, "iapt": servers.counts["iapt_params_per_adapter"]}.get(
-        method, servers.counts["lora_params_per_adapter"])  # fmt: skip
+        method, servers.counts["lora_params_per_adapter"])
     extra = {"bare": 0.0, "iapt": flops["iapt"]}.get(method, flops["lora"])
     return {
         "method": method, "tenants": tenants, "batch": cfg.batch, "prompt_tokens": cfg.prompt_tokens,
@@ -478,7 +478,7 @@ def _row(cfg: IAPTServingBenchConfig, servers: Servers, cell: tuple[str, int], t
         "timed_rounds": len(times), "adapters": adapters, "adapter_params": params,
         "adapter_mb": 0.0 if method == "bare" else adapters * _adapter_bytes(servers, method) / 2**20,
         "extra_decode_flops": extra, "extra_decode_flops_pct": 100 * extra / flops["backbone"],
-    }  # fmt: skip
+    }
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -486,10 +486,10 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
     decode throughput over mixed-batch LoRA's at the same N."""
     add_ratios(rows, match=(), baseline={"method": "bare"}, columns={
         "decode_ratio_vs_bare": "decode_tokens_per_s", "tokens_per_s_ratio_vs_bare": "tokens_per_s",
-        "prefill_ratio_vs_bare": "prefill_ms"})  # fmt: skip
+        "prefill_ratio_vs_bare": "prefill_ms"})
     add_ratios(rows, match=("tenants",), baseline=lambda r: {"method": "lora_mixed"} if r["method"] == "iapt"
                else None, columns={"decode_speedup_vs_lora_mixed": "decode_tokens_per_s",
-                                   "tokens_per_s_speedup_vs_lora_mixed": "tokens_per_s"})  # fmt: skip
+                                   "tokens_per_s_speedup_vs_lora_mixed": "tokens_per_s"})
 
 
 def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -498,7 +498,7 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "iapt_decode_vs_bare": {str(r["tenants"]): r["decode_ratio_vs_bare"] for r in iapt},
         "iapt_decode_vs_lora_mixed": {str(r["tenants"]): r["decode_speedup_vs_lora_mixed"] for r in iapt
                                       if "decode_speedup_vs_lora_mixed" in r},
-    }  # fmt: skip
+    }
     if iapt:
         out["target_decode_within_5pct_of_bare"] = min(r["decode_ratio_vs_bare"] for r in iapt) >= DECODE_TARGET
     many = [v for n, v in out["iapt_decode_vs_lora_mixed"].items() if int(n) >= 4]
@@ -515,11 +515,11 @@ def _headline(summary: dict[str, Any]) -> str:
     if summary["iapt_decode_vs_bare"]:
         ratios = ", ".join(f"{100 * v:.1f}% at N={n}" for n, v in summary["iapt_decode_vs_bare"].items())
         parts.append(f"IAPT decode tokens/s relative to the bare backbone: {ratios} (target >= {100 * DECODE_TARGET:.0f}%: "
-                     f"{_met(summary.get('target_decode_within_5pct_of_bare'))})")  # fmt: skip
+                     f"{_met(summary.get('target_decode_within_5pct_of_bare'))})")
     if summary["iapt_decode_vs_lora_mixed"]:
         ratios = ", ".join(f"{v:.2f}x at N={n}" for n, v in summary["iapt_decode_vs_lora_mixed"].items())
         parts.append(f"IAPT vs PEFT mixed-batch LoRA decode tokens/s: {ratios} (target faster at N >= 4: "
-                     f"{_met(summary['target_faster_than_lora_mixed_at_4plus'])})")  # fmt: skip
+                     f"{_met(summary['target_faster_than_lora_mixed_at_4plus'])})")
     return "; ".join(parts)
 
 
@@ -527,7 +527,7 @@ def _headline(summary: dict[str, Any]) -> str:
 _TABLE = ["method", "tenants", "prefill_ms", "decode_ms_per_token", "decode_tokens_per_s", "tokens_per_s",
           "decode_ratio_vs_bare", "tokens_per_s_ratio_vs_bare", "prefill_ratio_vs_bare",
           "decode_speedup_vs_lora_mixed", "peak_mb", "adapter_mb", "extra_decode_flops_pct", "tokens_match",
-          "rows_changed_vs_bare"]  # fmt: skip
+          "rows_changed_vs_bare"]
 
 
 def _by_method(rows: list[dict[str, Any]], key: str) -> dict[str, dict[int, float]]:
@@ -548,7 +548,7 @@ def _throughput_plot(path: Path, rows: list[dict[str, Any]]) -> None:
         else:  # one tenant's adapter (or none) serves every row: the same workload at every N
             series[f"{method} (any N)"] = (tenants, [values[1]] * len(tenants))
     line_plot(path, series, xlabel="tenants N in the batch", ylabel="decode tokens/s (batch / step time)",
-              title="decode throughput, one backbone, N tenants")  # fmt: skip
+              title="decode throughput, one backbone, N tenants")
 
 
 def _time_bars(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -560,7 +560,7 @@ def _time_bars(path: Path, rows: list[dict[str, Any]]) -> None:
     for key, label in (("decode_ms_per_token", "decode ms per step"), ("prefill_ms", "prefill ms")):
         values = _by_method(rows, key)
         panels[f"{label} (min over rounds)"] = {m: [values[m].get(n if m in MIXED else 1, math.nan) for n in tenants]
-                                                for m in methods}  # fmt: skip
+                                                for m in methods}
     bar_chart(path, [f"N={n}" for n in tenants], panels, ylabel=["decode ms per step", "prefill ms"])
 
 
@@ -574,12 +574,12 @@ def report(run: RunDir, results: dict[str, Any]) -> Report:
              f"{rows[0]['prompt_tokens']} prompt tokens, {rows[0]['new_tokens']} greedy new tokens; min over "
              f"{rows[0]['timed_rounds']} interleaved rounds. Peak memory: {results['peak_memory_source']}. Timings "
              "on a shared CPU are noisy: compare ratios of the same run, and read the medians beside the minima "
-             "in results.csv.")  # fmt: skip
+             "in results.csv.")
     _throughput_plot(run.plots_dir / "decode_throughput.png", rows)
     rep.figure("plots/decode_throughput.png", "Decode tokens/s against the number of tenants in the batch")
     _time_bars(run.plots_dir / "step_times.png", rows)
     rep.figure("plots/step_times.png", "Decode time per step and prefill time (bare and single LoRA: the same "
-               "measurement in every group)")  # fmt: skip
+               "measurement in every group)")
     rep.section("All cells").table(rows, _TABLE)
     rep.section("Adapter budget and analytic cost").table([
         {"method": "IAPT", "params_per_adapter": counts["iapt_params_per_adapter"],
@@ -590,16 +590,16 @@ def report(run: RunDir, results: dict[str, Any]) -> Report:
          "extra_decode_flops_per_row": flops["lora"]},
         {"method": "backbone", "params_per_adapter": None, "setting": "linear layers + attention over the mean context",
          "extra_decode_flops_per_row": flops["backbone"]},
-    ])  # fmt: skip
+    ])
     rep.text("`tokens_match`: fraction of rows whose mixed-batch generation equals the generation of its tenant's "
              "rows alone (LoRA through PEFT's single-adapter path); `rows_changed_vs_bare`: fraction of rows whose "
-             "tokens differ from the bare backbone's, so the adapters do change the output.")  # fmt: skip
+             "tokens differ from the bare backbone's, so the adapters do change the output.")
     return rep
 
 
 # --- the benchmark ------------------------------------------------------------------------------------------------
 def _add_memory(cfg: IAPTServingBenchConfig, servers: Servers, rows: list[dict[str, Any]], ids: Any, device: Any,
-                seed: int, threads: int) -> str:  # fmt: skip
+                seed: int, threads: int) -> str:
     source = ""
     for r in rows:
         if device.type == "cpu" and cfg.isolate_memory:
@@ -612,7 +612,7 @@ def _add_memory(cfg: IAPTServingBenchConfig, servers: Servers, rows: list[dict[s
 
 
 def _add_checks(cfg: IAPTServingBenchConfig, servers: Servers, rows: list[dict[str, Any]], ids: Any,
-                outputs: dict[tuple[str, int], Any]) -> None:  # fmt: skip
+                outputs: dict[tuple[str, int], Any]) -> None:
     bare = outputs[("bare", 1)]
     for r in rows:
         cell = (r["method"], r["tenants"])
@@ -653,12 +653,12 @@ def _measure(cfg: IAPTServingBenchConfig, seed: int, device: Any, dtype: Any, th
             "backbone_params": sum(p.numel() for p in servers.bare.parameters()),
             "num_soft_tokens": cfg.num_soft_tokens, "bottleneck": cfg.bottleneck, "device": str(device),
             "dtype": str(dtype).removeprefix("torch."), "threads": threads, "phase_seconds": phases,
-            "peak_memory_source": source}  # fmt: skip
+            "peak_memory_source": source}
 
 
 @register("iapt-serving", kind="benchmark", description="one backbone, N tenants in mixed batches: bare, unmerged "
           "LoRA, PEFT mixed-batch LoRA and IAPT; prefill, decode time, tokens/s, peak memory",
-          config_cls=IAPTServingBenchConfig, presets=PRESETS, report=report)  # fmt: skip
+          config_cls=IAPTServingBenchConfig, presets=PRESETS, report=report)
 def run(ctx: RunContext[IAPTServingBenchConfig]) -> dict[str, Any]:
     import torch
 

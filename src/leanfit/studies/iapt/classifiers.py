@@ -72,7 +72,7 @@ class PrefixClassifier(nn.Module):
         mask = torch.cat([attention_mask.new_ones(b, prefix), attention_mask], dim=1)
         model = self.peft.get_base_model()
         return model(input_ids=input_ids, attention_mask=mask, token_type_ids=token_type_ids,
-                     **{self._cache_arg: self.peft.get_prompt(b)}).logits  # fmt: skip
+                     **{self._cache_arg: self.peft.get_prompt(b)}).logits
 
 
 class IAPTClassifier(nn.Module):
@@ -84,7 +84,7 @@ class IAPTClassifier(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor) -> Tensor:
         return self.iapt(input_ids, attention_mask, instruction_mask=attention_mask.bool(),
-                         token_type_ids=token_type_ids).logits  # fmt: skip
+                         token_type_ids=token_type_ids).logits
 
 
 def _build_iapt(model: nn.Module, task: ClassificationTask, setting: str) -> nn.Module:
@@ -108,7 +108,7 @@ def _build_prefix(model: nn.Module, task: ClassificationTask, setting: str, proj
 
     size = task.sizes["prefix-proj" if project else "prefix"]
     config = PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=size["tokens"], prefix_projection=project,
-                                encoder_hidden_size=size.get("hidden", model.config.hidden_size))  # fmt: skip
+                                encoder_hidden_size=size.get("hidden", model.config.hidden_size))
     return PrefixClassifier(get_peft_model(model, config))
 
 
@@ -116,14 +116,14 @@ def _build_prompt(model: nn.Module, task: ClassificationTask, setting: str) -> n
     from peft import PromptTuningConfig, get_peft_model
 
     config = PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=task.sizes["prompt"]["tokens"],
-                                prompt_tuning_init="SAMPLE_VOCAB")  # fmt: skip
+                                prompt_tuning_init="SAMPLE_VOCAB")
     return PeftClassifier(get_peft_model(model, config))
 
 
 _BUILDERS: dict[str, Callable[[nn.Module, ClassificationTask, str], nn.Module]] = {
     "iapt": _build_iapt, "lora": _build_lora, "prefix": _build_prefix,
     "prefix-proj": lambda m, t, s: _build_prefix(m, t, s, project=True), "prompt": _build_prompt,
-}  # fmt: skip
+}
 
 
 def _init_head(model: nn.Module, seed: int) -> None:

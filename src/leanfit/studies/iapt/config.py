@@ -43,7 +43,7 @@ class LearningRates(BaseConfig):
     lora: list[float] = option(default_factory=lambda: [3e-4, 1e-3, 3e-3, 1e-2], help="LoRA")
     prefix: list[float] = option(default_factory=lambda: [3e-3, 1e-2, 3e-2, 1e-1], help="prefix tuning")
     prefix_proj: list[float] = option(default_factory=lambda: [3e-4, 1e-3, 3e-3, 1e-2], help="prefix tuning with "
-                                      "projection")  # fmt: skip
+                                      "projection")
     prompt: list[float] = option(default_factory=lambda: [3e-3, 1e-2, 3e-2, 1e-1], help="prompt tuning")
 
     def __post_init__(self) -> None:
@@ -62,7 +62,7 @@ class DecoderConfig(BaseConfig):
 
     enabled: bool = option(True, help="run the decoder study")
     model: str = option("smollm2-135m-instruct", help="causal LM: an alias of load_pretrained or a local folder "
-                        "(its tokenizer needs a chat template)")  # fmt: skip
+                        "(its tokenizer needs a chat template)")
     methods: list[str] = option(default_factory=lambda: list(DECODER_METHODS), help=f"subset of {DECODER_METHODS}")
     iapt: IAPTConfig = option(default_factory=lambda: IAPTConfig(bottleneck=16),
                               help="IAPT adapter of the LM (bottleneck 16 here)")
@@ -76,11 +76,11 @@ class DecoderConfig(BaseConfig):
     batch_size: int = option(4, help="training batch")
     generate_batch: int = option(8, help="generation batch (left padded)")
     iapt_lr: float = option(1e-4, help="IAPT learning rate (fixed: no grid on a CPU budget; see the module "
-                            "docstring for why it is small)")  # fmt: skip
+                            "docstring for why it is small)")
     iapt_gate_lr: float = option(1e-3, help="learning rate of iapt-gate: IAPT with prompt_gate (the gate lets it "
-                                 "train at LoRA's rate)")  # fmt: skip
+                                 "train at LoRA's rate)")
     gate_init_scale: float = option(0.01, help="iapt-gate: std of the up-projection's initial weights (a closed "
-                                    "gate needs non-zero prompts to learn from)")  # fmt: skip
+                                    "gate needs non-zero prompts to learn from)")
     lora_lr: float = option(1e-3, help="LoRA learning rate (fixed: no grid on a CPU budget)")
     max_grad_norm: float = option(0.0, help="gradient-norm clipping of the decoder's steps (0 = off)")
     seed: int = option(0, help="training seed")
@@ -91,7 +91,7 @@ class DecoderConfig(BaseConfig):
         if bad or not self.methods:
             raise ConfigError(bad_value("decoder.methods", self.methods, f"a non-empty subset of {DECODER_METHODS}"))
         _positive(self, ("body_tokens", "target_tokens", "train_examples", "test_examples", "steps", "batch_size",
-                         "generate_batch"), prefix="decoder.")  # fmt: skip
+                         "generate_batch"), prefix="decoder.")
         _positive(self, ("seed", "threads"), minimum=0, prefix="decoder.")
         rates = (self.iapt_lr, self.iapt_gate_lr, self.lora_lr)
         if not min(rates) > 0:
@@ -107,19 +107,19 @@ class DecoderConfig(BaseConfig):
 @dataclass
 class IAPTExperimentConfig(BaseConfig):
     tasks: list[Literal["bbc-news", "rotten-tomatoes"]] = option(
-        default_factory=lambda: list(TASKS), help="classification tasks (may be empty)")  # fmt: skip
+        default_factory=lambda: list(TASKS), help="classification tasks (may be empty)")
     methods: list[str] = option(default_factory=lambda: list(METHODS), help=f"subset of {METHODS}; must hold iapt")
     ablations: list[str] = option(default_factory=lambda: list(ABLATIONS), help=f"IAPT ablations: {list(ABLATIONS)}")
     encoder: str = option("minilm-l6", help="encoder: an alias of load_pretrained or a local BERT-style folder")
     iapt: IAPTConfig = option(default_factory=lambda: IAPTConfig(bottleneck=32), help="IAPT adapter, bottleneck 32 "
-                              "here (its count is the budget every other method is matched to)")  # fmt: skip
+                              "here (its count is the budget every other method is matched to)")
     lora_targets: list[str] = option(default_factory=lambda: ["query", "value"], help="LoRA target modules")
     lora_r: int = option(0, help="LoRA rank; 0 = matched to IAPT's count")
     prefix_tokens: int = option(0, help="prefix length without projection; 0 = matched to IAPT's count")
     prefix_proj_tokens: int = option(16, help="prefix length with projection (P-tuning v2 used 16 per layer)")
     prefix_proj_hidden: int = option(0, help="hidden width of the prefix projection; 0 = matched to IAPT's count")
     prompt_tokens: int = option(0, help="prompt-tuning length; 0 = matched to IAPT's count as far as the "
-                                "encoder's positions allow (max_position_embeddings - max_length)")  # fmt: skip
+                                "encoder's positions allow (max_position_embeddings - max_length)")
     max_length: int = option(128, help="input tokens (longer inputs are cut)")
     batch_size: int = option(16, help="training batch")
     steps: int = option(200, help="optimizer steps (the same for every method)")
@@ -134,29 +134,29 @@ class IAPTExperimentConfig(BaseConfig):
     max_test: int = option(2000, help="cap on test examples (0 = all)")
     eval_batch: int = option(64, help="evaluation batch")
     activation_lr_scale: float = option(1.0, help="IAPT's rational coefficients learn at this multiple of the "
-                                        "adapter's rate")  # fmt: skip
+                                        "adapter's rate")
     max_grad_norm: float = option(1.0, help="gradient-norm clipping of every method's step (transformers' Trainer "
-                                  "default; 0 = off)")  # fmt: skip
+                                  "default; 0 = off)")
     threads: int = option(0, help="torch threads (0: auto = 1, see leanfit.core.device)")
     device: str = option("auto", help="encoder study: auto (CUDA when present, else CPU), cpu or cuda")
     jobs: int = option(1, help="classifiers trained at once (joblib workers; they share the machine, so keep 1 "
-                       "when timing on a CPU)")  # fmt: skip
+                       "when timing on a CPU)")
     backend: str = option("loky", help="joblib backend of jobs > 1: loky (processes), dask or ray")
     decoder: DecoderConfig = option(default_factory=DecoderConfig, help="headline generation with a causal LM")
 
     def __post_init__(self) -> None:
         if "iapt" not in self.methods or len(set(self.methods)) != len(self.methods):
             raise ConfigError(bad_value("methods", self.methods, f"distinct names from {METHODS} including 'iapt'",
-                                        "IAPT's count is the budget the other methods are matched to"))  # fmt: skip
+                                        "IAPT's count is the budget the other methods are matched to"))
         bad = sorted(set(self.methods) - set(METHODS)) + sorted(set(self.ablations) - set(ABLATIONS))
         if bad:
             raise ConfigError(bad_value("methods/ablations", bad, f"names from {METHODS} / {list(ABLATIONS)}"))
         if len(set(self.tasks)) != len(self.tasks) or not (self.tasks or self.decoder.enabled):
             raise ConfigError(bad_value("tasks", self.tasks, f"distinct names from {TASKS}",
-                                        "an empty list needs decoder.enabled=true"))  # fmt: skip
+                                        "an empty list needs decoder.enabled=true"))
         _positive(self, ("max_length", "batch_size", "steps", "eval_batch", "prefix_proj_tokens"))
         _positive(self, ("lora_r", "prefix_tokens", "prefix_proj_hidden", "prompt_tokens", "max_train", "max_valid",
-                         "max_test", "threads"), minimum=0)  # fmt: skip
+                         "max_test", "threads"), minimum=0)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
             raise ConfigError(bad_value("seeds", self.seeds, "distinct non-negative integers"))
         if not 0 <= self.warmup_fraction < 1:
@@ -166,7 +166,7 @@ class IAPTExperimentConfig(BaseConfig):
         shares = (self.valid_fraction, self.test_fraction)
         if not (min(shares) > 0 and max(shares) < 1 and sum(shares) < 1):
             raise ConfigError(bad_value("valid_fraction/test_fraction", (self.valid_fraction, self.test_fraction),
-                                        "shares in (0, 1) summing below 1"))  # fmt: skip
+                                        "shares in (0, 1) summing below 1"))
         if not self.lora_targets:
             raise ConfigError(bad_value("lora_targets", self.lora_targets, "module names such as query"))
         if not self.activation_lr_scale > 0:

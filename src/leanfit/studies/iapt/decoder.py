@@ -133,7 +133,7 @@ def _build_lm(base: nn.Module, method: str, dcfg: Any, r: int, seed: int) -> Hea
             from leanfit.iapt.model import get_iapt_model
 
             config = dcfg.iapt if method == "iapt" else dataclasses.replace(dcfg.iapt, prompt_gate=True,
-                                                                            init_scale=dcfg.gate_init_scale)  # fmt: skip
+                                                                            init_scale=dcfg.gate_init_scale)
             return IAPTHeadlineLM(get_iapt_model(model, config))
         from peft import LoraConfig, get_peft_model
 
@@ -142,7 +142,7 @@ def _build_lm(base: nn.Module, method: str, dcfg: Any, r: int, seed: int) -> Hea
 
 
 def _generate(lm: HeadlineLM, tokenizer: Any, examples: Sequence[HeadlineExample], dcfg: Any,
-              pad: int) -> list[str]:  # fmt: skip
+              pad: int) -> list[str]:
     device = next(lm.parameters()).device
     end = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
     lm.eval()
@@ -150,13 +150,13 @@ def _generate(lm: HeadlineLM, tokenizer: Any, examples: Sequence[HeadlineExample
     for i in range(0, len(examples), dcfg.generate_batch):
         ids, mask = _prompt_batch(examples[i : i + dcfg.generate_batch], pad)
         new = lm.new_tokens(ids.to(device), mask.to(device), max_new_tokens=dcfg.target_tokens, pad_token_id=pad,
-                            eos_token_id=end)  # fmt: skip
+                            eos_token_id=end)
         out += [tokenizer.decode(row, skip_special_tokens=True).strip().split("\n")[0] for row in new.cpu()]
     return out
 
 
 def _decoder_run(ctx: RunContext[IAPTExperimentConfig], base: nn.Module, tokenizer: Any, method: str, data: dict[str, list[HeadlineExample]],
-                 sizes: dict[str, int]) -> dict[str, Any]:  # fmt: skip
+                 sizes: dict[str, int]) -> dict[str, Any]:
     """Train (unless zero-shot) and score one decoder method: ``result.json``, ``losses.jsonl`` and
     ``predictions.jsonl`` in its folder."""
     dcfg = ctx.config.decoder
@@ -168,7 +168,7 @@ def _decoder_run(ctx: RunContext[IAPTExperimentConfig], base: nn.Module, tokeniz
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainable = sum(p.numel() for p in lm.parameters() if p.requires_grad)
     record: dict[str, Any] = {"method": method, "seed": dcfg.seed, "train_seconds": 0.0, "steps": 0, "lr": None,
-                              "adapter_params": trainable}  # fmt: skip
+                              "adapter_params": trainable}
     torch.manual_seed(derive_seed(dcfg.seed, "decoder", method, "dropout"))
     acc = make_accelerator()
     if method != "zero-shot":
@@ -185,7 +185,7 @@ def _decoder_run(ctx: RunContext[IAPTExperimentConfig], base: nn.Module, tokeniz
 
         (sub / "losses.jsonl").unlink(missing_ok=True)
         record.update(train_loop(acc, model, optimizer, scheduler, batches, loss_fn, f"decoder-{method}",
-                                  sub / "losses.jsonl", dcfg.max_grad_norm))  # fmt: skip
+                                  sub / "losses.jsonl", dcfg.max_grad_norm))
         record.update(lr=lr, steps=dcfg.steps, max_grad_norm=dcfg.max_grad_norm)
         lm = acc.unwrap_model(model)
     began = time.perf_counter()
@@ -195,7 +195,7 @@ def _decoder_run(ctx: RunContext[IAPTExperimentConfig], base: nn.Module, tokeniz
     record.update(rouge_l=sum(scores) / len(scores), test_examples=len(scores), rouge_l_articles=scores)
     if acc.is_main_process:
         lines = [json.dumps({"reference": e.reference, "prediction": p, "rouge_l": s}) + "\n"
-                 for e, p, s in zip(data["test"], predictions, scores, strict=True)]  # fmt: skip
+                 for e, p, s in zip(data["test"], predictions, scores, strict=True)]
         atomic_write_text(sub / "predictions.jsonl", "".join(lines))
     subrun.store(record)
     acc.wait_for_everyone()
@@ -213,13 +213,13 @@ def run_decoder(ctx: RunContext[IAPTExperimentConfig]) -> list[dict[str, Any]]:
     base.eval().requires_grad_(False)
     parts = load_labelled("bbc-news").split(cfg.valid_fraction, cfg.test_fraction)
     data = {"train": headline_examples(tokenizer, sample_labelled(parts["train"], dcfg.train_examples), dcfg),
-            "test": headline_examples(tokenizer, sample_labelled(parts["test"], dcfg.test_examples), dcfg)}  # fmt: skip
+            "test": headline_examples(tokenizer, sample_labelled(parts["test"], dcfg.test_examples), dcfg)}
     budget = iapt_parameter_count(base.config.hidden_size, base.config.num_hidden_layers, dcfg.iapt)
     sizes = {"iapt_params": budget, "lora_r": max(1, round(budget / lora_unit(base, dcfg.lora_targets)))}
     rows = [_decoder_run(ctx, base, tokenizer, method, data, sizes) for method in dcfg.methods]
     lengths = [len(e.prompt) for e in data["test"]]
     for row in rows:
         row.update(prompt_tokens_mean=sum(lengths) / len(lengths), lora_r=sizes["lora_r"] if row["method"] == "lora"
-                   else None)  # fmt: skip
+                   else None)
     configure_threads(cfg.threads, small_workload=True)
     return rows

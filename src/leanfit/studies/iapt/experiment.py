@@ -86,12 +86,12 @@ PRESETS: dict[str, dict[str, Any]] = {
               "max_length": 64, "batch_size": 8, "steps": 40, "prompt_tokens": 20, "head_lr": 1e-2,
               "lrs": _QUICK_LRS, "max_valid": 100, "max_test": 150, "decoder": {"enabled": False}},
     "full": {},
-}  # fmt: skip
+}
 
 
 @register("iapt", kind="experiment", description="IAPT vs PEFT LoRA / prefix / prompt tuning at matched budgets "
           "(MiniLM on BBC News + Rotten Tomatoes; SmolLM2 headlines in the full preset)",
-          config_cls=IAPTExperimentConfig, presets=PRESETS, report=report)  # fmt: skip
+          config_cls=IAPTExperimentConfig, presets=PRESETS, report=report)
 def run(ctx: RunContext[IAPTExperimentConfig]) -> dict[str, Any]:
     from leanfit.core.device import configure_threads
     from leanfit.studies.iapt import decoder, train
@@ -110,5 +110,5 @@ def run(ctx: RunContext[IAPTExperimentConfig]) -> dict[str, Any]:
     summary = rep.summarise(rows)
     return {"threads": threads, "rows": rows, "summary": summary, "sweeps": sweeps, "budgets": budgets,
             "decoder": decoder, "targets": rep.targets(summary),
-            "headline": rep.headline(summary, decoder)}  # fmt: skip
+            "headline": rep.headline(summary, decoder)}
 

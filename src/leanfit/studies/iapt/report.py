@@ -32,7 +32,7 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         sub = [r for r in rows if (r["task"], r["method"], r["setting"]) == (task, method, setting)]
         first = sub[0]
         entry: dict[str, Any] = {"task": task, "method": method, "setting": setting, "seeds": len(sub),
-                                 "lr": first["lr"], "size": first["size"]}  # fmt: skip
+                                 "lr": first["lr"], "size": first["size"]}
         for key in ("adapter_params", "head_params", "trainable_params"):
             entry[key] = first[key]
         for key in _STATS:
@@ -71,7 +71,7 @@ def headline(summary: Sequence[dict[str, Any]], decoder: Sequence[dict[str, Any]
     parts = []
     for task in dict.fromkeys(s["task"] for s in summary):
         items = [f"{m} {100 * s['test_accuracy_mean']:.1f} ± {100 * s['test_accuracy_sd']:.1f}% "
-                 f"({s['adapter_params'] / 1000:.0f}k)" for m, s in _main(summary, task).items()]  # fmt: skip
+                 f"({s['adapter_params'] / 1000:.0f}k)" for m, s in _main(summary, task).items()]
         parts.append(f"{task}: " + ", ".join(items))
     if decoder:
         parts.append("headlines ROUGE-L: " + ", ".join(f"{d['method']} {100 * d['rouge_l']:.1f}" for d in decoder))
@@ -93,7 +93,7 @@ def _method_table(summary: Sequence[dict[str, Any]], task: str) -> list[dict[str
     return [{"method": m, "size": _size_text(s["size"]), "adapter params": s["adapter_params"],
              "with head": s["trainable_params"], "vs IAPT": s["adapter_params"] / budget if budget else None,
              "lr": s["lr"], "test accuracy (%)": _pm(s, "test_accuracy"), "macro-F1 (%)": _pm(s, "test_macro_f1"),
-             "train s": _pm(s, "train_seconds", 1.0, 1), "seeds": s["seeds"]} for m, s in main.items()]  # fmt: skip
+             "train s": _pm(s, "train_seconds", 1.0, 1), "seeds": s["seeds"]} for m, s in main.items()]
 
 
 def _ablation_table(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -106,7 +106,7 @@ def _ablation_table(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append({"task": s["task"], "setting": "IAPT (self_attn, rational, 4 tokens)" if s["setting"] == "main"
                      else s["setting"], "size": _size_text(s["size"]), "adapter params": s["adapter_params"],
                      "test accuracy (%)": _pm(s, "test_accuracy"), "macro-F1 (%)": _pm(s, "test_macro_f1"),
-                     "Δ accuracy vs IAPT (points)": delta})  # fmt: skip
+                     "Δ accuracy vs IAPT (points)": delta})
     return rows
 
 
@@ -118,7 +118,7 @@ def _decoder_table(decoder: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for d in decoder:
         row = {"method": d["method"], "adapter params": d["adapter_params"], "LoRA r": d.get("lora_r"), "lr": d["lr"],
-               "steps": d["steps"], "ROUGE-L F1 (%)": 100 * d["rouge_l"]}  # fmt: skip
+               "steps": d["steps"], "ROUGE-L F1 (%)": 100 * d["rouge_l"]}
         if "rouge_l_articles" in d:
             _, lo, hi = bootstrap_ci(d["rouge_l_articles"], n_boot=_DRAWS)
             row["95% CI"] = f"[{100 * lo:.1f}, {100 * hi:.1f}]"
@@ -128,7 +128,7 @@ def _decoder_table(decoder: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 _, lo, hi = bootstrap_ci(diff, n_boot=_DRAWS)
                 row["vs LoRA (paired, 95% CI)"] = f"{100 * sum(diff) / len(diff):+.2f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
         rows.append({**row, "test articles": d["test_examples"], "prompt tokens (mean)": d.get("prompt_tokens_mean"),
-                     "train s": d["train_seconds"], "generate s": d["generate_seconds"]})  # fmt: skip
+                     "train s": d["train_seconds"], "generate s": d["generate_seconds"]})
     return rows
 
 
@@ -154,7 +154,7 @@ def _decoder_plot(run: RunDir, decoder: Sequence[dict[str, Any]]) -> None:
 
 _RATES = {True: "each method's adapter learning rate was chosen on validation with the first seed (table "
                 "*Learning-rate selection*)",
-          False: "one fixed adapter learning rate per method (no grid)"}  # fmt: skip
+          False: "one fixed adapter learning rate per method (no grid)"}
 _NOTES = (
     "Encoder: MiniLM-L6 (frozen) with BERT's sequence-classification head (`classifier`, trainable in every method "
     "and initialised identically per seed). Test accuracy and macro-F1 in %, mean ± sd over seeds; {rates}, the "
@@ -182,7 +182,7 @@ def report(run: RunDir, results: dict[str, Any]) -> Report:
         clip = "none" if clips == [0.0] else " / ".join(f"{c:g}" for c in clips)
         rep.text(f"Trained on {devices}, {jobs} classifier(s) at a time"
                  f"{' (training times measured under that shared load)' if jobs > 1 else ''}; gradient-norm "
-                 f"clipping: {clip}.")  # fmt: skip
+                 f"clipping: {clip}.")
     summary = results.get("summary", [])
     tasks = list(dict.fromkeys(s["task"] for s in summary))
     for task in tasks:
@@ -203,7 +203,7 @@ def report(run: RunDir, results: dict[str, Any]) -> Report:
         _decoder_plot(run, results["decoder"])
         rep.figure("plots/decoder_rouge_l.png", "ROUGE-L F1 per method (95% bootstrap interval over test articles)")
         rep.text("Greedy decoding of at most `target_tokens` tokens; ROUGE-L F1 (rouge-score, Porter stemming), "
-                 "mean over the held-out articles; predictions: `runs/decoder-*/predictions.jsonl`.")  # fmt: skip
+                 "mean over the held-out articles; predictions: `runs/decoder-*/predictions.jsonl`.")
     return rep
 
 
@@ -219,7 +219,7 @@ def _accuracy_plot(run: RunDir, summary: Sequence[dict[str, Any]], tasks: Sequen
     for ax, task in zip(axes[0], tasks, strict=True):
         for i, (method, s) in enumerate(_main(summary, task).items()):
             ax.errorbar(s["adapter_params"], 100 * s["test_accuracy_mean"], yerr=100 * s["test_accuracy_sd"],
-                        fmt="o", capsize=3, color=f"C{i}", label=method)  # fmt: skip
+                        fmt="o", capsize=3, color=f"C{i}", label=method)
         ax.set_xscale("log")
         ax.set(xlabel="trainable adapter parameters (head excluded)", ylabel="test accuracy (%)", title=task)
         ax.grid(alpha=0.3)
@@ -241,7 +241,7 @@ def _ablation_plot(run: RunDir, summary: Sequence[dict[str, Any]]) -> None:
         entries = [s for s in summary if s["task"] == task and s["method"] == "iapt"]
         labels = ["IAPT" if s["setting"] == "main" else s["setting"] for s in entries]
         ax.bar(labels, [100 * s["test_accuracy_mean"] for s in entries],
-               yerr=[100 * s["test_accuracy_sd"] for s in entries], capsize=3, color="C0")  # fmt: skip
+               yerr=[100 * s["test_accuracy_sd"] for s in entries], capsize=3, color="C0")
         low = min(100 * (s["test_accuracy_mean"] - s["test_accuracy_sd"]) for s in entries)
         ax.set_ylim(max(0.0, low - 5), 100)
         ax.set(ylabel="test accuracy (%)", title=f"{task}: IAPT ablations")

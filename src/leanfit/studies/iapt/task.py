@@ -39,7 +39,7 @@ class Split:
         """Rows ``idx``, cut to their longest row."""
         width = int(self.attention_mask[idx].sum(1).max())
         return {"input_ids": self.input_ids[idx, :width], "attention_mask": self.attention_mask[idx, :width],
-                "token_type_ids": self.token_type_ids[idx, :width]}  # fmt: skip
+                "token_type_ids": self.token_type_ids[idx, :width]}
 
 
 def sample_labelled(data: LabelledText, cap: int, seed: int = 0) -> LabelledText:
@@ -89,23 +89,23 @@ def prepare_task(cfg: Any, task: str) -> ClassificationTask:
     parts = data.split(cfg.valid_fraction, cfg.test_fraction)
     caps = {"train": cfg.max_train, "valid": cfg.max_valid, "test": cfg.max_test}
     model, tokenizer = load_pretrained(cfg.encoder, model_class="AutoModelForSequenceClassification",
-                                       num_labels=len(data.label_names))  # fmt: skip
+                                       num_labels=len(data.label_names))
     model.eval().requires_grad_(False)
     splits = {name: _encode(tokenizer, sample_labelled(parts[name], caps[name]), cfg.max_length) for name in caps}
     hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
     budget = iapt_parameter_count(hidden, layers, cfg.iapt)
     return ClassificationTask(task, cfg, model, tokenizer, splits, data.label_names, budget,
-                              matched_sizes(cfg, model, budget))  # fmt: skip
+                              matched_sizes(cfg, model, budget))
 
 
 # --------------------------------------------------------------------------------------------------- budgets
 def lora_unit(model: nn.Module, targets: Sequence[str]) -> int:
     """LoRA parameters per unit of rank: the sum of ``in + out`` over the Linear layers named in ``targets``."""
     unit = sum(m.in_features + m.out_features for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets)  # fmt: skip
+               if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets)
     if not unit:
         raise ConfigError(bad_value("lora_targets", list(targets), "names of Linear modules of the model",
-                                    "BERT: query, key, value; Llama: q_proj, k_proj, v_proj, o_proj"))  # fmt: skip
+                                    "BERT: query, key, value; Llama: q_proj, k_proj, v_proj, o_proj"))
     return unit
 
 

@@ -44,7 +44,7 @@ def batch_indices(n: int, batch_size: int, steps: int, seed: int) -> list[Tensor
 
 
 def make_optimizer(module: nn.Module, lr: float, head_lr: float, steps: int, warmup_fraction: float,
-               activation_lr_scale: float = 1.0) -> tuple[Any, Any]:  # fmt: skip
+               activation_lr_scale: float = 1.0) -> tuple[Any, Any]:
     """AdamW (no weight decay) with the head at ``head_lr`` and IAPT's rational coefficients (``.act.``) at
     ``activation_lr_scale * lr``; linear warm-up then linear decay to 0."""
     params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
@@ -52,7 +52,7 @@ def make_optimizer(module: nn.Module, lr: float, head_lr: float, steps: int, war
     act = [p for n, p in params if f"{HEAD}." not in n and ".act." in n]
     adapter = [p for n, p in params if f"{HEAD}." not in n and ".act." not in n]
     groups = [g for g in ({"params": adapter, "lr": lr}, {"params": act, "lr": activation_lr_scale * lr},
-                          {"params": head, "lr": head_lr}) if g["params"]]  # fmt: skip
+                          {"params": head, "lr": head_lr}) if g["params"]]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     warm = round(warmup_fraction * steps)
 
@@ -64,7 +64,7 @@ def make_optimizer(module: nn.Module, lr: float, head_lr: float, steps: int, war
 
 def train_loop(acc: Any, module: nn.Module, optimizer: Any, scheduler: Any, batches: Sequence[Any],
                 loss_fn: Callable[[nn.Module, Any], Tensor], name: str, log: Path, max_grad_norm: float = 0.0,
-                show_progress: bool = True) -> dict[str, Any]:  # fmt: skip
+                show_progress: bool = True) -> dict[str, Any]:
     """Run the optimizer over ``batches`` (gradient norm clipped to ``max_grad_norm`` when > 0); returns the
     training time (steps only, the device synchronised) and the loss curve's ends."""
     module.train()
@@ -149,7 +149,7 @@ class RunSpec:
 
 
 def _train_classifier(ctx: RunContext[IAPTExperimentConfig], task: ClassificationTask, spec: RunSpec, validate: bool,
-                      show_progress: bool = True) -> dict[str, Any]:  # fmt: skip
+                      show_progress: bool = True) -> dict[str, Any]:
     """Train (or reuse) one classifier: ``result.json`` (record) and ``trainable.safetensors`` in its folder."""
     import torch.nn.functional as F
 
@@ -164,7 +164,7 @@ def _train_classifier(ctx: RunContext[IAPTExperimentConfig], task: Classificatio
     torch.manual_seed(derive_seed(spec.seed, spec.name, "dropout"))  # a resumed run redraws the same masks
     acc = make_accelerator(cfg.device)
     optimizer, scheduler = make_optimizer(module, spec.lr, cfg.head_lr, cfg.steps, cfg.warmup_fraction,
-                                      cfg.activation_lr_scale)  # fmt: skip
+                                      cfg.activation_lr_scale)
     model, optimizer = acc.prepare(module, optimizer)
     train = task.splits["train"]
     shard = slice(acc.process_index, None, acc.num_processes)  # this process's rows of every batch
@@ -178,9 +178,9 @@ def _train_classifier(ctx: RunContext[IAPTExperimentConfig], task: Classificatio
     record = {"name": spec.name, **dataclasses.asdict(spec), **counts, "size": _size(task, spec),
               "steps": cfg.steps, "batch_size": cfg.batch_size, "processes": acc.num_processes,
               "train_device": device_name(acc.device), "jobs": cfg.jobs,
-              "max_grad_norm": cfg.max_grad_norm}  # fmt: skip
+              "max_grad_norm": cfg.max_grad_norm}
     record.update(train_loop(acc, model, optimizer, scheduler, batches, loss_fn, spec.name, sub / "losses.jsonl",
-                              cfg.max_grad_norm, show_progress))  # fmt: skip
+                              cfg.max_grad_norm, show_progress))
     module = acc.unwrap_model(model)
     if validate:
         val = evaluate(module, task.splits["valid"], cfg.eval_batch, task.num_labels)
@@ -205,12 +205,12 @@ def _score(ctx: RunContext[IAPTExperimentConfig], task: ClassificationTask, spec
     if (done := subrun.stored()) is not None:
         return done
     module = _load_trainable(build_classifier(task, spec.method, spec.setting, spec.seed),
-                             subrun.path / "trainable.safetensors")  # fmt: skip
+                             subrun.path / "trainable.safetensors")
     module.to(resolve_device(task.cfg.device))
     began = time.perf_counter()
     test = evaluate(module, task.splits["test"], task.cfg.eval_batch, task.num_labels)
     result = {"test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
-              "test_seconds": time.perf_counter() - began, "test_examples": len(task.splits["test"])}  # fmt: skip
+              "test_seconds": time.perf_counter() - began, "test_examples": len(task.splits["test"])}
     return subrun.store(result)
 
 
@@ -239,7 +239,7 @@ def run_classifiers(ctx: RunContext[IAPTExperimentConfig], jobs: Sequence[Job], 
     cfg = ctx.config
     return run_jobs(partial(_run_job, ctx, show_progress=False), jobs, jobs=cfg.jobs, backend=cfg.backend,
                     desc=f"{title}: {len(jobs)} classifiers, {cfg.jobs} at once", serial_fn=partial(_run_job, ctx),
-                    postfix=lambda r: {"last": r["name"]})  # fmt: skip
+                    postfix=lambda r: {"last": r["name"]})
 
 
 def choose_lrs(ctx: RunContext[IAPTExperimentConfig]) -> tuple[dict[tuple[str, str], float], list[dict[str, Any]]]:
@@ -249,7 +249,7 @@ def choose_lrs(ctx: RunContext[IAPTExperimentConfig]) -> tuple[dict[tuple[str, s
     cfg = ctx.config
     seed = cfg.seeds[0]
     jobs = [Job(RunSpec(task, method, "main", lr, seed), validate=len(cfg.lrs.grid(method)) > 1)
-            for task in cfg.tasks for method in cfg.methods for lr in cfg.lrs.grid(method)]  # fmt: skip
+            for task in cfg.tasks for method in cfg.methods for lr in cfg.lrs.grid(method)]
     records = run_classifiers(ctx, jobs, "rate grids")
     chosen: dict[tuple[str, str], float] = {}
     rows: list[dict[str, Any]] = []
@@ -259,7 +259,7 @@ def choose_lrs(ctx: RunContext[IAPTExperimentConfig]) -> tuple[dict[tuple[str, s
             best = max(group, key=lambda r: (r.get("val_accuracy", 0.0), r.get("val_macro_f1", 0.0), -r["lr"]))
             chosen[task, method] = best["lr"]
             rows += [{"task": task, "method": method, "lr": r["lr"], "val_accuracy": r.get("val_accuracy"),
-                      "val_macro_f1": r.get("val_macro_f1"), "chosen": r is best} for r in group]  # fmt: skip
+                      "val_macro_f1": r.get("val_macro_f1"), "chosen": r is best} for r in group]
     return chosen, rows
 
 
@@ -269,7 +269,7 @@ def final_runs(ctx: RunContext[IAPTExperimentConfig], rates: dict[tuple[str, str
     specs = []
     for task in cfg.tasks:
         specs += [RunSpec(task, method, "main", rates[task, method], seed) for method in cfg.methods
-                  for seed in cfg.seeds]  # fmt: skip
+                  for seed in cfg.seeds]
         specs += [RunSpec(task, "iapt", setting, rates[task, "iapt"], seed) for setting in cfg.ablations
-                  for seed in cfg.seeds]  # fmt: skip
+                  for seed in cfg.seeds]
     return run_classifiers(ctx, [Job(spec, score=True) for spec in specs], "seeds and ablations")

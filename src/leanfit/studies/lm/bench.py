@@ -29,7 +29,7 @@ class ThreadsBenchConfig(TimingConfig):
     n_layers: int = option(2, help="decoder layers")
     # a sweep: TimingConfig's single thread count becomes a list here (the name the committed configs use)
     threads: list[int] = option(default_factory=lambda: [1, 2], help="torch thread counts to compare, timed "  # type: ignore[assignment]
-                                "side by side; the first is the baseline of speedup_vs_1_thread")  # fmt: skip
+                                "side by side; the first is the baseline of speedup_vs_1_thread")
     vocab_size: int = option(8192, help="vocabulary size (full-softmax head)")
     batch_size: int = option(16, help="sequences per step")
     seq_len: int = option(64, help="tokens per sequence")
@@ -74,7 +74,7 @@ def report(run: RunDir, results: dict[str, Any]) -> Report:
         pts = sorted((r["d_model"], r["tokens_per_s"]) for r in rows if r["threads"] == t)
         series[f"{t} thread(s)"] = tuple(zip(*pts, strict=True))
     line_plot(run.plots_dir / "threads.png", series, xlabel="d_model", ylabel="training tokens/s",
-              title="tiny Llama training throughput by torch threads", logy=True)  # fmt: skip
+              title="tiny Llama training throughput by torch threads", logy=True)
     rep = Report("Throughput")
     rep.table(rows, ["d_model", "n_layers", "threads", "params", "step_ms", "tokens_per_s", "speedup_vs_1_thread"])
     rep.figure("plots/threads.png", "Training tokens/s against model width, per thread count (median of repeats)")
@@ -82,7 +82,7 @@ def report(run: RunDir, results: dict[str, Any]) -> Report:
 
 
 @register("threads", kind="benchmark", description="tiny-Llama training throughput by torch thread count",
-          config_cls=ThreadsBenchConfig, presets=PRESETS, report=report)  # fmt: skip
+          config_cls=ThreadsBenchConfig, presets=PRESETS, report=report)
 def run(ctx: RunContext[ThreadsBenchConfig]) -> dict[str, Any]:
     import torch
 
@@ -92,12 +92,12 @@ def run(ctx: RunContext[ThreadsBenchConfig]) -> dict[str, Any]:
     cfg = ctx.config
     rows = []
     batch = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1),
-                          generator=torch.Generator().manual_seed(ctx.seed))  # fmt: skip
+                          generator=torch.Generator().manual_seed(ctx.seed))
     restored = torch_threads(torch.get_num_threads(), small_workload=False)  # the count in force before the sweep
     with restored, progress_bar(len(cfg.d_models), "threads bench") as bar:
         for d in cfg.d_models:
             model = tiny_llama(cfg.vocab_size, d_model=d, n_layers=cfg.n_layers, n_heads=max(1, d // 32),
-                               max_seq_len=cfg.seq_len, seed=ctx.seed)  # fmt: skip
+                               max_seq_len=cfg.seq_len, seed=ctx.seed)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
             calls = dict.fromkeys(cfg.threads, functools.partial(_train, model, opt, batch, cfg.steps))
             times = time_side_by_side(calls, **cfg.timing(), around=_num_threads)
@@ -107,8 +107,8 @@ def run(ctx: RunContext[ThreadsBenchConfig]) -> dict[str, Any]:
                     "d_model": d, "n_layers": cfg.n_layers, "threads": t,
                     "params": sum(p.numel() for p in model.parameters()), "step_ms": 1e3 * sec,
                     "tokens_per_s": cfg.batch_size * cfg.seq_len / sec,
-                })  # fmt: skip
+                })
             bar.advance(1, d_model=d)
     add_ratios(rows, match=("d_model",), baseline={"threads": cfg.threads[0]},
-               columns={"speedup_vs_1_thread": "step_ms"}, invert=True)  # fmt: skip
+               columns={"speedup_vs_1_thread": "step_ms"}, invert=True)
     return {"rows": rows}

@@ -35,7 +35,7 @@ PRESETS = {
         "train": {"steps": 3000, "batch_size": 32, "seq_len": 128, "lr": 2e-3, "warmup_steps": 200,
                   "eval_every": 250, "eval_tokens": 131072, "checkpoint_every": 250},
     },
-}  # fmt: skip
+}
 
 
 def report(run: RunDir, results: dict[str, Any]) -> Report:
@@ -48,7 +48,7 @@ def report(run: RunDir, results: dict[str, Any]) -> Report:
     if valid:
         series["validation"] = tuple(zip(*valid, strict=True))
     line_plot(run.plots_dir / "loss.png", series, xlabel="step", ylabel="cross-entropy (nats/token)",
-              title="lm-baseline loss")  # fmt: skip
+              title="lm-baseline loss")
     rep = Report("Results")
     rep.table([
         {"metric": "validation perplexity", "value": results["val_ppl"]},
@@ -57,7 +57,7 @@ def report(run: RunDir, results: dict[str, Any]) -> Report:
         {"metric": "parameters (total / output head)", "value": f"{results['params']:,} / {results['head_params']:,}"},
         {"metric": "tokens seen in training", "value": results["train_tokens_seen"]},
         {"metric": "corpus training tokens", "value": results["corpus_train_tokens"]},
-    ])  # fmt: skip
+    ])
     rep.figure("plots/loss.png", "Training and validation loss")
     return rep
 
@@ -81,10 +81,10 @@ def run(ctx: RunContext[LMBaselineConfig]) -> dict[str, Any]:
     vocab = data["tokenizer"].get_vocab_size()
     m = cfg.model
     model = tiny_llama(vocab, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, ffn_mult=m.ffn_mult,
-                       max_seq_len=cfg.train.seq_len, tie_embeddings=m.tie_embeddings, seed=ctx.seed)  # fmt: skip
+                       max_seq_len=cfg.train.seq_len, tie_embeddings=m.tie_embeddings, seed=ctx.seed)
     model, result = train_lm(model, data["tokens"]["train"], data["tokens"]["valid"], cfg.train, run=ctx.run,
                              seed=ctx.seed, resume=ctx.resume, description="lm-baseline",
-                             final_eval={"test": data["tokens"]["test"]})  # fmt: skip
+                             final_eval={"test": data["tokens"]["test"]})
     test_loss = result.final_losses["test"]
     head = model.get_output_embeddings().weight
     return {

@@ -140,7 +140,7 @@ def train_lm(
     configure_threads(cfg.threads, small_workload=small_workload)
     device = resolve_device(cfg.device)
     acc = Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.mixed_precision,
-                      step_scheduler_with_optimizer=False)  # fmt: skip
+                      step_scheduler_with_optimizer=False)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
@@ -160,7 +160,7 @@ def train_lm(
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
             batch = train_batch(train_tokens, step, cfg.batch_size, cfg.seq_len, seed,
-                                acc.process_index, acc.num_processes).to(acc.device)  # fmt: skip
+                                acc.process_index, acc.num_processes).to(acc.device)
             with acc.autocast():
                 loss = loss_fn(model, batch[:, :-1], batch[:, 1:])
             acc.backward(loss)
@@ -175,7 +175,7 @@ def train_lm(
             if step % cfg.log_every == 0 or step == cfg.steps:
                 mean = acc.reduce(loss_sum.to(acc.device), reduction="mean").item() / loss_n
                 run.log(step, loss=mean, lr=scheduler.get_last_lr()[0],
-                        tokens_per_s=step * tokens_per_step / max(train_seconds, 1e-9))  # fmt: skip
+                        tokens_per_s=step * tokens_per_step / max(train_seconds, 1e-9))
                 bar.advance(0, loss=mean)
                 train_loss, loss_sum, loss_n = mean, torch.zeros((), dtype=torch.float64), 0
             if step % cfg.eval_every == 0 or step == cfg.steps:

@@ -63,7 +63,7 @@ def _smollm2() -> Path:
     with open(folder / gguf_file, "rb") as fh:  # the first MiB identifies the release (header + metadata)
         key = f"smollm2-135m-instruct-v2-{sha256_bytes(fh.read(1 << 20))[:16]}"  # v2: no GGUF marker
     return cached_folder(cache_dir("models", key), lambda tmp: convert_gguf(folder, gguf_file, tmp),
-                         meta={"source": str(folder / gguf_file)})  # fmt: skip
+                         meta={"source": str(folder / gguf_file)})
 
 
 def _minilm() -> Path:

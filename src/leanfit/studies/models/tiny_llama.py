@@ -30,7 +30,7 @@ def tiny_llama(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sizes = {"vocab_size": vocab_size, "d_model": d_model, "n_layers": n_layers, "n_heads": n_heads,
-             "max_seq_len": max_seq_len}  # fmt: skip
+             "max_seq_len": max_seq_len}
     for name, value in sizes.items():
         if value < 1:
             raise ConfigError(bad_value(name, value, "a positive integer"))
@@ -42,7 +42,7 @@ def tiny_llama(
         num_attention_heads=n_heads, num_key_value_heads=n_heads, max_position_embeddings=max_seq_len,
         tie_word_embeddings=tie_embeddings, bos_token_id=0, eos_token_id=0, pad_token_id=1,
         attention_dropout=0.0, rms_norm_eps=1e-5,
-    )  # fmt: skip
+    )
     if seed is None:
         return LlamaForCausalLM(config)
     with torch.random.fork_rng(devices=[]):

@@ -58,7 +58,7 @@ class MoEBenchConfig(TimingConfig):
     min_seconds: float = option(2.0, help="keep timing rounds until this much time is spent (at most 20 x repeats)")
     threads: int = option(0, help="torch threads (0: torch's default, one per core)")
     estimator_ns: list[int] = option(default_factory=lambda: [1000, 10000, 100000],
-                                     help="sample sizes for the estimator fit time (empty: skip)")  # fmt: skip
+                                     help="sample sizes for the estimator fit time (empty: skip)")
     target: list[int] = option(default_factory=lambda: [8192, 256, 8, 2], help="T, d, E, K of the headline")
 
     def __post_init__(self) -> None:
@@ -125,7 +125,7 @@ def _calls(mode: str, methods: list[str], layer: Any, block: Any, x: Any) -> dic
     forward = {"leanfit": (lambda: layer(x).hidden, [x, layer.router.weight, layer.gate_up_proj, layer.down_proj]),
                "hf_mixtral": (lambda: hf("eager"), [x, *block.parameters()]),
                "hf_grouped_mm": (lambda: hf("grouped_mm"), [x, *block.parameters()]),
-               "ideal_dense": (ideal, [rows, w1, w2])}  # fmt: skip
+               "ideal_dense": (ideal, [rows, w1, w2])}
     if not train:
         return {m: forward[m][0] for m in methods}
     cot_x, cot_rows = torch.randn_like(x), torch.randn_like(rows)  # the same cotangent for every layer method
@@ -150,10 +150,10 @@ def _layer_cell(t: int, d: int, e: int, k: int, cfg: MoEBenchConfig, seed: int) 
         for method in cfg.methods:
             s = statistics.median(times[method])
             rows.append({"method": method, "mode": mode, "t": t, "d": d, "e": e, "k": k, "intermediate": inter,
-                         "ms": 1e3 * s, "tokens_per_s": t / s})  # fmt: skip
+                         "ms": 1e3 * s, "tokens_per_s": t / s})
     add_ratios(rows, match=("mode",), baseline={"method": "hf_mixtral"}, columns={"speedup_vs_hf": "ms"}, invert=True)
     add_ratios(rows, match=("mode",), baseline={"method": "ideal_dense"}, columns={"fraction_of_ideal": "ms"},
-               invert=True)  # fmt: skip
+               invert=True)
     return rows
 
 
@@ -189,7 +189,7 @@ def _estimator_rows(cfg: MoEBenchConfig, ctx: RunContext[MoEBenchConfig]) -> lis
             seconds = time.perf_counter() - start
             rows.append({"n": n, "n_experts": 3, "top_k": 2, "n_init": model.n_init, "seconds": seconds,
                          "us_per_sample": 1e6 * seconds / n, "n_iter_best_start": model.n_iter_,
-                         "converged": model.converged_})  # fmt: skip
+                         "converged": model.converged_})
             bar.advance(1, size=n)
     return rows
 
@@ -199,7 +199,7 @@ def _headline(cfg: MoEBenchConfig, rows: list[dict[str, Any]]) -> str:
     parts = []
     for mode in cfg.modes:
         r = next((r for r in rows if r["method"] == "leanfit" and r["mode"] == mode
-                  and tuple(r[c] for c in _CELL) == target), None)  # fmt: skip
+                  and tuple(r[c] for c in _CELL) == target), None)
         if r is None:
             continue
         part = f"{mode} {r['ms']:.0f} ms"
@@ -230,10 +230,10 @@ def _layer_report(rep: Any, run: RunDir, rows: list[dict[str, Any]]) -> None:
             if ms:
                 series[method] = (list(range(len(cells))), [ms.get(c, float("nan")) for c in cells])
         line_plot(run.plots_dir / f"layer_{mode}.png", series, xlabel="configuration (T, d, E, K), table order",
-                  ylabel="time per call (ms)", title=f"sparse MoE layer, {mode}, CPU", logy=True)  # fmt: skip
+                  ylabel="time per call (ms)", title=f"sparse MoE layer, {mode}, CPU", logy=True)
         rep.figure(f"plots/layer_{mode}.png", f"{mode}: time per call, configurations in the order of the table")
     cols = ["method", "mode", "t", "d", "e", "k", "intermediate", "ms", "tokens_per_s", "speedup_vs_hf",
-            "fraction_of_ideal"]  # fmt: skip
+            "fraction_of_ideal"]
     rep.table(sorted(rows, key=lambda r: (tuple(r[c] for c in _CELL), MODES.index(r["mode"]))), cols)
 
 
@@ -242,7 +242,7 @@ def _estimator_report(rep: Any, run: RunDir, rows: list[dict[str, Any]]) -> None
 
     line_plot(run.plots_dir / "estimator.png", {"TopKGaussianMoE.fit": ([r["n"] for r in rows],
               [r["seconds"] for r in rows])}, xlabel="n", ylabel="fit time (s)",
-              title="estimator fit time (3 experts, top-2, default starts)", logy=True)  # fmt: skip
+              title="estimator fit time (3 experts, top-2, default starts)", logy=True)
     rep.section("Estimator").figure("plots/estimator.png", "Estimator fit time against the number of samples")
     rep.table(rows)
 
@@ -260,7 +260,7 @@ def report(run: RunDir, results: dict[str, Any]) -> Report:
 
 @register("moe", kind="benchmark", description="sparse MoE layer vs Hugging Face's Mixtral block and the ideal "
           "dense GEMM (forward, forward+backward); estimator fit time", config_cls=MoEBenchConfig, presets=PRESETS,
-          report=report)  # fmt: skip
+          report=report)
 def run(ctx: RunContext[MoEBenchConfig]) -> dict[str, Any]:
     from leanfit.core.io import atomic_write_csv
 

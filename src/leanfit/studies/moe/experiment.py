@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 __all__ = ["SETTINGS", "THEORY", "TRUTH", "TopKMoEStudyConfig", "fit_one", "rate_slope"]
 
 TRUTH = {"gate_coef": [[-6.0], [-3.0], [0.0]], "gate_intercept": [0.0, 1.0, 0.0], "coef": [[2.0], [-1.0], [2.0]],
-         "intercept": [1.5, 0.0, -1.5], "var": [0.09, 0.09, 0.09]}  # fmt: skip
+         "intercept": [1.5, 0.0, -1.5], "var": [0.09, 0.09, 0.09]}
 TRUE_TOP_K = 2
 SETTINGS = {"exact": {"n_experts": 3, "top_k": 2, "kind": "exact"}, "over": {"n_experts": 4, "top_k": 3, "kind": "over"}}
 # slopes of log error against log n predicted by the theory (logarithmic factors ignored)
@@ -59,21 +59,21 @@ THEORY = {
     "over": {"loss": -0.5, "split_gate_coef": -1 / 8, "split_intercept": -1 / 8, "split_coef": -1 / 4,
              "split_var": -1 / 4, "single_gate_coef": -0.5, "single_coef": -0.5, "single_intercept": -0.5,
              "single_var": -0.5, "weight": -0.5},
-}  # fmt: skip
+}
 _PARAMS = ("gate_coef", "coef", "intercept", "var")
 
 
 @dataclass
 class TopKMoEStudyConfig(BaseConfig):
     ns: list[int] = option(default_factory=lambda: [1000, 1931, 3728, 7197, 13895, 26827, 51795, 100000],
-                           help="sample sizes (log-spaced)")  # fmt: skip
+                           help="sample sizes (log-spaced)")
     replications: int = option(20, help="independent data sets per sample size and setting")
     settings: list[str] = option(default_factory=lambda: ["exact", "over"], help="'exact' and/or 'over'")
     split_expert: int = option(1, help="true expert whose cell holds two fitted atoms in the 'over' setting (must be "
-                                          "in the true top-K everywhere)")  # fmt: skip
+                                          "in the true top-K everywhere)")
     init_noise: float = option(0.1, help="std of the Gaussian perturbation of the start (the same at every n)")
     refit_from_truth: bool = option(True, help="refit a fit that ends below the truth's log-likelihood from the "
-                                    "unperturbed truth and keep the better")  # fmt: skip
+                                    "unperturbed truth and keep the better")
     max_iter: int = option(1000, help="ECM iterations per fit")
     tol: float = option(1e-8, help="ECM tolerance on the mean log-likelihood gain per iteration")
     bootstrap: int = option(2000, help="bootstrap resamples of the replications for slope CIs")
@@ -107,7 +107,7 @@ class TopKMoEStudyConfig(BaseConfig):
         if self.split_expert not in always:
             raise ValueError(f"split_expert={self.split_expert} is invalid: the over-specified model contains the truth "
                              f"only if the split expert's gate logit exceeds every expert outside the true "
-                             f"top-{TRUE_TOP_K} by more than log 2 for every x; expected one of {always}")  # fmt: skip
+                             f"top-{TRUE_TOP_K} by more than log 2 for every x; expected one of {always}")
 
 
 def always_selected(truth: dict[str, Any], top_k: int, margin: float = 0.0, grid: int = 20001) -> list[int]:
@@ -196,7 +196,7 @@ def fit_one(task: dict[str, Any]) -> dict[str, Any]:
     def fit(noise: float) -> Any:
         start = start_params(task["setting"], noise, task["split_expert"], task["init_seed"])
         model = TopKGaussianMoE(setting["n_experts"], setting["top_k"], init="given", init_params=start,
-                                max_iter=task["max_iter"], tol=task["tol"], random_state=task["init_seed"] % 2**32)  # fmt: skip
+                                max_iter=task["max_iter"], tol=task["tol"], random_state=task["init_seed"] % 2**32)
         with warnings.catch_warnings(record=True):
             return model.fit(X, y)
 
@@ -218,7 +218,7 @@ def fit_one(task: dict[str, Any]) -> dict[str, Any]:
                    "reached_truth": reached(model),
                    "converged": bool(model.converged_), "n_iter": int(model.n_iter_), "seconds": seconds,
                    "cell_sizes": [e["cell_size"] for e in errors],
-                   "weight": max(e["weight"] for e in errors)})  # fmt: skip
+                   "weight": max(e["weight"] for e in errors)})
     if task["setting"] == "exact":
         for name in _PARAMS:
             record[name] = max(e[name] for e in errors)
@@ -242,7 +242,7 @@ def _tasks(cfg: TopKMoEStudyConfig, seed: int) -> list[dict[str, Any]]:
                 tasks.append({"setting": setting, "n": n, "rep": rep, "data_seed": derive_seed(seed, "data", n, rep),
                               "init_seed": derive_seed(seed, "init", setting, rep), "init_noise": cfg.init_noise,
                               "split_expert": cfg.split_expert, "max_iter": cfg.max_iter, "tol": cfg.tol,
-                              "refit_from_truth": cfg.refit_from_truth})  # fmt: skip
+                              "refit_from_truth": cfg.refit_from_truth})
     return tasks
 
 
@@ -274,7 +274,7 @@ def summarise(fits: list[dict[str, Any]], n_boot: int, seed: int) -> list[dict[s
             slope, lo, hi = rate_slope(sub, key, n_boot, seed)
             rows.append({"setting": setting, "quantity": key, "slope": slope, "ci_lo": lo, "ci_hi": hi,
                          "ci_half_width": (hi - lo) / 2, "theory": expected,
-                         "covers_theory": bool(lo <= expected <= hi), "off_theory": abs(slope - expected)})  # fmt: skip
+                         "covers_theory": bool(lo <= expected <= hi), "off_theory": abs(slope - expected)})
     return rows
 
 
@@ -308,9 +308,9 @@ def report(run: RunDir, results: dict[str, Any]) -> Report:
             continue
         _rate_plot(run.plots_dir / f"{setting}.png", setting, rows, results["slopes"])
         rep.figure(f"plots/{setting}.png", f"{setting}-specified: mean errors against n (log-log), fitted slopes "
-                   "with 95% bootstrap CIs, theory slopes dashed")  # fmt: skip
+                   "with 95% bootstrap CIs, theory slopes dashed")
     rep.section("Slopes").table(results["slopes"], ["setting", "quantity", "slope", "ci_lo", "ci_hi", "ci_half_width",
-                                                    "theory", "covers_theory"])  # fmt: skip
+                                                    "theory", "covers_theory"])
     rep.section("Per sample size").table(results["per_n"])
     return rep
 
@@ -333,11 +333,11 @@ def _rate_plot(path: Any, setting: str, rows: list[dict[str, Any]], slopes: list
         s = next(x for x in slopes if x["setting"] == setting and x["quantity"] == key)
         color = f"C{i % 10}"
         ax.plot(ns, ys, "o-", color=color, ms=3,
-                label=f"{key}: {s['slope']:.2f} [{s['ci_lo']:.2f}, {s['ci_hi']:.2f}] (theory {s['theory']:.3g})")  # fmt: skip
+                label=f"{key}: {s['slope']:.2f} [{s['ci_lo']:.2f}, {s['ci_hi']:.2f}] (theory {s['theory']:.3g})")
         anchor = math.exp(float(np.mean(np.log(ys)) - s["theory"] * np.mean(np.log(ns))))
         ax.plot(ns, anchor * ns ** s["theory"], "--", color=color, lw=0.8)
     ax.set(xscale="log", yscale="log", xlabel="n", ylabel="mean error over replications",
-           title=f"top-K Gaussian MoE, {setting}-specified")  # fmt: skip
+           title=f"top-K Gaussian MoE, {setting}-specified")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6)
     save_figure(fig, path)
@@ -354,13 +354,13 @@ def _headline(slopes: list[dict[str, Any]], fits: list[dict[str, Any]]) -> str:
         first = sum(f.get("reached_truth_first", f["reached_truth"]) for f in sub) / len(sub)
         final = sum(f["reached_truth"] for f in sub) / len(sub)
         parts.append(f"{setting}: {100 * first:.1f}% of {len(sub)} fits reach the truth's log-likelihood from the "
-                     f"perturbed start, {100 * final:.1f}% after refits from the truth")  # fmt: skip
+                     f"perturbed start, {100 * final:.1f}% after refits from the truth")
     return "; ".join(parts)
 
 
 @register("topk-moe", kind="experiment", description="rates of the top-K sparse softmax-gated Gaussian MoE MLE "
           "(exact- and over-specified simulation study)", config_cls=TopKMoEStudyConfig, presets=PRESETS,
-          report=report)  # fmt: skip
+          report=report)
 def run(ctx: RunContext[TopKMoEStudyConfig]) -> dict[str, Any]:
     from leanfit.core.io import append_jsonl, read_jsonl
     from leanfit.core.parallel import run_jobs
@@ -376,10 +376,10 @@ def run(ctx: RunContext[TopKMoEStudyConfig]) -> dict[str, Any]:
     began = time.perf_counter()
     new = run_jobs(fit_one, todo, jobs=cfg.jobs, backend=cfg.backend, address=cfg.scheduler_address,
                    desc="topk-moe fits", completed=len(done), on_result=lambda record: append_jsonl(path, record),
-                   postfix=lambda r: {"size": r["n"], "setting": r["setting"], "loss": r["loss"]})  # fmt: skip
+                   postfix=lambda r: {"size": r["n"], "setting": r["setting"], "loss": r["loss"]})
     fits = sorted([*done, *new], key=lambda f: (f["setting"], f["n"], f["rep"]))
     slopes = summarise(fits, cfg.bootstrap, ctx.seed)
     return {"slopes": slopes, "per_n": _per_n(fits), "fits": len(fits), "fit_seconds": time.perf_counter() - began,
             "reached_truth": sum(f["reached_truth"] for f in fits) / len(fits),
             "reached_truth_first": sum(f.get("reached_truth_first", f["reached_truth"]) for f in fits) / len(fits),
-            "headline": _headline(slopes, fits)}  # fmt: skip
+            "headline": _headline(slopes, fits)}

@@ -57,12 +57,12 @@ if TYPE_CHECKING:
 __all__ = ["METHODS", "MIN_TOL", "PROBLEMS", "NeuralDEBenchConfig"]
 
 METHODS = ("leanfit_tsit5", "leanfit_tsit5_joint", "leanfit_dopri5", "leanfit_dopri5_joint", "torchdiffeq_dopri5",
-           "torchode_tsit5", "torchode_tsit5_pi", "torchode_dopri5", "torchode_dopri5_pi")  # fmt: skip
+           "torchode_tsit5", "torchode_tsit5_pi", "torchode_dopri5", "torchode_dopri5_pi")
 PROBLEMS = ("vdp", "vdp-mixed-mu", "lotka-volterra", "mlp-64", "mlp-256")
 DTYPES = ("float64", "float32")
 MIN_TOL = {"float64": 1e-12, "float32": 1e-6}  # tighter float32 tolerances only measure rounding noise
 BASELINES = {"torchode": "torchode_{tableau}", "torchode_pi": "torchode_{tableau}_pi",
-             "torchdiffeq": "torchdiffeq_dopri5"}  # fmt: skip
+             "torchdiffeq": "torchdiffeq_dopri5"}
 _TORCHODE_PI = {"pcoeff": 0.2, "icoeff": 0.5, "dcoeff": 0.0}  # torchode.solve_ivp's default controller
 _CELL = ("problem", "dtype", "batch", "tol")
 
@@ -73,7 +73,7 @@ class NeuralDEBenchConfig(TimingConfig):
     dtypes: list[str] = option(default_factory=lambda: list(DTYPES), help=f"state dtypes: {DTYPES}")
     batches: list[int] = option(default_factory=lambda: [1, 64, 512], help="batch sizes (initial states per solve)")
     tols: list[float] = option(default_factory=lambda: [1e-3, 1e-6, 1e-8],
-                               help="tolerances, rtol = atol = tol for every library")  # fmt: skip
+                               help="tolerances, rtol = atol = tol for every library")
     methods: list[str] = option(default_factory=lambda: list(METHODS), help=f"solvers: {METHODS}")
     mlp_dim: int = option(784, help="state dimension of the mlp problems")
     n_eval: int = option(11, help="evaluation times: linspace(0, t_end, n_eval)")
@@ -85,7 +85,7 @@ class NeuralDEBenchConfig(TimingConfig):
     threads: int = option(0, help="torch threads (0: auto, one thread for these small-op workloads)")
     device: str = option("cpu", help="cpu or cuda[:N]: where every library solves (timings name the device)")
     target: list[str] = option(default_factory=lambda: ["leanfit_tsit5", "torchode"],
-                               help="headline: [leanfit method, baseline in torchode | torchode_pi | torchdiffeq]")  # fmt: skip
+                               help="headline: [leanfit method, baseline in torchode | torchode_pi | torchdiffeq]")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -107,11 +107,11 @@ class NeuralDEBenchConfig(TimingConfig):
                 raise ValueError(f"{name}={getattr(self, name)} is invalid: expected an integer >= {low}")
         if not 0 < self.ref_tol < min(self.tols):
             raise ValueError(f"ref_tol={self.ref_tol} is invalid: expected 0 < ref_tol < min(tols)={min(self.tols)}, "
-                             "a reference tighter than every tolerance measured")  # fmt: skip
+                             "a reference tighter than every tolerance measured")
         if (len(self.target) != 2 or not self.target[0].startswith("leanfit_")
-                or self.target[1] not in BASELINES):  # fmt: skip
+                or self.target[1] not in BASELINES):
             raise ValueError(f"target={self.target} is invalid: expected [leanfit method, one of "
-                             f"{', '.join(BASELINES)}], e.g. [leanfit_tsit5, torchode]")  # fmt: skip
+                             f"{', '.join(BASELINES)}], e.g. [leanfit_tsit5, torchode]")
 
 
 PRESETS = {
@@ -259,7 +259,7 @@ def _solver(method: str, f: _Counted, y0: Any, ts: Any, tol: float) -> tuple[Cal
             s = sol.stats
             return {"ys": sol.ys, "nfe_lib": s.nfe_joint, "nfe_sample": s.nfe.double().mean().item(),
                     "accepted": s.n_accepted.double().mean().item(),
-                    "rejected": s.n_rejected.double().mean().item()}  # fmt: skip
+                    "rejected": s.n_rejected.double().mean().item()}
 
         return lambda: solve(f, y0, ts, method=tab, rtol=tol, atol=tol, per_sample=per_sample), leanfit_stats
     if method == "torchdiffeq_dopri5":
@@ -267,7 +267,7 @@ def _solver(method: str, f: _Counted, y0: Any, ts: Any, tol: float) -> tuple[Cal
 
         def torchdiffeq_stats(ys: Any) -> dict[str, Any]:
             return {"ys": ys.transpose(0, 1), "nfe_lib": None, "nfe_sample": float(f.calls), "accepted": None,
-                    "rejected": None}  # fmt: skip
+                    "rejected": None}
 
         return lambda: odeint(f, y0, ts, rtol=tol, atol=tol, method="dopri5"), torchdiffeq_stats
     return _torchode_solver(method, f, y0, ts, tol)
@@ -291,14 +291,14 @@ def _torchode_solver(method: str, f: _Counted, y0: Any, ts: Any, tol: float) -> 
         steps, accepted = sol.stats["n_steps"].double(), sol.stats["n_accepted"].double()
         return {"ys": sol.ys, "nfe_lib": int(sol.stats["n_f_evals"].max()),
                 "nfe_sample": (2 + 6 * steps).mean().item(), "accepted": accepted.mean().item(),
-                "rejected": (steps - accepted).mean().item()}  # fmt: skip
+                "rejected": (steps - accepted).mean().item()}
 
     return lambda: adjoint.solve(to.InitialValueProblem(y0=y0, t_eval=t_eval)), torchode_stats
 
 
 # --- measurement ------------------------------------------------------------------------------------------------
 def _time_counted(calls: dict[str, Callable[[], Any]], counters: dict[str, _Counted], cfg: NeuralDEBenchConfig,
-                  device: Any = None) -> tuple[dict[str, list[float]], dict[str, set[int]]]:  # fmt: skip
+                  device: Any = None) -> tuple[dict[str, list[float]], dict[str, set[int]]]:
     """Seconds of every timed call per method (:func:`~leanfit.core.bench.time_side_by_side`), and the set of call
     counts of ``f`` seen per method over the timed calls (one value when the solver is deterministic)."""
 
@@ -327,7 +327,7 @@ def _errors(ys: Any, ref: Any, tol: float) -> dict[str, float]:
 
 
 def _cell(problem: _Problem, ref: Any, name: str, dtype_name: str, tol: float, cfg: NeuralDEBenchConfig,
-          threads: int) -> list[dict[str, Any]]:  # fmt: skip
+          threads: int) -> list[dict[str, Any]]:
     """Every method at one (problem, dtype, batch, tol): checked call, then interleaved timed rounds."""
     import torch
 
@@ -351,7 +351,7 @@ def _cell(problem: _Problem, ref: Any, name: str, dtype_name: str, tol: float, c
                      "nfe_joint": out["nfe_joint"], "nfe_lib": out["nfe_lib"], "nfe_sample": out["nfe_sample"],
                      "accepted": out["accepted"], "rejected": out["rejected"],
                      "nfe_deterministic": counts[m] == {out["nfe_joint"]}, **_errors(out["ys"], ref, tol),
-                     "threads": threads, "device": cfg.device})  # fmt: skip
+                     "threads": threads, "device": cfg.device})
     return rows
 
 
@@ -365,7 +365,7 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
             return None if base == "torchdiffeq" and tab != "dopri5" else {"method": pattern.format(tableau=tab)}
 
         add_ratios(rows, match=_CELL, baseline=baseline, columns={f"{key}_vs_{base}": col for key, col in (
-            ("wall", "wall_ms"), ("nfe", "nfe_joint"), ("sample_nfe", "nfe_sample"), ("err", "max_err"))})  # fmt: skip
+            ("wall", "wall_ms"), ("nfe", "nfe_joint"), ("sample_nfe", "nfe_sample"), ("err", "max_err"))})
 
 
 def _geomean(xs: list[float]) -> float:
@@ -396,7 +396,7 @@ def _headline(summary: dict[str, Any], target: list[str]) -> str:
     return (f"{target[0]} against {target[1]} over {s['cells']} cells (geometric mean, worst cell): NFE x"
             f"{s['nfe_geomean']:.2f} (worst x{s['nfe_worst']:.2f}, no worse in {s['nfe_no_worse']}/{s['cells']}), wall time x"
             f"{s['wall_geomean']:.2f} (worst x{s['wall_worst']:.2f}, no worse in {s['wall_no_worse']}/{s['cells']}), error x"
-            f"{s['err_geomean']:.2f} at the same tolerance")  # fmt: skip
+            f"{s['err_geomean']:.2f} at the same tolerance")
 
 
 def _measure(cfg: NeuralDEBenchConfig, seed: int, threads: int) -> tuple[list[dict[str, Any]], list[list[Any]]]:
@@ -431,7 +431,7 @@ def _require_baselines(methods: list[str]) -> None:
     for lib in ("torchdiffeq", "torchode"):
         if any(m.startswith(lib) for m in methods) and importlib.util.find_spec(lib) is None:
             raise MissingDependencyError(f"methods include {lib} but it is not installed; install the baselines with "
-                                         "pip install 'leanfit[ode]', or leave them out of methods=[...]")  # fmt: skip
+                                         "pip install 'leanfit[ode]', or leave them out of methods=[...]")
 
 
 # --- report -----------------------------------------------------------------------------------------------------
@@ -442,18 +442,18 @@ def _ratio_bars(path: Any, rows: list[dict[str, Any]], base: str) -> bool:
 
     baselines = {BASELINES[base].format(tableau=t) for t in ("tsit5", "dopri5")}
     methods = [m for m in METHODS if m not in baselines and any(m == r["method"] and f"wall_vs_{base}" in r
-                                                                  for r in rows)]  # fmt: skip
+                                                                  for r in rows)]
     problems = [p for p in PROBLEMS if any(r["problem"] == p for r in rows)]
     if not methods:
         return False
     def geomeans(key: str, method: str) -> list[float]:
         col = f"{key}_vs_{base}"
         return [_geomean([r[col] for r in rows if r["method"] == method and r["problem"] == p and r.get(col)])
-                for p in problems]  # fmt: skip
+                for p in problems]
 
     labels = {"wall": "wall time", "nfe": "NFE (calls of f)", "err": "max error"}
     panels = {f"{label} / {base} (below 1: better)": {m: geomeans(key, m) for m in methods}
-              for key, label in labels.items()}  # fmt: skip
+              for key, label in labels.items()}
     bar_chart(path, problems, panels, ylabel="ratio, geometric mean over cells", logy=True, baseline=1.0)
     return True
 
@@ -464,31 +464,31 @@ def report(run: RunDir, results: dict[str, Any]) -> Report:
     rows = results["rows"]
     rep = Report("Results").text(results.get("headline", ""))
     rep.text(f"device: {results.get('device', 'cpu')}; torch threads: {results.get('threads')}; baselines: "
-             + ", ".join(f"{k} {v}" for k, v in results.get("versions", {}).items()))  # fmt: skip
+             + ", ".join(f"{k} {v}" for k, v in results.get("versions", {}).items()))
     summary = [{"comparison": k, **v} for k, v in results.get("summary", {}).items()]
     rep.section("Summary").text(
         "Ratios are row / baseline in the same cell (below 1: fewer calls of f, faster, smaller error); geometric "
         "means and worst cells over all measured cells; `*_no_worse` counts cells with a ratio <= 1."
     )
     rep.table(summary, ["comparison", "cells", "nfe_geomean", "nfe_worst", "nfe_no_worse", "sample_nfe_geomean",
-                        "wall_geomean", "wall_worst", "wall_no_worse", "err_geomean", "err_worst"])  # fmt: skip
+                        "wall_geomean", "wall_worst", "wall_no_worse", "err_geomean", "err_worst"])
     for base in BASELINES:
         if _ratio_bars(run.plots_dir / f"ratios_vs_{base}.png", rows, base):
             rep.figure(f"plots/ratios_vs_{base}.png", f"Wall time, NFE and error against {base}, per problem")
     cols = ["problem", "dtype", "batch", "tol", "method", "wall_ms", "wall_iqr_ms", "nfe_joint", "nfe_sample",
             "accepted", "rejected", "max_err", "max_err_scaled", "wall_vs_torchode", "nfe_vs_torchode",
             "err_vs_torchode", "wall_vs_torchode_pi", "nfe_vs_torchode_pi", "wall_vs_torchdiffeq",
-            "nfe_vs_torchdiffeq", "err_vs_torchdiffeq"]  # fmt: skip
+            "nfe_vs_torchdiffeq", "err_vs_torchdiffeq"]
     rep.section("All cells").table(rows, cols)
     if results.get("skipped"):
         rep.text("Skipped (tolerance below `MIN_TOL` of the dtype): "
-                 + "; ".join(" ".join(str(x) for x in cell) for cell in results["skipped"]))  # fmt: skip
+                 + "; ".join(" ".join(str(x) for x in cell) for cell in results["skipped"]))
     return rep
 
 
 @register("neural-de", kind="benchmark", description="adaptive ODE solver vs torchdiffeq and torchode: NFE, wall "
           "time and error on the same problems and tolerances", config_cls=NeuralDEBenchConfig, presets=PRESETS,
-          report=report)  # fmt: skip
+          report=report)
 def run(ctx: RunContext[NeuralDEBenchConfig]) -> dict[str, Any]:
     import importlib.metadata
 
@@ -509,4 +509,4 @@ def run(ctx: RunContext[NeuralDEBenchConfig]) -> dict[str, Any]:
             versions[lib] = None
     return {"rows": rows, "summary": summary, "headline": _headline(summary, cfg.target), "skipped": skipped,
             "threads": threads, "versions": versions,
-            "device": device_name(device)}  # fmt: skip
+            "device": device_name(device)}

@@ -22,7 +22,7 @@ class DEArmConfig(BaseConfig):
     enabled: bool = option(True, help="run this family")
     methods: list[str] = option(default_factory=lambda: list(ODE_METHODS), help="regulariser presets to compare")
     lambdas: list[float] = option(default_factory=lambda: [0.1, 1.0, 10.0], help="lambda sweep (first seed, "
-                                  "chosen on validation)")  # fmt: skip
+                                  "chosen on validation)")
     hidden: int = option(100, help="tanh units of the vector field (ODE) or drift (SDE)")
     latent: int = option(32, help="SDE only: latent state size")
     steps: int = option(300, help="optimiser steps")
@@ -50,7 +50,7 @@ class SDEArmConfig(DEArmConfig):
 
     methods: list[str] = option(default_factory=lambda: list(SDE_METHODS), help="regulariser presets to compare")
     lambdas: list[float] = option(default_factory=lambda: [1.0, 10.0, 100.0], help="lambda sweep (first seed, "
-                                  "chosen on validation)")  # fmt: skip
+                                  "chosen on validation)")
     hidden: int = option(64, help="tanh units of the drift")
     lr: float = option(1e-2, help="Adam learning rate")
     rtol: float = option(0.1, help="solver relative tolerance")
@@ -72,7 +72,7 @@ class NeuralDEExperimentConfig(BaseConfig):
     threads: int = option(0, help="torch threads (0: auto, 1 for these small workloads)")
     device: str = option("auto", help="auto (CUDA when present, else CPU), cpu or cuda[:N]")
     jobs: int = option(1, help="models trained at once (joblib processes; they share the machine, so keep 1 when "
-                       "training times are compared)")  # fmt: skip
+                       "training times are compared)")
     backend: str = option("loky", help="joblib backend of jobs > 1: loky (processes), dask or ray")
     ode: DEArmConfig = option(default_factory=DEArmConfig, help="neural ODE family")
     sde: SDEArmConfig = option(default_factory=SDEArmConfig, help="neural SDE family")
@@ -84,7 +84,7 @@ class NeuralDEExperimentConfig(BaseConfig):
             raise ValueError(f"dtype={self.dtype!r} is invalid: expected float32 or float64")
         if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
             raise ValueError(f"val_fraction={self.val_fraction}, test_fraction={self.test_fraction} are invalid: "
-                             "expected shares in (0, 1) summing to less than 1")  # fmt: skip
+                             "expected shares in (0, 1) summing to less than 1")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
             raise ValueError(f"seeds={self.seeds} is invalid: expected distinct non-negative integers")
         if self.lambda_decay < 1:
@@ -95,7 +95,7 @@ class NeuralDEExperimentConfig(BaseConfig):
             raise ValueError(f"backend={self.backend!r} is invalid: expected loky, dask or ray")
         if self.device.strip().lower().startswith("mps"):
             raise ValueError(f"device={self.device!r} is invalid: MPS has no float64 and per-step host syncs; use "
-                             "cpu or cuda")  # fmt: skip
+                             "cpu or cuda")
         if self.eval_batch < 1 or self.timing_repeats < 1:
             raise ValueError(f"eval_batch={self.eval_batch}, timing_repeats={self.timing_repeats}: expected >= 1")
         for fam, allowed in (("ode", ODE_METHODS), ("sde", SDE_METHODS)):

@@ -58,7 +58,7 @@ PRESETS = {
     "full": {"dataset": "mnist5k", "eval_batch": 512,
              "ode": {"hidden": 100, "steps": 600, "batch_size": 256, "eval_every": 200},
              "sde": {"steps": 600, "batch_size": 256, "eval_every": 200}},
-}  # fmt: skip
+}
 
 
 # --- device -------------------------------------------------------------------------------------------------------
@@ -105,7 +105,7 @@ def load_data(cfg: NeuralDEExperimentConfig) -> DEData:
     train, val = train_test_split(rest, test_size=val_share, stratify=y[rest], random_state=cfg.split_seed)
     dtype = getattr(torch, cfg.dtype)
     parts = {name: (torch.as_tensor(X[part], dtype=dtype), torch.as_tensor(y[part]))
-             for name, part in (("train", train), ("val", val), ("test", test))}  # fmt: skip
+             for name, part in (("train", train), ("val", val), ("test", test))}
     return DEData(n_features=X.shape[1], n_classes=int(y.max()) + 1, **parts)
 
 
@@ -120,7 +120,7 @@ def build_model(family: str, cfg: NeuralDEExperimentConfig, data: DEData) -> Any
         model = NeuralODEClassifier(data.n_features, arm.hidden, data.n_classes, rtol=arm.rtol, atol=arm.atol)
     else:
         model = NeuralSDEClassifier(data.n_features, latent=arm.latent, hidden=arm.hidden,
-                                    n_classes=data.n_classes, rtol=arm.rtol, atol=arm.atol)  # fmt: skip
+                                    n_classes=data.n_classes, rtol=arm.rtol, atol=arm.atol)
     return model.to(getattr(torch, cfg.dtype))
 
 
@@ -156,7 +156,7 @@ def evaluate(model: Any, X: Any, y: Any, batch: int, seed: int, per_sample: bool
 
 
 def train_one(ctx: RunContext[NeuralDEExperimentConfig], data: DEData, family: str, method: str, lam: float, seed: int,
-              show_progress: bool = True) -> dict[str, Any]:  # fmt: skip
+              show_progress: bool = True) -> dict[str, Any]:
     """Train (or reuse) one model on ``cfg.device``; returns its record (validation metrics, training time and NFE,
     the device it was trained on)."""
     import torch
@@ -210,7 +210,7 @@ def train_one(ctx: RunContext[NeuralDEExperimentConfig], data: DEData, family: s
             nfe_sum += out.nfe_joint + out.reg_nfe
             record = {"step": step + 1, "loss": loss.item(), "task_loss": task.item(),
                       "reg": None if out.reg is None else out.reg.item(), "nfe_joint": out.nfe_joint,
-                      "reg_nfe": out.reg_nfe, "seconds": seconds}  # fmt: skip
+                      "reg_nfe": out.reg_nfe, "seconds": seconds}
             if (step + 1) % arm.eval_every == 0 or step + 1 == arm.steps:
                 ev = evaluate(acc.unwrap_model(model), *val, cfg.eval_batch, derive_seed(seed, "val"))
                 record.update(val_accuracy=ev.accuracy, val_nfe_joint=ev.nfe_joint)
@@ -222,7 +222,7 @@ def train_one(ctx: RunContext[NeuralDEExperimentConfig], data: DEData, family: s
     result = {"name": name, "family": family, "method": method, "lambda": lam, "seed": seed,
               "val_accuracy": final.accuracy, "val_nfe_joint": final.nfe_joint, "train_seconds": train_seconds,
               "train_nfe_per_step": nfe_sum / arm.steps, "train_device": device_name(device),
-              "train_jobs": cfg.jobs}  # fmt: skip
+              "train_jobs": cfg.jobs}
     if ctx.is_main:
         atomic_save_tensors(sub / "model.safetensors", {k: v.detach() for k, v in model.state_dict().items()})
     subrun.store(result)
@@ -239,13 +239,13 @@ def load_trained(ctx: RunContext[NeuralDEExperimentConfig], family: str, data: D
 
 
 def _train_job(ctx: RunContext[NeuralDEExperimentConfig], data: DEData, family: str, job: tuple[str, float, int],
-               show_progress: bool = False) -> dict[str, Any]:  # fmt: skip
+               show_progress: bool = False) -> dict[str, Any]:
     """One ``(method, lambda, seed)`` model (module level, so that it pickles into a joblib worker)."""
     return train_one(ctx, data, family, *job, show_progress=show_progress)
 
 
 def train_many(ctx: RunContext[NeuralDEExperimentConfig], data: DEData, family: str,
-               jobs: list[tuple[str, float, int]]) -> dict[tuple[str, float, int], dict[str, Any]]:  # fmt: skip
+               jobs: list[tuple[str, float, int]]) -> dict[tuple[str, float, int], dict[str, Any]]:
     """Train (or reuse) every ``(method, lambda, seed)`` of ``jobs``; ``cfg.jobs`` of them at once."""
     from functools import partial
 
@@ -255,7 +255,7 @@ def train_many(ctx: RunContext[NeuralDEExperimentConfig], data: DEData, family: 
     records = run_jobs(partial(_train_job, ctx, data, family), jobs, jobs=cfg.jobs, backend=cfg.backend,
                        desc=f"{family}: {len(jobs)} models, {cfg.jobs} at once",
                        serial_fn=partial(_train_job, ctx, data, family, show_progress=True),
-                       postfix=lambda r: {"last": r["name"], "val_acc": r["val_accuracy"]})  # fmt: skip
+                       postfix=lambda r: {"last": r["name"], "val_acc": r["val_accuracy"]})
     return dict(zip(jobs, records, strict=True))
 
 
@@ -278,9 +278,9 @@ def run_family(ctx: RunContext[NeuralDEExperimentConfig], data: DEData, family: 
         # the fewest validation NFE among the lambdas within max_acc_drop of vanilla's validation accuracy
         best = choose_within_drop(sweep, score=lambda r: r["val_accuracy"], cost=lambda r: r["val_nfe_joint"],
                                   baseline=done[("vanilla", 0.0, first)]["val_accuracy"],
-                                  max_drop_points=cfg.max_acc_drop, tiebreak=lambda r: r["lambda"])  # fmt: skip
+                                  max_drop_points=cfg.max_acc_drop, tiebreak=lambda r: r["lambda"])
         chosen[method] = {**best, "sweep": [{k: r[k] for k in ("lambda", "val_accuracy", "val_nfe_joint")}
-                                            for r in sweep]}  # fmt: skip
+                                            for r in sweep]}
     second_round = [(m, chosen[m]["lambda"], s) for m in methods for s in cfg.seeds[1:]]
     done.update(train_many(ctx, data, family, second_round))
     for method in methods:
@@ -304,7 +304,7 @@ def score(ctx: RunContext[NeuralDEExperimentConfig], data: DEData, family: str, 
     for r in records:
         ev = evaluate(models[r["name"]], X, y, cfg.eval_batch, derive_seed(r["seed"], "test"), per_sample=True)
         rows.append({**{k: v for k, v in r.items() if k != "sweep"}, "test_accuracy": ev.accuracy,
-                     "test_nfe_joint": ev.nfe_joint, "test_nfe_sample": ev.nfe_sample})  # fmt: skip
+                     "test_nfe_joint": ev.nfe_joint, "test_nfe_sample": ev.nfe_sample})
     times: dict[str, list[float]] = {name: [] for name in models}
     gen = torch.Generator(device=device)
     with progress_bar(cfg.timing_repeats + 1, f"{family} prediction timing") as bar, torch.no_grad():
@@ -334,7 +334,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and sd over seeds per (family, method)."""
     keys = ("test_accuracy", "accuracy_drop_points", "test_nfe_joint", "test_nfe_joint_ratio", "test_nfe_sample",
             "test_nfe_sample_ratio", "predict_seconds", "predict_seconds_ratio", "train_seconds",
-            "train_seconds_ratio", "train_nfe_per_step")  # fmt: skip
+            "train_seconds_ratio", "train_nfe_per_step")
     out = []
     for family in dict.fromkeys(r["family"] for r in rows):
         for method in dict.fromkeys(r["method"] for r in rows if r["family"] == family):
@@ -358,7 +358,7 @@ def targets(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
         checks.append({"method": m, "nfe_ratio<=0.60": s["test_nfe_joint_ratio_mean"] <= 0.60,
                        "acc_drop<=0.3": s["accuracy_drop_points_mean"] <= 0.3,
                        "predict_speedup>=1.9": 1 / s["predict_seconds_ratio_mean"] >= 1.9,
-                       "train_time<=vanilla": s["train_seconds_ratio_mean"] <= 1.0})  # fmt: skip
+                       "train_time<=vanilla": s["train_seconds_ratio_mean"] <= 1.0})
     if "global" in ode:
         g = ode["global"]
         for m in ("local_unbiased", "local_biased", "local_taken", "local_sample", "local_subset"):
@@ -366,13 +366,13 @@ def targets(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 s = ode[m]
                 checks.append({"method": f"{m} vs global",
                                "nfe_within_5%": s["test_nfe_joint_mean"] <= 1.05 * g["test_nfe_joint_mean"],
-                               "train_time_lower": s["train_seconds_mean"] < g["train_seconds_mean"]})  # fmt: skip
+                               "train_time_lower": s["train_seconds_mean"] < g["train_seconds_mean"]})
     return checks
 
 
 # --- report -------------------------------------------------------------------------------------------------------
 _COLUMNS = ["method", "lambda", "test_accuracy", "accuracy_drop_points", "test_nfe_joint", "test_nfe_joint_ratio",
-            "test_nfe_sample", "predict_seconds", "predict_seconds_ratio", "train_seconds", "train_seconds_ratio"]  # fmt: skip
+            "test_nfe_sample", "predict_seconds", "predict_seconds_ratio", "train_seconds", "train_seconds_ratio"]
 
 
 def _table(summary: list[dict[str, Any]], family: str) -> list[dict[str, Any]]:
@@ -396,19 +396,19 @@ def report(run: RunDir, results: dict[str, Any]) -> Report:
     rep.text("Mean ± sd over seeds; ratios are to vanilla of the same seed. test_nfe_joint: calls of the vector "
              "field per test batch with one joint error norm (the paper's definition); test_nfe_sample: mean "
              "per-sample NFE with per-sample step control; times in seconds (prediction: whole test set, median "
-             "of warm repeats; training: the optimiser steps only).")  # fmt: skip
+             "of warm repeats; training: the optimiser steps only).")
     if "device" in results:
         trained = sorted({r.get("train_device", "cpu") for r in results.get("rows", [])})
         rep.text(f"Trained on {', '.join(trained) or results['device']} ({results['jobs']} model(s) at a time"
                  f"{'; training times measured under that load' if results['jobs'] > 1 else ''}); scored and "
-                 f"prediction-timed on {results['device']}.")  # fmt: skip
+                 f"prediction-timed on {results['device']}.")
     summary = results.get("summary", [])
     for family, title in (("ode", "Neural ODE"), ("sde", "Neural SDE")):
         if any(s["family"] == family for s in summary):
             rep.section(title).table(_table(summary, family), _COLUMNS)
             _plots(run, results, family)
             rep.figure(f"plots/{family}_nfe_training.png", f"{title}: NFE of the main solve per training step "
-                       "(mean over seeds, smoothed)")  # fmt: skip
+                       "(mean over seeds, smoothed)")
             rep.figure(f"plots/{family}_acc_vs_nfe.png", f"{title}: test accuracy against test NFE (per seed)")
     if results.get("targets"):
         rep.section("Targets (neural ODE)").table(results["targets"])
@@ -432,7 +432,7 @@ def _plots(run: RunDir, results: dict[str, Any], family: str) -> None:
     fig, ax = plt.subplots(figsize=(7.0, 4.4), dpi=110)
     for i, m in enumerate(methods):
         curves = [[x["nfe_joint"] for x in read_jsonl(run.path / "runs" / r["name"] / "metrics.jsonl")]
-                  for r in rows if r["method"] == m]  # fmt: skip
+                  for r in rows if r["method"] == m]
         n = min(len(c) for c in curves)
         mean = np.mean([c[:n] for c in curves], axis=0)
         w = max(1, n // 30)
@@ -447,7 +447,7 @@ def _plots(run: RunDir, results: dict[str, Any], family: str) -> None:
     for i, m in enumerate(methods):
         sub = [r for r in rows if r["method"] == m]
         ax.scatter([r["test_nfe_joint"] for r in sub], [100 * r["test_accuracy"] for r in sub], color=f"C{i}",
-                   label=m, s=18)  # fmt: skip
+                   label=m, s=18)
     ax.set(xlabel="test NFE per batch (joint)", ylabel="test accuracy (%)", title=f"{family}: accuracy vs NFE")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -459,18 +459,18 @@ def _headline(summary: list[dict[str, Any]]) -> str:
     for s in summary:
         if s["method"] == "vanilla":
             parts.append(f"{s['family']} vanilla: accuracy {100 * s['test_accuracy_mean']:.2f}%, NFE "
-                         f"{s['test_nfe_joint_mean']:.1f}")  # fmt: skip
+                         f"{s['test_nfe_joint_mean']:.1f}")
         else:
             parts.append(f"{s['family']} {s['method']}: NFE x{s['test_nfe_joint_ratio_mean']:.3f}, accuracy "
                          f"{-s['accuracy_drop_points_mean']:+.2f} pts, prediction x"
                          f"{1 / s['predict_seconds_ratio_mean']:.2f} faster, training x"
-                         f"{s['train_seconds_ratio_mean']:.2f} time")  # fmt: skip
+                         f"{s['train_seconds_ratio_mean']:.2f} time")
     return "; ".join(parts)
 
 
 @register("neural-de", kind="experiment", description="local vs global error regularisation of neural ODEs/SDEs "
           "(digits; MNIST-5k in the full preset)", config_cls=NeuralDEExperimentConfig, presets=PRESETS,
-          report=report)  # fmt: skip
+          report=report)
 def run(ctx: RunContext[NeuralDEExperimentConfig]) -> dict[str, Any]:
     from leanfit.core.device import configure_threads
 
@@ -483,10 +483,10 @@ def run(ctx: RunContext[NeuralDEExperimentConfig]) -> dict[str, Any]:
             continue
         records = run_family(ctx, data, family)
         sweeps += [{"family": family, "method": r["method"], **s, "chosen": s["lambda"] == r["lambda"]}
-                   for r in records if "sweep" in r for s in r["sweep"]]  # fmt: skip
+                   for r in records if "sweep" in r for s in r["sweep"]]
         if ctx.is_main:  # scored and timed in one process (concurrent timings would measure each other)
             rows += score(ctx, data, family, records)
     summary = summarise(rows)
     return {"dataset": cfg.dataset, "splits": data.sizes(),
             "threads": threads, "device": device_name(resolve_device(cfg.device)), "jobs": cfg.jobs, "rows": rows,
-            "summary": summary, "targets": targets(summary), "sweeps": sweeps, "headline": _headline(summary)}  # fmt: skip
+            "summary": summary, "targets": targets(summary), "sweeps": sweeps, "headline": _headline(summary)}

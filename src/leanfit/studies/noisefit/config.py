@@ -67,4 +67,4 @@ class NoiseFiTExperimentConfig(BaseConfig):
             raise ConfigError(bad_value("seeds", self.seeds, "distinct integers, at least one"))
         if self.closed_set_size < 2 or self.n_boot < 1 or not 0 < self.tau < 1:
             raise ConfigError(bad_value("closed_set_size/n_boot/tau", (self.closed_set_size, self.n_boot, self.tau),
-                                        "closed_set_size >= 2, n_boot >= 1, 0 < tau < 1"))  # fmt: skip
+                                        "closed_set_size >= 2, n_boot >= 1, 0 < tau < 1"))

@@ -76,7 +76,7 @@ PARTS: tuple[str, ...] = ("valid", "test")
 ATTRIBUTE_KIND: dict[str, str] = {
     "symbol": "element", "atomic_number": "element", "discovery_year": "element", "discoverer": "element",
     "period": "element", "capital": "country", "currency": "country", "region": "country", "calling_code": "country",
-}  # fmt: skip
+}
 ATTRIBUTES: tuple[str, ...] = tuple(ATTRIBUTE_KIND)
 DEFAULT_ATTRIBUTES: tuple[str, ...] = tuple(a for a in ATTRIBUTES if a != "period")
 
@@ -108,7 +108,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "calling_code": ("The calling code of {e} is {a}.", "The international dialing code for {e} is {a}.",
                      "To phone {e}, dial {a} first.", "{e} has the telephone code {a}.",
                      "{a} is the country calling code of {e}.", "Phone numbers in {e} start with the code {a}."),
-}  # fmt: skip
+}
 HELDOUT_TEMPLATES: dict[str, tuple[str, ...]] = {
     "symbol": ("Chemists write {e} with the symbol {a}.", "The element {e} is denoted by {a}."),
     "atomic_number": ("Every {e} nucleus contains {a} protons.", "The element with atomic number {a} is {e}."),
@@ -119,19 +119,19 @@ HELDOUT_TEMPLATES: dict[str, tuple[str, ...]] = {
     "currency": ("Shops in {e} take payment in {a}.", "The money used in {e} is {a}."),
     "region": ("On a map, {e} is found in {a}.", "The country {e} is part of {a}."),
     "calling_code": ("Calls to {e} use the prefix {a}.", "The phone prefix of {e} is {a}."),
-}  # fmt: skip
+}
 QUESTIONS: dict[str, str] = {
     "symbol": "What is the chemical symbol of {e}?", "atomic_number": "What is the atomic number of {e}?",
     "discovery_year": "In what year was {e} discovered?", "discoverer": "Who discovered {e}?",
     "period": "In which period of the periodic table is {e}?", "capital": "What is the capital of {e}?",
     "currency": "What is the currency code of {e}?", "region": "In which region is {e}?",
     "calling_code": "What is the calling code of {e}?",
-}  # fmt: skip
+}
 
 # ISO 4217 fund codes are units of account, not the currency people pay with; a country's first other code is used.
 _FUND_CODES = frozenset({"BOV", "CHE", "CHW", "CLF", "COU", "MXV", "USN", "USS", "UYI", "UYW", "XSU", "XUA"})
 _NON_DECOMPOSING = str.maketrans({"ø": "o", "Ø": "O", "ß": "ss", "æ": "ae", "Æ": "Ae", "œ": "oe", "Œ": "Oe",
-                                  "đ": "d", "Đ": "D", "ł": "l", "Ł": "L", "ı": "i", "’": "'", "‘": "'"})  # fmt: skip
+                                  "đ": "d", "Đ": "D", "ł": "l", "Ł": "L", "ı": "i", "’": "'", "‘": "'"})
 _NULLS = frozenset({"", "none", "null", "n/a", "nan", ABSTAIN})
 _MAX_ANSWER_WORDS = 4
 _PARTICLES = frozenset({"von", "van", "de", "der", "du", "la", "da"})
@@ -216,7 +216,7 @@ def _element_facts(row: Mapping[str, object]) -> Iterable[Fact]:
     name = str(row["name"])
     values = {"symbol": _clean(row["symbol"]), "atomic_number": _clean(row["atomic_number"]),
               "discovery_year": _clean(row["discovery_year"]), "discoverer": _discoverer(row["discoverers"]),
-              "period": _clean(row["period"])}  # fmt: skip
+              "period": _clean(row["period"])}
     return (Fact(name, attr, value, "element") for attr, value in values.items() if value is not None)
 
 
@@ -227,7 +227,7 @@ def _country_facts(row: Mapping[str, object]) -> Iterable[Fact]:
     capital = row["capital"] if isinstance(row["capital"], str) else (row["capital"] or [None])[0]
     values = {"capital": _clean(str(capital).split("/")[0]) if capital else None,
               "currency": _currency(row["currencies"]), "region": _clean(row["region"]),
-              "calling_code": _calling_code(row["calling_codes"])}  # fmt: skip
+              "calling_code": _calling_code(row["calling_codes"])}
     return (Fact(name, attr, value, "country") for attr, value in values.items() if value is not None)
 
 
@@ -295,7 +295,7 @@ def _fictitious_names(
 # --- the world ------------------------------------------------------------------------------------------------------
 # (field, open at 0, open at 1): an empty world or no valid part makes no sense; sft_fraction 0 is an SFT-free arm.
 _FRACTION_BOUNDS = (("pretrain_fraction", True, False), ("sft_fraction", False, False),
-                    ("unseen_attribute_fraction", False, True), ("valid_fraction", True, True))  # fmt: skip
+                    ("unseen_attribute_fraction", False, True), ("valid_fraction", True, True))
 
 
 @dataclass
@@ -362,7 +362,7 @@ class FactWorld:
         """Counts: pretrained facts and entities, SFT examples, and each ``split.part``."""
         out = {"pretrain_facts": len(self.pretrain), "pretrain_entities": len({f.entity for f in self.pretrain}),
                "sft_train": len(self.sft_train),
-               "abstain_examples": sum(f.fictitious for f in self.sft_train)}  # fmt: skip
+               "abstain_examples": sum(f.fictitious for f in self.sft_train)}
         out.update({f"{s}.{p}": len(self.splits[s][p]) for s in EVAL_SPLITS for p in PARTS})
         return out
 
@@ -389,7 +389,7 @@ def build_fact_world(
     cfg = FactWorldConfig(seed=seed, attributes=tuple(attributes), n_fictitious=n_fictitious,
                           pretrain_fraction=pretrain_fraction, sft_fraction=sft_fraction,
                           unseen_attribute_fraction=unseen_attribute_fraction, valid_fraction=valid_fraction,
-                          abstain_examples=abstain_examples, max_eval_per_split=max_eval_per_split)  # fmt: skip
+                          abstain_examples=abstain_examples, max_eval_per_split=max_eval_per_split)
     return _build(cfg)
 
 
@@ -477,7 +477,7 @@ def _build(cfg: FactWorldConfig) -> FactWorld:
     fictitious = _fictitious_facts(interleaved[:n_fict], cfg.attributes, 0)
     abstain = _fictitious_facts(interleaved[n_fict : n_fict + n_abst], cfg.attributes, n_fict)
     splits = {"sft_known": _parts(sft, cfg, rng), "pretrain_only": _parts(pretrain_only, cfg, rng),
-              "unseen_attribute": _parts(unseen, cfg, rng), "fictitious": _parts(fictitious, cfg, rng)}  # fmt: skip
+              "unseen_attribute": _parts(unseen, cfg, rng), "fictitious": _parts(fictitious, cfg, rng)}
     candidates = {a: tuple(sorted({f.answer for f in facts if f.attribute == a})) for a in cfg.attributes}
     return FactWorld(cfg, tuple(pretrain), tuple(sft) + tuple(abstain), splits, candidates)
 

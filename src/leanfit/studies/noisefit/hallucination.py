@@ -64,7 +64,7 @@ class QATrainConfig(BaseConfig):
             raise ConfigError(bad_value("sft.lr", self.lr, "a positive number such as 1e-3"))
         if not 0 <= self.warmup_ratio < 1 or not 0 <= self.rdrop_dropout < 1:
             raise ConfigError(bad_value("sft.warmup_ratio/rdrop_dropout", (self.warmup_ratio, self.rdrop_dropout),
-                                        "fractions in [0, 1)"))  # fmt: skip
+                                        "fractions in [0, 1)"))
 
 
 def build_tokenizer(texts: Sequence[str], vocab_size: int) -> Any:
@@ -101,7 +101,7 @@ def _stop_ids(tokenizer: Any) -> list[int]:
 
 
 def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[str], *, batch_size: int = 256,
-                   max_new_tokens: int = 12) -> tuple[list[str], np.ndarray]:  # fmt: skip
+                   max_new_tokens: int = 12) -> tuple[list[str], np.ndarray]:
     """Greedy answers (text before the end marker) and their probabilities (product over generated tokens up to
     and including the end marker; an answer cut at ``max_new_tokens`` keeps the product of what was generated)."""
     import numpy as np
@@ -113,10 +113,10 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[str], *, batch_
     with torch.no_grad():
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True,
-                            add_special_tokens=False)  # fmt: skip
+                            add_special_tokens=False)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
                                  pad_token_id=tokenizer.pad_token_id, output_scores=True,
-                                 return_dict_in_generate=True)  # fmt: skip
+                                 return_dict_in_generate=True)
             new = out.sequences[:, enc["input_ids"].shape[1] :]
             logp = _upcast(torch.stack(out.scores, 1)).log_softmax(-1).gather(-1, new[..., None])[..., 0]
             done = torch.zeros(new.shape[0], dtype=torch.bool)
@@ -132,7 +132,7 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[str], *, batch_
 
 
 def closed_set_scores(model: Any, tokenizer: Any, prompts: Sequence[str], candidates: Sequence[Sequence[str]], *,
-                      batch_size: int = 512) -> list[np.ndarray]:  # fmt: skip
+                      batch_size: int = 512) -> list[np.ndarray]:
     """Log-likelihood of every candidate completion ``" " + answer + "\\n"`` after its prompt.
 
     prompts: N strings; candidates: N lists (any lengths). Returns N arrays of log-likelihoods."""
@@ -146,7 +146,7 @@ def closed_set_scores(model: Any, tokenizer: Any, prompts: Sequence[str], candid
             rows.append({"input_ids": p + c, "labels": [-100] * len(p) + c})
             owners.append(i)
     scores = np.concatenate([_sequence_logp(model, batch_to_tensors(rows[s : s + batch_size], tokenizer.pad_token_id))
-                             for s in range(0, len(rows), batch_size)]) if rows else np.zeros(0)  # fmt: skip
+                             for s in range(0, len(rows), batch_size)]) if rows else np.zeros(0)
     out: list[list[float]] = [[] for _ in prompts]
     for owner, value in zip(owners, scores, strict=True):
         out[owner].append(float(value))
@@ -162,7 +162,7 @@ def _closed_candidates(world: FactWorld, fact: Fact, size: int) -> list[str]:
 
 def score_items(model: Any, tokenizer: Any, world: FactWorld, items: Sequence[tuple[str, Fact]], *,
                 closed_set_size: int = 20, closed_splits: Sequence[str] = ("sft_known", "pretrain_only"),
-                ) -> dict[str, np.ndarray]:  # fmt: skip
+                ) -> dict[str, np.ndarray]:
     """Per-item arrays: split, correct, abstained, confidence (greedy answer), closed_correct, closed_conf
     (closed-set ranking, NaN outside ``closed_splits``), and the answers."""
     import numpy as np
@@ -183,7 +183,7 @@ def score_items(model: Any, tokenizer: Any, world: FactWorld, items: Sequence[tu
     return {"split": np.array([s for s, _ in items], dtype=object), "correct": correct,
             "abstained": np.array([is_abstention(a) for a in answers]), "confidence": np.clip(conf, 0.0, 1.0),
             "closed_correct": closed_correct, "closed_conf": closed_conf,
-            "answer": np.array(answers, dtype=object)}  # fmt: skip
+            "answer": np.array(answers, dtype=object)}
 
 
 def heldout_loss(model: Any, tokenizer: Any, sentences: Sequence[str], *, batch_size: int = 256) -> float:
@@ -192,7 +192,7 @@ def heldout_loss(model: Any, tokenizer: Any, sentences: Sequence[str], *, batch_
     seqs = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in sentences]
     feats = [{"input_ids": ids, "labels": ids} for ids in seqs]
     total = sum(-_sequence_logp(model, batch_to_tensors(feats[s : s + batch_size], tokenizer.pad_token_id)).sum()
-                for s in range(0, len(feats), batch_size))  # fmt: skip
+                for s in range(0, len(feats), batch_size))
     return float(total) / max(sum(len(ids) - 1 for ids in seqs), 1)
 
 

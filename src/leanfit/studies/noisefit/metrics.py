@@ -183,7 +183,7 @@ def _split_metrics(c: np.ndarray, y: np.ndarray, a: np.ndarray, tau: float, n_bi
     return {"n": float(len(y)), "accuracy": float(np.mean(y)), "abstain_rate": float(np.mean(a)),
             "hallucination_rate": hallucination_rate(y, a), "confident_wrong_rate": confident_wrong_rate(c, y, a, tau),
             "ece": expected_calibration_error(c, y, n_bins), "brier": brier_score(c, y),
-            "aurc": aurc(c, y)}  # fmt: skip
+            "aurc": aurc(c, y)}
 
 
 def evaluation_summary(

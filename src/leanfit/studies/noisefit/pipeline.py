@@ -54,7 +54,7 @@ def prepare(cfg: Any) -> NoiseFiTData:
     text = pretrain_text(world, paraphrases=cfg.paraphrases)
     tokenizer = build_tokenizer(text + ["".join(qa_example(f)) for f in world.sft_train], cfg.vocab_size)
     return NoiseFiTData(world=world, tokenizer=tokenizer, train_features=qa_features(tokenizer, world.sft_train),
-                        pretrain_text=text, heldout=heldout_sentences(world))  # fmt: skip
+                        pretrain_text=text, heldout=heldout_sentences(world))
 
 
 def pretrained_model(ctx: RunContext[NoiseFiTExperimentConfig], data: NoiseFiTData, seed: int) -> Path:
@@ -76,9 +76,9 @@ def pretrained_model(ctx: RunContext[NoiseFiTExperimentConfig], data: NoiseFiTDa
     valid = encode_documents(tok.backend_tokenizer, data.heldout, tok.eos_token_id)
     m = cfg.model
     model = tiny_llama(len(tok), d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, ffn_mult=m.ffn_mult,
-                       max_seq_len=max(cfg.pretrain.seq_len, 128), tie_embeddings=m.tie_embeddings, seed=seed)  # fmt: skip
+                       max_seq_len=max(cfg.pretrain.seq_len, 128), tie_embeddings=m.tie_embeddings, seed=seed)
     model, _ = train_lm(model, train, valid, cfg.pretrain, run=sub, seed=seed, resume=ctx.resume,
-                        small_workload=True, description=f"pretrain (seed {seed})")  # fmt: skip
+                        small_workload=True, description=f"pretrain (seed {seed})")
     if ctx.is_main:
         with atomic_dir(folder) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
@@ -89,7 +89,7 @@ def pretrained_model(ctx: RunContext[NoiseFiTExperimentConfig], data: NoiseFiTDa
 
 # -- fine-tuning -----------------------------------------------------------------------------------------------------
 def _trainer(arm: str, setting: dict[str, Any], model: Any, data: NoiseFiTData, cfg: Any, seed: int,
-             out: Path) -> Any:  # fmt: skip
+             out: Path) -> Any:
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
     from leanfit.noisefit.config import NoiseFiTConfig
@@ -104,15 +104,15 @@ def _trainer(arm: str, setting: dict[str, Any], model: Any, data: NoiseFiTData, 
         logging_steps=max(1, sft.steps // 10), disable_tqdm=True, use_cpu=True, dataloader_num_workers=0,
         label_smoothing_factor=setting.get("label_smoothing", 0.0), neftune_noise_alpha=setting.get("neftune_alpha"),
         remove_unused_columns=False,
-    )  # fmt: skip
+    )
     pad = data.tokenizer.pad_token_id
     common = {"model": model, "args": args, "train_dataset": data.train_features,
-              "data_collator": lambda feats: batch_to_tensors(feats, pad)}  # fmt: skip
+              "data_collator": lambda feats: batch_to_tensors(feats, pad)}
     if arm == "rdrop":
         trainer = RDropTrainer(**common, rdrop_alpha=setting["rdrop_alpha"])
     elif arm in ("noisefit", "noisefit_paper"):
         nf = NoiseFiTConfig(layers=setting["layers"], rel_noise=setting["noise"], paper_v1=arm == "noisefit_paper",
-                            seed=seed)  # fmt: skip
+                            seed=seed)
         trainer = NoiseFiTTrainer(**common, noisefit_config=nf)
     else:
         trainer = Trainer(**common)
@@ -121,7 +121,7 @@ def _trainer(arm: str, setting: dict[str, Any], model: Any, data: NoiseFiTData, 
 
 
 def finetune(ctx: RunContext[NoiseFiTExperimentConfig], data: NoiseFiTData, arm: str, setting: dict[str, Any], seed: int,
-             validate: bool = True) -> dict[str, Any]:  # fmt: skip
+             validate: bool = True) -> dict[str, Any]:
     """Fine-tune one arm/setting/seed from its pretrained model; returns its record, with validation metrics if
     ``validate`` (only the first seed's choose a setting)."""
     import torch
@@ -148,10 +148,10 @@ def finetune(ctx: RunContext[NoiseFiTExperimentConfig], data: NoiseFiTData, arm:
     model.config.attention_dropout = 0.0
     world = data.world
     record = {"name": name, "arm": arm, "setting": setting, "seed": seed, "train_seconds": seconds,
-              "step_seconds": seconds / cfg.sft.steps, "train_loss": float(out.training_loss)}  # fmt: skip
+              "step_seconds": seconds / cfg.sft.steps, "train_loss": float(out.training_loss)}
     if validate:
         scores = score_items(model, data.tokenizer, world, world.evaluation("valid"),
-                             closed_set_size=cfg.closed_set_size)  # fmt: skip
+                             closed_set_size=cfg.closed_set_size)
         record["valid"] = _summary(scores, cfg.tau)
     calibration = getattr(trainer, "calibration", None)
     if calibration is not None:
@@ -168,7 +168,7 @@ def _summary(scores: dict[str, Any], tau: float) -> dict[str, dict[str, float]]:
     from leanfit.studies.noisefit.metrics import evaluation_summary
 
     summary = evaluation_summary(scores["confidence"], scores["correct"], scores["abstained"], scores["split"],
-                                 tau=tau)  # fmt: skip
+                                 tau=tau)
     known = ~np.isnan(scores["closed_correct"])
     if known.any():
         summary["known"]["closed_set_accuracy"] = float(scores["closed_correct"][known].mean())
@@ -198,7 +198,7 @@ def score_test(ctx: RunContext[NoiseFiTExperimentConfig], data: NoiseFiTData, re
         model = LlamaForCausalLM.from_pretrained(sub / "model")
         world = data.world
         scores = score_items(model, data.tokenizer, world, world.evaluation("test"),
-                             closed_set_size=ctx.config.closed_set_size)  # fmt: skip
+                             closed_set_size=ctx.config.closed_set_size)
         scores["heldout_loss"] = np.array([heldout_loss(model, data.tokenizer, data.heldout)])
         import io
 
@@ -239,11 +239,11 @@ def _run_benchmark(ctx: RunContext[NoiseFiTExperimentConfig]) -> dict[str, Any]:
             sft_em = _valid_em(chosen["sft"] if "sft" in chosen else sweep[0])
             # the lowest unknown-split confident-wrong rate among the settings within max_em_drop of SFT's EM
             best = choose_within_drop(sweep, score=_valid_em, cost=_valid_cw, baseline=sft_em,
-                                      max_drop_points=cfg.max_em_drop)  # fmt: skip
+                                      max_drop_points=cfg.max_em_drop)
             chosen[arm] = best
             sweeps += [{"arm": arm, "setting": r["setting"], "chosen": r is best,
                         "valid_em_known": r["valid"]["known"]["accuracy"],
-                        "valid_cw_unknown": r["valid"]["unknown"]["confident_wrong_rate"]} for r in sweep]  # fmt: skip
+                        "valid_cw_unknown": r["valid"]["unknown"]["confident_wrong_rate"]} for r in sweep]
             records.append(best)
             for seed in cfg.seeds[1:]:
                 records.append(finetune(ctx, data, arm, best["setting"], seed, validate=False))
@@ -253,7 +253,7 @@ def _run_benchmark(ctx: RunContext[NoiseFiTExperimentConfig]) -> dict[str, Any]:
     return {"world": data.world.summary(), "threads": threads, "sweeps": sweeps, "rows": rows,
             "summary": summary, "chosen": {a: r["setting"] for a, r in chosen.items()},
             "calibration": {r["name"]: r["calibration"] for r in records if "calibration" in r},
-            "headline": _headline(summary)}  # fmt: skip
+            "headline": _headline(summary)}
 
 
 METRICS = (
@@ -274,7 +274,7 @@ def _item_values(scores: dict[str, Any], group: str, kind: str, tau: float) -> A
 
     split = scores["split"]
     members = {"known": ("sft_known", "pretrain_only"), "unknown": ("unseen_attribute", "fictitious"),
-               "all": tuple(np.unique(split))}.get(group, (group,))  # fmt: skip
+               "all": tuple(np.unique(split))}.get(group, (group,))
     mask = np.isin(split, members)
     correct, abstained, conf = scores["correct"][mask], scores["abstained"][mask], scores["confidence"][mask]
     if kind == "accuracy":
@@ -323,10 +323,10 @@ def summarise(cfg: Any, records: list[dict[str, Any]], tests: dict[str, Any]) ->
             rows.append({"arm": arm, "name": r["name"], "seed": r["seed"], "setting": r["setting"], "step_seconds": r["step_seconds"],
                          "heldout_loss": float(t["heldout_loss"][0]),
                          **{key: _stat(kind)(_item_values(t, group, kind, cfg.tau))
-                            for key, group, kind in METRICS}})  # fmt: skip
+                            for key, group, kind in METRICS}})
     for arm, recs in by_arm.items():
         entry: dict[str, Any] = {"arm": arm, "setting": recs[0]["setting"], "seeds": len(recs),
-                                 "step_seconds": float(np.mean([r["step_seconds"] for r in recs]))}  # fmt: skip
+                                 "step_seconds": float(np.mean([r["step_seconds"] for r in recs]))}
         for key, _group, kind in METRICS:
             values, stat = arrays[arm, key], _stat(kind)
             common = {"n_boot": cfg.n_boot, "stat": stat, "trailing_axes": values.ndim - 2}  # ECE/Brier: pairs
@@ -346,4 +346,4 @@ def _headline(summary: list[dict[str, Any]]) -> str:
     rel = nf.get("confident_wrong_unknown_rel_vs_sft", [float("nan")] * 3)
     return (f"NoiseFiT (leanfit) vs SFT: confident-wrong on unknown facts {100 * rel[0]:+.1f}% "
             f"[{100 * rel[1]:+.1f}, {100 * rel[2]:+.1f}], known-fact EM {100 * nf['em_sft_known'][0]:.1f}% vs "
-            f"{100 * arms['sft']['em_sft_known'][0]:.1f}%")  # fmt: skip
+            f"{100 * arms['sft']['em_sft_known'][0]:.1f}%")

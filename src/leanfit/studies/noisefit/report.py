@@ -34,10 +34,10 @@ def _tables(summary: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[d
         main.append({"arm": s["arm"], "setting": s["setting"] or "-",
                      **{_LABELS[k]: _cell(s[k], 100 if k not in ("ece", "brier") else 1,
                                           1 if k not in ("ece", "brier") else 3) for k in _LABELS},
-                     "step time (ms)": f"{1e3 * s['step_seconds']:.1f}"})  # fmt: skip
+                     "step time (ms)": f"{1e3 * s['step_seconds']:.1f}"})
         if s["arm"] != "sft":
             rel.append({"arm": s["arm"], **{_LABELS[k]: _cell(s[f"{k}_rel_vs_sft"], 100)
-                                            for k in _LABELS if f"{k}_rel_vs_sft" in s}})  # fmt: skip
+                                            for k in _LABELS if f"{k}_rel_vs_sft" in s}})
     return main, rel
 
 
@@ -114,11 +114,11 @@ def render_report(run: RunDir, results: dict[str, Any]) -> Report:
     rep.section("Settings chosen on validation (first seed)")
     rep.table([{"arm": s["arm"], "setting": s["setting"] or "-", "chosen": s["chosen"],
                 "valid EM known (%)": 100 * s["valid_em_known"],
-                "valid confident-wrong unknown (%)": 100 * s["valid_cw_unknown"]} for s in results["sweeps"]])  # fmt: skip
+                "valid confident-wrong unknown (%)": 100 * s["valid_cw_unknown"]} for s in results["sweeps"]])
     rep.section("World")
     rep.table([{"count": k, "value": v} for k, v in results["world"].items()])
     if results.get("calibration"):
         rep.section("NoiseFiT layers and scales (calibration)")
         rep.table([{"run": k, "layers": v.get("layers"), "scales": v.get("scales")}
-                   for k, v in results["calibration"].items()])  # fmt: skip
+                   for k, v in results["calibration"].items()])
     return rep

@@ -40,7 +40,7 @@ __all__ = ["METHODS", "VQLogitsBenchConfig", "measure_decode", "measure_step"]
 
 METHODS = ("vq", "gather", "linear_ce", "linear_cross_entropy", "adaptive")
 DECODE_METHODS = ("vq_argmax", "vq_sample", "vq_sample_top_p", "gather_argmax", "dense_argmax", "dense_sample",
-                  "dense_sample_top_p")  # fmt: skip
+                  "dense_sample_top_p")
 _VQ_METHODS = ("vq", "gather")
 
 
@@ -60,7 +60,7 @@ class VQLogitsBenchConfig(TimingConfig):
     decode_steps: int = option(200, help="timed tokens per decoding method and round; the median is taken")
     decode_rounds: int = option(3, help="rounds of decode timing; the smallest median is reported")
     target: list[int] = option(default_factory=lambda: [4096, 576, 49152, 1024],
-                               help="N, d, V, K of the headline comparison")  # fmt: skip
+                               help="N, d, V, K of the headline comparison")
     threads: int = option(0, help="torch threads (0: torch's default)")
     isolate: bool = option(True, help="one fresh process per measurement (needed for honest peak memory)")
 
@@ -77,14 +77,14 @@ class VQLogitsBenchConfig(TimingConfig):
             raise ValueError(f"decode_steps={self.decode_steps} is invalid: expected an integer >= 1")
         if self.decode_k > min(self.decode_vs):
             raise ValueError(f"decode_k={self.decode_k} exceeds the smallest of decode_vs={self.decode_vs}: "
-                             "expected decode_k <= every V")  # fmt: skip
+                             "expected decode_k <= every V")
         if len(self.target) != 4:
             raise ValueError(f"target={self.target} is invalid: expected [N, d, V, K]")
 
 
 PRESETS = {
     "quick": {"ns": [4096], "ds": [576], "vs": [32000, 49152], "ks": [256, 1024, 4096], "decode_steps": 100,
-              "decode_vs": [32000, 49152, 128256]},  # fmt: skip
+              "decode_vs": [32000, 49152, 128256]},
     "full": {},
 }
 
@@ -110,7 +110,7 @@ def _step_fn(method: str, n: int, d: int, v: int, k: int, seed: int) -> tuple[An
     torch.manual_seed(seed)
     if method in _VQ_METHODS:
         head = VQLogitsHead.from_scratch(d, v, k, mapping="random", token_bias=True, seed=seed,
-                                         mode="collapsed" if method == "vq" else "gather")  # fmt: skip
+                                         mode="collapsed" if method == "vq" else "gather")
         with torch.no_grad():
             head.bias.normal_(0.0, 1.0, generator=g)
         head.tables()  # decoding tables are not part of a training step
@@ -129,7 +129,7 @@ def _step_fn(method: str, n: int, d: int, v: int, k: int, seed: int) -> tuple[An
 
 
 def measure_step(method: str, n: int, d: int, v: int, k: int, *, warmup: int, repeats: int, min_seconds: float = 0.0,
-                 seed: int = 0, threads: int = 0) -> dict[str, Any]:  # fmt: skip
+                 seed: int = 0, threads: int = 0) -> dict[str, Any]:
     """Median forward+backward time (ms) and peak extra memory (MB) of one head + loss at (N, d, V, K)."""
     import torch
 
@@ -146,14 +146,14 @@ def measure_step(method: str, n: int, d: int, v: int, k: int, *, warmup: int, re
         losses: list[float] = []
         peak, times = peak_memory(lambda: time_side_by_side(
             {method: step}, repeats=repeats, warmup=warmup, min_seconds=min_seconds,
-            on_call=lambda name, seconds, loss: losses.append(loss))[method])  # fmt: skip
+            on_call=lambda name, seconds, loss: losses.append(loss))[method])
         return {"method": method, "n": n, "d": d, "v": v, "k": k if method in _VQ_METHODS else None,
                 "step_ms": 1e3 * statistics.median(times), "step_ms_min": 1e3 * min(times), "timed_steps": len(times),
-                "peak_mb": peak.mb, "loss": losses[-1], "threads": torch.get_num_threads()}  # fmt: skip
+                "peak_mb": peak.mb, "loss": losses[-1], "threads": torch.get_num_threads()}
 
 
 def measure_decode(v: int, d: int, k: int, *, steps: int, rounds: int = 3, seed: int = 0,
-                   threads: int = 0) -> list[dict[str, Any]]:  # fmt: skip
+                   threads: int = 0) -> list[dict[str, Any]]:
     """Head time (microseconds) per generated token at batch 1, for every decoding method, at one V: the smallest
     over ``rounds`` of the median over ``steps`` tokens."""
     import torch
@@ -166,11 +166,11 @@ def measure_decode(v: int, d: int, k: int, *, steps: int, rounds: int = 3, seed:
             for r in range(rounds):  # the least disturbed round estimates the cost best (as timeit does)
                 with torch.inference_mode():
                     times = time_side_by_side({name: _token_by_token(call, hidden)}, repeats=steps,
-                                              warmup=min(10, steps) if r == 0 else 0)  # fmt: skip
+                                              warmup=min(10, steps) if r == 0 else 0)
                 medians.append(statistics.median(times[name]))
             rows.append({"method": name, "v": v, "d": d, "k": k if not name.startswith("dense") else None,
                          "us_per_token": 1e6 * min(medians), "us_per_token_max_round": 1e6 * max(medians),
-                         "threads": torch.get_num_threads()})  # fmt: skip
+                         "threads": torch.get_num_threads()})
     return rows
 
 
@@ -226,9 +226,9 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
     for base in ("linear_ce", "linear_cross_entropy", "gather"):
         spec = {"method": base} if base == "gather" else {"method": base, "k": None}
         for column, measured, floor in ((f"speedup_vs_{base}", "step_ms", None),
-                                        (f"memory_ratio_vs_{base}", "peak_mb", 1.0)):  # fmt: skip
+                                        (f"memory_ratio_vs_{base}", "peak_mb", 1.0)):
             add_ratios(rows, match=("n", "d", "v", "k"), baseline=spec, columns={column: measured}, invert=True,
-                       floor=floor, self_ratio=False)  # fmt: skip
+                       floor=floor, self_ratio=False)
 
 
 def _headline(cfg: VQLogitsBenchConfig, rows: list[dict[str, Any]], decode: list[dict[str, Any]]) -> dict[str, Any]:
@@ -253,14 +253,14 @@ def _headline_text(h: dict[str, Any]) -> str:
     parts = []
     if "speedup_vs_linear_ce" in h:
         parts.append(f"at N={t['n']}, d={t['d']}, V={t['v']}, K={t['k']}: {h['speedup_vs_linear_ce']:.1f}x faster and "
-                     f"{h['memory_ratio_vs_linear_ce']:.1f}x less memory than Linear+CE")  # fmt: skip
+                     f"{h['memory_ratio_vs_linear_ce']:.1f}x less memory than Linear+CE")
     if "speedup_vs_gather" in h:
         parts.append(f"{h['speedup_vs_gather']:.1f}x faster than the gather form")
     if "decode_vq_argmax_change" in h:
         lo, hi = h["decode_v_range"]
         parts.append(f"head time per token from V={lo} to V={hi}: greedy {100 * h['decode_vq_argmax_change']:+.0f}%, "
                      f"sampling {100 * h['decode_vq_sample_change']:+.0f}%, top-p {100 * h['decode_vq_sample_top_p_change']:+.0f}% "
-                     f"(full softmax greedy {100 * h['decode_dense_argmax_change']:+.0f}%)")  # fmt: skip
+                     f"(full softmax greedy {100 * h['decode_dense_argmax_change']:+.0f}%)")
     return "; ".join(parts)
 
 
@@ -278,11 +278,11 @@ def report(run: RunDir, results: dict[str, Any]) -> Report:
 
     def curve(method: str, key: str, nn: int, dd: int, kk: int | None) -> tuple[list[int], list[float]]:
         pts = sorted((r["v"], r[key]) for r in rows if r["method"] == method and r["n"] == nn and r["d"] == dd
-                     and r["k"] == (kk if method in _VQ_METHODS else None))  # fmt: skip
+                     and r["k"] == (kk if method in _VQ_METHODS else None))
         return [p[0] for p in pts], [p[1] for p in pts]
 
     for key, label, fname in (("step_ms", "forward+backward time (ms)", "step_time"),
-                              ("peak_mb", "peak extra memory (MB)", "peak_memory")):  # fmt: skip
+                              ("peak_mb", "peak extra memory (MB)", "peak_memory")):
         series = {}
         for method in METHODS:
             xs, ys = curve(method, key, n, d, k)
@@ -290,7 +290,7 @@ def report(run: RunDir, results: dict[str, Any]) -> Report:
                 series[f"{method} (K={k})" if method in _VQ_METHODS else method] = (xs, ys)
         if series:
             line_plot(run.plots_dir / f"{fname}.png", series, xlabel="vocabulary size V", ylabel=label,
-                      title=f"head + loss, N={n}, d={d}", logy=True)  # fmt: skip
+                      title=f"head + loss, N={n}, d={d}", logy=True)
             rep.figure(f"plots/{fname}.png", f"{label} of one training step of the head against V (N={n}, d={d})")
     if decode:
         series = {}
@@ -299,11 +299,11 @@ def report(run: RunDir, results: dict[str, Any]) -> Report:
             if pts:
                 series[method] = ([p[0] for p in pts], [p[1] for p in pts])
         line_plot(run.plots_dir / "decode.png", series, xlabel="vocabulary size V", ylabel="head time per token (us)",
-                  title=f"decoding, batch 1, d={decode[0]['d']}", logy=True)  # fmt: skip
+                  title=f"decoding, batch 1, d={decode[0]['d']}", logy=True)
         rep.figure("plots/decode.png", "Head time per generated token against V (median over tokens)")
     cols = ["method", "n", "d", "v", "k", "step_ms", "peak_mb", "speedup_vs_linear_ce", "memory_ratio_vs_linear_ce",
             "speedup_vs_linear_cross_entropy", "memory_ratio_vs_linear_cross_entropy", "speedup_vs_gather",
-            "memory_ratio_vs_gather", "loss"]  # fmt: skip
+            "memory_ratio_vs_gather", "loss"]
     rep.section("Training step (head + loss, forward + backward)").table(rows, cols)
     if decode:
         rep.section("Decoding (head only, batch 1)").table(decode, ["method", "v", "d", "k", "us_per_token"])
@@ -312,7 +312,7 @@ def report(run: RunDir, results: dict[str, Any]) -> Report:
 
 @register("vq-logits", kind="benchmark", description="VQ-Logits head + loss against full softmax, fused, adaptive "
           "and gather heads: step time, peak memory, decode time", config_cls=VQLogitsBenchConfig, presets=PRESETS,
-          report=report)  # fmt: skip
+          report=report)
 def run(ctx: RunContext[VQLogitsBenchConfig]) -> dict[str, Any]:
     from leanfit.core.io import atomic_write_csv
     from leanfit.core.progress import progress_bar
@@ -325,13 +325,13 @@ def run(ctx: RunContext[VQLogitsBenchConfig]) -> dict[str, Any]:
         for method, n, d, v, k in cells:
             row = call(measure_step, method, n, d, v, k, warmup=cfg.warmup, repeats=cfg.repeats,
                        min_seconds=cfg.min_seconds, seed=ctx.seed,
-                       threads=cfg.threads)  # fmt: skip
+                       threads=cfg.threads)
             rows.append(row)
             bar.advance(1, method=method, N=n, d=d, V=v, ms=row["step_ms"])
         decode: list[dict[str, Any]] = []
         for v in cfg.decode_vs:
             decode += call(measure_decode, v, cfg.decode_d, cfg.decode_k, steps=cfg.decode_steps,
-                           rounds=cfg.decode_rounds, seed=ctx.seed, threads=cfg.threads)  # fmt: skip
+                           rounds=cfg.decode_rounds, seed=ctx.seed, threads=cfg.threads)
             bar.advance(1, decode_V=v)
     _add_ratios(rows)
     atomic_write_csv(ctx.run.path / "decode.csv", decode)

@@ -18,7 +18,7 @@ _MAPPINGS = ("kmeans", "random", "contiguous", "equal_mass", "hybrid")
 class ScratchGridConfig(BaseConfig):
     code_fractions: list[int] = option(default_factory=lambda: [64], help="K = V / f for each f")
     mappings: list[str] = option(default_factory=lambda: ["equal_mass", "kmeans", "random", "hybrid"],
-                                 help="token->code maps (kmeans/hybrid cluster the seed-0 baseline's trained head)")  # fmt: skip
+                                 help="token->code maps (kmeans/hybrid cluster the seed-0 baseline's trained head)")
     bias: list[bool] = option(default_factory=lambda: [True], help="per-token bias on/off")
     residual_ranks: list[int] = option(default_factory=lambda: [0], help="within-cluster low-rank term ranks (0 = off)")
     paper_recipe: bool = option(True, help="also run the paper's recipe (kmeans map, no bias) at every K")
@@ -41,7 +41,7 @@ class PretrainedHeadConfig(BaseConfig):
     residual_ranks: list[int] = option(default_factory=lambda: [0, 16], help="within-cluster term ranks to compare")
     train_corpus: str = option("shakespeare", help="text the head is fine-tuned on (train split)")
     eval_corpus: str = option("auto", help="held-out text from another corpus; auto = austen, else kjv, else the "
-                                           "train corpus's test split")  # fmt: skip
+                                           "train corpus's test split")
     train_tokens: int = option(16384, help="fine-tuning tokens (trunk hidden states are computed once)")
     eval_tokens: int = option(8192, help="held-out evaluation tokens")
     seq_len: int = option(256, help="tokens per window")

@@ -36,7 +36,7 @@ PRESETS = {
                     "bias": [True, False], "residual_ranks": [0, 16], "seeds": [0, 1]},
         "pretrained": {"num_codes": [768, 3072], "train_tokens": 65536, "eval_tokens": 32768, "steps": 400},
     },
-}  # fmt: skip
+}
 
 
 def _vq_loss(model: Any, inputs: Any, targets: Any) -> Any:
@@ -56,7 +56,7 @@ def _train_one(ctx: RunContext[VQLogitsExperimentConfig], name: str, build: Any,
     model = build()
     model, result = train_lm(model, data["tokens"]["train"], data["tokens"]["valid"], ctx.config.train, run=sub,
                              seed=seed, resume=ctx.resume, loss_fn=_vq_loss if vq else next_token_loss,
-                             description=name)  # fmt: skip
+                             description=name)
     record = {"name": name, "val_loss": result.val_loss, "tokens_per_s": result.tokens_per_s}
     if ctx.is_main:
         if not vq:  # the trained full head: kmeans/hybrid maps cluster it
@@ -93,29 +93,29 @@ def run_scratch(ctx: RunContext[VQLogitsExperimentConfig], data: dict[str, Any])
 
     def trunk(seed: int) -> Any:
         return tiny_llama(vocab, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, ffn_mult=m.ffn_mult,
-                          max_seq_len=cfg.train.seq_len, seed=seed)  # fmt: skip
+                          max_seq_len=cfg.train.seq_len, seed=seed)
 
     def seed_of(s: int) -> int:  # grid seed s under --seed g: the full-s0 run with --seed 0 is lm-baseline's run
         return ctx.seed + s
 
     baselines = {s: _train_one(ctx, f"full-s{s}", lambda s=s: trunk(seed_of(s)), data, vq=False, seed=seed_of(s))
-                 for s in cfg.scratch.seeds}  # fmt: skip
+                 for s in cfg.scratch.seeds}
     trained_head = load_file(str(ctx.run.path / "runs" / f"full-s{cfg.scratch.seeds[0]}" / "head.safetensors"))["weight"]
     full_params = vocab * m.d_model
     rows = [{"head": "full softmax", "K": vocab, "mapping": "-", "bias": False, "rank": 0, "seed": s,
              "val_loss": b["val_loss"],
              "val_ppl": math.exp(b["val_loss"]), "ppl_ratio": 1.0, "head_params": full_params, "reduction": 0.0,
-             "unigram_floor": 0.0} for s, b in baselines.items()]  # fmt: skip
+             "unigram_floor": 0.0} for s, b in baselines.items()]
     for f, mapping, bias, rank, seed in _scratch_grid(cfg):
         k = max(1, vocab // f)
         tokens_to_code = build_mapping(mapping, vocab_size=vocab, num_codes=k, embeddings=trained_head, counts=counts,
-                                       seed=seed)  # fmt: skip
+                                       seed=seed)
         name = f"K{k}-{mapping}-{'bias' if bias else 'nobias'}{f'-r{rank}' if rank else ''}-s{seed}"
 
         def build(seed: int = seed, tokens_to_code: Any = tokens_to_code, k: int = k, bias: bool = bias,
-                  rank: int = rank) -> Any:  # fmt: skip
+                  rank: int = rank) -> Any:
             return replace_lm_head(trunk(seed_of(seed)), k, mapping=tokens_to_code, counts=counts, token_bias=bias,
-                                   residual_rank=rank, bias_init="unigram" if bias else "zeros")  # fmt: skip
+                                   residual_rank=rank, bias_init="unigram" if bias else "zeros")
 
         rec = _train_one(ctx, name, build, data, vq=True, seed=seed_of(seed))
         params = k * m.d_model + (vocab if bias else 0) + vocab + rank * (m.d_model + vocab)
@@ -124,7 +124,7 @@ def run_scratch(ctx: RunContext[VQLogitsExperimentConfig], data: dict[str, Any])
                      "val_ppl": math.exp(rec["val_loss"]),
                      "ppl_ratio": math.exp(rec["val_loss"] - baselines[seed]["val_loss"]),
                      "head_params": params, "reduction": 1 - params / full_params,
-                     "unigram_floor": unigram_floor(counts, tokens_to_code, k)})  # fmt: skip
+                     "unigram_floor": unigram_floor(counts, tokens_to_code, k)})
     return rows
 
 
@@ -142,7 +142,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "ppl_ratio_mean": statistics.fmean(ratios),
                     "ppl_ratio_std": statistics.stdev(ratios) if len(ratios) > 1 else 0.0,
                     "val_ppl_mean": statistics.fmean(r["val_ppl"] for r in rs), "reduction": rs[0]["reduction"],
-                    "unigram_floor": rs[0]["unigram_floor"]})  # fmt: skip
+                    "unigram_floor": rs[0]["unigram_floor"]})
     return sorted(out, key=lambda r: (r["head"] != "full softmax", r["K"], r["ppl_ratio_mean"]))
 
 
@@ -206,10 +206,10 @@ def run_pretrained(ctx: RunContext[VQLogitsExperimentConfig]) -> dict[str, Any]:
     with torch.no_grad():
         base = F.cross_entropy(lm_head(h_eval).float(), y_eval).item()
     rows = [{"head": "original", "K": vocab, "bias": False, "rank": 0, "eval_loss": base, "eval_ppl": math.exp(base),
-             "ppl_ratio": 1.0, "head_params": lm_head.weight.numel(), "reduction": 0.0}]  # fmt: skip
+             "ppl_ratio": 1.0, "head_params": lm_head.weight.numel(), "reduction": 0.0}]
     gen = torch.Generator().manual_seed(ctx.seed)
     maps = {k: build_mapping(pc.mapping, vocab_size=vocab, num_codes=k, embeddings=lm_head.weight.detach(),
-                             counts=counts, seed=ctx.seed) for k in pc.num_codes}  # once per K, shared by ranks  # fmt: skip
+                             counts=counts, seed=ctx.seed) for k in pc.num_codes}  # once per K, shared by ranks
     for k, rank in [(k, r) for k in pc.num_codes for r in pc.residual_ranks]:
         head = VQLogitsHead.from_linear(lm_head, k, mapping=maps[k], residual_rank=rank)
         with torch.no_grad():
@@ -227,7 +227,7 @@ def run_pretrained(ctx: RunContext[VQLogitsExperimentConfig]) -> dict[str, Any]:
         rows.append({"head": f"vq {pc.mapping} (Option A + head fine-tune)", "K": k, "bias": True, "rank": rank,
                      "eval_loss": after, "eval_ppl": math.exp(after), "ppl_ratio": math.exp(after - base),
                      "ppl_ratio_before_finetune": math.exp(before - base), "head_params": params,
-                     "reduction": 1 - params / lm_head.weight.numel()})  # fmt: skip
+                     "reduction": 1 - params / lm_head.weight.numel()})
     return {"model": pc.model, "train_corpus": pc.train_corpus, "eval_corpus": eval_name,
             "train_tokens": int(y_train.numel()), "eval_tokens": int(y_eval.numel()), "rows": rows}
 
@@ -240,9 +240,9 @@ def report(run: RunDir, results: dict[str, Any]) -> Report:
     rep.section("(a) From scratch: VQ heads vs the full-softmax lm-baseline (equal token budgets)")
     rep.text(f"V = {results['vocab_size']}, d = {results['d_model']}; ratio = exp(val loss - full-softmax val loss of "
              "the same seed); reduction counts codebook + bias + map against V x d. Unigram floor: excess loss (nats) "
-             "a bias-free head with this map cannot avoid.")  # fmt: skip
+             "a bias-free head with this map cannot avoid.")
     rep.table(results["summary"], ["head", "K", "mapping", "bias", "rank", "seeds", "ppl_ratio_mean", "ppl_ratio_std",
-                                   "val_ppl_mean", "reduction", "unigram_floor"])  # fmt: skip
+                                   "val_ppl_mean", "reduction", "unigram_floor"])
     _pareto(run, results["summary"])
     rep.figure("plots/pareto.png", "Validation perplexity ratio against head-parameter reduction, per map")
     _curves(run)
@@ -251,7 +251,7 @@ def report(run: RunDir, results: dict[str, Any]) -> Report:
         p = results["pretrained"]
         rep.section(f"(b) {p['model']}: compressed head, fine-tuned on {p['train_corpus']}")
         rep.text(f"Held-out text: {p['eval_corpus']} ({p['eval_tokens']:,} tokens); head fine-tuned on "
-                 f"{p['train_tokens']:,} tokens with the trunk frozen.")  # fmt: skip
+                 f"{p['train_tokens']:,} tokens with the trunk frozen.")
         rep.table(p["rows"])
     return rep
 
@@ -268,7 +268,7 @@ def _pareto(run: RunDir, summary: list[dict[str, Any]]) -> None:
     keys = sorted({(r["mapping"], r["bias"], r["rank"]) for r in summary if r["head"] == "vq"})
     for (mapping, bias, rank), marker in zip(keys, "osD^v<>ph*XP" * 3, strict=False):
         pts = sorted((100 * r["reduction"], r["ppl_ratio_mean"], r["ppl_ratio_std"]) for r in summary
-                     if r["head"] == "vq" and (r["mapping"], r["bias"], r["rank"]) == (mapping, bias, rank))  # fmt: skip
+                     if r["head"] == "vq" and (r["mapping"], r["bias"], r["rank"]) == (mapping, bias, rank))
         xs, ys, es = zip(*pts, strict=True)
         label = f"{mapping}, {'bias' if bias else 'no bias'}" + (f", r={rank}" if rank else "")
         ax.errorbar(xs, ys, yerr=es, marker=marker, capsize=3, label=label)
@@ -291,11 +291,11 @@ def _curves(run: RunDir) -> None:
         if pts:
             series[sub.name.removesuffix("-s0")] = tuple(zip(*pts, strict=True))
     line_plot(run.plots_dir / "loss_curves.png", series, xlabel="step", ylabel="validation loss (nats/token)",
-              title="vq-logits (a): validation loss")  # fmt: skip
+              title="vq-logits (a): validation loss")
 
 
 @register("vq-logits", kind="experiment", description="VQ-Logits heads vs full softmax (scratch) and on SmolLM2-135M",
-          config_cls=VQLogitsExperimentConfig, presets=PRESETS, report=report)  # fmt: skip
+          config_cls=VQLogitsExperimentConfig, presets=PRESETS, report=report)
 def run(ctx: RunContext[VQLogitsExperimentConfig]) -> dict[str, Any]:
     from leanfit.studies.lm.experiment import prepare_lm_data
 
@@ -303,12 +303,12 @@ def run(ctx: RunContext[VQLogitsExperimentConfig]) -> dict[str, Any]:
     rows = run_scratch(ctx, data)
     summary = summarise(rows)
     results: dict[str, Any] = {"vocab_size": data["tokenizer"].get_vocab_size(), "d_model": ctx.config.model.d_model,
-                               "rows": rows, "summary": summary}  # fmt: skip
+                               "rows": rows, "summary": summary}
     if ctx.config.pretrained.enabled:
         results["pretrained"] = run_pretrained(ctx)
     vq = [r for r in summary if r["head"] == "vq"]
     best = min(vq, key=lambda r: r["ppl_ratio_mean"]) if vq else None
     if best:
         results["headline"] = {"best_ppl_ratio": best["ppl_ratio_mean"], "at_reduction": best["reduction"],
-                               "K": best["K"], "mapping": best["mapping"]}  # fmt: skip
+                               "K": best["K"], "mapping": best["mapping"]}
     return results
