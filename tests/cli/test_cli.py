@@ -112,3 +112,12 @@ def test_entry_point_exit_code_and_lazy_imports():
     code = ("import sys; from leanfit.cli import build_parser; build_parser(); from leanfit.core import registry; "
             "registry.entries('experiment'); print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", ["topk-moe", "neural-de", "iapt"])
+def test_every_study_refuses_parallel_jobs_under_torchrun_with_the_same_line(name, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    err = _fails_with_one_line(capsys, ["run", name, "--out", str(tmp_path), "jobs=2"])
+    assert err.endswith("jobs=2 is invalid: expected 1 under torchrun (WORLD_SIZE=2); a data-parallel launch already "
+                        "splits every batch over processes; set jobs=1\n"), err
+    assert not any(tmp_path.rglob("results.json"))
