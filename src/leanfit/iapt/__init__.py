@@ -26,14 +26,14 @@ if TYPE_CHECKING:
     from leanfit.iapt.generator import pool as pool
     from leanfit.iapt.model import CONFIG_NAME as CONFIG_NAME
     from leanfit.iapt.model import WEIGHTS_NAME as WEIGHTS_NAME
-    from leanfit.iapt.model import CachedPrompts as CachedPrompts
-    from leanfit.iapt.model import IAPTBatch as IAPTBatch
     from leanfit.iapt.model import IAPTModel as IAPTModel
-    from leanfit.iapt.model import find_layers as find_layers
     from leanfit.iapt.model import get_iapt_model as get_iapt_model
     from leanfit.iapt.rational import FIT_TARGETS as FIT_TARGETS
     from leanfit.iapt.rational import RationalActivation as RationalActivation
     from leanfit.iapt.rational import RationalCoefficients as RationalCoefficients
     from leanfit.iapt.rational import coefficients as coefficients
+    from leanfit.iapt.slots import CachedPrompts as CachedPrompts
+    from leanfit.iapt.slots import IAPTBatch as IAPTBatch
+    from leanfit.iapt.slots import find_layers as find_layers
 else:  # names resolve on first use: importing the package does not import torch
     __getattr__, __dir__, __all__ = lazy_exports(__name__, __file__)

@@ -59,7 +59,6 @@ import functools
 import os
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -70,6 +69,18 @@ from leanfit.core.errors import ConfigError, bad_value
 from leanfit.core.io import atomic_dir, atomic_save_tensors, atomic_write_json, read_json
 from leanfit.iapt.config import PEFT_TYPE, IAPTConfig
 from leanfit.iapt.generator import PromptGenerator
+from leanfit.iapt.slots import (
+    CachedPrompts,
+    HookState,
+    IAPTBatch,
+    accepts_argument,
+    cache_length,
+    find_layers,
+    input_norm,
+    insert_at,
+    is_causal_lm,
+    uses_checkpointing,
+)
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "CachedPrompts", "IAPTBatch", "IAPTModel", "find_layers",
            "get_iapt_model"]
@@ -78,152 +89,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _HOOKED = "_leanfit_iapt_hooked"
-
-
-@dataclass
-class CachedPrompts:
-    """Per-layer prompts of one adapter for a fixed instruction: ``prompts[layer]`` is (N, k, d); N = 1 serves
-    any batch, N = B one prompt set per row. Made by :meth:`IAPTModel.cache_prompts`."""
-
-    adapter_name: str
-    prompts: dict[int, Tensor]
-    gates: dict[int, Tensor] = field(default_factory=dict)  # per layer, adapters with ``prompt_gate``
-
-    @property
-    def num_rows(self) -> int:
-        return next(iter(self.prompts.values())).shape[0]
-
-
-@dataclass
-class IAPTBatch:
-    """Inputs after placeholder insertion (length T + k) and what the layer hooks need.
-
-    ``keep_index`` (B, T): the expanded position of each original position; ``slot_index`` (B, k): the
-    placeholder positions; ``groups``: (adapter, rows) pairs, rows None meaning every row."""
-
-    input_ids: Tensor
-    attention_mask: Tensor
-    position_ids: Tensor
-    instruction_mask: Tensor | None
-    slot_index: Tensor
-    keep_index: Tensor
-    groups: list[tuple[str, Tensor | None]]
-    cached: CachedPrompts | None = None
-    token_type_ids: Tensor | None = None
-
-    @property
-    def batch_size(self) -> int:
-        return self.input_ids.shape[0]
-
-    def insert(self, values: Tensor, fill: Tensor | float | int) -> Tensor:
-        """(B, T) values -> (B, T + k) with ``fill`` (scalar or (B,)) at the placeholders."""
-        return _insert(values, self.keep_index, self.slot_index, fill)
-
-    def strip(self, values: Tensor) -> Tensor:
-        """(B*r, T + k, ...) -> (B*r, T, ...): the original positions (rows repeated r times, as beams are)."""
-        keep = self.keep_index.repeat_interleave(values.shape[0] // self.batch_size, 0)
-        return values.gather(1, keep.view(*keep.shape, *([1] * (values.ndim - 2))).expand(-1, -1, *values.shape[2:]))
-
-
-@dataclass
-class _RowView:
-    """The batch seen by a hook whose hidden states have ``repeat`` rows per input row (beams, return sequences)."""
-
-    slot_index: Tensor
-    instruction: Tensor | None
-    groups: list[tuple[str, Tensor | None]]
-    repeat: int
-
-
-@dataclass
-class _HookState:
-    batch: IAPTBatch
-    pending: set[int]
-    record: dict[int, Tensor] | None = None
-    views: dict[int, _RowView] = field(default_factory=dict)
-    gates: dict[int, Tensor] = field(default_factory=dict)  # (N,) row gates a layer's norm hook applies next
-    gate_record: dict[int, Tensor] | None = None  # cache_prompts: each gated layer's gate
-
-    @property
-    def seq_len(self) -> int:
-        return self.batch.input_ids.shape[1]
-
-    def view(self, rows: int) -> _RowView:
-        if rows not in self.views:
-            b = self.batch
-            if rows % b.batch_size:
-                raise RuntimeError(f"IAPT hook saw {rows} rows for a batch of {b.batch_size}")
-            r = rows // b.batch_size
-            rep = functools.partial(torch.repeat_interleave, repeats=r, dim=0)
-            groups = [(n, None if g is None else (g[:, None] * r + torch.arange(r, device=g.device)).flatten())
-                      for n, g in b.groups]
-            instruction = None if b.instruction_mask is None else rep(b.instruction_mask)
-            self.views[rows] = _RowView(rep(b.slot_index), instruction, groups, r)
-        return self.views[rows]
-
-
-def _insert(values: Tensor, keep: Tensor, slots: Tensor, fill: Tensor | float | int) -> Tensor:
-    b, t = values.shape
-    k = slots.shape[1]
-    out = values.new_zeros((b, t + k)).scatter(1, keep, values)
-    fill = torch.as_tensor(fill, dtype=values.dtype, device=values.device)
-    return out.scatter(1, slots, fill.reshape(-1, 1).expand(b, k))
-
-
-def find_layers(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
-    """The backbone's layer list: the module at dotted ``path``, or else the one ``nn.ModuleList`` holding
-    ``config.num_hidden_layers`` modules. Returns (path, list)."""
-    if path is not None:
-        try:
-            layers = model.get_submodule(path)
-        except AttributeError:
-            layers = None
-        if not isinstance(layers, nn.ModuleList):
-            raise ConfigError(bad_value("layers_path", path, "the dotted path of an nn.ModuleList in the model",
-                                        "for example 'model.layers', 'transformer.h' or 'bert.encoder.layer'"))
-        return path, layers
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
-    if len(found) != 1:
-        names = ", ".join(repr(name) for name, _ in found) or "none"
-        raise ConfigError(bad_value("layers_path", None, f"one ModuleList of num_hidden_layers={n} modules "
-                                    f"(found: {names})", "set IAPTConfig.layers_path to the layer list"))
-    return found[0]
-
-
-def _is_causal_lm(model: nn.Module) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    return any(cls.__name__ in names for cls in type(model).__mro__)
-
-
-def _cache_length(cache: Any) -> int:
-    if cache is None:
-        return 0
-    if hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
-    return int(cache[0][0].shape[-2]) if len(cache) else 0
-
-
-def _checkpointing(model: nn.Module) -> bool:
-    """Whether HF gradient checkpointing is on (older transformers: a ``gradient_checkpointing`` flag on modules)."""
-    flag = getattr(model, "is_activation_checkpointing", None)
-    if isinstance(flag, bool):
-        return flag
-    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
-
-
-def _input_norm(layer: nn.Module) -> nn.Module | None:
-    """The first normalisation module among ``layer``'s direct children (a pre-norm layer's input norm: Llama's
-    ``input_layernorm``, GPT-2's ``ln_1``), None for post-norm layers such as BERT's, whose norms sit deeper."""
-    return next((m for m in layer.children() if "norm" in type(m).__name__.lower()), None)
-
-
-def _accepts(model: nn.Module, name: str) -> bool:
-    import inspect
-
-    return name in inspect.signature(model.forward).parameters
 
 
 class IAPTModel(nn.Module):
@@ -248,8 +113,8 @@ class IAPTModel(nn.Module):
         self.iapt = nn.ModuleDict()
         self.peft_config: dict[str, IAPTConfig] = {}
         self.active_adapter = adapter_name
-        self._state: _HookState | None = None
-        self._takes_position_ids = _accepts(base_model, "position_ids")  # read once, not per forward
+        self._state: HookState | None = None
+        self._takes_position_ids = accepts_argument(base_model, "position_ids")  # read once, not per forward
         self._norm_hooks: list[Any] = []  # on each layer's input norm, once an adapter has prompt_gate
         self._hooks = [layer.register_forward_pre_hook(functools.partial(self._pre_hook, i), with_kwargs=True)
                        for i, layer in enumerate(layers)]
@@ -300,7 +165,7 @@ class IAPTModel(nn.Module):
         ref = next(self.base_model.parameters())
         dtype = ref.dtype if ref.dtype in (torch.float32, torch.float64) else torch.float32
         if config.prompt_gate and not self._norm_hooks:
-            norms = [_input_norm(layer) for layer in self.base_model.get_submodule(self.layers_path)]
+            norms = [input_norm(layer) for layer in self.base_model.get_submodule(self.layers_path)]
             present = [norm for norm in norms if norm is not None]
             if len(present) < len(norms):
                 raise ConfigError(bad_value("prompt_gate", True, "a pre-norm backbone (a normalisation module among "
@@ -434,12 +299,12 @@ class IAPTModel(nn.Module):
         pos = torch.arange(t, device=input_ids.device)
         keep = pos + k * (pos[None, :] >= start[:, None])
         slots = start[:, None] + torch.arange(k, device=input_ids.device)
-        ids = _insert(input_ids, keep, slots, input_ids.gather(1, first[:, None]))
-        mask = _insert(attention_mask, keep, slots, 1)
+        ids = insert_at(input_ids, keep, slots, input_ids.gather(1, first[:, None]))
+        mask = insert_at(attention_mask, keep, slots, 1)
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        types = None if token_type_ids is None else _insert(token_type_ids, keep, slots,
+        types = None if token_type_ids is None else insert_at(token_type_ids, keep, slots,
                                                              token_type_ids.gather(1, first[:, None]))
-        instruction = None if instruction is None else _insert(instruction, keep, slots, False)
+        instruction = None if instruction is None else insert_at(instruction, keep, slots, False)
         return IAPTBatch(ids, mask, positions, instruction, slots, keep, groups, cached_prompts, types)
 
     def _model_inputs(self, batch: IAPTBatch) -> dict[str, Tensor]:
@@ -453,11 +318,11 @@ class IAPTModel(nn.Module):
     # ----------------------------------------------------------------------------------------- hooks
     @contextlib.contextmanager
     def _activate(self, batch: IAPTBatch, record: dict[int, Tensor] | None = None,
-                  gate_record: dict[int, Tensor] | None = None) -> Iterator[_HookState]:
+                  gate_record: dict[int, Tensor] | None = None) -> Iterator[HookState]:
         """Arm every layer hook for one prefill of ``batch``; raise if some layer never ran."""
         if self._state is not None:
             raise RuntimeError("an IAPT call is already running on this model (nested or concurrent call)")
-        state = _HookState(batch, set(range(self.num_layers)), record, gate_record=gate_record)
+        state = HookState(batch, set(range(self.num_layers)), record, gate_record=gate_record)
         self._state = state
         try:
             yield state
@@ -480,7 +345,7 @@ class IAPTModel(nn.Module):
             return None
         return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
 
-    def _inject(self, layer: int, hidden: Tensor, state: _HookState) -> Tensor | None:
+    def _inject(self, layer: int, hidden: Tensor, state: HookState) -> Tensor | None:
         """``hidden`` (N, T + k, d) with the placeholders overwritten by this layer's prompts (None: no change)."""
         view = state.view(hidden.shape[0])
         index = view.slot_index[..., None].expand(-1, -1, hidden.shape[-1])
@@ -566,10 +431,10 @@ class IAPTModel(nn.Module):
             if kwargs.get(key) is not None:
                 raise ConfigError(bad_value(key, "a tensor", "None", "IAPT builds positions from input_ids and "
                                             "attention_mask; pass input_ids"))
-        if max(_cache_length(kwargs.get("cache")), _cache_length(kwargs.get("past_key_values"))) > 0:
+        if max(cache_length(kwargs.get("cache")), cache_length(kwargs.get("past_key_values"))) > 0:
             raise ConfigError(bad_value("cache", "a non-empty cache", "None", "decode with generate(), which "
                                         "reuses the prompts through the cache"))
-        if self.training and _checkpointing(self.base_model):
+        if self.training and uses_checkpointing(self.base_model):
             raise ConfigError(bad_value("gradient_checkpointing", True, "False with IAPT", "turn it off with "
                                         "base_model.activation_checkpointing_disable() (older transformers: "
                                         "gradient_checkpointing_disable())"))
@@ -578,7 +443,7 @@ class IAPTModel(nn.Module):
                                    adapter_names=adapter_names, cached_prompts=cached_prompts,
                                    token_type_ids=kwargs.pop("token_type_ids", None))
         token_labels = labels is not None and labels.shape == input_ids.shape
-        own_loss = token_labels and _is_causal_lm(self.base_model)
+        own_loss = token_labels and is_causal_lm(self.base_model)
         num_items = kwargs.pop("num_items_in_batch", None) if own_loss else None
         if labels is not None and not own_loss:
             kwargs["labels"] = batch.insert(labels, -100) if token_labels else labels
