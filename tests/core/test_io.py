@@ -96,3 +96,11 @@ def test_atomic_write_csv_takes_every_column_in_order_of_first_appearance(tmp_pa
     path = atomic_write_csv(tmp_path / "rows.csv", [{"a": 1, "b": 2.5}, {"b": 3, "c": "x"}])
     assert path.read_text() == "a,b,c\n1,2.5,\n,3,x\n"
     assert atomic_write_csv(tmp_path / "empty.csv", []).read_text() == "\n"
+
+
+def test_read_csv_reads_back_what_atomic_write_csv_wrote(tmp_path):
+    from leanfit.core.io import atomic_write_csv, read_csv
+
+    rows = [{"method": "a,b", "ratio": 1.5}, {"method": "c", "ratio": 2}]
+    assert read_csv(atomic_write_csv(tmp_path / "r.csv", rows)) == [{"method": "a,b", "ratio": "1.5"},
+                                                                     {"method": "c", "ratio": "2"}]

@@ -27,6 +27,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "atomic_write_yaml",
+    "read_csv",
     "read_json",
     "read_jsonl",
     "rewrite_jsonl",
@@ -68,6 +69,14 @@ def atomic_write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]])
     writer.writeheader()
     writer.writerows(rows)
     return atomic_write_text(path, buf.getvalue())
+
+
+def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of a CSV file with a header line (values as text), as :func:`atomic_write_csv` writes them."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

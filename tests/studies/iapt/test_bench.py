@@ -4,7 +4,6 @@ exactly what each row generates alone (IAPT and PEFT LoRA), and bad settings. Ti
 
 from __future__ import annotations
 
-import csv
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from leanfit.core.errors import ConfigError
-from leanfit.core.io import read_json
+from leanfit.core.io import read_csv, read_json
 from leanfit.core.runner import run_benchmark
 from leanfit.iapt.config import IAPTConfig
 from leanfit.iapt.generator import iapt_parameter_count
@@ -56,14 +55,9 @@ def servers():
     return build_servers(cfg(), torch.device("cpu"), torch.float32, seed=0)
 
 
-def _rows(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
 # ------------------------------------------------------------------------------------------------ the run
 def test_every_cell_measured_with_consistent_timings(bench_dir):
-    rows = _rows(bench_dir / "results.csv")
+    rows = read_csv(bench_dir / "results.csv")
     assert [(r["method"], int(r["tenants"])) for r in rows] == CELLS == cells(cfg())
     for r in rows:
         prefill, step, mean, total = (float(r[k]) for k in ("prefill_ms", "decode_ms_per_token", "decode_ms_mean",
@@ -102,7 +96,7 @@ def test_ratios_summary_and_headline_come_from_the_same_run(bench_dir):
 
 
 def test_mixed_batches_generated_what_each_tenant_generates_alone(bench_dir):
-    rows = _rows(bench_dir / "results.csv")
+    rows = read_csv(bench_dir / "results.csv")
     for r in rows:
         if r["method"] in ("lora_mixed", "iapt"):
             assert float(r["tokens_match"]) == 1.0, r

@@ -3,13 +3,11 @@ the report's sections and plots, and bad settings. Timings are not asserted."""
 
 from __future__ import annotations
 
-import csv
-
 import pytest
 import torch
 
 from leanfit.core.errors import ConfigError
-from leanfit.core.io import read_json
+from leanfit.core.io import read_csv, read_json
 from leanfit.core.runner import run_benchmark
 from leanfit.studies.moe.bench import LAYER_METHODS, MODES, _calls
 
@@ -22,13 +20,8 @@ def bench_dir(tmp_path_factory):
     return run_benchmark("moe", out=tmp_path_factory.mktemp("moe"), overrides=TINY)
 
 
-def _rows(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
 def test_every_method_and_mode_at_every_cell_with_ratios(bench_dir):
-    rows = _rows(bench_dir / "results.csv")
+    rows = read_csv(bench_dir / "results.csv")
     cells = [("2", "1"), ("4", "1"), ("4", "4")]  # (E, K); K=4 > E=2 is skipped
     expected = sorted((m, mode, e, k) for m in LAYER_METHODS for mode in MODES for e, k in cells)
     assert sorted((r["method"], r["mode"], r["e"], r["k"]) for r in rows) == expected
@@ -52,7 +45,7 @@ def test_headline_report_and_plots(bench_dir):
     assert "## Layer" in report and "## Estimator" in report
     for name in ("plots/layer_forward.png", "plots/layer_train.png", "plots/estimator.png", "env.json"):
         assert (bench_dir / name).is_file(), name
-    (est,) = _rows(bench_dir / "estimator.csv")
+    (est,) = read_csv(bench_dir / "estimator.csv")
     assert est["n"] == "200" and float(est["seconds"]) > 0
 
 

@@ -4,14 +4,13 @@ and plots, and bad settings. Timings are not asserted."""
 
 from __future__ import annotations
 
-import csv
 import math
 
 import pytest
 import torch
 
 from leanfit.core.errors import ConfigError, MissingDependencyError
-from leanfit.core.io import read_json
+from leanfit.core.io import read_csv, read_json
 from leanfit.core.runner import run_benchmark
 from leanfit.studies.neural_de import bench
 from leanfit.studies.neural_de.bench import BASELINES, METHODS, make_problem, reference_solution
@@ -35,17 +34,12 @@ def bench_dir(tmp_path_factory):
     return path
 
 
-def _rows(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
 def _cell(r):
     return r["problem"], r["dtype"], r["tol"]
 
 
 def test_every_method_at_every_cell_and_files(bench_dir):
-    rows = _rows(bench_dir / "results.csv")
+    rows = read_csv(bench_dir / "results.csv")
     assert sorted((*_cell(r), r["method"]) for r in rows) == sorted((*c, m) for c in CELLS for m in METHODS)
     assert {r["batch"] for r in rows} == {"3"} and {r["dim"] for r in rows if r["problem"] == "mlp-64"} == {"4"}
     assert all(float(r["wall_ms"]) > 0 and float(r["wall_iqr_ms"]) >= 0 and r["timed_calls"] == "2" for r in rows)
@@ -61,7 +55,7 @@ def test_every_method_at_every_cell_and_files(bench_dir):
 
 
 def test_nfe_columns_are_the_counted_calls(bench_dir):
-    for r in _rows(bench_dir / "results.csv"):
+    for r in read_csv(bench_dir / "results.csv"):
         nfe, where = int(r["nfe_joint"]), f"{r['method']} at {_cell(r)}"
         assert r["nfe_deterministic"] == "True", where  # every timed call made the checked call's number of calls
         # two calls for the initial step, then six new stages per step attempt, in every library
@@ -76,7 +70,7 @@ def test_nfe_columns_are_the_counted_calls(bench_dir):
 
 
 def test_errors_shrink_with_the_tolerance(bench_dir):
-    rows = _rows(bench_dir / "results.csv")
+    rows = read_csv(bench_dir / "results.csv")
     err = {(*_cell(r), r["method"]): float(r["max_err"]) for r in rows}
     for problem in ("vdp-mixed-mu", "mlp-64"):
         for m in METHODS:

@@ -4,7 +4,6 @@ branches, and bad settings are one-line errors. Timings are not asserted."""
 
 from __future__ import annotations
 
-import csv
 import math
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 
 from leanfit.cli import main
 from leanfit.core.errors import ConfigError
-from leanfit.core.io import read_json
+from leanfit.core.io import read_csv, read_json
 from leanfit.core.runner import run_benchmark
 from leanfit.noisefit.injector import NoiseInjector, find_decoder_layers, unwrap_model
 from leanfit.noisefit.loss import noisefit_loss, rdrop_loss
@@ -44,11 +43,6 @@ def bench_dir(tmp_path_factory):
     return path
 
 
-def _rows(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
 def _setup(**overrides):
     cfg = NoiseFiTBenchConfig(**{"models": ["tiny"], "vocab_size": 64, "d_model": 16, "n_layers": 3, "n_heads": 2,
                                  "batch_size": B, "seq_len": 8, **overrides})
@@ -58,7 +52,7 @@ def _setup(**overrides):
 
 # --- end to end -------------------------------------------------------------------------------------------------
 def test_every_arm_is_measured_and_files_are_written(bench_dir):
-    rows = _rows(bench_dir / "results.csv")
+    rows = read_csv(bench_dir / "results.csv")
     assert [r["arm"] for r in rows] == list(ARMS) and {r["model"] for r in rows} == {"tiny"}
     assert all(float(r["step_ms"]) > 0 and r["timed_steps"] == "2" and float(r["peak_mb"]) >= 0 for r in rows)
     assert all((r["batch"], r["seq"], r["device"]) == ("4", "8", "cpu") for r in rows)
@@ -69,7 +63,7 @@ def test_every_arm_is_measured_and_files_are_written(bench_dir):
 
 @pytest.mark.parametrize("arm", ARMS)
 def test_counted_forward_passes(bench_dir, arm):
-    row = next(r for r in _rows(bench_dir / "results.csv") if r["arm"] == arm)
+    row = next(r for r in read_csv(bench_dir / "results.csv") if r["arm"] == arm)
     assert (int(row["forward_passes"]), float(row["batch_multiple"])) == PASSES[arm]
 
 

@@ -3,12 +3,12 @@ every method, and rejects bad settings. Timings are not asserted (benchmarks, no
 
 from __future__ import annotations
 
-import csv
 import json
 
 import pytest
 
 from leanfit.cli import main
+from leanfit.core.io import read_csv
 from leanfit.core.runner import run_benchmark
 from leanfit.studies.vq_logits.bench import DECODE_METHODS, METHODS, measure_step
 
@@ -21,18 +21,13 @@ def bench_dir(tmp_path_factory):
     return run_benchmark("vq-logits", out=tmp_path_factory.mktemp("bench"), overrides=TINY)
 
 
-def _rows(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
 def test_every_method_is_measured_at_every_cell(bench_dir):
-    rows = _rows(bench_dir / "results.csv")
+    rows = read_csv(bench_dir / "results.csv")
     # per V: vq and gather at 2 K each, 3 baselines
     assert len(rows) == 2 * (2 * 2 + 3)
     assert {r["method"] for r in rows} == set(METHODS)
     assert all(float(r["step_ms"]) > 0 and float(r["peak_mb"]) >= 0 for r in rows)
-    decode = _rows(bench_dir / "decode.csv")
+    decode = read_csv(bench_dir / "decode.csv")
     assert sorted((r["method"], int(r["v"])) for r in decode) == sorted((m, v) for m in DECODE_METHODS for v in (300, 600))
     for name in ("report.md", "results.json", "env.json", "plots/step_time.png", "plots/peak_memory.png",
                  "plots/decode.png"):
@@ -41,7 +36,7 @@ def test_every_method_is_measured_at_every_cell(bench_dir):
 
 def test_methods_solve_the_same_problem(bench_dir):
     """The exact heads agree on the loss of identical inputs, so the timings compare like with like."""
-    rows = _rows(bench_dir / "results.csv")
+    rows = read_csv(bench_dir / "results.csv")
     loss = {(r["method"], r["v"], r["k"]): float(r["loss"]) for r in rows}
     for v in ("300", "600"):
         for k in ("4", "16"):
