@@ -110,7 +110,7 @@ def test_entry_point_exit_code_and_lazy_imports():
     proc = subprocess.run([sys.executable, "-m", "leanfit", "run", "nope"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     code = ("import sys; from leanfit.cli import build_parser; build_parser(); from leanfit.core import registry; "
-            "registry.entries('experiment'); print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+            "registry.entries('experiment'); registry.entries('benchmark'); print(sorted(m for m in ('torch', 'transformers', 'numpy', 'matplotlib') if m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
 
 

@@ -126,3 +126,4 @@ def test_demo_index_takes_mapping_and_sentence_headlines(tmp_path):
     rows = index.read_text().splitlines()[4:]
     assert rows == ["| a | [a/r/report.md](a/r/report.md) | ppl = 2.5 |",
                     "| b | [b/r/report.md](b/r/report.md) | D1 slope -0.48 \\| 96% reach the truth |"]
+

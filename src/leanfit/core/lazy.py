@@ -8,13 +8,15 @@ A method package writes its public names once, as ordinary imports that type che
         __getattr__, __dir__, __all__ = lazy_exports(__name__, __file__)
 
 At run time :func:`lazy_exports` parses that block (no import happens) and resolves each name from its module on
-first use, so ``leanfit list`` and ``leanfit --help`` register the studies without importing torch.
+first use, so ``leanfit list`` registers the studies without importing torch.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,10 @@ def type_checking_imports(init_file: str | Path, package: str) -> dict[str, str]
                 base = package.rsplit(".", stmt.level - 1)[0] if stmt.level > 1 else package
                 module = f"{base}.{module}" if module else base
             for alias in stmt.names:
-                names[alias.asname or alias.name] = module
+                if alias.asname not in (None, alias.name):
+                    raise ValueError(f"{init_file}: 'from {module} import {alias.name} as {alias.asname}' renames an "
+                                     f"export; lazy exports keep names, write 'import {alias.name} as {alias.name}'")
+                names[alias.name] = module
     return names
 
 
@@ -54,9 +59,11 @@ def lazy_exports(package: str, init_file: str) -> tuple[Callable[[str], Any], Ca
     def __getattr__(name: str) -> Any:
         if name in exports:
             return getattr(importlib.import_module(exports[name]), name)
+        if importlib.util.find_spec(f"{package}.{name}") is not None:  # a submodule, as a plain package offers it
+            return importlib.import_module(f"{package}.{name}")
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     def __dir__() -> list[str]:
-        return sorted(exports)
+        return sorted(set(exports) | set(vars(sys.modules[package])))
 
     return __getattr__, __dir__, sorted(exports)

@@ -79,7 +79,16 @@ def _check_writable(out: Path) -> None:
         raise
 
 
-def _prepare_folder(run: RunDir, record: dict[str, Any], resume: bool) -> bool:
+def _saved_config(entry: registry.Entry, saved: Any) -> Any:
+    """The saved config as the current config class reads it, so a renamed key that the class still accepts (e.g.
+    topk-moe's ``n_jobs``, now ``jobs``) does not make a resumed run look different; the raw record otherwise."""
+    try:
+        return entry.config_cls.from_dict(saved).to_dict()
+    except (ConfigError, TypeError, ValueError):
+        return saved
+
+
+def _prepare_folder(run: RunDir, record: dict[str, Any], resume: bool, entry: registry.Entry) -> bool:
     """Create or reopen the folder; returns True when the run is already complete."""
     if run.path.exists() and any(run.path.iterdir()):
         if not resume:
@@ -88,8 +97,9 @@ def _prepare_folder(run: RunDir, record: dict[str, Any], resume: bool) -> bool:
                 "or --run-id NAME / --out DIR to start a new run"
             )
         saved = run.read_config()
-        if saved.get("config") != record["config"] or saved.get("seed") != record["seed"]:
-            diff = _first_difference(saved.get("config", {}), record["config"])
+        saved_config = _saved_config(entry, saved.get("config") or {})
+        if saved_config != record["config"] or saved.get("seed") != record["seed"]:
+            diff = _first_difference(saved_config if isinstance(saved_config, dict) else {}, record["config"])
             raise ConfigError(
                 f"--resume of {str(run.path)!r} with a different config ({diff}); "
                 "rerun with the original settings or start a new run with --run-id NAME"
@@ -132,7 +142,7 @@ def run_experiment(
     record = {"experiment": name, "kind": "experiment", "preset": preset, "seed": seed, "config": config.to_dict()}
     if is_main_process():
         _check_writable(out)
-        if _prepare_folder(run, record, resume):
+        if _prepare_folder(run, record, resume, entry):
             return run.path, run.results() or {}
         run.path.mkdir(parents=True, exist_ok=True)
         run.write_config(record)
@@ -152,7 +162,6 @@ def run_benchmark(
 ) -> Path:
     """Run benchmark ``name`` into ``OUT/<name>/`` (replacing earlier results there): ``results.csv`` (one row
     per measurement), ``results.json`` (rows + summary), ``env.json`` (machine), ``report.md`` and plots."""
-
     entry = registry.get("benchmark", name)
     config = resolve_config(entry, preset, config_file, overrides)
     out = Path(out)

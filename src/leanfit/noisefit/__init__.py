@@ -5,8 +5,8 @@ their scales set by a calibration pass (leanfit's propagated-KL rule or the pape
 completion-only cross-entropy, a KL from the clean to the noisy branches and a noisy-noisy consistency term,
 with all branches packed into one batched forward. ``paper_v1=True`` reproduces the reference v1 trainer,
 defects included, for comparison. :class:`NoiseFiTTrainer` (and ``NoiseFiTSFTTrainer`` for TRL) trains any
-Hugging Face causal LM with it; ``leanfit run noisefit`` is the controlled hallucination benchmark (fact world,
-deterministic metrics, bootstrap intervals)."""
+Hugging Face causal LM with it. The controlled hallucination benchmark that measures it (fact world, deterministic
+metrics, bootstrap intervals; ``leanfit run noisefit``) lives in :mod:`leanfit.studies.noisefit`."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 One dataclass holds every knob of the injector, the layer calibration and the loss, so that a run record shows
 them together. ``paper_v1=True`` switches all three to the reference implementation's v1 behaviour, defects
-included (see ``leanfit.noisefit.loss`` for the list), to compare against it.
+included (see ``leanfit.noisefit.loss`` for the list), to compare against it. :class:`CalibrationResult` is
+what the calibration pass hands to the injector (the chosen blocks and their noise scales).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from leanfit.noisefit.config import NoiseFiTConfig
 if TYPE_CHECKING:
     import torch
 
-    from leanfit.noisefit.calibration import CalibrationResult
+    from leanfit.noisefit.config import CalibrationResult
     from leanfit.noisefit.injector import NoiseInjector
 
     _MixinBase = Trainer  # the checker sees the Trainer API the mixin relies on; at run time the mixin is plain

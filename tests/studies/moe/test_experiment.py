@@ -121,3 +121,15 @@ def test_cluster_backends_name_their_install(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_dask)
     with pytest.raises(LeanfitError, match="dask"):
         run_experiment("topk-moe", out=tmp_path, overrides=[*TINY, "backend=dask", "jobs=2"])
+
+
+def test_a_run_recorded_with_the_old_knob_name_resumes(study):
+    """--resume compares configs as the class reads them, so a run folder written with n_jobs resumes."""
+    import yaml
+
+    out, path, results = study
+    record = yaml.safe_load((path / "config.yaml").read_text())
+    record["config"]["n_jobs"] = record["config"].pop("jobs")  # as written before the knob was renamed
+    (path / "config.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+    again, resumed = run_experiment("topk-moe", out=out, overrides=TINY, run_id=path.name, resume=True)
+    assert again == path and resumed == results

@@ -41,7 +41,6 @@ def count_trainable(module: nn.Module) -> dict[str, int]:
 
 def iapt_config(cfg: Any, setting: str) -> IAPTConfig:
     """The experiment's IAPT config with the ablation ``setting`` applied (``main``: unchanged)."""
-
     return cfg.iapt if setting == "main" else dataclasses.replace(cfg.iapt, **ABLATIONS[setting])
 
 

@@ -108,9 +108,9 @@ def run(ctx: RunContext[IAPTExperimentConfig]) -> dict[str, Any]:
         budgets.append({"task": task, "iapt_adapter_params": env.budget, "sizes": env.sizes})
     rates, sweeps = train.choose_lrs(ctx) if cfg.tasks else ({}, [])
     rows = train.final_runs(ctx, rates) if cfg.tasks else []
-    decoder = decoder.run_decoder(ctx) if cfg.decoder.enabled else []
+    decoder_rows = decoder.run_decoder(ctx) if cfg.decoder.enabled else []
     summary = rep.summarise(rows)
     return {"threads": threads, "rows": rows, "summary": summary, "sweeps": sweeps, "budgets": budgets,
-            "decoder": decoder, "targets": rep.targets(summary),
-            "headline": rep.headline(summary, decoder)}
+            "decoder": decoder_rows, "targets": rep.targets(summary),
+            "headline": rep.headline(summary, decoder_rows)}
 

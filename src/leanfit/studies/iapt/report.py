@@ -8,8 +8,6 @@ import statistics
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from leanfit.core.stats import bootstrap_ci
-
 if TYPE_CHECKING:
     from leanfit.core.report import Report
     from leanfit.core.runs import RunDir
@@ -114,6 +112,8 @@ _DRAWS = 10_000  # bootstrap replicates of the decoder's per-article ROUGE-L int
 
 
 def _decoder_table(decoder: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    from leanfit.core.stats import bootstrap_ci  # numpy: kept out of `leanfit list`
+
     lora = next((d for d in decoder if d["method"] == "lora" and "rouge_l_articles" in d), None)
     rows = []
     for d in decoder:
@@ -134,6 +134,8 @@ def _decoder_table(decoder: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _decoder_plot(run: RunDir, decoder: Sequence[dict[str, Any]]) -> None:
     import matplotlib
+
+    from leanfit.core.stats import bootstrap_ci  # numpy: kept out of `leanfit list`
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
