@@ -42,7 +42,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-__all__ = ["MoEParams", "TopKGaussianMoE", "log_likelihood_terms", "topk_mask"]
+__all__ = ["MoEParams", "TopKGaussianMoE", "augment", "log_gate", "log_likelihood_terms", "topk_mask"]
 
 Selection = Literal["full_logits", "slope_only"]
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -64,7 +64,8 @@ class MoEParams:
 
 
 # --- functional core (float64 numpy; X is augmented with a trailing column of ones) ------------------------------
-def _augment(X: np.ndarray) -> np.ndarray:
+def augment(X: np.ndarray) -> np.ndarray:
+    """``[X, 1]``: the inputs with a constant column, so gate and expert intercepts are ordinary coefficients."""
     return np.hstack([X, np.ones((X.shape[0], 1))])
 
 
@@ -91,7 +92,7 @@ def _topk_mask_t(Xt: np.ndarray, gate: np.ndarray, top_k: int, selection: Select
     return rank < top_k
 
 
-def _log_gate(Xa: np.ndarray, gate: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def log_gate(Xa: np.ndarray, gate: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Log gate weights (n, k): log-softmax of the gate logits within each row's mask, -inf outside."""
     logits = np.where(mask, Xa @ gate.T, -np.inf)
     top = logits.max(axis=1, keepdims=True)
@@ -115,7 +116,7 @@ def log_likelihood_terms(Xa: np.ndarray, y: np.ndarray, params: MoEParams, top_k
                          selection: Selection) -> tuple[np.ndarray, np.ndarray]:
     """(joint log terms (n, k) = log pi + log N, per-sample log p(y | x) (n,))."""
     mask = topk_mask(Xa, params.gate, top_k, selection)
-    joint = _log_gate(Xa, params.gate, mask) + _log_expert(Xa, y, params.experts, params.var)
+    joint = log_gate(Xa, params.gate, mask) + _log_expert(Xa, y, params.experts, params.var)
     return joint, _logsumexp_rows(joint)
 
 
@@ -139,7 +140,7 @@ def _gate_newton_step(Xa: np.ndarray, resp: np.ndarray, mask: np.ndarray, gate: 
     """Newton direction (k, d + 1) for the restricted-softmax surrogate ``sum_ij r_ij log pi_ij`` with the routing
     sets frozen; the last expert's row is held at zero."""
     k, dim = gate.shape
-    pi = np.exp(_log_gate(Xa, gate, mask))
+    pi = np.exp(log_gate(Xa, gate, mask))
     free = k - 1
     grad = (resp[:, :free] - pi[:, :free]).T @ Xa  # (k-1, dim)
     # Hessian of the concave surrogate: -sum_i pi_ij (delta_jl - pi_il) x_i x_i^T
@@ -173,7 +174,7 @@ class _Objective:
             out = np.log((w * self.dens).sum(axis=0)) - np.log(w.sum(axis=0)) + self.shift
         bad = ~np.isfinite(out)
         if bad.any():  # kept experts far below the best one: exact log-space evaluation for these samples
-            out[bad] = _logsumexp_rows(_log_gate(self.Xa[bad], gate, mask.T[bad]) + self.log_expert[bad])
+            out[bad] = _logsumexp_rows(log_gate(self.Xa[bad], gate, mask.T[bad]) + self.log_expert[bad])
         return float(out.sum())
 
 
@@ -289,7 +290,7 @@ class TopKGaussianMoE(RegressorMixin, BaseEstimator):
             warnings.warn(f"n_samples={n} is smaller than the {self.n_parameters(d)} free parameters of "
                           f"{self.n_experts} experts on {d} features: the fit is held together by the variance "
                           "floor and is not an MLE; use fewer experts or more samples", UserWarning, stacklevel=2)
-        Xa = _augment(X)
+        Xa = augment(X)
         var_min = self.var_floor * (float(np.var(y)) if np.var(y) > 0 else 1.0)
         rng = check_random_state(self.random_state)
         starts: list[MoEParams]
@@ -422,26 +423,26 @@ class TopKGaussianMoE(RegressorMixin, BaseEstimator):
 
     def _validated(self, X: Any) -> np.ndarray:
         check_is_fitted(self)
-        return _augment(validate_data(self, X, dtype=np.float64, reset=False))
+        return augment(validate_data(self, X, dtype=np.float64, reset=False))
 
     def gate_weights(self, X: Any) -> np.ndarray:
         """(n, k) top-K gate weights: ``top_k`` non-zeros per row summing to 1."""
         Xa = self._validated(X)
         mask = topk_mask(Xa, self._params.gate, self.top_k, self.selection)
-        return np.exp(_log_gate(Xa, self._params.gate, mask))
+        return np.exp(log_gate(Xa, self._params.gate, mask))
 
     def predict(self, X: Any) -> np.ndarray:
         """E[y | x]: (n,)."""
         Xa = self._validated(X)
         mask = topk_mask(Xa, self._params.gate, self.top_k, self.selection)
-        weights = np.exp(_log_gate(Xa, self._params.gate, mask))
+        weights = np.exp(log_gate(Xa, self._params.gate, mask))
         return (weights * (Xa @ self._params.experts.T)).sum(axis=1)
 
     def conditional_log_likelihood(self, X: Any, y: Any) -> np.ndarray:
         """Per-sample ``log p(y | x)``: (n,)."""
         check_is_fitted(self)
         X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True, reset=False)
-        return log_likelihood_terms(_augment(X), y, self._params, self.top_k, self.selection)[1]
+        return log_likelihood_terms(augment(X), y, self._params, self.top_k, self.selection)[1]
 
     def sample(self, X: Any, random_state: Any = None) -> np.ndarray:
         """One draw of y per row of X from the fitted conditional density: (n,)."""

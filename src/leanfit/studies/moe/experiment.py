@@ -141,14 +141,14 @@ def simulate(truth: dict[str, Any], n: int, seed: int) -> tuple[Any, Any]:
     """(X (n, d), y (n,)) drawn from the top-K MoE ``truth`` with X ~ U[-1, 1]^d."""
     import numpy as np
 
-    from leanfit.moe.estimator import _augment, _log_gate, topk_mask
+    from leanfit.moe.estimator import augment, log_gate, topk_mask
 
     rng = np.random.RandomState(seed % 2**32)
     d = len(truth["gate_coef"][0])
     X = rng.uniform(-1.0, 1.0, size=(n, d))
     params = _true_params(truth)
-    Xa = _augment(X)
-    weights = np.exp(_log_gate(Xa, params.gate, topk_mask(Xa, params.gate, TRUE_TOP_K, "full_logits")))
+    Xa = augment(X)
+    weights = np.exp(log_gate(Xa, params.gate, topk_mask(Xa, params.gate, TRUE_TOP_K, "full_logits")))
     expert = np.minimum((rng.uniform(size=(n, 1)) > weights.cumsum(1)).sum(1), len(params.var) - 1)
     y = (Xa * params.experts[expert]).sum(1) + rng.standard_normal(n) * np.sqrt(params.var[expert])
     return X, y
@@ -186,12 +186,12 @@ def fit_one(task: dict[str, Any]) -> dict[str, Any]:
 
     import numpy as np
 
-    from leanfit.moe.estimator import TopKGaussianMoE, _augment, log_likelihood_terms
+    from leanfit.moe.estimator import TopKGaussianMoE, augment, log_likelihood_terms
     from leanfit.moe.voronoi import per_parameter_errors, voronoi_loss
 
     setting = SETTINGS[task["setting"]]
     X, y = simulate(TRUTH, task["n"], task["data_seed"])
-    truth_ll = float(log_likelihood_terms(_augment(X), y, _true_params(TRUTH), TRUE_TOP_K, "full_logits")[1].mean())
+    truth_ll = float(log_likelihood_terms(augment(X), y, _true_params(TRUTH), TRUE_TOP_K, "full_logits")[1].mean())
 
     def fit(noise: float) -> Any:
         start = start_params(task["setting"], noise, task["split_expert"], task["init_seed"])
