@@ -6,7 +6,7 @@ completion-only cross-entropy, a KL from the clean to the noisy branches and a n
 with all branches packed into one batched forward. ``paper_v1=True`` reproduces the reference v1 trainer,
 defects included, for comparison. :class:`NoiseFiTTrainer` (and ``NoiseFiTSFTTrainer`` for TRL) trains any
 Hugging Face causal LM with it. The controlled hallucination benchmark that measures it (fact world, deterministic
-metrics, bootstrap intervals; ``leanfit run noisefit``) lives in :mod:`leanfit.studies.noisefit`."""
+metrics, bootstrap intervals) is ``leanfit run noisefit``, beside the library rather than in it."""
 
 from __future__ import annotations
 
