@@ -23,3 +23,14 @@ def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for doc in shakespeare()[:5]:
         (root / f"{doc.name.split('/')[-1]}.txt").write_text(doc.text[:60_000], encoding="utf-8")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides(tiny_corpus: Path) -> list[str]:
+    """lm-baseline settings that train in seconds on ``tiny_corpus``."""
+    return [
+        f"data.corpus={tiny_corpus}", "data.vocab_size=300", "data.valid_fraction=0.2", "data.test_fraction=0.2",
+        "model.d_model=32", "model.n_heads=2", "model.n_layers=1",
+        "train.batch_size=8", "train.seq_len=32", "train.eval_tokens=2048", "train.warmup_steps=5",
+        "train.log_every=5", "train.eval_every=20", "train.checkpoint_every=10", "train.threads=1",
+    ]

@@ -1,16 +1,18 @@
 """CheckpointManager: bitwise save/load round trip of model, optimizer, scheduler and RNG, the LATEST pointer,
-pruning, and what a missing, incomplete or corrupt checkpoint does today."""
+pruning, the sha256 manifest, and the fallback from a damaged, incomplete or missing newest checkpoint to the
+newest intact one (or a refusal when none is intact)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import SafetensorError
 
-from leanfit.core.checkpoint import CheckpointManager
+from leanfit.core.checkpoint import CheckpointError, CheckpointManager
 
 
 class Training:
@@ -123,39 +125,98 @@ def test_no_checkpoint_loads_nothing(tmp_path: Path) -> None:
     assert_bitwise_equal(run.snapshot(), before)
 
 
-@pytest.mark.parametrize("damage", ["missing-folder", "no-trainer-state"])
-def test_latest_pointing_at_an_incomplete_checkpoint_is_ignored(tmp_path: Path, damage: str) -> None:
-    """LATEST is only trusted when its folder holds trainer_state.json (written last); otherwise there is no
-    checkpoint to resume from, and load() returns None without touching the model."""
+def _flip_byte(path: Path, offset_from_end: int = 3) -> None:
+    """Flip one byte near the end of ``path`` (inside tensor data for a safetensors file, not its header)."""
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGES = {
+    "flipped-weight-byte": lambda f: _flip_byte(f / "model.safetensors"),
+    "flipped-optimizer-byte": lambda f: _flip_byte(f / "optimizer.bin", 40),
+    "truncated-weights": lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:-9]),
+    "garbage-weights": lambda f: (f / "model.safetensors").write_bytes(b"garbage"),
+    "torn-trainer-state": lambda f: (f / "trainer_state.json").write_text("{torn", encoding="utf-8"),
+    "no-trainer-state": lambda f: (f / "trainer_state.json").unlink(),
+    "no-manifest": lambda f: (f / "manifest.json").unlink(),
+    "torn-manifest": lambda f: (f / "manifest.json").write_text("{", encoding="utf-8"),
+    "missing-folder": lambda f: shutil.rmtree(f),
+}
+
+
+def test_the_manifest_lists_every_file_with_its_sha256(tmp_path: Path) -> None:
+    run = Training()
+    folder = CheckpointManager(tmp_path, run.acc).save(1, {"position": 3})
+    manifest = json.loads((folder / "manifest.json").read_text())
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert sorted(manifest["files"]) == [f for f in files if f != "manifest.json"]
+    assert {"model.safetensors", "optimizer.bin", "trainer_state.json"} <= set(manifest["files"])
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
+    assert manifest["step"] == 1
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_a_damaged_newest_checkpoint_falls_back_to_the_older_intact_one(
+    tmp_path: Path, damage: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = Training()
+    manager = CheckpointManager(tmp_path, run.acc, keep=2)
+    run.step()
+    manager.save(1, {"position": 1})
+    at_one = run.snapshot()
+    run.step()
+    newest = manager.save(2, {"position": 2})
+    DAMAGES[damage](newest)
+    run.step()
+    assert manager.latest() == tmp_path / "step-00000001"
+    assert manager.load() == {"step": 1, "position": 1}
+    assert_bitwise_equal(run.snapshot(), at_one)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "step-00000002 is not usable" in err[0] and "resuming from the intact step-00000001" in err[0]
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_when_no_checkpoint_is_intact_load_refuses_and_touches_nothing(tmp_path: Path, damage: str) -> None:
     run = Training()
     manager = CheckpointManager(tmp_path, run.acc)
     folder = manager.save(1, {})
-    if damage == "missing-folder":
-        (tmp_path / "LATEST").write_text("step-00000099\n")
-    else:
-        (folder / "trainer_state.json").unlink()
+    DAMAGES[damage](folder)
     run.step()
     before = run.snapshot()
-    assert manager.latest() is None and manager.load() is None
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint under .*step-00000001 is not usable"):
+        manager.load()
+    assert manager.latest() is None
     assert_bitwise_equal(run.snapshot(), before)
 
 
-def test_corrupt_weights_raise_the_safetensors_error(tmp_path: Path) -> None:
+def test_a_dangling_latest_falls_back_to_the_newest_step_folder(tmp_path: Path) -> None:
+    run = Training()
+    manager = CheckpointManager(tmp_path, run.acc)
+    manager.save(1, {"position": 7})
+    (tmp_path / "LATEST").write_text("step-00000099\n")
+    assert manager.checkpoints()[0] == tmp_path / "step-00000099"
+    assert manager.load() == {"step": 1, "position": 7}
+
+
+def test_loading_a_named_damaged_checkpoint_refuses(tmp_path: Path) -> None:
     run = Training()
     manager = CheckpointManager(tmp_path, run.acc)
     folder = manager.save(1, {})
-    (folder / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(SafetensorError, match="header too small"):
-        manager.load()
+    _flip_byte(folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match="model.safetensors differs from its sha256"):
+        manager.load(folder)
 
 
-def test_corrupt_trainer_state_is_a_json_error(tmp_path: Path) -> None:
+def test_a_killed_writers_temporary_folder_is_removed_by_the_next_save(tmp_path: Path) -> None:
     run = Training()
     manager = CheckpointManager(tmp_path, run.acc)
-    folder = manager.save(1, {})
-    (folder / "trainer_state.json").write_text("{torn", encoding="utf-8")
-    with pytest.raises(json.JSONDecodeError):
-        manager.load()
+    stale = tmp_path / ".step-00000001.123-abcd.tmp"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    manager.save(1, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "step-00000001"]
 
 
 def test_keep_below_one_is_refused(tmp_path: Path) -> None:

@@ -131,7 +131,7 @@ def test_load_yaml_uses_safe_load(tmp_path):
 
 @pytest.mark.parametrize(
     ("content", "fragment"),
-    [(None, "no such file"), ("- 1\n- 2\n", "must hold a mapping"), ("a: [1,\n", "not valid YAML at line")],
+    [(None, "no such file"), ("- 1\n- 2\n", "must hold a mapping"), ("a: [1,\n", "not valid YAML (line")],
     ids=["missing", "list", "syntax"],
 )
 def test_load_yaml_errors_name_the_file(tmp_path, content, fragment):

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from leanfit.core.errors import LeanfitError as LeanfitError
     from leanfit.core.errors import MissingDependencyError as MissingDependencyError
     from leanfit.core.errors import RunExistsError as RunExistsError
+    from leanfit.core.errors import RunFailedError as RunFailedError
+    from leanfit.core.errors import RunLockedError as RunLockedError
+    from leanfit.core.errors import UnreadableFileError as UnreadableFileError
     from leanfit.core.registry import Entry as Entry
     from leanfit.core.registry import discover as discover
     from leanfit.core.registry import entries as entries

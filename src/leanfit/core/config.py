@@ -5,12 +5,19 @@ A config is a ``@dataclass`` subclass of :class:`BaseConfig` whose fields are de
 (:func:`coerce`) driven by the field annotations, so ``steps=200`` becomes an ``int`` and ``steps=2e2`` an error.
 Unknown keys are errors that list the valid ones. Nested dataclass fields are addressed with dotted keys
 (``model.d_model=128``).
+
+Every number is checked where its field is declared, however the config was built (YAML, overrides or a direct
+call): a float must be finite unless its ``option`` says ``finite=False``, and ``gt``/``ge``/``lt``/``le`` bound
+a field's value (each item of a list). These checks run before a subclass's ``__post_init__``, which keeps the
+cross-field checks (``d_model % n_heads``).
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import enum
+import math
 import os
 import types
 import typing
@@ -20,10 +27,11 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
-from leanfit.core.errors import ConfigError
+from leanfit.core.errors import ConfigError, UnreadableFileError, bad_value
 
 __all__ = [
     "BaseConfig",
+    "check_fields",
     "coerce",
     "config_help",
     "load_yaml",
@@ -36,13 +44,33 @@ C = TypeVar("C", bound="BaseConfig")
 _MISSING = dataclasses.MISSING
 
 
-def option(default: Any = _MISSING, *, help: str, default_factory: Any = _MISSING) -> Any:  # noqa: A002
-    """A dataclass field with help text (shown by ``leanfit run NAME --help-config``)."""
+_BOUNDS = {"gt": (">", lambda v, b: v > b), "ge": (">=", lambda v, b: v >= b),
+           "lt": ("<", lambda v, b: v < b), "le": ("<=", lambda v, b: v <= b)}
+# the dotted prefix of the config being built by from_dict, so a field check names "train.lr", not "lr"
+_WHERE: contextvars.ContextVar[str] = contextvars.ContextVar("leanfit_config_where", default="")
+
+
+def option(
+    default: Any = _MISSING,
+    *,
+    help: str,  # noqa: A002
+    default_factory: Any = _MISSING,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+    finite: bool = True,
+) -> Any:
+    """A dataclass field with help text (shown by ``leanfit run NAME --help-config``) and value checks.
+
+    gt/ge/lt/le: bounds of the value (of each item of a list or tuple); finite: refuse NaN and infinities (the
+    default for every float)."""
     if default is not _MISSING and default_factory is not _MISSING:
         raise TypeError("option() takes default or default_factory, not both")
     if isinstance(default, list | dict | set):
         raise TypeError("use default_factory for mutable defaults")
-    kwargs: dict[str, Any] = {"metadata": {"help": help}}
+    bounds = {k: v for k, v in (("gt", gt), ("ge", ge), ("lt", lt), ("le", le)) if v is not None}
+    kwargs: dict[str, Any] = {"metadata": {"help": help, "bounds": bounds, "finite": finite}}
     if default is not _MISSING:
         kwargs["default"] = default
     if default_factory is not _MISSING:
@@ -50,9 +78,53 @@ def option(default: Any = _MISSING, *, help: str, default_factory: Any = _MISSIN
     return dataclasses.field(**kwargs)
 
 
+def _numbers(value: Any) -> list[float]:
+    """The numbers a field holds: itself, or the items of a list/tuple (bools are not numbers here)."""
+    items = value if isinstance(value, list | tuple) else [value]
+    return [v for v in items if isinstance(v, int | float) and not isinstance(v, bool)]
+
+
+def check_fields(config: Any) -> None:
+    """Apply every field's declared checks (finite floats, bounds); raises :class:`ConfigError` naming the key."""
+    prefix = _WHERE.get()
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name, None)
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        for v in _numbers(value):
+            if f.metadata.get("finite", True) and isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(bad_value(key, value, "a finite number", _example(f)))
+            for bound, limit in f.metadata.get("bounds", {}).items():
+                sign, holds = _BOUNDS[bound]
+                if not holds(v, limit):
+                    raise ConfigError(bad_value(key, value, f"a value {sign} {limit}", _example(f)))
+
+
+def _example(f: dataclasses.Field) -> str | None:
+    default = _default(f)
+    return f"the default is {_plain(default)!r}" if default is not None else None
+
+
 @dataclasses.dataclass
 class BaseConfig:
-    """Base of every leanfit config. Subclasses validate cross-field constraints in ``__post_init__``."""
+    """Base of every leanfit config. Subclasses validate cross-field constraints in ``__post_init__``; the field
+    checks declared with :func:`option` run first (a subclass's ``__post_init__`` is wrapped to do so)."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is None or getattr(own, "_checks_fields", False):
+            return
+
+        def __post_init__(self: BaseConfig) -> None:
+            check_fields(self)
+            own(self)
+
+        __post_init__._checks_fields = True  # type: ignore[attr-defined]
+        __post_init__.__doc__ = own.__doc__
+        cls.__post_init__ = __post_init__  # type: ignore[method-assign]
 
     @classmethod
     def from_dict(cls: type[C], values: Mapping[str, Any], *, where: str = "") -> C:
@@ -77,10 +149,15 @@ class BaseConfig:
                 # e.g. IAPTConfig(bottleneck=32)), not the nested class's own defaults
                 value = merge_nested(default.to_dict(), value)
             kwargs[name] = coerce(value, hints[name], key)
+        token = _WHERE.set(where)
         try:
             return cls(**kwargs)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(str(exc)) from exc
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, ArithmeticError) as exc:
+            raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
+        finally:
+            _WHERE.reset(token)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain (YAML/JSON-safe) nested dict of the fields."""
@@ -235,15 +312,16 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML config file with ``yaml.safe_load``; the top level must be a mapping."""
+    from leanfit.core.io import read_yaml
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config={str(path)!r} is invalid: no such file; pass the path of a YAML file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        where = f" at line {line + 1}" if line is not None else ""
-        raise ConfigError(f"--config={str(path)!r} is not valid YAML{where}; fix the syntax") from None
+        data = read_yaml(path)
+    except UnreadableFileError as exc:
+        raise ConfigError(f"--config={str(path)!r} is not valid YAML ({getattr(exc, 'detail', exc)}); fix the "
+                          "file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -13,6 +13,9 @@ __all__ = [
     "LeanfitError",
     "MissingDependencyError",
     "RunExistsError",
+    "RunFailedError",
+    "RunLockedError",
+    "UnreadableFileError",
     "bad_value",
 ]
 
@@ -31,6 +34,18 @@ class MissingDependencyError(LeanfitError, ImportError):
 
 class RunExistsError(LeanfitError, FileExistsError):
     """A run folder already exists and `--resume` was not given."""
+
+
+class RunFailedError(LeanfitError):
+    """A run finished with non-finite results (it diverged); they are written as null and the run marked failed."""
+
+
+class RunLockedError(LeanfitError):
+    """Another process is writing the run folder (it holds the folder's lock)."""
+
+
+class UnreadableFileError(LeanfitError, ValueError):
+    """A file given to leanfit, or one of its records, cannot be parsed (torn, binary, not the expected format)."""
 
 
 def bad_value(param: str, value: Any, expected: str, fix: str | None = None) -> str:

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["ProgressBar", "progress_bar"]
+__all__ = ["ProgressBar", "notice", "progress_bar"]
+
+
+def notice(message: str) -> None:
+    """One line to stderr, from the main process only: what leanfit decided for the user (a fallback, a start
+    from scratch), as opposed to an error."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"leanfit: {message}", file=sys.stderr, flush=True)
 
 
 class ProgressBar:

@@ -18,8 +18,9 @@ from typing import Any, Generic, TypeVar
 
 from leanfit.core import registry
 from leanfit.core.config import BaseConfig, load_yaml, merge_nested, parse_overrides
-from leanfit.core.errors import ConfigError, LeanfitError, RunExistsError, bad_value
+from leanfit.core.errors import ConfigError, LeanfitError, RunExistsError, RunFailedError, bad_value
 from leanfit.core.io import sha256_bytes
+from leanfit.core.progress import notice
 from leanfit.core.runs import RunDir, is_main_process
 
 __all__ = ["RunContext", "resolve_config", "run_experiment", "run_id_for"]
@@ -88,24 +89,38 @@ def _saved_config(entry: registry.Entry, saved: Any) -> Any:
         return saved
 
 
+def _run_folder(out: Path, name: str, run_id: str) -> RunDir:
+    """``OUT/<name>/<run_id>``, refusing a run id that is not one plain folder name (it would leave ``--out``)."""
+    parent = out / name
+    if (not run_id or run_id != run_id.strip() or run_id.startswith(".") or any(c in run_id for c in "/\\\0")
+            or (parent / run_id).resolve().parent != parent.resolve()):
+        raise ConfigError(bad_value("--run-id", run_id, "one folder name (letters, digits, - and _)",
+                                    f"it would be written outside --out={str(out)!r}"))
+    return RunDir(parent / run_id)
+
+
 def _prepare_folder(run: RunDir, record: dict[str, Any], resume: bool, entry: registry.Entry) -> bool:
     """Create or reopen the folder; returns True when the run is already complete."""
-    if run.path.exists() and any(run.path.iterdir()):
-        if not resume:
-            raise RunExistsError(
-                f"run folder {str(run.path)!r} already exists; pass --resume to continue it, "
-                "or --run-id NAME / --out DIR to start a new run"
-            )
-        saved = run.read_config()
-        saved_config = _saved_config(entry, saved.get("config") or {})
-        if saved_config != record["config"] or saved.get("seed") != record["seed"]:
-            diff = _first_difference(saved_config if isinstance(saved_config, dict) else {}, record["config"])
-            raise ConfigError(
-                f"--resume of {str(run.path)!r} with a different config ({diff}); "
-                "rerun with the original settings or start a new run with --run-id NAME"
-            )
-        return run.complete
-    return False
+    if not run.has_records():
+        if resume:
+            others = sorted(p.name for p in run.path.parent.glob("*") if p.is_dir() and p != run.path)
+            hint = f" (runs of this experiment there: {', '.join(others[:5])})" if others else ""
+            notice(f"--resume: nothing to resume at {str(run.path)!r}{hint}; starting a new run")
+        return False
+    if not resume:
+        raise RunExistsError(
+            f"run folder {str(run.path)!r} already exists; pass --resume to continue it, "
+            "or --run-id NAME / --out DIR to start a new run"
+        )
+    saved = run.read_config()
+    saved_config = _saved_config(entry, saved.get("config") or {})
+    if saved_config != record["config"] or saved.get("seed") != record["seed"]:
+        diff = _first_difference(saved_config if isinstance(saved_config, dict) else {}, record["config"])
+        raise ConfigError(
+            f"--resume of {str(run.path)!r} with a different config ({diff}); "
+            "rerun with the original settings or start a new run with --run-id NAME"
+        )
+    return run.complete
 
 
 def _first_difference(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> str:
@@ -138,17 +153,18 @@ def run_experiment(
     if seed < 0:
         raise ConfigError(bad_value("--seed", seed, "a non-negative integer"))
     out = Path(out)
-    run = RunDir(out / name / (run_id or run_id_for(preset, seed, config)))
+    run = _run_folder(out, name, run_id if run_id is not None else run_id_for(preset, seed, config))
     record = {"experiment": name, "kind": "experiment", "preset": preset, "seed": seed, "config": config.to_dict()}
     if is_main_process():
         _check_writable(out)
-        if _prepare_folder(run, record, resume, entry):
-            return run.path, run.results() or {}
-        run.path.mkdir(parents=True, exist_ok=True)
-        run.write_config(record)
-        run.write_env(environment_info())
-    results = _execute(entry, RunContext(name=name, config=config, seed=seed, run=run, resume=resume, preset=preset))
-    return run.path, results
+    with run.lock():
+        if is_main_process():
+            if _prepare_folder(run, record, resume, entry):
+                return run.path, run.results() or {}
+            run.write_config(record)
+            run.write_env(environment_info())
+        ctx = RunContext(name=name, config=config, seed=seed, run=run, resume=resume, preset=preset)
+        return run.path, _execute(entry, ctx)
 
 
 def run_benchmark(
@@ -167,20 +183,23 @@ def run_benchmark(
     out = Path(out)
     _check_writable(out)
     run = RunDir(out / name)
-    run.path.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.jsonl", "results.json"):
-        (run.path / stale).unlink(missing_ok=True)
-    run.write_config({"experiment": name, "kind": "benchmark", "preset": preset, "seed": seed,
-                      "config": config.to_dict()})
-    _execute(entry, RunContext(name=name, config=config, seed=seed, run=run, resume=False, preset=preset))
+    with run.lock():
+        for stale in ("metrics.jsonl", "results.json"):
+            (run.path / stale).unlink(missing_ok=True)
+        run.write_config({"experiment": name, "kind": "benchmark", "preset": preset, "seed": seed,
+                          "config": config.to_dict()})
+        _execute(entry, RunContext(name=name, config=config, seed=seed, run=run, resume=False, preset=preset))
     return run.path
 
 
 def _execute(entry: registry.Entry, ctx: RunContext[Any]) -> dict[str, Any]:
     """Seed, run, time; the main process writes env.json, results.json (a benchmark's rows also as results.csv)
-    and the report."""
+    and the report.
+
+    Results with a non-finite number (a diverged training) are written as valid JSON, each such number ``null``,
+    with ``"status": "failed"`` and the keys listed under ``"nonfinite"``; then :class:`RunFailedError`."""
     from leanfit.core.env import environment_info
-    from leanfit.core.io import atomic_write_csv
+    from leanfit.core.io import atomic_write_csv, finite_json
     from leanfit.core.report import render_run
     from leanfit.core.seed import seed_everything
 
@@ -188,12 +207,23 @@ def _execute(entry: registry.Entry, ctx: RunContext[Any]) -> dict[str, Any]:
     start = time.perf_counter()
     results = entry.run(ctx)
     results = {**results, "wall_seconds": time.perf_counter() - start}
+    clean, nonfinite = finite_json(results)
+    if nonfinite:
+        results = {**clean, "status": "failed", "nonfinite": nonfinite}
     if is_main_process():
         ctx.run.write_env(environment_info())
         ctx.run.write_results(results)
         if entry.kind == "benchmark":
             atomic_write_csv(ctx.run.path / "results.csv", results.get("rows", []))
-        render_run(ctx.run.path)
+        if not nonfinite:
+            render_run(ctx.run.path)
+    if nonfinite:
+        shown = ", ".join(nonfinite[:4]) + (f" and {len(nonfinite) - 4} more" if len(nonfinite) > 4 else "")
+        raise RunFailedError(
+            f"{ctx.name} produced non-finite results ({shown}); they are null in "
+            f"{str(ctx.run.path / 'results.json')!r} and the run is marked failed: lower the learning rate or check "
+            "the data, then rerun (--resume continues from the last checkpoint)"
+        )
     return results
 
 
@@ -214,6 +244,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", seed: int = 0, fresh: bool = 
         if fresh:
             shutil.rmtree(out / entry.name / run_id, ignore_errors=True)
         print(f"== {entry.name}: {entry.description}")
-        path, results = run_experiment(entry.name, preset="quick", out=out, seed=seed, resume=True, run_id=run_id)
+        resume = RunDir(out / entry.name / run_id).has_records()  # reuse a finished or interrupted quick run
+        path, results = run_experiment(entry.name, preset="quick", out=out, seed=seed, resume=resume, run_id=run_id)
         done.append((entry.name, path, results.get("headline", {})))
     return render_index(out, done)

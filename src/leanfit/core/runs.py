@@ -10,28 +10,35 @@ Layout::
     plots/*.png     figures of the report
     checkpoints/    training checkpoints (see :mod:`leanfit.core.checkpoint`)
     runs/<name>/    sub-runs (one trained model each, :meth:`RunDir.subrun`), their record in ``result.json``
+    .lock           held by the process writing the folder (:meth:`RunDir.lock`); ``.lock.owner`` names it
 
 Only the main process (``RANK`` 0) writes; other ranks of a distributed run read the same folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from leanfit.core.errors import ConfigError, LeanfitError, bad_value
+from leanfit.core.errors import ConfigError, LeanfitError, RunLockedError, bad_value
 from leanfit.core.io import (
     append_jsonl,
     atomic_write_json,
+    atomic_write_text,
     atomic_write_yaml,
     read_json,
     read_jsonl,
+    read_yaml,
     rewrite_jsonl,
 )
+
+LOCK_FILES = (".lock", ".lock.owner")
 
 __all__ = ["RunDir", "SubRun", "is_main_process"]
 
@@ -62,6 +69,41 @@ class RunDir:
     @property
     def artifacts_dir(self) -> Path:
         return self.path / "artifacts"
+
+    # --- the one writer ---------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder's lock (``filelock``) while the block runs; the main process only. A second writer
+        gets :class:`RunLockedError` at once, naming the holder's pid and host."""
+        if not is_main_process():
+            yield
+            return
+        from filelock import FileLock, Timeout
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.path / ".lock"), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            owner = self.path / ".lock.owner"
+            holder = owner.read_text(encoding="utf-8", errors="replace").strip() if owner.is_file() else ""
+            raise RunLockedError(
+                f"run folder {str(self.path)!r} is in use by another leanfit process "
+                f"({holder or 'its pid is not recorded yet'}); wait for it to finish, or start a separate run "
+                "with --run-id NAME"
+            ) from None
+        try:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            atomic_write_text(self.path / ".lock.owner", f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n")
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                (self.path / ".lock.owner").unlink()
+            lock.release()
+
+    def has_records(self) -> bool:
+        """Whether the folder holds anything but its lock files."""
+        return self.path.is_dir() and any(p.name not in LOCK_FILES for p in self.path.iterdir())
 
     # --- writes ----------------------------------------------------------------------------------------------
     def write_config(self, record: dict[str, Any]) -> None:
@@ -94,7 +136,10 @@ class RunDir:
                 f"RUN_DIR={str(self.path)!r} is not a leanfit run folder (no config.yaml); "
                 "pass a folder made by `leanfit run`, such as runs/lm-baseline/quick-seed0-…"
             )
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        record = read_yaml(path)
+        if not isinstance(record, dict) or not isinstance(record.get("experiment"), str):
+            raise LeanfitError(f"{str(path)!r} is not a leanfit run record (no experiment name); restore it")
+        return record
 
     def read_env(self) -> dict[str, Any]:
         path = self.path / "env.json"
@@ -109,7 +154,11 @@ class RunDir:
 
     @property
     def complete(self) -> bool:
-        return (self.path / "results.json").exists()
+        """Finished: results.json is written and the run did not fail (a failed run can be resumed)."""
+        if not (self.path / "results.json").exists():
+            return False
+        results = self.results()
+        return not (isinstance(results, dict) and results.get("status") == "failed")
 
     # --- sub-runs --------------------------------------------------------------------------------------------
     def subrun(self, name: str, file: str = "result.json") -> SubRun:

@@ -73,3 +73,39 @@ def test_two_processes_match_one(tmp_path, tiny_overrides):
     assert read_json(run_dir / "env.json")["world_size"] == 2
     for key in ("val_loss", "test_loss", "train_loss"):
         assert double[key] == pytest.approx(single[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("damage", ["flip-weight-byte", "truncate-optimizer", "no-trainer-state", "dangling-latest"])
+def test_resume_from_a_damaged_checkpoint_falls_back_and_reaches_the_same_final_metrics(
+    tmp_path, tiny_overrides, damage, capsys
+):
+    """A run interrupted after its step-30 checkpoint, whose newest checkpoint is then damaged, resumes from the
+    intact step-20 one (with a one-line notice) and ends exactly where the uninterrupted run ends."""
+    args = [*tiny_overrides, "train.steps=40", "train.keep_checkpoints=2"]
+    ref, ref_results = run_experiment("lm-baseline", out=tmp_path / "ref", overrides=args, run_id="r")
+    run_dir, _ = run_experiment("lm-baseline", out=tmp_path / "d", overrides=args, run_id="r")
+    (run_dir / "results.json").unlink()  # as if killed after the last checkpoint
+    ckpt = run_dir / "checkpoints"
+    assert (ckpt / "LATEST").read_text().strip() == "step-00000030"
+    newest = ckpt / "step-00000030"
+    if damage == "flip-weight-byte":
+        data = bytearray((newest / "model.safetensors").read_bytes())
+        data[-5] ^= 0x01
+        (newest / "model.safetensors").write_bytes(bytes(data))
+    elif damage == "truncate-optimizer":
+        (newest / "optimizer.bin").write_bytes((newest / "optimizer.bin").read_bytes()[:100])
+    elif damage == "no-trainer-state":
+        (newest / "trainer_state.json").unlink()
+    else:
+        (ckpt / "LATEST").write_text("step-00000099\n")
+        import shutil
+
+        shutil.rmtree(newest)
+    capsys.readouterr()
+    _, results = run_experiment("lm-baseline", out=tmp_path / "d", overrides=args, run_id="r", resume=True)
+    err = capsys.readouterr().err
+    assert "not usable" in err and "resuming from the intact step-00000020" in err, err
+    assert results["resumed_from"] == 20
+    for key in ("val_loss", "test_loss", "train_loss"):
+        assert results[key] == ref_results[key], key
+    assert _losses(run_dir) == _losses(ref)

@@ -158,9 +158,20 @@ def local_text(path: str | Path) -> list[Document]:
     files = [path] if path.is_file() else sorted(path.rglob("*.txt"))
     if not files:
         raise ConfigError(bad_value("corpus", str(path), "a .txt file or a folder containing .txt files"))
-    if path.is_file():
-        return [Document(path.name, path.read_text("utf-8"))]
-    return [Document(f"{path.name}/{f.relative_to(path).as_posix()}", f.read_text("utf-8")) for f in files]
+    docs = []
+    for f in files:
+        try:
+            text = f.read_text("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(bad_value("corpus", str(path), "UTF-8 text files",
+                                        f"{str(f)!r} is not UTF-8 text (byte {exc.start}); convert or remove it")) from None
+        except OSError as exc:
+            raise ConfigError(bad_value("corpus", str(path), "readable text files",
+                                        f"{str(f)!r} cannot be read ({exc.strerror})")) from None
+        docs.append(Document(path.name if f == path else f"{path.name}/{f.relative_to(path).as_posix()}", text))
+    if not any(d.text.strip() for d in docs):
+        raise ConfigError(bad_value("corpus", str(path), "text files with some text", "every file is empty"))
+    return docs
 
 
 def hf_dataset(spec: str, text_column: str = "text") -> list[Document]:
@@ -195,6 +206,9 @@ def load_documents(spec: str) -> list[Document]:
     docs: list[Document] = []
     for part in spec.split("+"):
         part = part.strip()
+        if not part:
+            raise ConfigError(bad_value("corpus", spec, f"one or more of {', '.join(CORPORA)}, a .txt file or "
+                                        "folder, or hf:NAME, joined by +", "name a corpus, e.g. corpus=shakespeare"))
         if part in CORPORA:
             docs.extend(CORPORA[part]())
         elif part.startswith("hf:"):

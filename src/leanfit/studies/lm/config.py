@@ -14,8 +14,9 @@ __all__ = ["DataConfig", "ModelConfig"]
 class DataConfig(BaseConfig):
     corpus: str = option("shakespeare", help="corpus spec: shakespeare | austen | kjv | gcide | a+b | FILE/DIR | hf:NAME")
     vocab_size: int = option(8192, help="BPE vocabulary size (tokenizer trained on the train split, cached)")
-    valid_fraction: float = option(0.1, help="fraction of documents held out for validation")
-    test_fraction: float = option(0.1, help="fraction of documents held out for the single final test score")
+    valid_fraction: float = option(0.1, help="fraction of documents held out for validation", ge=0, lt=1)
+    test_fraction: float = option(0.1, help="fraction of documents held out for the single final test score", ge=0,
+                                  lt=1)
     max_train_tokens: int = option(0, help="cap on training tokens (0 = all); for smoke tests")
 
     def __post_init__(self) -> None:
@@ -27,10 +28,10 @@ class DataConfig(BaseConfig):
 
 @dataclass
 class ModelConfig(BaseConfig):
-    d_model: int = option(128, help="hidden size")
-    n_layers: int = option(2, help="decoder layers")
-    n_heads: int = option(4, help="attention heads (d_model must be a multiple)")
-    ffn_mult: float = option(8 / 3, help="SwiGLU hidden size as a multiple of d_model (rounded to 32)")
+    d_model: int = option(128, help="hidden size", ge=1)
+    n_layers: int = option(2, help="decoder layers", ge=1)
+    n_heads: int = option(4, help="attention heads (d_model must be a multiple)", ge=1)
+    ffn_mult: float = option(8 / 3, help="SwiGLU hidden size as a multiple of d_model (rounded to 32)", gt=0)
     tie_embeddings: bool = option(False, help="tie input embeddings and output head")
 
     def __post_init__(self) -> None:

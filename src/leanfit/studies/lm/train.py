@@ -31,11 +31,11 @@ class TrainConfig(BaseConfig):
     steps: int = option(300, help="optimizer steps")
     batch_size: int = option(16, help="global batch size in sequences (split across processes)")
     seq_len: int = option(64, help="tokens per training sequence")
-    lr: float = option(3e-3, help="peak learning rate (AdamW)")
+    lr: float = option(3e-3, help="peak learning rate (AdamW)", gt=0)
     min_lr_ratio: float = option(0.1, help="final learning rate as a fraction of the peak (cosine decay)")
     warmup_steps: int = option(30, help="linear warm-up steps")
-    weight_decay: float = option(0.1, help="AdamW weight decay (matrices only)")
-    grad_clip: float = option(1.0, help="gradient-norm clip; 0 disables")
+    weight_decay: float = option(0.1, help="AdamW weight decay (matrices only)", ge=0)
+    grad_clip: float = option(1.0, help="gradient-norm clip; 0 disables", ge=0)
     log_every: int = option(10, help="log training loss every N steps")
     eval_every: int = option(100, help="evaluate validation loss every N steps (and at the end)")
     eval_tokens: int = option(32768, help="validation tokens per evaluation")
@@ -134,11 +134,14 @@ def train_lm(
 
     from leanfit.core.checkpoint import CheckpointManager
     from leanfit.core.device import configure_threads, resolve_device
-    from leanfit.core.progress import progress_bar
+    from leanfit.core.progress import notice, progress_bar
     from leanfit.studies.lm.data import eval_windows, train_batch
 
     configure_threads(cfg.threads, small_workload=small_workload)
     device = resolve_device(cfg.device)
+    if device.type == "cpu" and cfg.mixed_precision == "fp16":
+        raise ConfigError(bad_value("train.mixed_precision", "fp16", "'no' or 'bf16' on the CPU (fp16 autocast needs "
+                                    "a GPU)", "use train.mixed_precision=bf16, or train.device=cuda"))
     acc = Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.mixed_precision,
                       step_scheduler_with_optimizer=False)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
@@ -154,6 +157,9 @@ def train_lm(
         start = resumed_from = state["step"]
         train_seconds, loss_n = state["train_seconds"], state["loss_n"]
         loss_sum = torch.tensor(state["loss_sum"], dtype=torch.float64)
+    elif resume and (logged := run.metrics()):
+        notice(f"--resume: no checkpoint under {str(ckpt.root)!r}; training {description!r} again from step 0 "
+               f"(up to step {max(m.get('step', 0) for m in logged)} was logged)")
     run.truncate_metrics(start)  # records logged after the checkpoint (or before a first one) are redone
     tokens_per_step = cfg.batch_size * cfg.seq_len
     with progress_bar(cfg.steps, description, enabled=acc.is_main_process, completed=start) as bar:
