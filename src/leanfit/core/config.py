@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import enum
+import functools
 import math
 import os
 import types
@@ -84,12 +85,45 @@ def _numbers(value: Any) -> list[float]:
     return [v for v in items if isinstance(v, int | float) and not isinstance(v, bool)]
 
 
+_SCALARS: dict[Any, tuple[tuple[type, ...], str]] = {
+    int: ((int,), "an integer such as 100"),
+    float: ((int, float), "a number such as 0.001"),
+    bool: ((bool,), "True or False"),
+    str: ((str,), "a string"),
+}
+
+
+def _check_type(key: str, value: Any, tp: Any) -> None:
+    """A scalar field built directly in Python (not through :meth:`BaseConfig.from_dict`, which converts) must hold
+    its annotated type: ``calib_batches=2.5`` or ``alpha="0.5"`` is a TypeError naming the key."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        options = [a for a in args if a is not type(None)]
+        if len(options) != 1:
+            return
+        tp, origin, args = options[0], get_origin(options[0]), get_args(options[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(bad_value(key, value, "one of " + ", ".join(repr(a) for a in args)))
+        return
+    if tp not in _SCALARS:
+        return
+    allowed, expected = _SCALARS[tp]
+    if not isinstance(value, allowed) or (tp is not bool and isinstance(value, bool)):
+        raise TypeError(f"{key}={value!r} is invalid: expected {expected}, got {type(value).__name__}")
+
+
 def check_fields(config: Any) -> None:
-    """Apply every field's declared checks (finite floats, bounds); raises :class:`ConfigError` naming the key."""
+    """Apply every field's declared checks (scalar types, finite floats, bounds); raises :class:`ConfigError`
+    (a TypeError for a value of the wrong type) naming the key."""
     prefix = _WHERE.get()
+    hints = _hints(type(config))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name, None)
         key = f"{prefix}.{f.name}" if prefix else f.name
+        _check_type(key, value, hints.get(f.name, Any))
         for v in _numbers(value):
             if f.metadata.get("finite", True) and isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(bad_value(key, value, "a finite number", _example(f)))
@@ -97,6 +131,14 @@ def check_fields(config: Any) -> None:
                 sign, holds = _BOUNDS[bound]
                 if not holds(v, limit):
                     raise ConfigError(bad_value(key, value, f"a value {sign} {limit}", _example(f)))
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError):  # an annotation that does not resolve at run time: skip the type checks
+        return {}
 
 
 def _example(f: dataclasses.Field) -> str | None:
