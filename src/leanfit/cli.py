@@ -81,6 +81,12 @@ def _print_config_help(kind: str, name: str) -> int:
     print(f"config keys of {name} (presets: {', '.join(entry.presets)}):")
     for key, tp, default, help_text in config_help(entry.config_cls):
         print(f"  {key}: {tp} = {default}\n      {help_text}")
+    if kind == "experiment":
+        from leanfit.core.runner import RUN_KEYS
+
+        print("keys of every experiment:")
+        for key, help_text in RUN_KEYS.items():
+            print(f"  {key}: str = 'none'\n      {help_text}")
     return 0
 
 

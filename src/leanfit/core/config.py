@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import enum
-import functools
 import math
 import os
 import types
@@ -115,7 +114,7 @@ def _check_type(key: str, value: Any, tp: Any) -> None:
         raise TypeError(f"{key}={value!r} is invalid: expected {expected}, got {type(value).__name__}")
 
 
-def check_fields(config: Any) -> None:
+def check_fields(config: BaseConfig) -> None:
     """Apply every field's declared checks (scalar types, finite floats, bounds); raises :class:`ConfigError`
     (a TypeError for a value of the wrong type) naming the key."""
     prefix = _WHERE.get()
@@ -133,12 +132,16 @@ def check_fields(config: Any) -> None:
                     raise ConfigError(bad_value(key, value, f"a value {sign} {limit}", _example(f)))
 
 
-@functools.cache
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
 def _hints(cls: type) -> dict[str, Any]:
-    try:
-        return typing.get_type_hints(cls)
-    except (NameError, TypeError):  # an annotation that does not resolve at run time: skip the type checks
-        return {}
+    if cls not in _HINTS:
+        try:
+            _HINTS[cls] = typing.get_type_hints(cls)
+        except (NameError, TypeError):  # an annotation that does not resolve at run time: skip the type checks
+            _HINTS[cls] = {}
+    return _HINTS[cls]
 
 
 def _example(f: dataclasses.Field) -> str | None:

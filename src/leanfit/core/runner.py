@@ -38,10 +38,32 @@ class RunContext(Generic[ConfigT]):
     run: RunDir
     resume: bool
     preset: str
+    report_to: tuple[str, ...] = ()  # experiment trackers (core.tracking); studies using transformers' Trainer pass
+    # them on as TrainingArguments.report_to
 
     @property
     def is_main(self) -> bool:
         return is_main_process()
+
+
+# keys every experiment takes beside its own config (they do not change results, so not the run id either)
+RUN_KEYS = {"report_to": "experiment trackers: none (default), tensorboard, mlflow, wandb, a comma list, or all; "
+                         "events go into the run folder"}
+
+
+def _values(
+    entry: registry.Entry,
+    preset: str,
+    config_file: str | os.PathLike | None,
+    overrides: Sequence[str] | Mapping[str, Any],
+) -> dict[str, Any]:
+    if preset not in entry.presets:
+        raise ConfigError(bad_value("--preset", preset, "one of " + ", ".join(entry.presets)))
+    values: dict[str, Any] = dict(entry.presets[preset])
+    if config_file is not None:
+        values = merge_nested(values, load_yaml(config_file))
+    extra = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    return merge_nested(values, extra)
 
 
 def resolve_config(
@@ -50,14 +72,7 @@ def resolve_config(
     config_file: str | os.PathLike | None = None,
     overrides: Sequence[str] | Mapping[str, Any] = (),
 ) -> BaseConfig:
-    if preset not in entry.presets:
-        raise ConfigError(bad_value("--preset", preset, "one of " + ", ".join(entry.presets)))
-    values: dict[str, Any] = dict(entry.presets[preset])
-    if config_file is not None:
-        values = merge_nested(values, load_yaml(config_file))
-    extra = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
-    values = merge_nested(values, extra)
-    return entry.config_cls.from_dict(values)
+    return entry.config_cls.from_dict(_values(entry, preset, config_file, overrides))
 
 
 def run_id_for(preset: str, seed: int, config: BaseConfig) -> str:
@@ -146,25 +161,35 @@ def run_experiment(
     run_id: str | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Run experiment ``name`` and return (run folder, results)."""
+    from leanfit.core.config import coerce
     from leanfit.core.env import environment_info
+    from leanfit.core.tracking import close_trackers, open_trackers, parse_report_to
 
     entry = registry.get("experiment", name)
-    config = resolve_config(entry, preset, config_file, overrides)
+    values = _values(entry, preset, config_file, overrides)
+    report_to = parse_report_to(coerce(values.pop("report_to", "none"), Any, "report_to"))
+    config = entry.config_cls.from_dict(values)
     if seed < 0:
         raise ConfigError(bad_value("--seed", seed, "a non-negative integer"))
     out = Path(out)
     run = _run_folder(out, name, run_id if run_id is not None else run_id_for(preset, seed, config))
-    record = {"experiment": name, "kind": "experiment", "preset": preset, "seed": seed, "config": config.to_dict()}
+    record: dict[str, Any] = {"experiment": name, "kind": "experiment", "preset": preset, "seed": seed,
+                              "config": config.to_dict()}
     if is_main_process():
         _check_writable(out)
     with run.lock():
         if is_main_process():
             if _prepare_folder(run, record, resume, entry):
                 return run.path, run.results() or {}
-            run.write_config(record)
+            run.write_config({**record, "report_to": list(report_to)} if report_to else record)
             run.write_env(environment_info())
-        ctx = RunContext(name=name, config=config, seed=seed, run=run, resume=resume, preset=preset)
-        return run.path, _execute(entry, ctx)
+            run.trackers = open_trackers(report_to, run.path, f"{name}/{run.path.name}", record["config"])
+        ctx = RunContext(name=name, config=config, seed=seed, run=run, resume=resume, preset=preset,
+                         report_to=report_to)
+        try:
+            return run.path, _execute(entry, ctx)
+        finally:
+            close_trackers(run.trackers)
 
 
 def run_benchmark(

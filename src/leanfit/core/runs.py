@@ -22,7 +22,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,9 @@ class RunDir:
     """A run folder; every write is atomic and happens on the main process only."""
 
     path: Path
+    # experiment trackers (core.tracking) that every ``log`` record also goes to, and this folder's key prefix
+    trackers: list[Any] = field(default_factory=list, repr=False, compare=False)
+    track_prefix: str = field(default="", repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
@@ -115,9 +118,14 @@ class RunDir:
             atomic_write_json(self.path / "env.json", env)
 
     def log(self, step: int, **metrics: Any) -> None:
-        """Append ``{"step": step, **metrics}`` to ``metrics.jsonl``."""
+        """Append ``{"step": step, **metrics}`` to ``metrics.jsonl`` (and send its numbers to the trackers)."""
         if is_main_process():
             append_jsonl(self.path / "metrics.jsonl", {"step": int(step), **metrics})
+            if self.trackers:
+                from leanfit.core.tracking import scalars
+
+                for tracker in self.trackers:
+                    tracker.log(scalars(metrics, self.track_prefix), step=int(step))
 
     def truncate_metrics(self, last_step: int) -> None:
         """Drop records logged after ``last_step`` (used when resuming from a checkpoint at that step)."""
@@ -170,7 +178,7 @@ class RunDir:
         training record) uses another name."""
         if not name or "/" in name or "\\" in name or name in (".", ".."):
             raise ConfigError(bad_value("name", name, "a folder name (no path separators)"))
-        sub = SubRun(self.path / "runs" / name, file=file)
+        sub = SubRun(self.path / "runs" / name, self.trackers, f"{self.track_prefix}{name}/", file=file)
         sub.path.mkdir(parents=True, exist_ok=True)
         return sub
 

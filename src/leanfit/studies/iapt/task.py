@@ -83,15 +83,18 @@ class ClassificationTask:
 
 def prepare_task(cfg: Any, task: str) -> ClassificationTask:
     """Load and split the data, load the encoder with a ``num_labels`` head, and match every method's size."""
+    from leanfit.core.progress import stage
     from leanfit.studies.models.pretrained import load_pretrained
 
-    data = load_labelled(task)
-    parts = data.split(cfg.valid_fraction, cfg.test_fraction)
-    caps = {"train": cfg.max_train, "valid": cfg.max_valid, "test": cfg.max_test}
-    model, tokenizer = load_pretrained(cfg.encoder, model_class="AutoModelForSequenceClassification",
-                                       num_labels=len(data.label_names))
-    model.eval().requires_grad_(False)
-    splits = {name: _encode(tokenizer, sample_labelled(parts[name], caps[name]), cfg.max_length) for name in caps}
+    with stage(f"data: {task} split and tokenized for {cfg.encoder}"):
+        data = load_labelled(task)
+        parts = data.split(cfg.valid_fraction, cfg.test_fraction)
+        caps = {"train": cfg.max_train, "valid": cfg.max_valid, "test": cfg.max_test}
+        model, tokenizer = load_pretrained(cfg.encoder, model_class="AutoModelForSequenceClassification",
+                                           num_labels=len(data.label_names))
+        model.eval().requires_grad_(False)
+        splits = {name: _encode(tokenizer, sample_labelled(parts[name], caps[name]), cfg.max_length)
+                  for name in caps}
     hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
     budget = iapt_parameter_count(hidden, layers, cfg.iapt)
     return ClassificationTask(task, cfg, model, tokenizer, splits, data.label_names, budget,

@@ -64,12 +64,14 @@ def eval_windows(tokens: torch.Tensor, seq_len: int, max_tokens: int) -> torch.T
 
 def prepare_lm_data(cfg: DataConfig) -> dict[str, Any]:
     """Corpus split, cached tokenizer and encoded train/valid/test token tensors."""
+    from leanfit.core.progress import stage
     from leanfit.studies.data.corpora import load_corpus
     from leanfit.studies.data.tokenizer import bpe_tokenizer
 
-    corpus = load_corpus(cfg.corpus, cfg.valid_fraction, cfg.test_fraction)
-    tokenizer = bpe_tokenizer(corpus, cfg.vocab_size)
-    tokens = {split: encode_documents(tokenizer, corpus.texts(split)) for split in ("train", "valid", "test")}
+    with stage(f"data: corpus {cfg.corpus!r}, BPE tokenizer ({cfg.vocab_size} tokens, cached) and encoding"):
+        corpus = load_corpus(cfg.corpus, cfg.valid_fraction, cfg.test_fraction)
+        tokenizer = bpe_tokenizer(corpus, cfg.vocab_size)
+        tokens = {split: encode_documents(tokenizer, corpus.texts(split)) for split in ("train", "valid", "test")}
     if cfg.max_train_tokens:
         tokens["train"] = tokens["train"][: cfg.max_train_tokens]
     return {"corpus": corpus, "tokenizer": tokenizer, "tokens": tokens}

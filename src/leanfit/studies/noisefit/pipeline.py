@@ -5,6 +5,7 @@ bootstrap summaries. Every stage writes its result under the run folder, so ``--
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,14 +48,16 @@ class NoiseFiTData:
 
 
 def prepare(cfg: Any) -> NoiseFiTData:
+    from leanfit.core.progress import stage
     from leanfit.studies.noisefit.facts_qa import heldout_sentences, pretrain_text, qa_example
     from leanfit.studies.noisefit.hallucination import build_tokenizer, qa_features
 
-    world = cfg.world.build()
-    text = pretrain_text(world, paraphrases=cfg.paraphrases)
-    tokenizer = build_tokenizer(text + ["".join(qa_example(f)) for f in world.sft_train], cfg.vocab_size)
-    return NoiseFiTData(world=world, tokenizer=tokenizer, train_features=qa_features(tokenizer, world.sft_train),
-                        pretrain_text=text, heldout=heldout_sentences(world))
+    with stage("data: fact world, pretraining text, BPE tokenizer and QA features"):
+        world = cfg.world.build()
+        text = pretrain_text(world, paraphrases=cfg.paraphrases)
+        tokenizer = build_tokenizer(text + ["".join(qa_example(f)) for f in world.sft_train], cfg.vocab_size)
+        return NoiseFiTData(world=world, tokenizer=tokenizer, train_features=qa_features(tokenizer, world.sft_train),
+                            pretrain_text=text, heldout=heldout_sentences(world))
 
 
 def pretrained_model(ctx: RunContext[NoiseFiTExperimentConfig], data: NoiseFiTData, seed: int) -> Path:
@@ -89,7 +92,7 @@ def pretrained_model(ctx: RunContext[NoiseFiTExperimentConfig], data: NoiseFiTDa
 
 # -- fine-tuning -----------------------------------------------------------------------------------------------------
 def _trainer(arm: str, setting: dict[str, Any], model: Any, data: NoiseFiTData, cfg: Any, seed: int,
-             out: Path) -> Any:
+             out: Path, report_to: Sequence[str] = ()) -> Any:
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
     from leanfit.noisefit.config import NoiseFiTConfig
@@ -100,7 +103,7 @@ def _trainer(arm: str, setting: dict[str, Any], model: Any, data: NoiseFiTData, 
     args = TrainingArguments(
         output_dir=str(out), max_steps=sft.steps, per_device_train_batch_size=sft.batch_size,
         learning_rate=sft.lr, lr_scheduler_type="cosine", warmup_steps=int(sft.warmup_ratio * sft.steps),
-        weight_decay=sft.weight_decay, seed=seed, data_seed=seed, report_to=[], save_strategy="no",
+        weight_decay=sft.weight_decay, seed=seed, data_seed=seed, report_to=list(report_to), save_strategy="no",
         logging_steps=max(1, sft.steps // 10), disable_tqdm=True, use_cpu=True, dataloader_num_workers=0,
         label_smoothing_factor=setting.get("label_smoothing", 0.0), neftune_noise_alpha=setting.get("neftune_alpha"),
         remove_unused_columns=False,
@@ -140,7 +143,7 @@ def finetune(ctx: RunContext[NoiseFiTExperimentConfig], data: NoiseFiTData, arm:
     kwargs = {"attention_dropout": cfg.sft.rdrop_dropout} if arm == "rdrop" else {}
     model = LlamaForCausalLM.from_pretrained(base, **kwargs)
     torch.manual_seed(seed)
-    trainer = _trainer(arm, setting, model, data, cfg, seed, sub / "trainer")
+    trainer = _trainer(arm, setting, model, data, cfg, seed, sub / "trainer", ctx.report_to)
     began = time.perf_counter()
     out = trainer.train()
     seconds = time.perf_counter() - began
