@@ -18,10 +18,13 @@ parity checks and as the paper's gather form (``mode="gather"``).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+
+from leanfit.core.errors import bad_value
 
 __all__ = [
     "ClusterTables",
@@ -39,6 +42,215 @@ __all__ = [
 ]
 
 Reduction = Literal["mean", "sum", "none"]
+REDUCTIONS = ("mean", "sum", "none")
+
+
+# --- input checks ------------------------------------------------------------------------------------------------
+# Public functions check their inputs here, at the boundary; the private ``_...`` implementations below assume
+# checked inputs (the head calls them after its own checks, so nothing is checked twice). Shape and dtype checks
+# are free; id ranges cost one reduction and one host sync per call, never one per row or per step.
+
+
+class _Shown(str):
+    """A value printed as is (unquoted) in an error message."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def _shown(value: Any) -> Any:
+    """What an error message shows of ``value``: shape and dtype of a tensor, the type name of a container."""
+    if isinstance(value, torch.Tensor):
+        return _Shown(f"tensor(shape={tuple(value.shape)}, dtype={value.dtype})")
+    if value is None or isinstance(value, (numbers.Number, str, torch.dtype)):
+        return value
+    return _Shown(type(value).__name__)
+
+
+def _is_integer_dtype(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def _check_tensor(name: str, x: Any, *, dims: int, kind: Literal["float", "int"], shape: str) -> None:
+    """``x`` is a torch.Tensor of ``kind`` (floating point / integer, not bool) with ``dims`` dimensions."""
+    what = f"{'a floating-point' if kind == 'float' else 'an integer'} tensor of shape {shape}"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(bad_value(name, _shown(x), what, "pass a torch.Tensor"))
+    if kind == "float" and not x.is_floating_point():
+        raise TypeError(bad_value(name, _shown(x), what, "cast it with .float()"))
+    if kind == "int" and not _is_integer_dtype(x.dtype):
+        raise TypeError(bad_value(name, _shown(x), what, "cast it with .long()"))
+    if x.dim() != dims:
+        raise ValueError(bad_value(name, _shown(x), what))
+
+
+def _check_int(name: str, value: Any, low: int, expected: str | None = None, fix: str | None = None) -> int:
+    """A Python (or numpy) integer >= ``low``; bools are refused."""
+    expected = expected or f"an integer >= {low}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(bad_value(name, _shown(value), expected, fix))
+    if value < low:
+        raise ValueError(bad_value(name, value, expected, fix))
+    return int(value)
+
+
+def _check_num_codes(num_codes: Any) -> int:
+    return _check_int("num_codes", num_codes, 1, "an integer >= 1 (the number of codes K)")
+
+
+def _check_reduction(reduction: Any) -> None:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(bad_value("reduction", _shown(reduction), "one of 'mean', 'sum', 'none'",
+                                   "'mean' averages over the labels that are not ignore_index, as F.cross_entropy"))
+
+
+def _check_ignore_index(ignore_index: Any) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(bad_value("ignore_index", _shown(ignore_index), "an integer label to skip",
+                                  "use -100, the default of F.cross_entropy and Hugging Face"))
+    return int(ignore_index)
+
+
+def _check_hidden_codebook(hidden: Any, codebook: Any) -> None:
+    """hidden (N, d) and codebook (K, d), floating point, one dtype (unless autocast casts them)."""
+    _check_tensor("codebook", codebook, dims=2, kind="float", shape="(K, d)")
+    if codebook.shape[0] < 1:
+        raise ValueError(bad_value("codebook", _shown(codebook), "shape (K, d) with K >= 1 codes"))
+    d = codebook.shape[1]
+    _check_tensor("hidden", hidden, dims=2, kind="float", shape=f"(N, d) = (N, {d})")
+    if hidden.shape[1] != d:
+        raise ValueError(bad_value("hidden", _shown(hidden), f"shape (N, {d}) to match codebook (K, d) = "
+                                   f"{tuple(codebook.shape)}", "pass the states of the model this head belongs to"))
+    if hidden.dtype != codebook.dtype and not torch.is_autocast_enabled(hidden.device.type):
+        raise TypeError(bad_value("codebook", _shown(codebook), f"the dtype of hidden ({hidden.dtype})",
+                                  "cast one to the other's dtype, or run under torch.autocast"))
+
+
+def _check_mapping(mapping: Any) -> torch.Tensor:
+    """mapping (V,) integer with V >= 1 (its range is checked by :func:`_check_ids`); returned as int64."""
+    _check_tensor("mapping", mapping, dims=1, kind="int", shape="(V,)")
+    if mapping.numel() < 1:
+        raise ValueError(bad_value("mapping", _shown(mapping), "shape (V,) with V >= 1 tokens"))
+    return mapping.long()
+
+
+def _check_bias(bias: Any, vocab_size: int) -> None:
+    if bias is None:
+        return
+    _check_tensor("bias", bias, dims=1, kind="float", shape=f"(V,) = ({vocab_size},)")
+    if bias.shape[0] != vocab_size:
+        raise ValueError(bad_value("bias", _shown(bias), f"None or a floating-point tensor of shape (V,) = "
+                                   f"({vocab_size},), one entry per token of mapping"))
+
+
+def _check_residual(proj: Any, emb: Any, d: int, vocab_size: int) -> None:
+    """proj (r, d) and emb (V, r), floating point."""
+    _check_tensor("proj", proj, dims=2, kind="float", shape=f"(r, d) = (r, {d})")
+    if proj.shape[1] != d:
+        raise ValueError(bad_value("proj", _shown(proj), f"shape (r, d) = (r, {d})"))
+    r = proj.shape[0]
+    _check_tensor("emb", emb, dims=2, kind="float", shape=f"(V, r) = ({vocab_size}, {r})")
+    if tuple(emb.shape) != (vocab_size, r):
+        raise ValueError(bad_value("emb", _shown(emb), f"shape (V, r) = ({vocab_size}, {r}) (V from mapping, r "
+                                   "from proj)"))
+
+
+def _mapping_range_message(mapping: torch.Tensor, num_codes: int) -> str:
+    return (f"mapping values span [{int(mapping.min())}, {int(mapping.max())}]: expected codes in [0, {num_codes}); "
+            "build it for this num_codes")
+
+
+def _token_range_message(tokens: torch.Tensor, name: str, vocab_size: int, ignore_index: int | None) -> str:
+    """Names the first token outside [0, V) (and not ``ignore_index``), its value and its (flat) position."""
+    flat = tokens.reshape(-1)
+    bad = (flat < 0) | (flat >= vocab_size)
+    if ignore_index is not None:
+        bad &= flat != ignore_index
+    pos = int(bad.nonzero()[0, 0])
+    allowed = f"[0, {vocab_size})" + (f" or ignore_index={ignore_index}" if ignore_index is not None else "")
+    fix = ("give positions without a target the label ignore_index" if ignore_index is not None
+           else "check that the tokenizer matches the head's vocabulary")
+    return (f"{name} contains {int(flat[pos])}: expected token ids in {allowed} (first at position {pos} of "
+            f"{flat.numel()}); {fix}")
+
+
+def _check_ids(mapping: torch.Tensor, num_codes: int, tokens: torch.Tensor | None = None, name: str = "labels",
+               ignore_index: int | None = None) -> None:
+    """Values of mapping in [0, K) and of tokens in [0, V) or ``ignore_index``: one host sync for both."""
+    if mapping.device.type == "meta" or (tokens is not None and tokens.device.type == "meta"):
+        return
+    flags = [((mapping < 0) | (mapping >= num_codes)).any()]
+    if tokens is not None:
+        bad = (tokens < 0) | (tokens >= mapping.numel())
+        if ignore_index is not None:
+            bad &= tokens != ignore_index
+        flags.append(bad.any().to(mapping.device))
+    found = torch.stack(flags).tolist()
+    if found[0]:
+        raise ValueError(_mapping_range_message(mapping, num_codes))
+    if tokens is not None and found[1]:
+        raise ValueError(_token_range_message(tokens, name, mapping.numel(), ignore_index))
+
+
+def _check_tokens(name: str, tokens: Any, n: int) -> torch.Tensor:
+    """tokens (N,) integer with N = ``n``; returned as int64."""
+    _check_tensor(name, tokens, dims=1, kind="int", shape=f"(N,) = ({n},)")
+    if tokens.shape[0] != n:
+        raise ValueError(bad_value(name, _shown(tokens), f"one label per row of hidden: shape (N,) = ({n},)"))
+    return tokens.long()
+
+
+def _check_loss_inputs(hidden: Any, codebook: Any, mapping: Any, labels: Any, bias: Any, name: str = "labels",
+                       ignore_index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Everything of a collapsed loss but the residual factors; returns (mapping, labels) as int64."""
+    _check_hidden_codebook(hidden, codebook)
+    mapping = _check_mapping(mapping)
+    _check_bias(bias, mapping.numel())
+    labels = _check_tokens(name, labels, hidden.shape[0])
+    _check_ids(mapping, codebook.shape[0], labels, name, ignore_index)
+    return mapping, labels
+
+
+def _check_temperature(temperature: Any) -> float:
+    expected = "a finite number > 0"
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(bad_value("temperature", _shown(temperature), expected, "pass a Python float"))
+    if not (math.isfinite(float(temperature)) and float(temperature) > 0):
+        fix = ("for greedy decoding use argmax() (or top_k=1) instead of temperature 0" if temperature == 0
+               else "pass temperature=1.0 to sample from the model's distribution unchanged")
+        raise ValueError(bad_value("temperature", temperature, expected, fix))
+    return float(temperature)
+
+
+def _check_sampling(temperature: Any, top_k: Any, top_p: Any) -> tuple[float, int | None, float | None]:
+    """The warper settings, as Hugging Face's warpers require them: T finite > 0, top-k >= 1, top-p in (0, 1]."""
+    t = _check_temperature(temperature)
+    k = None if top_k is None else _check_int("top_k", top_k, 1, "None or an integer >= 1",
+                                               "pass top_k=None to keep every token")
+    if top_p is None:
+        return t, k, None
+    expected = "None or a probability in (0, 1]"
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real):
+        raise TypeError(bad_value("top_p", _shown(top_p), expected, "pass a Python float"))
+    if not (math.isfinite(float(top_p)) and 0 < float(top_p) <= 1):
+        raise ValueError(bad_value("top_p", top_p, expected, "pass top_p=None (or 1.0) to keep every token"))
+    return t, k, float(top_p)
+
+
+def _check_generator(generator: Any) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(bad_value("generator", _shown(generator), "None or a torch.Generator",
+                                  "pass torch.Generator(device).manual_seed(seed)"))
+
+
+def _check_tables(tables: Any, num_codes: int) -> None:
+    if not isinstance(tables, ClusterTables):
+        raise TypeError(bad_value("tables", _Shown(type(tables).__name__), "a ClusterTables",
+                                  "build it with ClusterTables.build(mapping, num_codes, bias)"))
+    if tables.num_codes != num_codes:
+        raise ValueError(bad_value("tables", _Shown(f"ClusterTables(num_codes={tables.num_codes})"),
+                                   f"tables of the codebook's K={num_codes} codes",
+                                   "rebuild them with ClusterTables.build(mapping, codebook.shape[0], bias)"))
 
 
 def code_logits(hidden: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -61,6 +273,16 @@ def cluster_log_normalizers(mapping: torch.Tensor, num_codes: int, bias: torch.T
     """``B_k = logsumexp_{v: M(v)=k} b_v`` (``log n_k`` without bias; ``-inf`` for empty clusters): (K,).
 
     Differentiable in ``bias`` (the per-cluster max is a detached shift)."""
+    mapping, num_codes = _check_mapping(mapping), _check_num_codes(num_codes)
+    _check_bias(bias, mapping.numel())
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(bad_value("dtype", _shown(dtype), "a floating-point torch.dtype", "e.g. torch.float32"))
+    _check_ids(mapping, num_codes)
+    return _log_normalizers(mapping, num_codes, bias, dtype)
+
+
+def _log_normalizers(mapping: torch.Tensor, num_codes: int, bias: torch.Tensor | None,
+                     dtype: torch.dtype) -> torch.Tensor:
     if bias is None:
         counts = torch.bincount(mapping, minlength=num_codes).to(dtype)
         return counts.log()  # log 0 = -inf for empty clusters
@@ -69,6 +291,14 @@ def cluster_log_normalizers(mapping: torch.Tensor, num_codes: int, bias: torch.T
 
 def collapsed_logsumexp(z: torch.Tensor, log_norm: torch.Tensor) -> torch.Tensor:
     """``logsumexp_v l_v`` per row from code logits ``z`` (N, K) and ``B`` (K,): (N,)."""
+    _check_tensor("z", z, dims=2, kind="float", shape="(N, K)")
+    _check_tensor("log_norm", log_norm, dims=1, kind="float", shape=f"(K,) = ({z.shape[1]},)")
+    if log_norm.shape[0] != z.shape[1]:
+        raise ValueError(bad_value("log_norm", _shown(log_norm), f"shape (K,) = ({z.shape[1]},) to match z (N, K)"))
+    return _logsumexp(z, log_norm)
+
+
+def _logsumexp(z: torch.Tensor, log_norm: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(z + log_norm.to(z.dtype), dim=-1)
 
 
@@ -84,32 +314,62 @@ def collapsed_cross_entropy(
 ) -> torch.Tensor:
     """Cross-entropy over the full vocabulary of the VQ head, in O(N K + V).
 
-    hidden: (N, d); codebook: (K, d); mapping: (V,) int64 in [0, K); labels: (N,) in [0, V) or ``ignore_index``;
-    bias: (V,) or None. ``reduction="mean"`` averages over non-ignored labels (as ``F.cross_entropy``)."""
-    z = code_logits(hidden, codebook)
-    log_norm = cluster_log_normalizers(mapping, codebook.shape[0], bias, dtype=z.dtype)
-    valid = labels != ignore_index
-    safe = torch.where(valid, labels, torch.zeros_like(labels))
-    nll = collapsed_logsumexp(z, log_norm) - z.gather(1, mapping[safe].unsqueeze(1)).squeeze(1)
-    if bias is not None:
-        nll = nll - bias[safe].to(nll.dtype)
+    hidden: (N, d) floating point; codebook: (K, d), same dtype; mapping: (V,) integer in [0, K); labels: (N,)
+    integer in [0, V) or ``ignore_index``; bias: (V,) or None. ``reduction="mean"`` averages over non-ignored
+    labels; like ``F.cross_entropy`` it is nan (0/0) when no label counts (empty batch, or all ignored), while "sum"
+    is 0 and "none" gives zeros. Anything else is a ValueError/TypeError naming the parameter (one host sync for
+    the id ranges)."""
+    _check_reduction(reduction)
+    ignore_index = _check_ignore_index(ignore_index)
+    mapping, labels = _check_loss_inputs(hidden, codebook, mapping, labels, bias, ignore_index=ignore_index)
+    return _collapsed_nll(hidden, codebook, mapping, labels, bias, ignore_index, reduction)
+
+
+def _valid(labels: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
+    return torch.ones_like(labels, dtype=torch.bool) if ignore_index is None else labels != ignore_index
+
+
+def _reduce(nll: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
     nll = torch.where(valid, nll, torch.zeros_like(nll))
     if reduction == "none":
         return nll
     if reduction == "sum":
         return nll.sum()
-    return nll.sum() / valid.sum()  # 0/0 = nan when every label is ignored, as F.cross_entropy
+    return nll.sum() / valid.sum()  # 0/0 = nan when no label counts, as F.cross_entropy
+
+
+def _collapsed_nll(hidden: torch.Tensor, codebook: torch.Tensor, mapping: torch.Tensor, labels: torch.Tensor,
+                   bias: torch.Tensor | None, ignore_index: int | None, reduction: str) -> torch.Tensor:
+    """:func:`collapsed_cross_entropy` on checked inputs; ``ignore_index=None`` ignores nothing."""
+    z = code_logits(hidden, codebook)
+    log_norm = _log_normalizers(mapping, codebook.shape[0], bias, dtype=z.dtype)
+    valid = _valid(labels, ignore_index)
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    nll = _logsumexp(z, log_norm) - z.gather(1, mapping[safe].unsqueeze(1)).squeeze(1)
+    if bias is not None:
+        nll = nll - bias[safe].to(nll.dtype)
+    return _reduce(nll, valid, reduction)
 
 
 def collapsed_log_prob(hidden: torch.Tensor, codebook: torch.Tensor, mapping: torch.Tensor, tokens: torch.Tensor,
                        bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``log p(tokens[i] | hidden[i])``: (N,)."""
-    return -collapsed_cross_entropy(hidden, codebook, mapping, tokens, bias, ignore_index=-(2**62), reduction="none")
+    """``log p(tokens[i] | hidden[i])``: (N,); tokens (N,) integer in [0, V), nothing ignored."""
+    mapping, tokens = _check_loss_inputs(hidden, codebook, mapping, tokens, bias, "tokens")
+    return -_collapsed_nll(hidden, codebook, mapping, tokens, bias, None, "none")
 
 
 def materialized_logits(hidden: torch.Tensor, codebook: torch.Tensor, mapping: torch.Tensor,
                         bias: torch.Tensor | None = None) -> torch.Tensor:
     """The (N, V) logits by gathering code logits (the paper's form); for parity checks and fallbacks only."""
+    _check_hidden_codebook(hidden, codebook)
+    mapping = _check_mapping(mapping)
+    _check_bias(bias, mapping.numel())
+    _check_ids(mapping, codebook.shape[0])
+    return _materialized_logits(hidden, codebook, mapping, bias)
+
+
+def _materialized_logits(hidden: torch.Tensor, codebook: torch.Tensor, mapping: torch.Tensor,
+                         bias: torch.Tensor | None) -> torch.Tensor:
     logits = code_logits(hidden, codebook)[:, mapping]
     return logits if bias is None else logits + bias.to(logits.dtype)
 
@@ -136,6 +396,9 @@ class ClusterTables:
 
     @classmethod
     def build(cls, mapping: torch.Tensor, num_codes: int, bias: torch.Tensor | None = None) -> ClusterTables:
+        mapping, num_codes = _check_mapping(mapping), _check_num_codes(num_codes)
+        _check_bias(bias, mapping.numel())
+        _check_ids(mapping, num_codes)
         b = (bias.detach() if bias is not None else torch.zeros(mapping.numel(), device=mapping.device)).double()
         # sort by cluster, then bias descending: lexicographic via two stable sorts
         by_bias = torch.argsort(-b, stable=True)
@@ -154,6 +417,9 @@ class ClusterTables:
 
     def count_at_least(self, thresholds: torch.Tensor) -> torch.Tensor:
         """For thresholds (N, K): number of tokens of cluster k with bias >= thresholds[i, k]: (N, K) int64."""
+        _check_tensor("thresholds", thresholds, dims=2, kind="float", shape=f"(N, K) = (N, {self.num_codes})")
+        if thresholds.shape[1] != self.num_codes:
+            raise ValueError(bad_value("thresholds", _shown(thresholds), f"shape (N, K) = (N, {self.num_codes})"))
         # bias >= x  <=>  -bias <= -x  <=>  rank(-bias) < #(uniq <= -x)
         q = torch.searchsorted(self.uniq, (-thresholds).contiguous(), right=True)
         cluster = torch.arange(self.num_codes, device=q.device)
@@ -165,6 +431,7 @@ class ClusterTables:
         prefix of cluster k holding ``c`` tokens has mass ``pm[offsets[k] + c] - pm[offsets[k]]`` (each cluster's
         best token contributes exactly 1, so cluster masses never underflow). Cached per temperature: O(V) once,
         not per decoded token."""
+        temperature = _check_temperature(temperature)
         if temperature in self._prefix_mass:
             return self._prefix_mass[temperature]
         shifted = ((self.sorted_bias - self.bias_max[self.segment]) / temperature).exp()
@@ -178,6 +445,8 @@ class ClusterTables:
 
 def collapsed_argmax(hidden: torch.Tensor, codebook: torch.Tensor, tables: ClusterTables) -> torch.Tensor:
     """Greedy token per row, ``argmax_v l_v``, in O(N K): (N,)."""
+    _check_hidden_codebook(hidden, codebook)
+    _check_tables(tables, codebook.shape[0])
     z = code_logits(hidden, codebook).double()
     k = (z + tables.bias_max).argmax(dim=-1)
     return tables.order[tables.offsets[k]]
@@ -216,13 +485,14 @@ def collapsed_sample(
     logit is >= the k-th largest) and then top-p (smallest set of most likely tokens with mass >= p) warpers do.
 
     Cost per row is O(K log V) (O(K d) for the code logits), independent of V up to the logarithm: a cluster is
-    drawn from the truncated cluster masses, then a token by inverse CDF within that cluster's kept prefix."""
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature} is invalid: expected > 0; use argmax() for greedy decoding")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} is invalid: expected a probability in (0, 1]")
+    drawn from the truncated cluster masses, then a token by inverse CDF within that cluster's kept prefix.
+    temperature: finite > 0; top_k: None or >= 1; top_p: None or in (0, 1]."""
+    _check_hidden_codebook(hidden, codebook)
+    _check_tables(tables, codebook.shape[0])
+    temperature, top_k, top_p = _check_sampling(temperature, top_k, top_p)
+    _check_generator(generator)
     z = code_logits(hidden, codebook).double()  # (N, K)
-    counts, log_w = kept_clusters(z, tables, temperature=temperature, top_k=top_k, top_p=top_p)
+    counts, log_w = _kept_clusters(z, tables, temperature, top_k, top_p)
     pm, starts = tables.prefix_mass(temperature), tables.offsets[:-1]
     cluster = torch.multinomial(torch.softmax(log_w, dim=-1), 1, generator=generator).squeeze(1)
     # inverse CDF within the kept prefix of the drawn cluster
@@ -240,8 +510,20 @@ def kept_clusters(z: torch.Tensor, tables: ClusterTables, *, temperature: float 
     """What top-k then top-p keep, cluster by cluster, from code logits ``z`` (N, K) float64: ``counts`` (N, K), the
     kept tokens of cluster k being its first ``counts[:, k]`` in ``tables.order`` (bias descending), and their
     log masses ``log_w`` (N, K) under ``softmax(l / T)`` up to a per-row constant."""
+    if not isinstance(tables, ClusterTables):
+        _check_tables(tables, 0)
+    _check_tensor("z", z, dims=2, kind="float", shape=f"(N, K) = (N, {tables.num_codes})")
+    if z.shape[1] != tables.num_codes:
+        raise ValueError(bad_value("z", _shown(z), f"code logits of shape (N, K) = (N, {tables.num_codes}), K from "
+                                   "tables", "pass code_logits(hidden, codebook) of the tables' codebook"))
+    temperature, top_k, top_p = _check_sampling(temperature, top_k, top_p)
+    return _kept_clusters(z, tables, temperature, top_k, top_p)
+
+
+def _kept_clusters(z: torch.Tensor, tables: ClusterTables, temperature: float, top_k: int | None,
+                   top_p: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     thresholds = torch.full_like(z, -math.inf)
-    if top_k is not None and top_k > 0:
+    if top_k is not None:
         thresholds = _top_k_thresholds(z, tables, top_k)
     pm, starts = tables.prefix_mass(temperature), tables.offsets[:-1]
     best = (z + tables.bias_max) / temperature
@@ -290,10 +572,28 @@ def kept_clusters(z: torch.Tensor, tables: ClusterTables, *, temperature: float 
 
 def cluster_layout(mapping: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(order, offsets): token ids grouped by cluster (V,), and cluster start positions (K + 1,)."""
+    mapping, num_codes = _check_mapping(mapping), _check_num_codes(num_codes)
+    _check_ids(mapping, num_codes)
+    return _cluster_layout(mapping, num_codes)
+
+
+def _cluster_layout(mapping: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.argsort(mapping, stable=True)
     offsets = torch.zeros(num_codes + 1, dtype=torch.long, device=mapping.device)
     offsets[1:] = torch.bincount(mapping, minlength=num_codes).cumsum(0)
     return order, offsets
+
+
+def _check_layout(layout: Any, vocab_size: int, num_codes: int) -> None:
+    shapes = ((vocab_size,), (num_codes + 1,))
+    if layout is None:
+        return
+    if not (isinstance(layout, (tuple, list)) and len(layout) == 2
+            and all(isinstance(t, torch.Tensor) and tuple(t.shape) == s for t, s in zip(layout, shapes, strict=True))):
+        shown = _Shown(f"({', '.join(str(_shown(t)) for t in layout)})") if isinstance(layout, (tuple, list)) \
+            else _shown(layout)
+        raise ValueError(bad_value("layout", shown, f"None or cluster_layout(mapping, K): tensors of shapes (V,) = "
+                                   f"{shapes[0]} and (K + 1,) = {shapes[1]}", "pass layout=None to build it"))
 
 
 def residual_cross_entropy(
@@ -310,15 +610,32 @@ def residual_cross_entropy(
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """Cross-entropy of the factorised head with a rank-r within-cluster term (see above); proj: (r, d),
-    emb: (V, r). Cost O(N K d + sum_i n_{k_i} r); never builds N x V."""
+    emb: (V, r), floating point; the other inputs, the reductions and the empty batch as in
+    :func:`collapsed_cross_entropy`. Cost O(N K d + sum_i n_{k_i} r); never builds N x V."""
+    _check_reduction(reduction)
+    ignore_index = _check_ignore_index(ignore_index)
+    _check_hidden_codebook(hidden, codebook)
+    mapping = _check_mapping(mapping)
+    _check_bias(bias, mapping.numel())
+    _check_residual(proj, emb, hidden.shape[1], mapping.numel())
+    _check_layout(layout, mapping.numel(), codebook.shape[0])
+    mapping, labels = _check_loss_inputs(hidden, codebook, mapping, labels, bias, ignore_index=ignore_index)
+    return _residual_nll(hidden, codebook, mapping, labels, bias, proj, emb, layout, ignore_index, reduction)
+
+
+def _residual_nll(hidden: torch.Tensor, codebook: torch.Tensor, mapping: torch.Tensor, labels: torch.Tensor,
+                  bias: torch.Tensor | None, proj: torch.Tensor, emb: torch.Tensor,
+                  layout: tuple[torch.Tensor, torch.Tensor] | None, ignore_index: int | None,
+                  reduction: str) -> torch.Tensor:
+    """:func:`residual_cross_entropy` on checked inputs; ``ignore_index=None`` ignores nothing."""
     z = code_logits(hidden, codebook)
     k_total = codebook.shape[0]
-    log_norm = cluster_log_normalizers(mapping, k_total, bias, dtype=z.dtype)
-    order, offsets = layout or cluster_layout(mapping, k_total)
-    valid = labels != ignore_index
+    log_norm = _log_normalizers(mapping, k_total, bias, dtype=z.dtype)
+    order, offsets = layout or _cluster_layout(mapping, k_total)
+    valid = _valid(labels, ignore_index)
     safe = torch.where(valid, labels, torch.zeros_like(labels))
     k = mapping[safe]
-    cluster_term = z.gather(1, k[:, None]).squeeze(1) + log_norm[k] - collapsed_logsumexp(z, log_norm)
+    cluster_term = z.gather(1, k[:, None]).squeeze(1) + log_norm[k] - _logsumexp(z, log_norm)
     ph = hidden.to(z.dtype) @ proj.to(z.dtype).t()  # (N, r)
     b = torch.zeros(mapping.numel(), dtype=z.dtype, device=z.device) if bias is None else bias.to(z.dtype)
     # all (position, member of its target cluster) pairs, flattened
@@ -329,19 +646,25 @@ def residual_cross_entropy(
     scores = b[member] + (emb[member].to(z.dtype) * ph[pos]).sum(-1)
     within_norm = _segment_logsumexp(scores, pos, labels.numel())
     own = b[safe] + (emb[safe].to(z.dtype) * ph).sum(-1)
-    nll = -(cluster_term + own - within_norm)
-    nll = torch.where(valid, nll, torch.zeros_like(nll))
-    if reduction == "none":
-        return nll
-    return nll.sum() if reduction == "sum" else nll.sum() / valid.sum()
+    return _reduce(-(cluster_term + own - within_norm), valid, reduction)
 
 
 def residual_log_probs(hidden: torch.Tensor, codebook: torch.Tensor, mapping: torch.Tensor,
                        bias: torch.Tensor | None, proj: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
     """Full (N, V) log-probabilities of the factorised head: O(N V r); for decoding and parity checks."""
+    _check_hidden_codebook(hidden, codebook)
+    mapping = _check_mapping(mapping)
+    _check_bias(bias, mapping.numel())
+    _check_residual(proj, emb, hidden.shape[1], mapping.numel())
+    _check_ids(mapping, codebook.shape[0])
+    return _residual_log_probs(hidden, codebook, mapping, bias, proj, emb)
+
+
+def _residual_log_probs(hidden: torch.Tensor, codebook: torch.Tensor, mapping: torch.Tensor,
+                        bias: torch.Tensor | None, proj: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
     z = code_logits(hidden, codebook)
     k_total = codebook.shape[0]
-    log_norm = cluster_log_normalizers(mapping, k_total, bias, dtype=z.dtype)
+    log_norm = _log_normalizers(mapping, k_total, bias, dtype=z.dtype)
     b = torch.zeros(mapping.numel(), dtype=z.dtype, device=z.device) if bias is None else bias.to(z.dtype)
     scores = b + (hidden.to(z.dtype) @ proj.to(z.dtype).t()) @ emb.to(z.dtype).t()  # (N, V)
     shift = torch.full((z.shape[0], k_total), -math.inf, dtype=z.dtype, device=z.device)
@@ -350,7 +673,7 @@ def residual_log_probs(hidden: torch.Tensor, codebook: torch.Tensor, mapping: to
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
     sums = torch.zeros_like(shift).scatter_add(1, idx, (scores - shift.gather(1, idx)).exp())
     within = scores - (sums.log() + shift).gather(1, idx)
-    cluster = z + log_norm - collapsed_logsumexp(z, log_norm)[:, None]
+    cluster = z + log_norm - _logsumexp(z, log_norm)[:, None]
     return cluster[:, mapping] + within
 
 
@@ -358,15 +681,16 @@ def dense_sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int |
                  top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Sample from (N, V) logits with the same rules as :func:`collapsed_sample` (ties at a cutoff kept whole);
     the O(V) path used by heads whose distribution does not factor per cluster at T != 1."""
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature} is invalid: expected > 0; use argmax() for greedy decoding")
+    _check_tensor("logits", logits, dims=2, kind="float", shape="(N, V)")
+    if logits.shape[1] < 1:
+        raise ValueError(bad_value("logits", _shown(logits), "shape (N, V) with V >= 1 tokens"))
+    temperature, top_k, top_p = _check_sampling(temperature, top_k, top_p)
+    _check_generator(generator)
     scores = logits.double() / temperature
-    if top_k is not None and top_k > 0:
+    if top_k is not None:
         kth = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, -math.inf)
     if top_p is not None and top_p < 1.0:
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p={top_p} is invalid: expected a probability in (0, 1]")
         sorted_scores, _ = scores.sort(dim=-1, descending=True)
         cum = torch.softmax(sorted_scores, dim=-1).cumsum(-1)
         first = (cum < top_p).sum(-1, keepdim=True).clamp(max=scores.shape[-1] - 1)

@@ -4,13 +4,15 @@ exact collapsed loss, log-probs, greedy choice and sampling of :mod:`leanfit.vq_
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from leanfit.core.errors import bad_value
 from leanfit.vq_logits import functional as VF
-from leanfit.vq_logits.mapping import build_mapping, unigram_floor, validate_mapping
+from leanfit.vq_logits.functional import _check_int, _shown
+from leanfit.vq_logits.mapping import _check_counts, build_mapping, unigram_floor, validate_mapping
 
 __all__ = ["VQLogitsHead"]
 
@@ -38,20 +40,28 @@ class VQLogitsHead(nn.Module):
                  residual_rank: int = 0, mode: Mode = "collapsed", device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        if hidden_size < 1:
-            raise ValueError(f"hidden_size={hidden_size} is invalid: expected a positive integer")
+        hidden_size = _check_int("hidden_size", hidden_size, 1, "a positive integer (the width d of hidden states)")
         if mode not in ("collapsed", "gather"):
-            raise ValueError(f"mode={mode!r} is invalid: expected 'collapsed' or 'gather'")
-        vocab_size = mapping.numel() if isinstance(mapping, torch.Tensor) else 0
-        if not 1 <= num_codes <= max(vocab_size, 1):
-            raise ValueError(f"num_codes={num_codes} is invalid: expected 1 <= num_codes <= V={vocab_size}")
+            raise ValueError(bad_value("mode", _shown(mode), "'collapsed' or 'gather'"))
+        residual_rank = _check_int("residual_rank", residual_rank, 0, "0 (off) or a positive rank")
+        if not isinstance(token_bias, bool):
+            raise TypeError(bad_value("token_bias", _shown(token_bias), "True or False"))
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(bad_value("dtype", _shown(dtype), "None or a floating-point torch.dtype",
+                                      "e.g. torch.float32 or torch.bfloat16"))
+        if not isinstance(mapping, torch.Tensor) or mapping.numel() < 1:
+            raise (ValueError if isinstance(mapping, torch.Tensor) else TypeError)(bad_value(
+                "mapping", _shown(mapping), "a 1-D integer tensor of length V >= 1 (token -> code)",
+                "build one with build_mapping(...)"))
+        vocab_size = mapping.numel()
+        num_codes = _check_int("num_codes", num_codes, 1, f"1 <= num_codes <= V={vocab_size}")
+        if num_codes > vocab_size:
+            raise ValueError(bad_value("num_codes", num_codes, f"1 <= num_codes <= V={vocab_size}"))
         self.hidden_size, self.vocab_size, self.num_codes, self.mode = hidden_size, vocab_size, num_codes, mode
         self.register_buffer("mapping", validate_mapping(mapping, vocab_size, num_codes).to(device))
         self.codebook = nn.Parameter(torch.empty(num_codes, hidden_size, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(vocab_size, device=device, dtype=dtype)) if token_bias else None
         nn.init.normal_(self.codebook, std=hidden_size**-0.5)
-        if residual_rank < 0:
-            raise ValueError(f"residual_rank={residual_rank} is invalid: expected 0 (off) or a positive rank")
         self.residual_rank = residual_rank
         self.residual_proj = self.residual_emb = None
         if residual_rank:  # starts at U = 0, i.e. exactly the plain head
@@ -68,6 +78,11 @@ class VQLogitsHead(nn.Module):
                      token_bias: bool = True, residual_rank: int = 0, seed: int = 0,
                      mode: Mode = "collapsed") -> VQLogitsHead:
         """A freshly initialised head; frequency-based maps need token ``counts`` (V,)."""
+        hidden_size = _check_int("hidden_size", hidden_size, 1, "a positive integer (the width d of hidden states)")
+        vocab_size = _check_int("vocab_size", vocab_size, 1, "a positive integer (the number of tokens V)")
+        seed = _check_int("seed", seed, -(2**63), "an integer")
+        if counts is not None:
+            _check_counts(counts, vocab_size)
         m = build_mapping(mapping, vocab_size=vocab_size, num_codes=num_codes, counts=counts, seed=seed,
                           embeddings=torch.randn(vocab_size, hidden_size, generator=torch.Generator().manual_seed(seed)))
         head = cls(hidden_size, m, num_codes, token_bias=token_bias, residual_rank=residual_rank, mode=mode)
@@ -91,6 +106,12 @@ class VQLogitsHead(nn.Module):
             raise TypeError(f"linear={type(linear).__name__} is invalid: expected an nn.Linear output layer (V x d)")
         weight = linear.weight.detach()
         vocab_size, hidden_size = weight.shape
+        num_codes = _check_int("num_codes", num_codes, 1, f"1 <= num_codes <= V={vocab_size} (the layer's outputs)")
+        if num_codes > vocab_size:
+            raise ValueError(bad_value("num_codes", num_codes, f"1 <= num_codes <= V={vocab_size} (the layer's "
+                                       "outputs)"))
+        if counts is not None:
+            _check_counts(counts, vocab_size)
         if isinstance(mapping, torch.Tensor):
             m = validate_mapping(mapping, vocab_size, num_codes)
         else:
@@ -135,25 +156,40 @@ class VQLogitsHead(nn.Module):
             self.bias.copy_((p / mass[self.mapping]).log().to(self.bias.dtype))
 
     # --- checks ----------------------------------------------------------------------------------------------
-    def _flat(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _flat(self, hidden: Any) -> torch.Tensor:
+        """hidden (..., d) floating point in the head's dtype (or under autocast), finite: as (N, d)."""
+        expected = f"a floating-point tensor of shape (..., {self.hidden_size})"
+        if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
+            raise TypeError(bad_value("hidden", _shown(hidden), expected, "pass the trunk's hidden states"))
+        if hidden.dim() < 1:
+            raise ValueError(bad_value("hidden", _shown(hidden), expected))
         if hidden.shape[-1] != self.hidden_size:
             raise ValueError(f"hidden has size {hidden.shape[-1]} in its last dimension: expected {self.hidden_size} "
-                             "(the head's hidden_size)")
+                             "(the head's hidden_size); pass the states of the model this head was built for")
+        dtype = self.codebook.dtype
+        if hidden.dtype != dtype and not torch.is_autocast_enabled(hidden.device.type):
+            raise TypeError(bad_value("hidden", _shown(hidden), f"dtype {dtype} (the head's parameters)",
+                                      "cast with hidden.to(head.codebook.dtype), or run under torch.autocast"))
         if not torch.isfinite(hidden).all():
             raise ValueError("hidden contains NaN or inf: the trunk diverged or received bad inputs; "
                              "check the learning rate and mixed-precision settings")
         return hidden.reshape(-1, self.hidden_size)
 
-    def _check_tokens(self, tokens: torch.Tensor, name: str, ignore_index: int | None = None) -> torch.Tensor:
+    def _check_tokens(self, tokens: Any, name: str, n: int, ignore_index: int | None = None) -> torch.Tensor:
+        """tokens (...) integer, ``n`` of them, in [0, V) or ``ignore_index``: flat int64 (one host sync)."""
+        if not isinstance(tokens, torch.Tensor) or not VF._is_integer_dtype(tokens.dtype):
+            raise TypeError(bad_value(name, _shown(tokens), f"an integer tensor of {n} token ids, shape hidden[:-1]",
+                                      "cast it with .long()"))
         flat = tokens.reshape(-1)
+        if flat.numel() != n:
+            raise ValueError(f"{name} has {flat.numel()} entries for {n} hidden states: shapes must match "
+                             f"({name}: hidden.shape[:-1])")
         bad = (flat < 0) | (flat >= self.vocab_size)
         if ignore_index is not None:
             bad &= flat != ignore_index
         if bad.any():
-            value = int(flat[bad][0])
-            allowed = f"[0, {self.vocab_size})" + (f" or ignore_index={ignore_index}" if ignore_index is not None else "")
-            raise ValueError(f"{name} contains {value}: expected token ids in {allowed}")
-        return flat
+            raise ValueError(VF._token_range_message(flat, name, self.vocab_size, ignore_index))
+        return flat.long()
 
     # --- computations ----------------------------------------------------------------------------------------
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -164,45 +200,46 @@ class VQLogitsHead(nn.Module):
         """(..., V) logits whose softmax is the head's distribution (log-probs when ``residual_rank`` > 0)."""
         flat = self._flat(hidden)
         if self.residual_rank:
-            out = VF.residual_log_probs(flat, self.codebook, self.mapping, self.bias, *self._residual())
+            out = VF._residual_log_probs(flat, self.codebook, self.mapping, self.bias, *self._residual())
         else:
-            out = VF.materialized_logits(flat, self.codebook, self.mapping, self.bias)
-        return out.reshape(*hidden.shape[:-1], -1)
+            out = VF._materialized_logits(flat, self.codebook, self.mapping, self.bias)
+        return out.reshape(*hidden.shape[:-1], self.vocab_size)
 
     def layout(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens grouped by cluster and the cluster offsets, rebuilt only when the map changes."""
         key = (self.mapping._version, id(self.mapping))
         if self._layout is None or self._layout[0] != key:
-            self._layout = (key, VF.cluster_layout(self.mapping, self.num_codes))
+            self._layout = (key, VF._cluster_layout(self.mapping, self.num_codes))
         return self._layout[1]
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
              reduction: VF.Reduction = "mean") -> torch.Tensor:
-        """Cross-entropy over the full vocabulary (exact); hidden (..., d), labels (...)."""
-        flat, y = self._flat(hidden), self._check_tokens(labels, "labels", ignore_index)
-        if y.numel() != flat.shape[0]:
-            raise ValueError(f"labels has {y.numel()} entries for {flat.shape[0]} hidden states: shapes must match")
+        """Cross-entropy over the full vocabulary (exact); hidden (..., d), labels (...) in [0, V) or
+        ``ignore_index``. With no label counting (empty batch, all ignored) "mean" is nan, as F.cross_entropy."""
+        VF._check_reduction(reduction)
+        ignore_index = VF._check_ignore_index(ignore_index)
+        flat = self._flat(hidden)
+        y = self._check_tokens(labels, "labels", flat.shape[0], ignore_index)
         if self.mode == "gather":
             logits = self.logits(flat)
             out = torch.nn.functional.cross_entropy(logits, y, ignore_index=ignore_index, reduction=reduction)
         elif self.residual_rank:
-            out = VF.residual_cross_entropy(flat, self.codebook, self.mapping, y, self.bias, *self._residual(),
-                                            layout=self.layout(), ignore_index=ignore_index,
-                                            reduction=reduction)
+            out = VF._residual_nll(flat, self.codebook, self.mapping, y, self.bias, *self._residual(), self.layout(),
+                                   ignore_index, reduction)
         else:
-            out = VF.collapsed_cross_entropy(flat, self.codebook, self.mapping, y, self.bias,
-                                             ignore_index=ignore_index, reduction=reduction)
+            out = VF._collapsed_nll(flat, self.codebook, self.mapping, y, self.bias, ignore_index, reduction)
         return out.reshape(labels.shape) if reduction == "none" else out
 
     def log_prob(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """``log p(tokens | hidden)``: shape of ``tokens``."""
-        flat, t = self._flat(hidden), self._check_tokens(tokens, "tokens")
+        flat = self._flat(hidden)
+        t = self._check_tokens(tokens, "tokens", flat.shape[0])
         if self.residual_rank:
-            nll = VF.residual_cross_entropy(flat, self.codebook, self.mapping, t, self.bias, *self._residual(),
-                                            layout=self.layout(), ignore_index=-(2**62),
-                                            reduction="none")
-            return (-nll).reshape(tokens.shape)
-        return VF.collapsed_log_prob(flat, self.codebook, self.mapping, t, self.bias).reshape(tokens.shape)
+            nll = VF._residual_nll(flat, self.codebook, self.mapping, t, self.bias, *self._residual(), self.layout(),
+                                   None, "none")
+        else:
+            nll = VF._collapsed_nll(flat, self.codebook, self.mapping, t, self.bias, None, "none")
+        return (-nll).reshape(tokens.shape)
 
     def tables(self) -> VF.ClusterTables:
         """Decoding tables, rebuilt only when the bias or map changed (O(V log V) once, not per token)."""
@@ -221,7 +258,9 @@ class VQLogitsHead(nn.Module):
     @torch.no_grad()
     def sample(self, hidden: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Token ids drawn from ``softmax(logits / temperature)`` with HF-style top-k/top-p: ``hidden.shape[:-1]``."""
+        """Token ids drawn from ``softmax(logits / temperature)`` with HF-style top-k/top-p: ``hidden.shape[:-1]``.
+        temperature: finite > 0; top_k: None or >= 1; top_p: None or in (0, 1]."""
+        temperature, top_k, top_p = VF._check_sampling(temperature, top_k, top_p)
         if self.residual_rank:
             out = VF.dense_sample(self.logits(self._flat(hidden)), temperature=temperature, top_k=top_k, top_p=top_p,
                                   generator=generator)
@@ -241,6 +280,7 @@ class VQLogitsHead(nn.Module):
 
     def unigram_floor(self, counts: torch.Tensor) -> float:
         """Excess loss floor (nats) this map imposes without a bias; 0 with a bias (see ``mapping.unigram_floor``)."""
+        _check_counts(counts, self.vocab_size)
         return 0.0 if self.bias is not None or self.residual_rank else unigram_floor(counts, self.mapping.cpu(), self.num_codes)
 
     def extra_repr(self) -> str:

@@ -17,7 +17,6 @@ The subclass is made by wrapping, not by editing model code: it calls the model'
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable
 from typing import Any, Literal
@@ -25,6 +24,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from leanfit.core.errors import bad_value
+from leanfit.vq_logits.functional import _check_int, _check_sampling, _is_integer_dtype, _shown
 from leanfit.vq_logits.head import Mode, VQLogitsHead
 
 __all__ = ["from_pretrained", "replace_lm_head", "vq_causal_lm_class"]
@@ -118,14 +119,34 @@ def _vq_generate(self: Any, inputs: torch.Tensor | None = None, **kwargs: Any) -
     if (getattr(config, "num_beams", 1) or 1) > 1 or (getattr(config, "repetition_penalty", 1.0) or 1.0) != 1.0:
         return super(type(self), self).generate(input_ids=input_ids, attention_mask=attention_mask,
                                                 generation_config=config)
+    _check_generate_inputs(input_ids, attention_mask, config.max_new_tokens)
     max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - input_ids.shape[1]
     eos = config.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    # top_k 0 or None means no top-k, as in transformers; a temperature of 0 is an error there too, not 1
+    temperature = 1.0 if config.temperature is None else config.temperature
+    top_k = config.top_k or None
+    if config.do_sample:  # checked before the prefill, not at the first sampled token
+        temperature, top_k, _ = _check_sampling(temperature, top_k, config.top_p)
     return _fast_generate(
         self, input_ids, attention_mask, max_new_tokens=max(0, max_new), do_sample=bool(config.do_sample),
-        temperature=config.temperature or 1.0, top_k=config.top_k or None, top_p=config.top_p,
+        temperature=temperature, top_k=top_k, top_p=config.top_p,
         eos_token_id=eos, pad_token_id=config.pad_token_id, generator=generator,
     )
+
+
+def _check_generate_inputs(input_ids: Any, attention_mask: Any, max_new_tokens: Any) -> None:
+    expected = "an integer tensor of token ids, shape (batch, length)"
+    if not isinstance(input_ids, torch.Tensor) or not _is_integer_dtype(input_ids.dtype):
+        raise TypeError(bad_value("input_ids", _shown(input_ids), expected, "use the tokenizer's input_ids"))
+    if input_ids.dim() != 2:
+        raise ValueError(bad_value("input_ids", _shown(input_ids), expected, "add a batch dimension with [None]"))
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                       or attention_mask.shape != input_ids.shape):
+        raise ValueError(bad_value("attention_mask", _shown(attention_mask),
+                                   f"None or a tensor of the shape of input_ids {tuple(input_ids.shape)}"))
+    if max_new_tokens is not None:
+        _check_int("max_new_tokens", max_new_tokens, 0, "None or an integer >= 0")
 
 
 def _vq_init(self: Any, config: Any, *args: Any, **kwargs: Any) -> None:
@@ -137,13 +158,19 @@ def _vq_init(self: Any, config: Any, *args: Any, **kwargs: Any) -> None:
                                             mode=spec["mode"]))
 
 
-@functools.cache
+_VQ_CLASSES: dict[type[Any], type[Any]] = {}  # one subclass per base, so isinstance and pickling see one class
+
+
 def vq_causal_lm_class(base: type[Any]) -> type[Any]:
-    """``VQLogits<Base>``: ``base`` with the VQ head's forward, generate and untied weights."""
-    return type(f"VQLogits{base.__name__}", (base,), {
-        "__init__": _vq_init, "forward": _vq_forward, "generate": _vq_generate, "_tied_weights_keys": {},
-        "__module__": __name__,
-    })
+    """``VQLogits<Base>``: ``base`` with the VQ head's forward, generate and untied weights (one class per base)."""
+    if not isinstance(base, type):
+        raise TypeError(bad_value("base", _shown(base), "a transformers *ForCausalLM class", "pass type(model)"))
+    if base not in _VQ_CLASSES:
+        _VQ_CLASSES[base] = type(f"VQLogits{base.__name__}", (base,), {
+            "__init__": _vq_init, "forward": _vq_forward, "generate": _vq_generate, "_tied_weights_keys": {},
+            "__module__": __name__,
+        })
+    return _VQ_CLASSES[base]
 
 
 def replace_lm_head(model: Any, num_codes: int, *, mapping: str | Callable[..., torch.Tensor] | torch.Tensor = "kmeans",
@@ -175,9 +202,11 @@ def replace_lm_head(model: Any, num_codes: int, *, mapping: str | Callable[..., 
 
 def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> Any:
     """Load a model saved after :func:`replace_lm_head` (``save_pretrained``)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(bad_value("path", _shown(path), "a folder written by save_pretrained (str or PathLike)"))
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path)
     _spec(config)
-    base = AutoModelForCausalLM._model_mapping[type(config)]
+    base: Any = AutoModelForCausalLM._model_mapping[type(config)]
     return vq_causal_lm_class(base).from_pretrained(path, config=config, **kwargs)
