@@ -58,7 +58,7 @@ import dataclasses
 import functools
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -67,7 +67,7 @@ from torch import Tensor, nn
 
 from leanfit.core.errors import ConfigError, bad_value
 from leanfit.core.io import atomic_dir, atomic_save_tensors, atomic_write_json, read_json
-from leanfit.iapt.config import PEFT_TYPE, IAPTConfig
+from leanfit.iapt.config import PEFT_TYPE, IAPTConfig, check_config
 from leanfit.iapt.generator import PromptGenerator
 from leanfit.iapt.slots import (
     CachedPrompts,
@@ -75,10 +75,13 @@ from leanfit.iapt.slots import (
     IAPTBatch,
     accepts_argument,
     cache_length,
+    check_mask,
+    check_tensor,
     find_layers,
     input_norm,
     insert_at,
     is_causal_lm,
+    shown,
     uses_checkpointing,
 )
 
@@ -101,6 +104,10 @@ class IAPTModel(nn.Module):
 
     def __init__(self, base_model: nn.Module, config: IAPTConfig, adapter_name: str = "default") -> None:
         super().__init__()
+        if not isinstance(base_model, nn.Module):
+            raise TypeError(bad_value("base_model", type(base_model).__name__, "a Hugging Face model (an nn.Module)",
+                                      "load one with transformers, e.g. AutoModelForCausalLM.from_pretrained(...)"))
+        config = check_config(config)
         if getattr(base_model, _HOOKED, False):
             raise ConfigError(bad_value("model", type(base_model).__name__, "a backbone without IAPT hooks",
                                         "add adapters to the existing IAPTModel with add_adapter(), or call its "
@@ -109,7 +116,7 @@ class IAPTModel(nn.Module):
         self.base_model: Any = base_model
         self.layers_path, layers = find_layers(base_model, config.layers_path)
         self.num_layers = len(layers)
-        self.hidden_size = int(cast(Any, base_model).config.hidden_size)
+        self.hidden_size = _backbone_width(base_model)
         self.iapt = nn.ModuleDict()
         self.peft_config: dict[str, IAPTConfig] = {}
         self.active_adapter = adapter_name
@@ -137,6 +144,9 @@ class IAPTModel(nn.Module):
         return list(self.iapt.keys())
 
     def _check_adapter(self, name: str) -> None:
+        if not isinstance(name, str):
+            raise TypeError(bad_value("adapter_name", name, "an adapter name (str): one of "
+                                      + ", ".join(map(repr, self.iapt))))
         if name not in self.iapt:
             raise ConfigError(bad_value("adapter_name", name, "one of " + ", ".join(map(repr, self.iapt)),
                                         "add it with add_adapter(name, config) or load it"))
@@ -155,7 +165,10 @@ class IAPTModel(nn.Module):
 
     def add_adapter(self, adapter_name: str, config: IAPTConfig) -> None:
         """Add a freshly initialised adapter (generators in the backbone's device, float32 or float64)."""
-        if not isinstance(adapter_name, str) or not _ADAPTER_NAME.match(adapter_name):
+        config = check_config(config)
+        if not isinstance(adapter_name, str):
+            raise TypeError(bad_value("adapter_name", adapter_name, "a name (str) of letters, digits, '_' or '-'"))
+        if not _ADAPTER_NAME.match(adapter_name):
             raise ConfigError(bad_value("adapter_name", adapter_name, "letters, digits, '_' or '-'"))
         if adapter_name in self.iapt:
             raise ConfigError(bad_value("adapter_name", adapter_name, "a new name", "delete_adapter() it first"))
@@ -250,24 +263,92 @@ class IAPTModel(nn.Module):
                                             "(prompt) tokens, so the response tokens (the targets) are never "
                                             "pooled into the soft tokens"))
             return attention_mask.bool()
-        if instruction_mask.shape != attention_mask.shape or instruction_mask.is_floating_point():
-            got = f"{instruction_mask.dtype} {tuple(instruction_mask.shape)}"
-            expected = f"a bool tensor of shape {tuple(attention_mask.shape)}"
-            raise ConfigError(bad_value("instruction_mask", got, expected))
-        mask = instruction_mask.bool()
+        mask = check_mask("instruction_mask", instruction_mask, attention_mask.shape, "the shape of input_ids",
+                          attention_mask.device)
         if (mask & ~attention_mask.bool()).any():
-            raise ConfigError(bad_value("instruction_mask", "True at padding", "True only where attention_mask is 1"))
-        empty = (~mask.any(1)).nonzero().flatten()
-        if empty.numel():
-            raise ConfigError(bad_value(f"instruction_mask[{empty[0].item()}]", "all False", "at least one "
-                                        "instruction token per row", "mark the row's instruction tokens True"))
+            raise ConfigError(bad_value("instruction_mask", "True at padding", "True only where attention_mask is 1",
+                                        "mark only real (attended) instruction tokens"))
         return mask
 
     def _check_cached(self, cached: CachedPrompts, batch_size: int) -> None:
         if not isinstance(cached, CachedPrompts):
-            raise ConfigError(bad_value("cached_prompts", type(cached).__name__, "the result of cache_prompts()"))
+            raise TypeError(bad_value("cached_prompts", shown(cached), "the result of cache_prompts()",
+                                      "make it with model.cache_prompts(instruction_ids)"))
         if cached.num_rows not in (1, batch_size):
             raise ConfigError(bad_value("cached_prompts", f"{cached.num_rows} rows", f"1 or {batch_size} rows"))
+
+    def _check_cached_layout(self, cached: CachedPrompts, k: int) -> None:
+        """The cached prompts fit this model and their adapter: (N, k, d) for layers the adapter adapts."""
+        fix = "make them with this model's cache_prompts()"
+        shape = tuple(next(iter(cached.prompts.values())).shape)
+        if shape[1:] != (k, self.hidden_size):
+            raise ConfigError(bad_value("cached_prompts", f"prompts of shape {shape}", f"(N, {k}, {self.hidden_size})"
+                                        f": adapter {cached.adapter_name!r}'s num_soft_tokens and the hidden size",
+                                        fix))
+        adapted = sorted(int(layer) for layer in cast(nn.ModuleDict, self.iapt[cached.adapter_name]))
+        extra = sorted(set(cached.prompts) - set(adapted))
+        if extra:
+            raise ConfigError(bad_value("cached_prompts", f"prompts for layers {extra}", f"prompts for layers of "
+                                        f"adapter {cached.adapter_name!r} ({adapted})", fix))
+
+    def _vocab_size(self) -> int | None:
+        try:
+            embeddings = self.base_model.get_input_embeddings()
+        except (AttributeError, NotImplementedError):
+            return None
+        size = getattr(embeddings, "num_embeddings", None)
+        return size if isinstance(size, int) else None
+
+    def _check_input_ids(self, input_ids: Tensor) -> Tensor:
+        check_tensor("input_ids", input_ids, "tokenize with return_tensors='pt', or wrap the ids in torch.tensor()")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ConfigError(bad_value("input_ids.dtype", input_ids.dtype, "an integer dtype (token ids)",
+                                        "convert it with input_ids.long()"))
+        if input_ids.ndim != 2:
+            raise ConfigError(bad_value("input_ids.shape", tuple(input_ids.shape), "(batch, seq)",
+                                        "add the batch dimension of one row with input_ids[None]"))
+        if 0 in input_ids.shape:
+            raise ConfigError(bad_value("input_ids.shape", tuple(input_ids.shape), "(batch >= 1, seq >= 1)",
+                                        "skip empty batches; every row needs at least its first token"))
+        vocab = self._vocab_size()
+        if vocab is not None:
+            low, high = torch.stack(torch.aminmax(input_ids)).tolist()
+            if low < 0 or high >= vocab:
+                raise ConfigError(bad_value("input_ids", f"ids in [{low}, {high}]", f"token ids in [0, {vocab}), the "
+                                            "backbone's vocabulary", "tokenize with the backbone's tokenizer"))
+        return input_ids
+
+    @staticmethod
+    def _check_attention(attention_mask: Tensor | None, input_ids: Tensor) -> Tensor:
+        if attention_mask is None:
+            return torch.ones_like(input_ids)
+        shape = tuple(input_ids.shape)
+        check_tensor("attention_mask", attention_mask, f"pass a 0/1 tensor of shape {shape}, or None")
+        if tuple(attention_mask.shape) != shape:
+            raise ConfigError(bad_value("attention_mask.shape", tuple(attention_mask.shape), f"{shape}, the shape of "
+                                        "input_ids", "pass the tokenizer's attention_mask"))
+        if attention_mask.device != input_ids.device:
+            raise ConfigError(bad_value("attention_mask.device", str(attention_mask.device), f"{input_ids.device}, "
+                                        "the device of input_ids", f"move it with .to({str(input_ids.device)!r})"))
+        if attention_mask.is_complex() or ((attention_mask != 0) & (attention_mask != 1)).any():
+            raise ConfigError(bad_value("attention_mask", "values other than 0 and 1", "1 at real tokens and 0 at "
+                                        "padding", "pass the tokenizer's attention_mask"))
+        if not attention_mask.bool().any(1).all():
+            raise ConfigError(bad_value("attention_mask", "a row of zeros", "at least one real token per row",
+                                        "drop rows that hold only padding"))
+        return attention_mask
+
+    def _check_labels(self, labels: Tensor | None, input_ids: Tensor) -> None:
+        if labels is None:
+            return
+        b, t = input_ids.shape
+        check_tensor("labels", labels, "pass a tensor: token labels (batch, seq) or one label per row")
+        if labels.ndim == 0 or labels.shape[0] != b:
+            raise ConfigError(bad_value("labels.shape", tuple(labels.shape), f"({b}, ...): one entry per row of "
+                                        "input_ids"))
+        if labels.shape != input_ids.shape and is_causal_lm(self.base_model):
+            raise ConfigError(bad_value("labels.shape", tuple(labels.shape), f"{(b, t)}, the shape of input_ids "
+                                        "(token labels of a causal LM)", "put -100 where a position has no target"))
 
     def expand_inputs(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                       instruction_mask: Tensor | None = None, *, labels: Tensor | None = None,
@@ -276,20 +357,24 @@ class IAPTModel(nn.Module):
         """Insert the placeholders (see the module docstring) and validate the masks and adapter names.
 
         ``input_ids``, ``attention_mask``, ``instruction_mask``: (B, T). ``instruction_mask`` defaults to the
-        attention mask unless token ``labels`` (B, T) are given, when it is required."""
-        if input_ids.ndim != 2:
-            raise ConfigError(bad_value("input_ids.shape", tuple(input_ids.shape), "(batch, seq)"))
+        attention mask unless token ``labels`` (B, T) are given, when it is required. Empty batches (no row or no
+        token) are a ValueError."""
+        input_ids = self._check_input_ids(input_ids)
         b, t = input_ids.shape
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        if attention_mask.shape != (b, t):
-            raise ConfigError(bad_value("attention_mask.shape", tuple(attention_mask.shape), f"({b}, {t})"))
+        attention_mask = self._check_attention(attention_mask, input_ids)
         real = attention_mask.bool()
-        if not real.any(1).all():
-            raise ConfigError(bad_value("attention_mask", "a row of zeros", "at least one real token per row"))
+        self._check_labels(labels, input_ids)
+        if token_type_ids is not None:
+            check_tensor("token_type_ids", token_type_ids, "pass the tokenizer's token_type_ids, or None")
+            if tuple(token_type_ids.shape) != (b, t):
+                raise ConfigError(bad_value("token_type_ids.shape", tuple(token_type_ids.shape), f"{(b, t)}, the "
+                                            "shape of input_ids", "pass the tokenizer's token_type_ids"))
         if cached_prompts is not None:
             self._check_cached(cached_prompts, b)
         groups = self._groups(b, adapter_names, cached_prompts)
         k, slot_position = self._layout(groups)
+        if cached_prompts is not None:
+            self._check_cached_layout(cached_prompts, k)
         instruction = None
         if cached_prompts is None:
             token_labels = labels is not None and labels.shape == input_ids.shape
@@ -493,6 +578,7 @@ class IAPTModel(nn.Module):
         states depend on the whole input, so the cache holds the prompts of the instruction alone."""
         name = self.active_adapter if adapter_name is None else adapter_name
         self._check_adapter(name)
+        input_ids = self._check_input_ids(input_ids)
         batch = self.expand_inputs(input_ids, attention_mask, instruction_mask,
                                    adapter_names=[name] * input_ids.shape[0])
         record: dict[int, Tensor] = {}
@@ -506,6 +592,10 @@ class IAPTModel(nn.Module):
         """One subfolder per adapter with ``adapter_config.json`` (the config, ``peft_type``, backbone id, hidden
         size and layer count) and ``adapter_model.safetensors`` (keys ``iapt.<layer>.<parameter>``); each
         subfolder is replaced atomically."""
+        _check_path("save_directory", save_directory)
+        if adapter_names is not None and (isinstance(adapter_names, str) or not isinstance(adapter_names, Iterable)):
+            raise TypeError(bad_value("adapter_names", adapter_names, "None or a list of adapter names",
+                                      f"for one adapter pass [{adapter_names!r}]"))
         names = self.adapter_names if adapter_names is None else list(adapter_names)
         for name in names:
             self._check_adapter(name)
@@ -520,7 +610,7 @@ class IAPTModel(nn.Module):
                         check_base_model: bool = True) -> IAPTModel:
         """Wrap ``base_model`` with the adapters saved under ``path`` (every subfolder, or only
         ``adapter_name``; ``path`` may also be one adapter's folder). The first adapter loaded is active."""
-        folders = _adapter_folders(Path(path), adapter_name)
+        folders = _adapter_folders(_check_path("path", path), adapter_name)
         configs = [(name, _read_config(folder)) for name, folder in folders]
         for _, config in configs:
             _check_base_model(config, base_model, check_base_model)
@@ -538,7 +628,7 @@ class IAPTModel(nn.Module):
     def load_adapter(self, path: str | os.PathLike, adapter_name: str | None = None, *,
                      check_base_model: bool = True) -> None:
         """Add the adapter saved in ``path`` (an adapter folder, or a folder holding ``adapter_name``)."""
-        for name, folder in _adapter_folders(Path(path), adapter_name):
+        for name, folder in _adapter_folders(_check_path("path", path), adapter_name):
             config = _read_config(folder)
             _check_base_model(config, self.base_model, check_base_model)
             self.add_adapter(name, config)
@@ -562,7 +652,24 @@ class IAPTModel(nn.Module):
         self.iapt[name].load_state_dict(state)
 
 
+def _check_path(param: str, path: Any) -> Path:
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(bad_value(param, path, f"a folder path (str or os.PathLike), got {type(path).__name__}"))
+    return Path(path)
+
+
+def _backbone_width(model: nn.Module) -> int:
+    """The hidden size of a Hugging Face backbone (``config.hidden_size``); a ValueError for other modules."""
+    width = getattr(getattr(model, "config", None), "hidden_size", None)
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1 or next(model.parameters(), None) is None:
+        raise ConfigError(bad_value("base_model", type(model).__name__, "a Hugging Face model: parameters and a "
+                                    "config with hidden_size", "wrap a transformers PreTrainedModel"))
+    return width
+
+
 def _adapter_folders(path: Path, adapter_name: str | None) -> list[tuple[str, Path]]:
+    if adapter_name is not None and not isinstance(adapter_name, str):
+        raise TypeError(bad_value("adapter_name", adapter_name, "None or an adapter name (str)"))
     if (path / CONFIG_NAME).is_file():
         return [(adapter_name or path.name, path)]
     found = sorted(p.name for p in path.iterdir() if (p / CONFIG_NAME).is_file()) if path.is_dir() else []

@@ -1,12 +1,15 @@
 """The slot machinery under :class:`~leanfit.iapt.model.IAPTModel`: where the soft tokens go in a batch
 (:class:`IAPTBatch`, one layout per adapter group), what the layer hooks of one forward share (the row views of
 the injected prompts), prompts kept for decoding (:class:`CachedPrompts`), and what the wrapper reads from a
-backbone (its layer list, input norms, cache length, accepted arguments). It knows no adapter: the model class
-owns the generators, the hooks and saving, as PEFT splits a tuner's model from its layers."""
+backbone (its layer list, input norms, cache length, accepted arguments), and the checks of the tensors a caller
+passes (:func:`check_tensor`, :func:`check_mask`). It knows no adapter: the model class owns the generators, the
+hooks and saving, as PEFT splits a tuner's model from its layers."""
 
 from __future__ import annotations
 
 import functools
+import reprlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,8 +18,66 @@ from torch import Tensor, nn
 
 from leanfit.core.errors import ConfigError, bad_value
 
-__all__ = ["CachedPrompts", "HookState", "IAPTBatch", "RowView", "accepts_argument", "cache_length", "find_layers", "input_norm",
-           "insert_at", "is_causal_lm", "uses_checkpointing"]
+__all__ = ["CachedPrompts", "HookState", "IAPTBatch", "RowView", "accepts_argument", "cache_length", "check_dtype",
+           "check_mask", "check_tensor", "find_layers", "input_norm", "insert_at", "is_causal_lm", "shown",
+           "uses_checkpointing"]
+
+
+class _Shown:
+    """A value shown by a shortened repr in an error message (a long list of token ids stays one line)."""
+
+    def __init__(self, value: Any) -> None:
+        self.text = reprlib.repr(value)
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def shown(value: Any) -> Any:
+    """``value`` itself, or a stand-in whose repr is shortened when the value is a long container."""
+    return _Shown(value) if isinstance(value, list | tuple | dict) else value
+
+
+def check_tensor(name: str, value: Any, fix: str) -> Tensor:
+    """``value`` when it is a tensor; a TypeError naming ``name`` with ``fix`` otherwise."""
+    if not isinstance(value, Tensor):
+        raise TypeError(bad_value(name, shown(value), f"a tensor, got {type(value).__name__}", fix))
+    return value
+
+
+def check_dtype(dtype: Any) -> None:
+    """``dtype`` is None or a floating torch dtype (the generators' parameters train)."""
+    if dtype is None:
+        return
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(bad_value("dtype", dtype, "None or a torch.dtype such as torch.float32"))
+    if not dtype.is_floating_point:
+        raise ConfigError(bad_value("dtype", dtype, "a floating dtype", "use torch.float32 or torch.float64"))
+
+
+def check_mask(name: str, mask: Any, shape: Sequence[int], like: str, device: torch.device | None = None, *,
+               each_row: bool = True) -> Tensor:
+    """``mask`` (bool, or integers 0/1) of ``shape`` as a bool tensor; with ``each_row`` every row must hold a
+    True. ``like`` says where ``shape`` comes from (for the message); a device sync for the value checks."""
+    check_tensor(name, mask, f"pass a bool tensor of shape {tuple(shape)}")
+    if mask.is_floating_point() or mask.is_complex():
+        raise ConfigError(bad_value(f"{name}.dtype", mask.dtype, "bool (or integers 0/1)",
+                                    f"pass {name}=mask.bool()"))
+    if tuple(mask.shape) != tuple(shape):
+        raise ConfigError(bad_value(f"{name}.shape", tuple(mask.shape), f"{tuple(shape)}, {like}"))
+    if device is not None and mask.device != device:
+        raise ConfigError(bad_value(f"{name}.device", str(mask.device), f"{device}, the device of the inputs",
+                                    f"move it with {name}.to({str(device)!r})"))
+    if mask.dtype != torch.bool and ((mask != 0) & (mask != 1)).any():
+        raise ConfigError(bad_value(name, "values other than 0 and 1", "a bool tensor (or integers 0/1)",
+                                    f"pass {name}=mask.bool() if every non-zero marks a True"))
+    mask = mask.bool()
+    if each_row:
+        empty = (~mask.any(dim=1)).nonzero().flatten()
+        if empty.numel():
+            raise ConfigError(bad_value(f"{name}[{empty[0].item()}]", "all False", "at least one True per row "
+                                        "(an instruction token)", "mark the row's instruction (prompt) tokens True"))
+    return mask
 
 
 @dataclass
@@ -27,6 +88,23 @@ class CachedPrompts:
     adapter_name: str
     prompts: dict[int, Tensor]
     gates: dict[int, Tensor] = field(default_factory=dict)  # per layer, adapters with ``prompt_gate``
+
+    def __post_init__(self) -> None:
+        fix = "use the result of IAPTModel.cache_prompts()"
+        if not isinstance(self.adapter_name, str):
+            raise TypeError(bad_value("adapter_name", self.adapter_name, "an adapter name (str)", fix))
+        for name, values in (("prompts", self.prompts), ("gates", self.gates)):
+            layers_ok = isinstance(values, Mapping) and all(isinstance(k, int) and not isinstance(k, bool)
+                                                            for k in values)
+            if not layers_ok or not all(isinstance(v, Tensor) for v in values.values()):
+                raise TypeError(bad_value(name, shown(values), "a dict of layer index (int) -> tensor", fix))
+        if not self.prompts:
+            raise ConfigError(bad_value("prompts", self.prompts, "the prompts of at least one layer", fix))
+        first = next(iter(self.prompts.values())).shape
+        for layer, prompts in self.prompts.items():
+            if prompts.ndim != 3 or prompts.shape != first:
+                raise ConfigError(bad_value(f"prompts[{layer}].shape", tuple(prompts.shape), "(N, k, d), the same "
+                                            f"for every layer (the first is {tuple(first)})", fix))
 
     @property
     def num_rows(self) -> int:
@@ -49,6 +127,22 @@ class IAPTBatch:
     groups: list[tuple[str, Tensor | None]]
     cached: CachedPrompts | None = None
     token_type_ids: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        """Cheap shape checks (no device sync): the batch is made by :meth:`IAPTModel.expand_inputs`."""
+        ids = check_tensor("input_ids", self.input_ids, "use IAPTModel.expand_inputs()")
+        if ids.ndim != 2:
+            raise ConfigError(bad_value("input_ids.shape", tuple(ids.shape), "(batch, seq + k)"))
+        slots = check_tensor("slot_index", self.slot_index, "use IAPTModel.expand_inputs()")
+        b, n = ids.shape
+        if slots.ndim != 2 or slots.shape[0] != b:
+            raise ConfigError(bad_value("slot_index.shape", tuple(slots.shape), f"({b}, k)"))
+        expected = {"attention_mask": (b, n), "position_ids": (b, n), "instruction_mask": (b, n),
+                    "token_type_ids": (b, n), "keep_index": (b, n - slots.shape[1])}
+        for name, shape in expected.items():
+            value = getattr(self, name)
+            if value is not None and tuple(check_tensor(name, value, "use IAPTModel.expand_inputs()").shape) != shape:
+                raise ConfigError(bad_value(f"{name}.shape", tuple(value.shape), f"{shape}, like input_ids"))
 
     @property
     def batch_size(self) -> int:
@@ -112,6 +206,11 @@ def insert_at(values: Tensor, keep: Tensor, slots: Tensor, fill: Tensor | float 
 def find_layers(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
     """The backbone's layer list: the module at dotted ``path``, or else the one ``nn.ModuleList`` holding
     ``config.num_hidden_layers`` modules. Returns (path, list)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(bad_value("model", type(model).__name__, "an nn.Module (a Hugging Face model)"))
+    if path is not None and not isinstance(path, str):
+        raise TypeError(bad_value("layers_path", path, "None or the dotted path of the layer list (str)",
+                                  "for example 'model.layers'"))
     if path is not None:
         try:
             layers = model.get_submodule(path)
