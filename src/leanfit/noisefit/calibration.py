@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator
+import numbers
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from leanfit.core.errors import ConfigError, bad_value
-from leanfit.noisefit.config import CalibrationResult, NoiseFiTConfig
+from leanfit.noisefit.config import CalibrationResult, NoiseFiTConfig, brief, check_int, check_real
 from leanfit.noisefit.injector import NoiseInjector, find_decoder_layers, paper_v1_noise_std, token_noise_std
 from leanfit.noisefit.loss import masked_kl, shifted_completion_mask, statistics_mask
 
@@ -55,23 +56,80 @@ def _calibration_mode(model: nn.Module) -> Iterator[None]:
             module.training = mode
 
 
+def _check_config(config: Any) -> NoiseFiTConfig:
+    if not isinstance(config, NoiseFiTConfig):
+        raise TypeError(bad_value("config", type(config).__name__, "a NoiseFiTConfig",
+                                  "build one with NoiseFiTConfig(...)"))
+    return config
+
+
+def _check_batch(i: int, batch: Any, need_labels: bool) -> None:
+    """One calibration batch: a dict with input_ids (B, T), B >= 1, and (where needed) integer labels of the same
+    shape holding a completion token after the next-token shift."""
+    if not isinstance(batch, dict) or "input_ids" not in batch:
+        raise ConfigError(bad_value("batches", f"item {i} of type {type(batch).__name__}", "dicts with "
+                                    "input_ids, attention_mask and labels"))
+    ids, labels = batch["input_ids"], batch.get("labels")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise TypeError(bad_value("input_ids", f"{brief(ids)} in batch {i}", "a (B, T) tensor of token ids",
+                                  "collate the batch into tensors"))
+    if ids.numel() == 0:
+        raise ConfigError(bad_value("batches", f"batch {i} of shape {tuple(ids.shape)}", "non-empty batches (B >= 1 "
+                                    "rows of T >= 2 tokens)", "drop the empty batch"))
+    for key in ("labels", "attention_mask"):
+        value = batch.get(key)
+        if value is not None and (not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(ids.shape)):
+            raise ConfigError(bad_value(key, f"{brief(value)} in batch {i}", f"the shape of input_ids "
+                                        f"{tuple(ids.shape)}", "collate labels and attention_mask with input_ids"))
+    if labels is not None and (labels.dtype == torch.bool or labels.dtype.is_floating_point):
+        raise TypeError(bad_value("labels", f"{brief(labels)} in batch {i}", "an integer tensor (-100 = ignored)",
+                                  "convert it with .long()"))
+    if need_labels and (labels is None or not bool(shifted_completion_mask(labels).any())):
+        raise ConfigError(bad_value("batches", f"batch {i} with no completion token", "batches whose labels "
+                                    "hold at least one token != -100 after the next-token shift"))
+
+
 def _check_batches(batches: Iterable[dict[str, Any]], config: NoiseFiTConfig, device: torch.device) -> list[dict]:
+    if isinstance(batches, Mapping | torch.Tensor | str) or not isinstance(batches, Iterable):
+        raise TypeError(bad_value("batches", brief(batches) if isinstance(batches, torch.Tensor) else
+                                  type(batches).__name__, "an iterable of batch dicts (a list or a DataLoader)",
+                                  "wrap a single batch in a list: [batch]"))
     n_use = 1 if config.paper_v1 else config.calib_batches
     out = []
     for i, batch in enumerate(batches):
         if i >= n_use:
             break
-        if not isinstance(batch, dict) or "input_ids" not in batch:
-            raise ConfigError(bad_value("batches", f"item {i} of type {type(batch).__name__}", "dicts with "
-                                        "input_ids, attention_mask and labels"))
-        labels = batch.get("labels")
-        if batch["input_ids"].numel() == 0 or (not config.paper_v1 and (
-                labels is None or not bool(shifted_completion_mask(labels).any()))):
-            raise ConfigError(bad_value("batches", f"batch {i} with no completion token", "batches whose labels "
-                                        "hold at least one token != -100 after the next-token shift"))
+        _check_batch(i, batch, need_labels=not config.paper_v1)
         out.append({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
     if not out:
         raise ConfigError(bad_value("batches", "an empty list", "at least one training batch"))
+    return out
+
+
+def _check_batch_list(batches: Any, need_labels: bool) -> None:
+    """The ``batches`` of :func:`snr_scores` and :func:`propagated_kl`: a non-empty list of valid batches."""
+    if isinstance(batches, Mapping | str) or not isinstance(batches, Sequence):
+        raise TypeError(bad_value("batches", type(batches).__name__, "a list of batch dicts",
+                                  "wrap a single batch in a list: [batch]"))
+    if not batches:
+        raise ConfigError(bad_value("batches", batches, "at least one batch", "pass the calibration batches"))
+    for i, batch in enumerate(batches):
+        _check_batch(i, batch, need_labels)
+
+
+def _check_pairs(pairs: Any, n_layers: int) -> list[tuple[int, float]]:
+    expected = f"a list of (layer, scale) pairs, layer in [0, {n_layers}) and scale > 0 finite"
+    if isinstance(pairs, Mapping | str) or not isinstance(pairs, Iterable):
+        raise TypeError(bad_value("pairs", pairs, expected, "pass e.g. [(0, 0.05), (1, 0.1)]"))
+    pairs, out = list(pairs), []
+    for pair in pairs:
+        if not (isinstance(pair, tuple | list) and len(pair) == 2) or any(isinstance(v, bool) for v in pair) or \
+                not (isinstance(pair[0], numbers.Integral) and isinstance(pair[1], numbers.Real)):
+            raise TypeError(bad_value("pairs", pairs, expected, "pass e.g. [(0, 0.05), (1, 0.1)]"))
+        layer, scale = int(pair[0]), float(pair[1])
+        if not (0 <= layer < n_layers and math.isfinite(scale) and scale > 0):
+            raise ConfigError(bad_value("pairs", pairs, expected, f"the model has {n_layers} decoder blocks"))
+        out.append((layer, scale))
     return out
 
 
@@ -85,7 +143,11 @@ def snr_scores(model: nn.Module, batches: list[dict[str, Any]], config: NoiseFiT
     """Per-layer SNR mean|h| / (mean|noise| + 1e-6), noise drawn directly on each block's clean output.
 
     leanfit: valid tokens = :func:`statistics_mask`, noise = :func:`token_noise_std` at ``rel_noise``; paper_v1:
-    every position and the v1 probe noise (base ``rel_noise * std(h)``). Put the model in eval mode first."""
+    every position and the v1 probe noise (base ``rel_noise * std(h)``). Put the model in eval mode first.
+    batches: a non-empty list (as for :func:`calibrate`, all used); n_draws >= 1."""
+    config = _check_config(config)
+    n_draws = check_int("n_draws", n_draws, ge=1, fix=f"the reference uses {SNR_DRAWS}")
+    _check_batch_list(batches, need_labels=not config.paper_v1)
     blocks = find_decoder_layers(model)
     signal, noise, count = [0.0] * len(blocks), [0.0] * len(blocks), [0] * len(blocks)
     captured: dict[int, torch.Tensor] = {}
@@ -130,11 +192,15 @@ def propagated_kl(model: nn.Module, batches: list[dict[str, Any]], config: Noise
                   pairs: list[tuple[int, float]]) -> dict[tuple[int, float], float]:
     """Symmetric KL between clean and noisy next-token distributions on the completion tokens, for each
     (layer, relative scale) in ``pairs``, noise at that layer only. Put the model in eval mode first (the
-    injector is forced on), or dropout adds to the measured KL."""
+    injector is forced on), or dropout adds to the measured KL. batches: a non-empty list of batches with
+    labels; a repeated pair is measured once."""
+    config = _check_config(config)
+    pairs = _check_pairs(pairs, len(find_decoder_layers(model)))
+    _check_batch_list(batches, need_labels=True)
     sums = dict.fromkeys(pairs, 0.0)
     tokens = 0
     by_layer: dict[int, list[float]] = {}
-    for layer, scale in pairs:
+    for layer, scale in sums:  # distinct pairs, in order
         by_layer.setdefault(layer, []).append(scale)
     for b, batch in enumerate(batches):
         inputs, labels = _inputs(batch), batch["labels"]
@@ -159,7 +225,12 @@ def propagated_kl(model: nn.Module, batches: list[dict[str, Any]], config: Noise
 
 def scale_for_target(scales: list[float], kls: list[float], target: float) -> float:
     """The scale where KL reaches ``target``: log-log interpolation between the first pair of ascending grid
-    scales whose KLs bracket it; the smallest (largest) scale when every KL is above (below) the target."""
+    scales whose KLs bracket it; the smallest (largest) scale when every KL is above (below) the target.
+
+    scales: finite, > 0; kls: as many finite values (ones below 1e-30, rounding errors of a zero KL included, count
+    as 1e-30); target: finite, >= 0."""
+    _check_grid(scales, kls)
+    check_real("target", target, ge=0, fix="pass the KL to reach, e.g. the median KL of the kept layers")
     order = sorted(range(len(scales)), key=lambda i: scales[i])
     s = [scales[i] for i in order]
     k = [max(kls[i], 1e-30) for i in order]
@@ -173,6 +244,20 @@ def scale_for_target(scales: list[float], kls: list[float], target: float) -> fl
             frac = (math.log(target) - math.log(lo)) / (math.log(hi) - math.log(lo))
             return math.exp(math.log(s[i]) + frac * (math.log(s[i + 1]) - math.log(s[i])))
     return s[-1]
+
+
+def _check_grid(scales: Any, kls: Any) -> None:
+    for name, values in (("scales", scales), ("kls", kls)):
+        if isinstance(values, str | bytes | Mapping) or not isinstance(values, Sequence):
+            raise TypeError(bad_value(name, values, "a list of numbers"))
+    if not scales:
+        raise ConfigError(bad_value("scales", scales, "at least one scale", "pass the grid of relative scales"))
+    for s in scales:
+        check_real("scales", s, gt=0, shown=scales, fix="relative noise scales are positive")
+    if len(kls) != len(scales):
+        raise ConfigError(bad_value("kls", kls, f"{len(scales)} values, one per scale"))
+    for k in kls:
+        check_real("kls", k, shown=kls, fix="measure the KL of every scale on finite logits")
 
 
 def _median(values: list[float]) -> float:
@@ -192,9 +277,11 @@ def calibrate(model: nn.Module, batches: Iterable[dict[str, Any]], config: Noise
 
     batches: dicts with ``input_ids``, ``attention_mask``, ``labels`` (B, T) as for training; the first
     ``config.calib_batches`` are used (one under ``paper_v1``), moved to the model's device."""
+    config = _check_config(config)
     blocks = find_decoder_layers(model)
     n_layers, spec = len(blocks), config.layer_spec()
-    device = next(model.parameters()).device
+    param = next(iter(model.parameters()), None)
+    device = torch.device("cpu") if param is None else param.device
     used = _check_batches(batches, config, device)
     if spec.kind == "explicit" and max(spec.indices) >= n_layers:
         raise ConfigError(bad_value("layers", config.layers, f"indices in [0, {n_layers})"))

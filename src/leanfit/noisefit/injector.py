@@ -37,7 +37,8 @@ recomputation, and run ``backward()`` inside the ``noisy()`` block so that the r
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+import numbers
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -45,7 +46,7 @@ import torch
 from torch import nn
 
 from leanfit.core.errors import ConfigError, bad_value
-from leanfit.noisefit.config import CalibrationResult, NoiseFiTConfig
+from leanfit.noisefit.config import CalibrationResult, NoiseFiTConfig, brief, check_int, check_real
 
 __all__ = ["NoiseInjector", "find_decoder_layers", "paper_v1_noise_std", "token_noise_std", "unwrap_model"]
 
@@ -58,6 +59,9 @@ _MAD_TO_STD = 1.4826  # MAD -> standard deviation for Gaussian values
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The bare model under PEFT (``get_base_model()``), DDP/DataParallel (``.module``) and ``torch.compile``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(bad_value("model", type(model).__name__, "a torch.nn.Module (a causal LM)",
+                                  "pass the model object, e.g. AutoModelForCausalLM.from_pretrained(...)"))
     for _ in range(8):
         if hasattr(model, "get_base_model") and callable(model.get_base_model):
             inner = model.get_base_model()
@@ -129,6 +133,25 @@ def _winsorized(h: torch.Tensor, k: float = _WINSOR_K) -> tuple[torch.Tensor, to
     return median, mad, torch.maximum(torch.minimum(h, median + spread), median - spread)
 
 
+def _check_hidden(hidden: Any, min_d: int) -> None:
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(bad_value("hidden", type(hidden).__name__, "a torch tensor (B, T, d)",
+                                  "pass a decoder block's output hidden states"))
+    if not hidden.dtype.is_floating_point:
+        raise TypeError(bad_value("hidden", brief(hidden), "a floating-point tensor", "convert it with .float()"))
+    if hidden.dim() != 3 or hidden.shape[-1] < min_d:
+        raise ConfigError(bad_value("hidden", brief(hidden), f"a tensor (B, T, d) with d >= {min_d} channels",
+                                    "add the missing dimensions, e.g. hidden[None] for one sequence (T, d)"))
+    if not bool(torch.isfinite(hidden.detach()).all()):
+        raise ConfigError(bad_value("hidden", brief(hidden), "finite values (no NaN or infinity)",
+                                    "check the model's activations for a diverged run"))
+
+
+def _check_shape_args(beta: Any, max_factor: Any) -> None:
+    check_real("beta", beta, ge=0, fix="the default is 0.1")
+    check_real("max_factor", max_factor, gt=0, fix="the default is 5.0")
+
+
 def token_noise_std(hidden: torch.Tensor, token_mask: torch.Tensor | None = None, *, scale: float,
                     token_adaptive: bool = True, beta: float = 0.1,
                     max_factor: float = 5.0) -> torch.Tensor:
@@ -136,7 +159,28 @@ def token_noise_std(hidden: torch.Tensor, token_mask: torch.Tensor | None = None
 
     ``token_mask`` (B, T) bool marks the valid tokens whose variances form the mean variance of the token
     factor (None = all; no valid token = all). RMS and variance are those of the token's winsorised channels
-    (see :func:`_winsorized`). See the module docstring for the formula."""
+    (see :func:`_winsorized`). See the module docstring for the formula. scale >= 0, beta >= 0, max_factor > 0
+    (finite); ``hidden`` must be finite."""
+    _check_hidden(hidden, min_d=1)
+    if token_mask is not None:
+        if not isinstance(token_mask, torch.Tensor) or token_mask.dtype != torch.bool:
+            raise TypeError(bad_value("token_mask", brief(token_mask), "a bool tensor (B, T) or None",
+                                      "build it with labels != -100 or statistics_mask(labels)"))
+        if tuple(token_mask.shape) != tuple(hidden.shape[:2]):
+            raise ConfigError(bad_value("token_mask", brief(token_mask), f"shape (B, T)={tuple(hidden.shape[:2])}, "
+                                        "that of hidden"))
+    check_real("scale", scale, ge=0, fix="pass the relative noise, e.g. scale=0.05")
+    if not isinstance(token_adaptive, bool):
+        raise TypeError(bad_value("token_adaptive", token_adaptive, "True or False"))
+    _check_shape_args(beta, max_factor)
+    return _token_noise_std(hidden, token_mask, scale, token_adaptive, beta, max_factor)
+
+
+def _token_noise_std(hidden: torch.Tensor, token_mask: torch.Tensor | None, scale: float, token_adaptive: bool,
+                     beta: float, max_factor: float) -> torch.Tensor:
+    """:func:`token_noise_std` without the checks of its arguments (the injector checked them once)."""
+    if hidden.shape[0] * hidden.shape[1] == 0:  # no token: nothing to measure (and no empty-reduction warnings)
+        return hidden.new_zeros((*hidden.shape[:2], hidden.shape[2] if token_adaptive else 1), dtype=torch.float32)
     h = hidden.detach().float()
     median, mad, clipped = _winsorized(h)
     rms = clipped.pow(2).mean(-1, keepdim=True).sqrt()
@@ -156,11 +200,22 @@ def paper_v1_noise_std(hidden: torch.Tensor, base: float, *, beta: float = 0.1,
                        max_factor: float = 5.0) -> torch.Tensor:
     """The reference v1 per-element std ``base * MAD_t * exp(-beta|h - med_t|/MAD_t) * min(exp(var_t/mean var), 5)``.
 
-    hidden: (B, T, d) -> (B, T, d) float32, differentiable in ``hidden`` as in the reference (no detach);
-    statistics over every token, padding included. The reference's ``base`` is ``noise_std * std(h)`` in its SNR
-    probe but ``noise_std**2 * std(h)`` in training (``noise_std`` applied twice), with std over the whole tensor;
-    MAD_t makes the noise grow with the square of the activation size."""
+    hidden: (B, T, d) with d >= 2 (the variance is unbiased) -> (B, T, d) float32, differentiable in ``hidden`` as
+    in the reference (no detach); statistics over every token, padding included. The reference's ``base`` is
+    ``noise_std * std(h)`` in its SNR probe but ``noise_std**2 * std(h)`` in training (``noise_std`` applied
+    twice), with std over the whole tensor; MAD_t makes the noise grow with the square of the activation size.
+    base >= 0, beta >= 0, max_factor > 0 (finite); ``hidden`` must be finite."""
+    _check_hidden(hidden, min_d=2)
+    check_real("base", base, ge=0, fix="pass noise_std * std(h), e.g. 0.1 * float(hidden.std())")
+    _check_shape_args(beta, max_factor)
+    return _paper_v1_noise_std(hidden, base, beta, max_factor)
+
+
+def _paper_v1_noise_std(hidden: torch.Tensor, base: float, beta: float, max_factor: float) -> torch.Tensor:
+    """:func:`paper_v1_noise_std` without the checks of its arguments."""
     h = hidden.float()
+    if h.shape[0] * h.shape[1] == 0:  # no token (and no empty-reduction warnings); keeps the graph
+        return h * 0.0
     var = h.var(-1, keepdim=True)
     factor = torch.exp(var / (var.mean() + _V1_EPS)).clamp(max=max_factor)
     median = h.median(-1, keepdim=True).values
@@ -182,12 +237,19 @@ class _NoiseState:
 def _as_rows(rows: Any) -> torch.Tensor | None:
     if rows is None:
         return None
-    rows = torch.as_tensor(rows)
     if rows.dtype == torch.bool:
         return rows.reshape(-1).nonzero().reshape(-1)
     if rows.dtype.is_floating_point or rows.dim() > 1:
         raise ConfigError(bad_value("rows", rows, "a bool mask (B,) or a 1-D tensor of row indices"))
     return rows.long()
+
+
+def _rows_tensor(rows: Any) -> torch.Tensor:
+    try:
+        return torch.as_tensor(rows)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(bad_value("rows", rows, "a bool mask (B,) or a 1-D tensor of row indices", "pass e.g. "
+                                  "torch.arange(B, 2 * B)")) from None
 
 
 def _rows_for(rows: torch.Tensor | None, raw_len: int | None, batch: int, device: torch.device) -> torch.Tensor | None:
@@ -198,6 +260,17 @@ def _rows_for(rows: torch.Tensor | None, raw_len: int | None, batch: int, device
     if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= batch):
         raise ConfigError(bad_value("rows", rows.tolist(), f"row indices in [0, {batch})"))
     return rows.to(device)
+
+
+def _check_mask_arg(name: str, mask: Any) -> None:
+    """A token mask argument: None or a 2-D tensor (its (batch, seq) shape is checked at the forward)."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(bad_value(name, type(mask).__name__, "a bool tensor (B, T) or None",
+                                  "build it with torch.tensor(...) or from the labels/attention mask"))
+    if mask.dim() != 2:
+        raise ConfigError(bad_value(name, brief(mask), "a tensor of shape (B, T)", "one flag per token of the batch"))
 
 
 def _mask_for(mask: torch.Tensor | None, name: str, shape: tuple[int, int],
@@ -221,14 +294,14 @@ class NoiseInjector:
     def __init__(self, model: nn.Module, config: NoiseFiTConfig, layers: Sequence[int] | None = None,
                  scales: Mapping[int, float] | None = None, *,
                  generator: Literal["private", "global"] = "private") -> None:
+        if not isinstance(config, NoiseFiTConfig):
+            raise TypeError(bad_value("config", type(config).__name__, "a NoiseFiTConfig",
+                                      "build one with NoiseFiTConfig(layers=..., rel_noise=...)"))
         self.config = config
         blocks = find_decoder_layers(model)
         self.layers = self._check_layers(config, layers, len(blocks))
         self.scales: dict[int, float] = {i: float(config.rel_noise) for i in self.layers}
-        for i, s in (scales or {}).items():
-            if i not in self.scales or not s > 0:
-                raise ConfigError(bad_value("scales", dict(scales or {}), f"positive scales for layers {self.layers}"))
-            self.scales[i] = float(s)
+        self.scales.update(self._check_scales(scales, self.layers))
         if generator not in ("private", "global"):
             raise ConfigError(bad_value("generator", generator, "'private' or 'global'"))
         self.generator_kind = generator
@@ -255,16 +328,42 @@ class NoiseInjector:
                                             "run calibrate(model, batches, config) and pass layers=result.layers, "
                                             "scales=result.scales (or NoiseInjector.from_calibration)"))
             layers = spec.indices
-        layers = tuple(int(i) for i in layers)
+        if isinstance(layers, str | bytes | Mapping) or not isinstance(layers, Iterable):
+            raise TypeError(bad_value("layers", brief(layers), "a sequence of decoder block indices (ints)",
+                                      'pass e.g. layers=[0, 2]; a string such as "0,2" goes in '
+                                      "NoiseFiTConfig(layers=...)"))
+        given = list(layers)
+        try:
+            layers = tuple(check_int("layers", i) for i in given)
+        except TypeError:
+            raise TypeError(bad_value("layers", given, "a sequence of decoder block indices (ints)",
+                                      "pass e.g. layers=[0, 2]")) from None
         if not layers or len(set(layers)) != len(layers) or any(not 0 <= i < n_blocks for i in layers):
             raise ConfigError(bad_value("layers", list(layers), f"distinct indices in [0, {n_blocks}) (the model "
                                         f"has {n_blocks} decoder blocks)"))
         return tuple(sorted(layers))
 
+    @staticmethod
+    def _check_scales(scales: Mapping[int, float] | None, layers: tuple[int, ...]) -> dict[int, float]:
+        if scales is None:
+            return {}
+        if not isinstance(scales, Mapping):
+            raise TypeError(bad_value("scales", brief(scales), "a dict {layer: relative noise scale} or None",
+                                      "pass e.g. scales={0: 0.05}"))
+        shown: dict[Any, Any] = dict(scales)
+        out: dict[int, float] = {}
+        for i, s in scales.items():
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i not in layers:
+                raise ConfigError(bad_value("scales", shown, f"positive scales for layers {layers}"))
+            out[int(i)] = check_real("scales", s, gt=0, shown=shown, fix=f"positive finite scales for layers {layers}")
+        return out
+
     # ----------------------------------------------------------------------------------------------- activation
     def set_token_mask(self, mask: torch.Tensor | None, noise_mask: torch.Tensor | None = None) -> None:
         """Default masks for later :meth:`noisy` blocks: ``mask`` (B, T) bool = valid tokens for the statistics,
         ``noise_mask`` (B, T) bool = positions that receive noise (None = all)."""
+        _check_mask_arg("mask", mask)
+        _check_mask_arg("noise_mask", noise_mask)
         self._token_mask, self._noise_mask = mask, noise_mask
 
     @contextlib.contextmanager
@@ -276,7 +375,11 @@ class NoiseInjector:
         :meth:`set_token_mask`, for this block only. Masks have the shape of the whole batch, not of ``rows``."""
         if not self._handles:
             raise RuntimeError("this NoiseInjector was removed; build a new one")
-        raw = None if rows is None else torch.as_tensor(rows)
+        _check_mask_arg("token_mask", token_mask)
+        _check_mask_arg("noise_mask", noise_mask)
+        if not isinstance(force, bool):
+            raise TypeError(bad_value("force", force, "True or False"))
+        raw = None if rows is None else _rows_tensor(rows)
         rows_len = raw.numel() if raw is not None and raw.dtype == torch.bool else None
         token_mask = self._token_mask if token_mask is None else token_mask
         noise_mask = self._noise_mask if noise_mask is None else noise_mask
@@ -292,8 +395,8 @@ class NoiseInjector:
         return self._state is not None
 
     def reseed(self, seed: int | None = None) -> None:
-        """Restart the private generators from ``seed`` (default ``config.seed``)."""
-        self._seed = int(self.config.seed if seed is None else seed)
+        """Restart the private generators from ``seed`` (default ``config.seed``; an integer >= 0)."""
+        self._seed = int(self.config.seed) if seed is None else check_int("seed", seed, ge=0, lt=2**63)
         self._generators.clear()
 
     @property
@@ -362,9 +465,8 @@ class NoiseInjector:
         cfg, scale = self.config, self.scales[layer]
         if cfg.paper_v1:  # training noise: noise_std applied twice, as the reference's hook does
             base = scale * scale * sub.detach().float().std().item()
-            return paper_v1_noise_std(sub, base, beta=cfg.robust_beta, max_factor=cfg.max_token_factor)
-        return token_noise_std(sub, tmask, scale=scale, token_adaptive=cfg.token_adaptive, beta=cfg.robust_beta,
-                               max_factor=cfg.max_token_factor)
+            return _paper_v1_noise_std(sub, base, cfg.robust_beta, cfg.max_token_factor)
+        return _token_noise_std(sub, tmask, scale, cfg.token_adaptive, cfg.robust_beta, cfg.max_token_factor)
 
     @torch.no_grad()
     def _record(self, layer: int, sub: torch.Tensor, noise: torch.Tensor, tmask: torch.Tensor | None) -> None:

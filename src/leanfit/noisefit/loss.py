@@ -26,6 +26,7 @@ maintained package provides R-Drop for Hugging Face causal LMs; it reuses the sa
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanfit.core.errors import ConfigError, bad_value
-from leanfit.noisefit.config import NoiseFiTConfig
+from leanfit.noisefit.config import NoiseFiTConfig, brief, check_real
 from leanfit.noisefit.injector import NoiseInjector
 
 __all__ = [
@@ -67,8 +68,21 @@ class RDropLossOutput(NamedTuple):
     logits: torch.Tensor
 
 
+def _check_labels_tensor(labels: Any) -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(bad_value("labels", type(labels).__name__, "a (B, T) tensor of token ids (-100 = ignored)",
+                                  "collate the batch into tensors"))
+    if labels.dtype == torch.bool or labels.dtype.is_floating_point or labels.dtype.is_complex:
+        raise TypeError(bad_value("labels", brief(labels), "an integer tensor (-100 = ignored)", "convert it with "
+                                  ".long()"))
+    if labels.dim() != 2:
+        raise ConfigError(bad_value("labels", brief(labels), "a tensor of shape (B, T)", "add the batch dimension, "
+                                    "e.g. labels[None] for one sequence"))
+
+
 def shifted_completion_mask(labels: torch.Tensor) -> torch.Tensor:
     """labels (B, T) with -100 on ignored tokens -> (B, T-1) bool: logits position t predicts a completion token."""
+    _check_labels_tensor(labels)
     return labels[:, 1:] != -100
 
 
@@ -89,25 +103,98 @@ def masked_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor
               temperature: float = 1.0, num_items: float | torch.Tensor | None = None) -> torch.Tensor:
     """Token-averaged KL(softmax(p/T) || softmax(q/T)) over the positions where ``mask`` is True.
 
-    p_logits, q_logits: (..., V); mask: (...) bool (None = every position). The sum over masked positions is
-    divided by their number, or by ``num_items`` when given. No T^2 factor; gradients reach both arguments
-    (detach ``p_logits`` for a fixed target). Computed in float32."""
+    p_logits, q_logits: (..., V) floating, V >= 1, finite at the selected positions; mask: (...) bool (None =
+    every position). The sum over masked positions is divided by their number, or by ``num_items`` (> 0) when
+    given; selecting no position is an error unless ``num_items`` is given (the KL is then 0). No T^2 factor
+    (T > 0); gradients reach both arguments (detach ``p_logits`` for a fixed target). Computed in float32."""
+    _check_logit_pair(p_logits, q_logits)
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(bad_value("mask", brief(mask), "a bool tensor or None", "build it with labels != -100 "
+                                      "(an integer mask would index rows instead of selecting them)"))
+        if tuple(mask.shape) != tuple(p_logits.shape[:-1]):
+            raise ConfigError(bad_value("mask", brief(mask), f"the shape of the logits without V, "
+                                        f"{tuple(p_logits.shape[:-1])}"))
+    check_real("temperature", temperature, gt=0, fix="the default is 1.0")
+    if num_items is not None:
+        _check_count("num_items", num_items)
     if mask is not None:
         p_logits, q_logits = p_logits[mask], q_logits[mask]
-    kl = _kl_rows(p_logits.reshape(-1, p_logits.shape[-1]), q_logits.reshape(-1, q_logits.shape[-1]), temperature)
+    p_rows, q_rows = p_logits.reshape(-1, p_logits.shape[-1]), q_logits.reshape(-1, q_logits.shape[-1])
+    if p_rows.shape[0] == 0 and num_items is None:
+        raise ConfigError(bad_value("mask", "no position selected", "at least one position to average over",
+                                    "pass num_items=... to get 0 for an empty selection"))
+    for name, rows in (("p_logits", p_rows), ("q_logits", q_rows)):
+        if not bool(torch.isfinite(rows.detach()).all()):
+            raise ConfigError(bad_value(name, brief(rows), "finite logits at the selected positions",
+                                        "mask out the positions whose logits are not finite"))
+    kl = _kl_rows(p_rows, q_rows, temperature)
     denom = kl.numel() if num_items is None else num_items
     return kl.sum() / denom
 
 
-def _check_labels(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_logit_pair(p_logits: Any, q_logits: Any) -> None:
+    for name, logits in (("p_logits", p_logits), ("q_logits", q_logits)):
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(bad_value(name, type(logits).__name__, "a tensor of logits (..., V)"))
+        if not logits.dtype.is_floating_point:
+            raise TypeError(bad_value(name, brief(logits), "a floating-point tensor", "convert it with .float()"))
+    if p_logits.dim() == 0 or p_logits.shape[-1] == 0:
+        raise ConfigError(bad_value("p_logits", brief(p_logits), "logits (..., V) with V >= 1"))
+    if q_logits.shape != p_logits.shape:
+        raise ConfigError(bad_value("q_logits", brief(q_logits), f"the shape of p_logits {tuple(p_logits.shape)}"))
+
+
+def _check_count(name: str, value: Any) -> None:
+    """A token count to divide by: a number or a one-element tensor, finite and > 0."""
+    fix = "pass the number of completion tokens, or None to average over the selected ones"
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool:
+            raise ConfigError(bad_value(name, brief(value), "a number or a one-element tensor", fix))
+        check_real(name, float(value), gt=0, shown=value, fix=fix)
+    else:
+        check_real(name, value, gt=0, fix=fix)
+
+
+def _check_labels(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The labels (B, T) of a batch and their shifted completion mask; checks the batch's shapes."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(bad_value("batch", type(batch).__name__, "a dict with input_ids, attention_mask and labels",
+                                  "pass the collated batch"))
     labels = batch.get("labels")
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
-        raise ConfigError(bad_value("labels", type(labels).__name__, "a (B, T) tensor in batch['labels']"))
+    if labels is None:
+        raise ConfigError(bad_value("labels", "NoneType", "a (B, T) tensor in batch['labels']", "the collator must "
+                                    "add labels (-100 = ignored)"))
+    _check_labels_tensor(labels)
+    if labels.dtype != torch.long:
+        raise TypeError(bad_value("labels", brief(labels), "an integer tensor of dtype int64 (-100 = ignored)",
+                                  "convert it with .long()"))
+    if labels.numel() == 0:
+        raise ConfigError(bad_value("labels", f"an empty batch of shape {tuple(labels.shape)}", "B >= 1 rows of "
+                                    "T >= 2 tokens", "skip empty batches"))
+    shape = tuple(labels.shape)
+    ids, embeds, attention = batch.get("input_ids"), batch.get("inputs_embeds"), batch.get("attention_mask")
+    for key, value in (("input_ids", ids), ("inputs_embeds", embeds)):
+        if isinstance(value, torch.Tensor) and tuple(value.shape[:2]) != shape:
+            raise ConfigError(bad_value("labels", brief(labels), f"the (B, T) shape of {key} "
+                                        f"{tuple(value.shape[:2])}", "collate labels with the inputs (unshifted)"))
+    if isinstance(attention, torch.Tensor) and tuple(attention.shape) != shape:
+        raise ConfigError(bad_value("attention_mask", brief(attention), f"the shape of labels {shape}",
+                                    "collate the attention mask with the inputs"))
     mask = shifted_completion_mask(labels)
     if not bool(mask.any()):
         raise ConfigError(bad_value("labels", "all -100 after the next-token shift", "at least one completion "
                                     "token", "check the collator's prompt masking and truncation"))
     return labels, mask
+
+
+def _check_logits(logits: Any, labels: torch.Tensor, copies: int) -> None:
+    """The model's logits: (copies * B, T, V) for labels (B, T)."""
+    expected = (copies * labels.shape[0], labels.shape[1])
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or tuple(logits.shape[:2]) != expected:
+        raise ConfigError(bad_value("logits", brief(logits), f"(B, T, V) logits with (B, T)={expected} from the "
+                                    f"model, to match labels of shape {tuple(labels.shape)}", "the model must "
+                                    "return one logit vector per input position (unshifted, untruncated)"))
 
 
 def _model_inputs(batch: dict[str, Any], repeat: int = 1) -> dict[str, Any]:
@@ -150,12 +237,18 @@ def noisefit_loss(model: nn.Module, batch: dict[str, Any], injector: NoiseInject
     model: the model as given by ``Trainer.compute_loss`` (PEFT- or accelerate-wrapped is fine); batch: dict
     with ``input_ids`` (B, T), ``attention_mask`` (B, T) and ``labels`` (B, T) in Hugging Face's convention
     (unshifted, -100 = ignored), other keys passed to the model; injector: hooks on the model (unused, may be
-    None, when ``alpha=1, lam=0``); num_items_in_batch: token count of the whole accumulated batch."""
+    None, when ``alpha=1, lam=0``); num_items_in_batch: token count of the whole accumulated batch (> 0)."""
+    if not isinstance(config, NoiseFiTConfig):
+        raise TypeError(bad_value("config", type(config).__name__, "a NoiseFiTConfig",
+                                  "build one with NoiseFiTConfig(...)"))
     labels, mask = _check_labels(batch)
+    if num_items_in_batch is not None:
+        _check_count("num_items_in_batch", num_items_in_batch)
     if config.paper_v1:
         return _paper_v1_loss(model, batch, injector, config, labels)
     if config.alpha == 1.0 and config.lam == 0.0:
         logits = model(**_model_inputs(batch)).logits
+        _check_logits(logits, labels, 1)
         ce = _ce(logits, labels, mask, num_items_in_batch)
         zero = ce.new_zeros(())
         return NoiseFiTLossOutput(ce, ce, zero, zero, logits)
@@ -167,6 +260,7 @@ def noisefit_loss(model: nn.Module, batch: dict[str, Any], injector: NoiseInject
     noise_mask = None if attention is None else attention.bool().repeat(k + 1, 1)
     with injector.noisy(rows=rows, token_mask=token_mask, noise_mask=noise_mask):
         logits = model(**_model_inputs(batch, k + 1)).logits
+    _check_logits(logits, labels, k + 1)
     clean, *noisy = _branch_rows(logits, mask, k + 1)  # (N, V) each
     ce = _ce_rows(clean, labels, mask, num_items_in_batch)
     denom = mask.sum() if num_items_in_batch is None else num_items_in_batch
@@ -199,6 +293,7 @@ def _paper_v1_loss(model: nn.Module, batch: dict[str, Any], injector: NoiseInjec
     injector = _check_injector(injector, config)
     outputs = model(**batch)  # the model's own loss on the labels as given
     logits, inputs = outputs.logits, _model_inputs(batch)
+    _check_logits(logits, labels, 1)
     with injector.noisy():
         noisy1 = model(**inputs).logits
         noisy2 = model(**inputs).logits
@@ -224,12 +319,14 @@ def rdrop_loss(model: nn.Module, batch: dict[str, Any], alpha: float,
 
     No maintained package provides R-Drop for Hugging Face causal LMs, hence this function. Needs the model in
     training mode with dropout > 0 to regularise anything (otherwise the KL is 0). batch: as in
-    :func:`noisefit_loss`."""
-    if not alpha >= 0:
-        raise ConfigError(bad_value("alpha", alpha, "a KL weight >= 0", "R-Drop's papers use 0.3 to 5"))
+    :func:`noisefit_loss`; alpha: the KL weight (finite, >= 0)."""
+    check_real("alpha", alpha, ge=0, fix="R-Drop's papers use 0.3 to 5")
     labels, mask = _check_labels(batch)
+    if num_items_in_batch is not None:
+        _check_count("num_items_in_batch", num_items_in_batch)
     n_rows = labels.shape[0]
     logits = model(**_model_inputs(batch, 2)).logits
+    _check_logits(logits, labels, 2)
     first = logits[:n_rows]
     z1, z2 = _branch_rows(logits, mask, 2)
     ce = 0.5 * (_ce_rows(z1, labels, mask, num_items_in_batch) + _ce_rows(z2, labels, mask, num_items_in_batch))

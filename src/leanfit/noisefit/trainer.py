@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from transformers import Trainer, TrainerCallback
 
 from leanfit.core.errors import ConfigError, bad_value
-from leanfit.noisefit.config import NoiseFiTConfig
+from leanfit.noisefit.config import NoiseFiTConfig, check_real
 
 if TYPE_CHECKING:
     import torch
@@ -47,6 +47,9 @@ class NoiseFiTCallback(TrainerCallback):
     """
 
     def __init__(self, trainer: NoiseFiTMixin) -> None:
+        if not isinstance(trainer, NoiseFiTMixin):
+            raise TypeError(bad_value("trainer", type(trainer).__name__, "a NoiseFiTTrainer (or another trainer with "
+                                      "NoiseFiTMixin)", "NoiseFiTTrainer adds this callback itself"))
         self.trainer = trainer
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -77,6 +80,11 @@ class NoiseFiTMixin(_MixinBase):
         if not isinstance(config, NoiseFiTConfig):
             raise TypeError(bad_value("noisefit_config", type(config).__name__, "a NoiseFiTConfig",
                                       "build one with NoiseFiTConfig(...)"))
+        batches = calibration_batches
+        if batches is not None and (isinstance(batches, Mapping | str | bytes) or not isinstance(batches, Iterable)):
+            shown = type(batches).__name__ if isinstance(batches, Mapping) else batches
+            raise TypeError(bad_value("calibration_batches", shown, "an iterable of batch dicts, or None for the "
+                                      "train dataloader", "wrap a single batch in a list: [batch]"))
         super().__init__(*args, **kwargs)
         self.noisefit_config = config
         self.calibration_batches = calibration_batches
@@ -150,8 +158,7 @@ class RDropTrainer(Trainer):
     The model needs dropout for R-Drop to do anything (e.g. ``attention_dropout`` of a Llama config)."""
 
     def __init__(self, *args: Any, rdrop_alpha: float = 1.0, **kwargs: Any) -> None:
-        if not rdrop_alpha >= 0:
-            raise ConfigError(bad_value("rdrop_alpha", rdrop_alpha, "a number >= 0", "R-Drop papers use 0.3 to 5"))
+        check_real("rdrop_alpha", rdrop_alpha, ge=0, fix="R-Drop papers use 0.3 to 5")
         super().__init__(*args, **kwargs)
         self.rdrop_alpha = rdrop_alpha
 
