@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from leanfit.core.errors import bad_value
+
 __all__ = ["router_z_loss", "switch_load_balancing_loss", "topk_softmax_gate"]
 
 
@@ -32,6 +34,23 @@ def check_top_k(top_k: object, num_experts: int) -> None:
                          "routes every token to every expert)")
 
 
+def check_scores(name: str, x: object, real: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` as a (tokens, experts) tensor whose rows are finite (only the real tokens' rows, given ``real``);
+    TypeError for a non-tensor, ValueError otherwise. One host synchronisation (the finiteness check)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(bad_value(name, type(x).__name__, "a (tokens, num_experts) tensor", "pass a torch tensor"))
+    if x.dim() != 2:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}: expected (tokens, num_experts); reshape to 2-D")
+    bad = ~torch.isfinite(x).all(-1)
+    if real is not None:
+        bad &= real
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(bad_value(name, f"<NaN/inf in token {i}>", "finite values for every real token",
+                                   "check the router's input and weights (or mark the token as padding)"))
+    return x
+
+
 def _wide(t: torch.Tensor) -> torch.Tensor:
     """``t`` in float32 at least (router arithmetic is never done in half precision)."""
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
@@ -40,7 +59,18 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 def topk_gate_weights(logits: torch.Tensor, k: int, *, selection_logits: torch.Tensor | None = None,
                       renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The K kept gate weights in compact form. logits: (T, E); selection_logits: (T, E) or None (select on
-    ``logits``). Returns (weights (T, K) float32 or float64, indices (T, K) int64), in descending selection order."""
+    ``logits``). Returns (weights (T, K) float32 or float64, indices (T, K) int64), in descending selection order.
+    NaN or infinite logits are refused (ValueError naming the token)."""
+    check_scores("logits", logits)
+    if selection_logits is not None:
+        check_scores("selection_logits", selection_logits)
+    return _topk_gate_weights(logits, k, selection_logits=selection_logits, renormalize=renormalize)
+
+
+def _topk_gate_weights(logits: torch.Tensor, k: int, *, selection_logits: torch.Tensor | None = None,
+                       renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`topk_gate_weights` without the finiteness checks (the layer checks its real tokens itself: padding
+    rows may hold anything)."""
     if logits.dim() != 2:
         raise ValueError(f"logits has shape {tuple(logits.shape)}: expected (tokens, num_experts); reshape to 2-D")
     check_top_k(k, logits.shape[-1])
@@ -77,6 +107,36 @@ def real_token_mask(padding_mask: torch.Tensor | None, tokens: int, device: torc
     return padding_mask.reshape(-1).to(device) != 0
 
 
+def _check_balance_inputs(router_probs: object, expert_indices: object, num_experts: object,
+                          padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Shapes, dtypes, ranges and finiteness (real tokens only) of the load-balancing loss's inputs; the mask."""
+    if not isinstance(expert_indices, torch.Tensor):
+        raise TypeError(bad_value("expert_indices", type(expert_indices).__name__, "an int64 (tokens, K) tensor",
+                                  "pass the indices returned by topk_softmax_gate"))
+    if expert_indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(bad_value("expert_indices.dtype", expert_indices.dtype, "an integer dtype (int64)",
+                                  "pass the indices returned by topk_softmax_gate"))
+    if expert_indices.dim() != 2:
+        raise ValueError(bad_value("expert_indices.shape", tuple(expert_indices.shape), "(tokens, K)",
+                                   "pass the indices returned by topk_softmax_gate"))
+    tokens = expert_indices.shape[0]
+    real = real_token_mask(padding_mask, tokens, expert_indices.device)
+    probs = check_scores("router_probs", router_probs, real)
+    if probs.shape[0] != tokens:
+        raise ValueError(bad_value("expert_indices.shape", tuple(expert_indices.shape), f"({probs.shape[0]}, K), "
+                                   f"one row per token of router_probs {tuple(probs.shape)}",
+                                   "pass the probabilities and indices of the same tokens"))
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts != probs.shape[1]:
+        raise ValueError(bad_value("num_experts", num_experts, f"router_probs.shape[1] = {probs.shape[1]}",
+                                   "pass the number of experts the router scores"))
+    if expert_indices.numel():
+        low, high = (int(v) for v in torch.stack([expert_indices.min(), expert_indices.max()]).tolist())
+        if low < 0 or high >= num_experts:
+            raise ValueError(bad_value("expert_indices", f"<range [{low}, {high}]>", f"indices in [0, {num_experts})",
+                                       "pass the indices returned by topk_softmax_gate"))
+    return real
+
+
 def switch_load_balancing_loss(router_probs: torch.Tensor, expert_indices: torch.Tensor, num_experts: int,
                                padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Switch Transformer load-balancing loss ``E * sum_e f_e P_e`` over the real (non-padding) tokens, as Hugging
@@ -86,9 +146,15 @@ def switch_load_balancing_loss(router_probs: torch.Tensor, expert_indices: torch
     router_probs: (T, E), the softmax of the router logits over all experts (not the kept top-K weights);
     expert_indices: (T, K); padding_mask: T entries, 1 for real tokens (e.g. an attention mask (B, S)).
     Gradients flow through ``router_probs`` only. A batch with no real token gives 0."""
+    real = _check_balance_inputs(router_probs, expert_indices, num_experts, padding_mask)
+    return _switch_loss(router_probs, expert_indices, num_experts, real)
+
+
+def _switch_loss(router_probs: torch.Tensor, expert_indices: torch.Tensor, num_experts: int,
+                 real: torch.Tensor | None) -> torch.Tensor:
+    """:func:`switch_load_balancing_loss` on checked inputs; real: flat bool (T,) or None."""
     probs = _wide(router_probs)
     tokens, k = expert_indices.shape
-    real = real_token_mask(padding_mask, tokens, probs.device)
     slots = torch.ones(tokens, k, dtype=probs.dtype, device=probs.device)
     n: torch.Tensor | int = max(tokens, 1)
     if real is not None:  # where, not a product: padding rows may hold anything, even inf
@@ -103,8 +169,17 @@ def router_z_loss(router_logits: torch.Tensor, padding_mask: torch.Tensor | None
     """ST-MoE router z-loss: the mean over real tokens of ``logsumexp(logits)^2``.
 
     router_logits: (T, E); padding_mask: T entries, 1 for real tokens. A batch with no real token gives 0."""
+    if isinstance(router_logits, torch.Tensor) and router_logits.dim() == 2:
+        mask = real_token_mask(padding_mask, router_logits.shape[0], router_logits.device)
+    else:
+        mask = None
+    check_scores("router_logits", router_logits, mask)
+    return _z_loss(router_logits, mask)
+
+
+def _z_loss(router_logits: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """:func:`router_z_loss` on checked inputs; real: flat bool (T,) or None."""
     z = torch.logsumexp(_wide(router_logits), dim=-1) ** 2
-    real = real_token_mask(padding_mask, z.shape[0], z.device)
     if real is None:
         return z.sum() / max(z.shape[0], 1)
     return torch.where(real, z, 0.0).sum() / real.sum().clamp(min=1)

@@ -35,13 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from leanfit.moe.gating import (
-    check_top_k,
-    real_token_mask,
-    router_z_loss,
-    switch_load_balancing_loss,
-    topk_gate_weights,
-)
+from leanfit.core.errors import bad_value
+from leanfit.moe.gating import _switch_loss, _topk_gate_weights, _z_loss, check_top_k, real_token_mask
 
 __all__ = ["MoEOutput", "SparseMoE"]
 
@@ -70,9 +65,14 @@ class SparseMoE(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: expected a positive integer")
         check_top_k(top_k, num_experts)
-        if capacity_factor is not None and not (isinstance(capacity_factor, int | float) and capacity_factor > 0):
-            raise ValueError(f"capacity_factor={capacity_factor!r} is invalid: expected a number > 0 (1.0 to 1.25 "
-                             "is usual), or None for dropless routing")
+        if capacity_factor is not None and (isinstance(capacity_factor, bool)
+                                            or not isinstance(capacity_factor, int | float)
+                                            or not 0 < capacity_factor < math.inf):
+            raise ValueError(f"capacity_factor={capacity_factor!r} is invalid: expected a finite number > 0 (1.0 to "
+                             "1.25 is usual), or None for dropless routing")
+        if not isinstance(renormalize, bool):
+            raise TypeError(bad_value("renormalize", renormalize, "True or False",
+                                      "True renormalises the K kept weights (Mixtral), False keeps them (Qwen2-MoE)"))
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.num_experts, self.top_k = num_experts, top_k
         self.renormalize, self.capacity_factor, self.block_rows = renormalize, capacity_factor, block_rows
@@ -121,19 +121,42 @@ class SparseMoE(nn.Module):
         return block
 
     def forward(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None = None) -> MoEOutput:
-        """hidden: (..., d); padding_mask: one entry per token (e.g. (B, S)), 1 for real tokens and 0 for padding."""
-        if hidden.shape[-1] != self.hidden_size:
-            raise ValueError(f"hidden has shape {tuple(hidden.shape)}: expected (..., hidden_size={self.hidden_size})")
-        x = hidden.reshape(-1, self.hidden_size)
-        real = real_token_mask(padding_mask, x.shape[0], x.device)
+        """hidden: (..., d); padding_mask: one entry per token (e.g. (B, S)), 1 for real tokens and 0 for padding.
+        Real tokens must be finite (ValueError naming the token); padding tokens may hold anything. 0 tokens give
+        an empty output and zero losses."""
+        x, real = self._check_hidden(hidden, padding_mask)
         router_dtype = torch.promote_types(x.dtype, torch.float32)
         logits = F.linear(x.to(router_dtype), self.router.weight.to(router_dtype))
-        top_w, indices = topk_gate_weights(logits, self.top_k, renormalize=self.renormalize)
+        top_w, indices = _topk_gate_weights(logits, self.top_k, renormalize=self.renormalize)
         token, weight, counts, dropped = self._route(indices, top_w.to(x.dtype), real)
         out = self._run_experts(x, token, weight, counts)
         probs = (logits - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()  # softmax, faster for small E on CPU
-        aux = switch_load_balancing_loss(probs, indices, self.num_experts, real)
-        return MoEOutput(out.reshape(hidden.shape), logits, aux, router_z_loss(logits, real), dropped)
+        aux = _switch_loss(probs, indices, self.num_experts, real)
+        return MoEOutput(out.reshape(hidden.shape), logits, aux, _z_loss(logits, real), dropped)
+
+    def _check_hidden(self, hidden: object,
+                      padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``hidden`` as (T, d) and the real-token mask; refuses non-tensors, integer dtypes, a wrong last dim
+        and NaN/inf in real tokens (one host synchronisation)."""
+        if not isinstance(hidden, torch.Tensor):
+            raise TypeError(bad_value("hidden", type(hidden).__name__, f"a floating (..., {self.hidden_size}) tensor",
+                                      "pass a torch tensor"))
+        if hidden.dim() == 0 or hidden.shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden has shape {tuple(hidden.shape)}: expected (..., hidden_size={self.hidden_size})")
+        if not hidden.is_floating_point():
+            raise TypeError(bad_value("hidden", f"{hidden.dtype} tensor", "a floating tensor (float32, bfloat16, ...)",
+                                      "cast it with hidden.float()"))
+        x = hidden.reshape(-1, self.hidden_size)
+        real = real_token_mask(padding_mask, x.shape[0], x.device)
+        bad = ~torch.isfinite(x).all(-1)
+        if real is not None:
+            bad &= real
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(bad_value("hidden", f"<NaN/inf in token {i} of {x.shape[0]}>", "finite hidden states "
+                                       "for every real token", "check the layers before this one, or mark the token "
+                                       "as padding in padding_mask"))
+        return x, real
 
     def _route(self, indices: torch.Tensor, top_w: torch.Tensor,
                real: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, list[int], int]:

@@ -27,9 +27,12 @@ from typing import Any, Literal
 
 import numpy as np
 
+from leanfit.core.errors import bad_value
+
 __all__ = ["RBAR", "MixingMeasure", "per_parameter_errors", "voronoi_cells", "voronoi_loss"]
 
 RBAR = {1: 1, 2: 4, 3: 6}  # rbar(M) for cells of M atoms (rbar(1) = 1 recovers D1)
+_KEYS = ("gate_intercept", "gate_coef", "coef", "intercept", "var")
 
 
 class MixingMeasure:
@@ -38,19 +41,34 @@ class MixingMeasure:
     or a dict with those keys."""
 
     def __init__(self, gate_intercept: Any, gate_coef: Any, coef: Any, intercept: Any, var: Any) -> None:
-        self.gate_intercept = np.asarray(gate_intercept, dtype=np.float64).reshape(-1)
+        self.gate_intercept = _array("gate_intercept", gate_intercept, None)
         k = self.gate_intercept.size
-        self.gate_coef = np.asarray(gate_coef, dtype=np.float64).reshape(k, -1)
-        self.coef = np.asarray(coef, dtype=np.float64).reshape(k, -1)
-        self.intercept = np.asarray(intercept, dtype=np.float64).reshape(k)
-        self.var = np.asarray(var, dtype=np.float64).reshape(k)
+        if k == 0:
+            raise ValueError(bad_value("gate_intercept", gate_intercept, "one value per expert, at least one expert",
+                                       "pass the parameters of a fitted model"))
+        self.gate_coef = _array("gate_coef", gate_coef, (k, -1))
+        self.coef = _array("coef", coef, (k, self.gate_coef.shape[1]))
+        self.intercept = _array("intercept", intercept, (k,))
+        self.var = _array("var", var, (k,))
+        if not (self.var > 0).all():
+            raise ValueError(bad_value("var", self.var.tolist(), "variances > 0", "pass variances, not log-variances"))
 
     @classmethod
     def of(cls, model: Any) -> MixingMeasure:
+        """The measure of ``model``: a MixingMeasure, a dict of the five arrays, a fitted TopKGaussianMoE or its
+        MoEParams."""
         if isinstance(model, MixingMeasure):
             return model
         if isinstance(model, Mapping):
-            return cls(**{key: model[key] for key in ("gate_intercept", "gate_coef", "coef", "intercept", "var")})
+            missing = [key for key in _KEYS if key not in model]
+            if missing:
+                raise ValueError(bad_value("model", f"<dict without {missing}>", f"a dict with keys {list(_KEYS)}",
+                                           "add the missing parameters"))
+            return cls(**{key: model[key] for key in _KEYS})
+        if not (hasattr(model, "params") or all(hasattr(model, a) for a in ("gate", "experts", "var"))):
+            shown = model if isinstance(model, (str, int, float, type(None))) else type(model).__name__
+            raise TypeError(bad_value("model", shown, "a MixingMeasure, a dict of its arrays, a fitted "
+                                      "TopKGaussianMoE or MoEParams", "pass the fitted estimator"))
         params = model.params() if hasattr(model, "params") else model
         if hasattr(model, "top_k") and model.top_k == 1:
             raise ValueError("a model fitted with top_k=1 has no identifiable gate (exp(beta_0) and the scale of "
@@ -72,6 +90,28 @@ class MixingMeasure:
                              self.var)
 
 
+def _array(name: str, value: Any, shape: tuple[int, ...] | None) -> np.ndarray:
+    """``value`` as a finite float64 array of ``shape`` (flat if None); ValueError naming ``name`` otherwise."""
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+        arr = arr.reshape(-1) if shape is None else arr.reshape(shape)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(bad_value(name, value, f"numbers of shape {shape} (k experts)" if shape else "numbers",
+                                   "pass one row per expert")) from exc
+    if not np.isfinite(arr).all():
+        raise ValueError(bad_value(name, arr.tolist(), "finite values", "check the fit that produced them"))
+    return arr
+
+
+def _pair(fitted: Any, true: Any) -> tuple[MixingMeasure, MixingMeasure]:
+    """Both measures, checked to share the feature dimension."""
+    f, t = MixingMeasure.of(fitted), MixingMeasure.of(true)
+    if f.gate_coef.shape[1] != t.gate_coef.shape[1]:
+        raise ValueError(bad_value("fitted", f"<{f.gate_coef.shape[1]} features>", f"the {t.gate_coef.shape[1]} "
+                                   "features of true", "compare models fitted on the same inputs"))
+    return f, t
+
+
 def _anchor(fitted: MixingMeasure, true: MixingMeasure) -> tuple[MixingMeasure, MixingMeasure]:
     """Both anchored on the true reference (last) expert, see the module docstring."""
     true = true.shifted(true.gate_intercept[-1], true.gate_coef[-1])
@@ -88,7 +128,7 @@ def _anchor(fitted: MixingMeasure, true: MixingMeasure) -> tuple[MixingMeasure, 
 
 def voronoi_cells(fitted: Any, true: Any) -> list[np.ndarray]:
     """Cell ``A_j`` (indices of fitted atoms) of every true atom ``j``, after translation anchoring."""
-    f, t = _anchor(MixingMeasure.of(fitted), MixingMeasure.of(true))
+    f, t = _anchor(*_pair(fitted, true))
     owner = np.linalg.norm(f.atoms[:, None] - t.atoms[None], axis=-1).argmin(axis=1)
     return [np.flatnonzero(owner == j) for j in range(t.gate_intercept.size)]
 
@@ -106,7 +146,10 @@ def voronoi_loss(fitted: Any, true: Any, kind: Literal["exact", "over"] = "exact
     if kind not in ("exact", "over"):
         raise ValueError(f"kind={kind!r} is invalid: expected 'exact' (D1) or 'over' (D2)")
     rbar = dict(RBAR if rbar is None else rbar)
-    f, t = _anchor(MixingMeasure.of(fitted), MixingMeasure.of(true))
+    if not all(isinstance(m, int) and isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r < np.inf
+               for m, r in rbar.items()):
+        raise ValueError(bad_value("rbar", rbar, "a mapping {cell size: exponent > 0}", "use the default RBAR"))
+    f, t = _anchor(*_pair(fitted, true))
     cells = voronoi_cells(f, t)
     total = 0.0
     for j, cell in enumerate(cells):
@@ -128,7 +171,7 @@ def per_parameter_errors(fitted: Any, true: Any) -> list[dict[str, float]]:
     """Per true atom ``j``: the cell size, the largest error of each parameter over its cell (``gate_coef``,
     ``coef``, ``intercept``, ``var``; ``nan`` for an empty cell) and the weight error
     ``|sum exp(beta_0) - exp(beta*_0j)|``. These, not the Voronoi loss, show the slow over-specified rates."""
-    f, t = _anchor(MixingMeasure.of(fitted), MixingMeasure.of(true))
+    f, t = _anchor(*_pair(fitted, true))
     out = []
     for j, cell in enumerate(voronoi_cells(f, t)):
         row: dict[str, float] = {"expert": j, "cell_size": len(cell)}

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from leanfit.neural_de.sde import sde_solve as sde_solve
     from leanfit.neural_de.sde import sde_step as sde_step
     from leanfit.neural_de.solver import PIController as PIController
+    from leanfit.neural_de.solver import PrecisionWarning as PrecisionWarning
     from leanfit.neural_de.solver import Solution as Solution
     from leanfit.neural_de.solver import SolveStats as SolveStats
     from leanfit.neural_de.solver import solve as solve

@@ -39,7 +39,15 @@ from leanfit.neural_de.regularizers import (
 )
 from leanfit.neural_de.sde import Scheme, sde_solve, sde_step
 from leanfit.neural_de.solver import Solution, solve
-from leanfit.neural_de.step import as_batch_time, batch_view, check_tolerances, error_ratio, initial_step_size
+from leanfit.neural_de.step import (
+    as_batch_time,
+    batch_view,
+    check_callable,
+    check_flag,
+    check_tolerances,
+    error_ratio,
+    initial_step_size,
+)
 from leanfit.neural_de.tableaus import get_tableau
 
 __all__ = [
@@ -212,11 +220,17 @@ class ConcatTanhMLP(nn.Module):
         super().__init__()
         _check_int("dim", dim)
         _check_int("hidden", hidden)
+        check_flag("time_dependent", time_dependent)
         self.dim, self.time_dependent = dim, bool(time_dependent)
         self.linear_in = nn.Linear(dim + int(self.time_dependent), hidden)
         self.linear_out = nn.Linear(hidden, dim)
 
     def forward(self, t: float | Tensor, y: Tensor) -> Tensor:
+        # Shapes and dtypes only: a finiteness check here would synchronise every solver stage (the solvers
+        # check the state and report a NaN/inf vector field with the time it happened).
+        if not isinstance(y, Tensor) or not y.is_floating_point():
+            got = f"{y.dtype} tensor" if isinstance(y, Tensor) else type(y).__name__
+            raise ValueError(bad_value("y", got, "a floating tensor (batch, dim)", "cast with y.float()"))
         if y.dim() != 2 or y.shape[1] != self.dim:
             raise ValueError(bad_value("y.shape", tuple(y.shape), f"(batch, {self.dim})", "flatten the state"))
         if self.time_dependent:
@@ -231,12 +245,22 @@ class ConcatTanhMLP(nn.Module):
         return self.linear_out(torch.tanh(self.linear_in(y)))
 
 
-def _flatten_input(x: Tensor, in_features: int) -> Tensor:
-    if not isinstance(x, Tensor) or x.dim() < 2 or not x.is_floating_point() or x[0].numel() != in_features:
+def _flatten_input(x: Tensor, in_features: int, spec: RegularizerSpec) -> Tensor:
+    """x as ``(batch, in_features)``: floating, finite; an empty batch only without a regulariser."""
+    if (not isinstance(x, Tensor) or x.dim() < 2 or not x.is_floating_point()
+            or math.prod(x.shape[1:]) != in_features):
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(bad_value("x.shape", got, f"a floating (batch, ...) tensor with {in_features} features "
                                    "per sample", "pass a batch of inputs of the model's in_features"))
-    return x.reshape(x.shape[0], -1)
+    flat = x.reshape(x.shape[0], in_features)
+    if not torch.isfinite(flat).all():
+        i = int((~torch.isfinite(flat)).any(1).nonzero()[0, 0])
+        raise ValueError(bad_value("x", f"<NaN/inf in sample {i}>", "finite inputs", "clean or drop that sample"))
+    if flat.shape[0] == 0 and spec.kind != "none":
+        raise ValueError(bad_value("x", f"<0 samples, shape {tuple(x.shape)}>", f"at least one sample for the "
+                                   f"{spec.kind} regulariser (a mean over samples)",
+                                   "skip empty batches or pass regularizer=None"))
+    return flat
 
 
 def _check_points(spec: RegularizerSpec, per_sample: bool, needs_record: bool) -> None:
@@ -304,8 +328,8 @@ class NeuralODEClassifier(nn.Module):
         """x: ``(batch, ...)`` with ``in_features`` entries per sample. regularizer: None (vanilla), a preset name
         or a :class:`RegularizerSpec`. generator: for the regulariser's random point. Returns
         :class:`DEClassifierOutput`."""
-        y0 = _flatten_input(x, self.in_features)
         spec = RegularizerSpec.from_arg(regularizer)
+        y0 = _flatten_input(x, self.in_features, spec)
         _check_points(spec, self.per_sample, spec.needs_record)
         t_eval = torch.tensor([0.0, self.t1], dtype=torch.float64, device=y0.device)
         t_r = times = keep = r_index = None
@@ -392,6 +416,8 @@ def sde_local_regularizer(drift: Field, diffusion: Field, sol: Solution, *, samp
     _check_choice("points", points, _CHOICES["points"], "use points='batch' (the paper's joint norm)")
     _check_choice("scheme", scheme, _SCHEMES, "use the main solve's scheme (sde_solve's default: 'milstein')")
     check_tolerances(rtol, atol)
+    check_callable("drift", drift)
+    check_callable("diffusion", diffusion)
     if isinstance(step, str):
         _check_choice("step", step, _CHOICES["step"], "pass 'taken', 'initial' or a float > 0")
     elif isinstance(step, bool) or not isinstance(step, (int, float)) or not (0 < step < math.inf):
@@ -467,8 +493,8 @@ class NeuralSDEClassifier(nn.Module):
         """x: ``(batch, ...)`` with ``in_features`` entries per sample. regularizer: None, a preset name or a
         :class:`RegularizerSpec`. generator: the Brownian path and the regulariser's draws (seeded: reproducible).
         Returns :class:`DEClassifierOutput` (NFE count drift plus diffusion calls)."""
-        z0 = self.encoder(_flatten_input(x, self.in_features))
         spec = RegularizerSpec.from_arg(regularizer)
+        z0 = self.encoder(_flatten_input(x, self.in_features, spec))
         if spec.estimate != "error":
             raise ValueError(bad_value("regularizer.estimate", spec.estimate, "'error' for an SDE (Shampine's "
                                        "estimate is for Runge-Kutta stages)", "use estimate='error'"))

@@ -27,6 +27,7 @@ solver's own step points) and the step actually taken there; the solve needs ``r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -40,10 +41,11 @@ from leanfit.neural_de.step import (
     VectorField,
     as_batch_time,
     call_vector_field,
+    check_callable,
     check_tolerances,
     error_ratio,
     initial_step_size,
-    rk_step,
+    step_unchecked,
 )
 from leanfit.neural_de.tableaus import ButcherTableau, get_tableau
 
@@ -95,6 +97,9 @@ def _check_state(y_r: Tensor) -> Tensor:
     if not isinstance(y_r, Tensor) or y_r.dim() < 1 or not y_r.is_floating_point():
         got = f"{type(y_r).__name__} {tuple(getattr(y_r, 'shape', ()))}"
         raise ValueError(bad_value("y_r", got, "a floating tensor shaped (batch, *state)", "add a batch dimension"))
+    if y_r.shape[0] == 0:  # the regulariser is a mean over samples: NaN for none
+        raise ValueError(bad_value("y_r", f"<0 samples, shape {tuple(y_r.shape)}>", "at least one sample",
+                                   "skip the regulariser for an empty batch"))
     if not torch.isfinite(y_r).all():
         raise ValueError(bad_value("y_r", "<NaN/inf>", "finite states", "check the main solve that produced y_r"))
     return y_r.detach()
@@ -160,6 +165,7 @@ def local_regularizer(f: VectorField, t_r: float | Tensor, y_r: Tensor, *, step:
     ``y_r``'s dtype, differentiable w.r.t. ``f``'s parameters, and :class:`LocalRegularizerInfo`.
     """
     tab = get_tableau(method)
+    check_callable("f", f)
     check_tolerances(rtol, atol)
     _check_choice("points", points, ["batch", "sample"], "use points='batch' (the paper's joint norm)")
     _check_choice("estimate", estimate, ["error", "stiffness"], "use estimate='error' (the paper's)")
@@ -181,7 +187,7 @@ def local_regularizer(f: VectorField, t_r: float | Tensor, y_r: Tensor, *, step:
     with torch.no_grad():
         h = _step_size(f, t, y, k1.detach(), step, tab, rtol, atol, joint)
     nfe += isinstance(step, str)
-    res = rk_step(f, t, y, h, tab, k1=k1 if keep else k1.detach())
+    res = step_unchecked(f, t, y, h, tab, k1=k1 if keep else k1.detach())  # t, y, h checked above
     eest = error_ratio(res.error_estimate, y, res.y_next, rtol, atol, "rms", per_sample=not joint)
     stiff = _stiffness(tab, y, h, res.stages, res.y_next, joint) if estimate == "stiffness" else None
     per_sample = eest * h.abs().to(eest.dtype) if stiff is None else stiff
@@ -196,10 +202,15 @@ def sample_times(t0: float, t1: float, batch: int, *, points: Points = "batch",
     (``points="batch"``, the paper's) or one per sample (``points="sample"``). Draw them before the main solve and
     add them to its evaluation times with :func:`with_times`."""
     _check_choice("points", points, ["batch", "sample"], "use points='batch' (one t_r per batch, the paper's)")
-    if not (isinstance(t0, (int, float)) and isinstance(t1, (int, float)) and t1 > t0):
-        raise ValueError(bad_value("(t0, t1)", (t0, t1), "floats with t1 > t0", "pass the main solve's time span"))
+    if not (isinstance(t0, (int, float)) and isinstance(t1, (int, float)) and math.isfinite(t0)
+            and math.isfinite(t1) and t1 > t0):
+        raise ValueError(bad_value("(t0, t1)", (t0, t1), "finite floats with t1 > t0",
+                                   "pass the main solve's time span"))
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(bad_value("batch", batch, "an int >= 1", "pass y0.shape[0]"))
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(bad_value("generator", generator, "a torch.Generator or None",
+                                  "pass torch.Generator().manual_seed(seed)"))
     gen_device = generator.device if generator is not None else "cpu"
     u = torch.rand(1 if points == "batch" else batch, generator=generator, dtype=torch.float64, device=gen_device)
     return (t0 + (t1 - t0) * u).expand(batch).to(device or gen_device)
@@ -225,8 +236,15 @@ def with_times(t_eval: Sequence[float] | Tensor, t_r: Tensor) -> tuple[Tensor, T
     return times, inverse[: ts.numel()], inverse[ts.numel() :]
 
 
+def _check_solution(sol: object) -> None:
+    if not isinstance(sol, Solution):
+        raise TypeError(bad_value("sol", sol if isinstance(sol, (str, type(None))) else type(sol).__name__,
+                                  "a Solution returned by solve or sde_solve", "pass the main solve's result"))
+
+
 def _step_record(sol: Solution, need: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(step_t, step_h, step_y, n_accepted)`` of a solve run with ``record_steps=True``."""
+    _check_solution(sol)
     if sol.stats.step_y is None or sol.stats.step_error is None:
         raise ValueError(bad_value("sol.stats.step_y", None, f"a recorded step record for {need}",
                                    "solve with record_steps=True"))
@@ -298,6 +316,9 @@ def regularize_solution(f: VectorField, sol: Solution, *, sampling: Sampling = "
         _check_choice("step", step, ["initial", "taken"], "pass 'initial', 'taken' or a float > 0")
     if sampling == "biased" and t_r is not None:
         raise ValueError(bad_value("t_r", t_r, "None for sampling='biased' (it draws solver points)", "drop t_r"))
+    check_callable("f", f)
+    check_tolerances(rtol, atol)
+    _check_solution(sol)
     if sampling == "unbiased" and step != "taken":
         t, y = _state_at(sol, t_r, step)
         h: str | float | Tensor = step

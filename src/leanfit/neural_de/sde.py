@@ -78,10 +78,23 @@ from leanfit.neural_de.solver import (
     Solution,
     SolveStats,
     _check_inputs,
+    _check_options,
     _check_progress,
+    _empty_solution,
     _pack_record,
+    _warn_precision,
 )
-from leanfit.neural_de.step import as_batch_time, batch_view, check_tolerances, error_ratio, initial_step_size
+from leanfit.neural_de.step import (
+    as_batch_time,
+    batch_view,
+    check_callable,
+    check_flag,
+    check_state,
+    check_tolerances,
+    error_ratio,
+    finite_times,
+    initial_step_size,
+)
 
 __all__ = ["SDE_CONTROLLER", "BrownianPath", "SDESolveStats", "SDEStepResult", "sde_solve", "sde_step"]
 
@@ -105,68 +118,110 @@ class BrownianPath:
     points the caller will not look at again (a no-op with ``keep_history=True``).
 
     t0: scalar or float64 ``(batch,)``. like: a ``(batch, *state)`` tensor giving the shape and device (values are
-    float64 whatever its dtype). generator: ``torch.Generator`` for reproducible paths (the default RNG if None);
-    every query draws one ``(batch, *state)`` normal sample, so the path of one sample depends on the queries made
-    for the whole batch.
+    float64 whatever its dtype; batch may be 0). generator: ``torch.Generator`` for reproducible paths (the default
+    RNG if None); every query draws one ``(batch, *state)`` normal sample, so the path of one sample depends on the
+    queries made for the whole batch.
+
+    Storage: per sample, the known times in ascending order in one ``(batch, capacity)`` tensor (``+inf`` beyond the
+    last), so a query finds its neighbours by binary search and a new point shifts only the points after it (the
+    solver queries at and just behind the end: O(1) points). Forgotten points stay in front until the storage is
+    full, then the live ones move to the front; the capacity at least doubles when it grows. A solve of n steps
+    with ``keep_history=True`` thus costs O(n log n), not the O(n^2) of scanning every known point per query.
     """
 
     def __init__(self, t0: float | Tensor, like: Tensor, generator: torch.Generator | None = None,
                  keep_history: bool = False) -> None:
         if not isinstance(like, Tensor) or like.dim() < 1:
             raise ValueError(bad_value("like", type(like).__name__, "a (batch, *state) tensor", "pass y0"))
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(bad_value("generator", generator, "a torch.Generator or None",
+                                      "pass torch.Generator().manual_seed(seed)"))
+        check_flag("keep_history", keep_history)
         self.shape, self.device = tuple(like.shape), like.device
         self.generator, self.keep_history = generator, keep_history
         t0_b = as_batch_time(t0, like.shape[0], "t0", like.device)
         if not torch.isfinite(t0_b).all():
             raise ValueError(bad_value("t0", t0, "finite times", "pass e.g. t0=0.0"))
-        self._t = t0_b.clone()[:, None]  # (batch, K) known times, +inf in free slots
-        self._w = torch.zeros(self.shape[0], 1, *self.shape[1:], dtype=torch.float64, device=like.device)
+        batch, capacity = self.shape[0], 8
+        self._rows = torch.arange(batch, device=like.device)
+        self._t = torch.full((batch, capacity), float("inf"), dtype=torch.float64, device=like.device)
+        self._t[:, 0] = t0_b
+        self._w = torch.zeros(batch, capacity, *self.shape[1:], dtype=torch.float64, device=like.device)
+        self._lo = torch.zeros(batch, dtype=torch.long, device=like.device)  # first live (not forgotten) point
+        self._n = torch.ones(batch, dtype=torch.long, device=like.device)  # end of the stored points
 
     @property
     def n_known(self) -> Tensor:
         """int64 ``(batch,)``: how many points each sample's path currently stores."""
-        return torch.isfinite(self._t).sum(1)
+        return self._n - self._lo
 
     @torch.no_grad()
     def __call__(self, s: float | Tensor) -> Tensor:
         """``W(s)``: float64 ``(batch, *state)``; s: scalar or float64 ``(batch,)``, one time per sample."""
         s = as_batch_time(s, self.shape[0], "s", self.device)
-        t, rows = self._t, torch.arange(self.shape[0], device=self.device)
-        left_t, li = torch.where(t <= s[:, None], t, float("-inf")).max(1)
-        if not torch.isfinite(left_t).all() or not torch.isfinite(s).all():
-            i = int((~torch.isfinite(left_t) | ~torch.isfinite(s)).nonzero()[0, 0])
-            raise ValueError(bad_value("s", s[i].item(), f"a finite time >= {t[i].min().item()!r}, the earliest point "
+        if self.shape[0] == 0:
+            return torch.zeros(self.shape, dtype=torch.float64, device=self.device)
+        if int(self._n.max()) >= self._t.shape[1]:  # some row is full: make room for one more point
+            self._make_room()
+        t, rows = self._t, self._rows
+        li = torch.searchsorted(t, s[:, None].contiguous(), right=True)[:, 0] - 1  # last stored point <= s
+        bad = ~torch.isfinite(s) | (li < self._lo)
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            earliest = t[i, self._lo[i]].item() if self._lo[i] < self._n[i] else float("inf")
+            raise ValueError(bad_value("s", s[i].item(), f"a finite time >= {earliest!r}, the earliest point "
                                        f"sample {i}'s path still holds", "query times at or after t0; pass "
                                        "keep_history=True to query times the solver has passed"))
-        right_t, ri = torch.where(t >= s[:, None], t, float("inf")).min(1)
-        w_left, w_right = self._w[rows, li], self._w[rows, ri]
+        nxt = li + 1  # < capacity after _make_room; +inf padding where li is the last point
+        left_t, right_t = t[rows, li], t[rows, nxt]
+        w_left = self._w[rows, li]
         new = left_t < s
         bridge = new & torch.isfinite(right_t)
+        w_right = torch.where(batch_view(bridge, w_left).bool(), self._w[rows, nxt], w_left)
         span = torch.where(bridge, right_t - left_t, 1.0)
         frac = torch.where(bridge, (s - left_t) / span, 0.0)
         var = torch.where(bridge, (s - left_t) * (right_t - s) / span, s - left_t)
         z = torch.randn(self.shape, generator=self.generator, dtype=torch.float64, device=self.device)
         value = w_left + batch_view(frac, w_left) * (w_right - w_left) + batch_view(var.sqrt(), z) * z
-        self._insert(s, value, new)
+        self._insert(rows[new], nxt[new], s[new], value[new])
         return value
 
-    def _insert(self, s: Tensor, value: Tensor, new: Tensor) -> None:
-        free = torch.isinf(self._t)
-        if (new & ~free.any(1)).any():  # some row is full: double the storage
-            k = self._t.shape[1]
-            self._t = torch.cat([self._t, self._t.new_full((self.shape[0], k), float("inf"))], 1)
-            self._w = torch.cat([self._w, torch.zeros_like(self._w)], 1)
-            free = torch.isinf(self._t)
-        rows = new.nonzero().squeeze(1)
-        slot = free.to(torch.int8).argmax(1)[rows]
-        self._t[rows, slot] = s[rows]
-        self._w[rows, slot] = value[rows]
+    def _insert(self, rows: Tensor, pos: Tensor, s: Tensor, value: Tensor) -> None:
+        """Insert one point per row of ``rows`` at index ``pos``, shifting the points after it by one."""
+        if rows.numel() == 0:
+            return
+        tail = self._n[rows] - pos
+        width = int(tail.max())
+        if width > 0:  # only the points ahead of s move: O(1) of them for the solver's queries
+            j = torch.arange(width, device=self.device)
+            keep = j[None] < tail[:, None]
+            src = (pos[:, None] + j[None])[keep]
+            rr = rows[:, None].expand(-1, width)[keep]
+            self._t[rr, src + 1] = self._t[rr, src]
+            self._w[rr, src + 1] = self._w[rr, src]
+        self._t[rows, pos] = s
+        self._w[rows, pos] = value
+        self._n[rows] += 1
+
+    def _make_room(self) -> None:
+        """Move every row's live points to the front and grow the capacity to at least twice the most live points."""
+        live = self._n - self._lo
+        old = self._t.shape[1]
+        capacity = max(old, 2 * (int(live.max()) + 1))
+        k = torch.arange(capacity, device=self.device)
+        src = (self._lo[:, None] + k[None]).clamp(max=old - 1)
+        keep = k[None] < live[:, None]
+        self._t = torch.where(keep, self._t.gather(1, src), float("inf"))
+        w = self._w[self._rows[:, None], src]
+        self._w = torch.where(keep.reshape(*keep.shape, *([1] * (w.dim() - 2))), w, 0.0)
+        self._lo, self._n = torch.zeros_like(self._lo), live
 
     def forget_before(self, t: float | Tensor) -> None:
         """Drop the points strictly before ``t`` (scalar or ``(batch,)``); keeps everything if ``keep_history``."""
-        if not self.keep_history:
-            t_b = as_batch_time(t, self.shape[0], "t", self.device)
-            self._t = torch.where(self._t < t_b[:, None], float("inf"), self._t)
+        t_b = finite_times(t, self.shape[0], "t", self.device)
+        if not self.keep_history and self.shape[0] > 0:
+            first = torch.searchsorted(self._t, t_b[:, None].contiguous())[:, 0]  # first point >= t
+            self._lo = torch.maximum(self._lo, first.minimum(self._n))
 
 
 @dataclass(frozen=True)
@@ -191,6 +246,34 @@ def _call(fn: Field, name: str, t: Tensor, y: Tensor) -> Tensor:
                          "map a (batch, *state) state and (batch,) times to a tensor of the same shape (diagonal "
                          "noise: the diffusion returns the diagonal of the noise matrix)")
     return out
+
+
+def _check_generator(generator: object) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(bad_value("generator", generator, "a torch.Generator or None",
+                                  "pass torch.Generator().manual_seed(seed)"))
+
+
+def _check_increments(dw: object, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``dw = (dW1, dW2)``: two finite tensors of ``y``'s shape."""
+    if not (isinstance(dw, (tuple, list)) and len(dw) == 2 and all(isinstance(d, Tensor) for d in dw)):
+        raise TypeError(bad_value("dw", type(dw).__name__, "a pair (dW1, dW2) of tensors", "or pass dw=None"))
+    dw1, dw2 = dw
+    if dw1.shape != y.shape or dw2.shape != y.shape:
+        raise ValueError(bad_value("dw shapes", (tuple(dw1.shape), tuple(dw2.shape)), f"two of y's shape "
+                                   f"{tuple(y.shape)}", "pass the increments over the two half steps"))
+    if not (torch.isfinite(dw1).all() and torch.isfinite(dw2).all()):
+        raise ValueError(bad_value("dw", "<NaN/inf>", "finite Brownian increments", "draw them with BrownianPath"))
+    return dw1, dw2
+
+
+def _check_brownian(brownian: object, y0: Tensor) -> None:
+    # Duck-typed: anything with BrownianPath's interface (the shape, a call and forget_before) is a path.
+    if not (callable(brownian) and hasattr(brownian, "forget_before") and hasattr(brownian, "shape")):
+        raise TypeError(bad_value("brownian", brownian, "a BrownianPath or None", "pass BrownianPath(t0, y0)"))
+    if tuple(brownian.shape) != tuple(y0.shape):
+        raise ValueError(bad_value("brownian.shape", brownian.shape, f"y0's shape {tuple(y0.shape)}",
+                                   "build it with BrownianPath(t0, y0)"))
 
 
 def _check_scheme(scheme: str) -> None:
@@ -258,8 +341,12 @@ def sde_step(drift: Field, diffusion: Field, t: float | Tensor, y: Tensor, h: fl
     (the support points). drift0/diffusion0 save one call each.
     """
     _check_scheme(scheme)
-    t_b = as_batch_time(t, y.shape[0], "t", y.device)
-    h_b = as_batch_time(h, y.shape[0], "h", y.device)
+    check_callable("drift", drift)
+    check_callable("diffusion", diffusion)
+    _check_generator(generator)
+    y = check_state("y", y)
+    t_b = finite_times(t, y.shape[0], "t", y.device)
+    h_b = finite_times(h, y.shape[0], "h", y.device)
     if (dw is None or scheme == "milstein") and not (h_b >= 0).all():
         raise ValueError(bad_value("h", h, "steps >= 0 when dw is drawn here or scheme='milstein' (it takes "
                                    "sqrt(h))", "pass dw and scheme='euler' for negative steps"))
@@ -267,10 +354,11 @@ def sde_step(drift: Field, diffusion: Field, t: float | Tensor, y: Tensor, h: fl
         sd = batch_view((h_b / 2).sqrt(), y)
         dw1, dw2 = (sd * torch.randn(y.shape, generator=generator, dtype=y.dtype, device=y.device) for _ in range(2))
     else:
-        dw1, dw2 = dw
-    if dw1.shape != y.shape or dw2.shape != y.shape:
-        raise ValueError(bad_value("dw shapes", (tuple(dw1.shape), tuple(dw2.shape)), f"two of y's shape "
-                                   f"{tuple(y.shape)}", "pass the increments over the two half steps"))
+        dw1, dw2 = _check_increments(dw, y)
+    for name, given in (("drift0", drift0), ("diffusion0", diffusion0)):
+        if given is not None and (not isinstance(given, Tensor) or given.shape != y.shape):
+            got = tuple(given.shape) if isinstance(given, Tensor) else type(given).__name__
+            raise ValueError(bad_value(f"{name}.shape", got, f"y's shape {tuple(y.shape)}", f"or pass {name}=None"))
     f0 = _call(drift, "drift", t_b, y) if drift0 is None else drift0
     g0 = _call(diffusion, "diffusion", t_b, y) if diffusion0 is None else diffusion0
     y_next, y_full = _doubled_step(drift, diffusion, t_b, y, h_b, dw1, dw2, f0, g0, scheme)
@@ -437,10 +525,14 @@ def sde_solve(drift: Field, diffusion: Field, y0: Tensor, t_eval: Sequence[float
     as in :func:`~leanfit.neural_de.solver.solve`. scheme: ``"milstein"`` (default) or ``"euler"``
     (Euler-Maruyama: adaptive steps are biased with multiplicative noise; see the module docstring).
     Returns :class:`~leanfit.neural_de.solver.Solution` with ``ys (batch, len(t_eval), *state)`` and
-    :class:`SDESolveStats`.
+    :class:`SDESolveStats` (a batch of 0 samples: ``ys (0, len(t_eval), *state)``, zero counts, no call).
     """
     check_tolerances(rtol, atol)
     _check_scheme(scheme)
+    check_callable("drift", drift)
+    check_callable("diffusion", diffusion)
+    _check_options(controller, {"adaptive": adaptive, "per_sample": per_sample, "record_steps": record_steps})
+    _check_generator(generator)
     if norm not in ("rms", "max"):
         raise ValueError(bad_value("norm", norm, "'rms' or 'max'", "use norm='rms' (Hairer's and the paper's)"))
     if not adaptive and dt0 is None:
@@ -449,10 +541,13 @@ def sde_solve(drift: Field, diffusion: Field, y0: Tensor, t_eval: Sequence[float
     if brownian is not None and generator is not None:
         raise ValueError(bad_value("generator", generator, "None when brownian is given (the path owns its RNG)",
                                    "pass the generator to BrownianPath(...) instead"))
+    if brownian is not None:
+        _check_brownian(brownian, y0)
+    _warn_precision(y0.dtype, rtol, atol)
+    if y0.shape[0] == 0:
+        return _empty_solution(y0, ts, record_steps and adaptive, SDESolveStats, nfe_drift_joint=0,
+                               nfe_diffusion_joint=0)
     path = BrownianPath(ts[0], y0, generator) if brownian is None else brownian
-    if path.shape != tuple(y0.shape):
-        raise ValueError(bad_value("brownian.shape", path.shape, f"y0's shape {tuple(y0.shape)}",
-                                   "build it with BrownianPath(t0, y0)"))
     ctrl = _CONTROLLERS[scheme] if controller is None else controller
     state = _initial_state(drift, diffusion, y0, ts, path, rtol, atol, per_sample, dt0, adaptive)
     n_attempts = 0

@@ -13,6 +13,7 @@ Conventions shared by the solver core:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -46,13 +47,59 @@ class StepResult:
 
 def check_tolerances(rtol: float, atol: float) -> None:
     for name, value in (("rtol", rtol), ("atol", atol)):
-        if not (isinstance(value, (int, float)) and value > 0 and value == value and value != float("inf")):
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 < value < math.inf):
             raise ValueError(bad_value(name, value, "a finite float > 0", f"pass e.g. {name}=1e-6"))
+
+
+def check_callable(name: str, fn: object) -> None:
+    """TypeError unless ``fn`` is callable (a vector field ``f(t, y)``, a drift or a diffusion)."""
+    if not callable(fn):
+        raise TypeError(bad_value(name, fn, f"a callable {name}(t, y) returning a tensor shaped like y",
+                                  "pass a function or an nn.Module"))
+
+
+def check_flag(name: str, value: object) -> None:
+    """TypeError unless ``value`` is a bool (a truthy string would silently switch the option on)."""
+    if not isinstance(value, bool):
+        raise TypeError(bad_value(name, value, "True or False", f"pass {name}=True or {name}=False"))
+
+
+def check_state(name: str, y: object) -> Tensor:
+    """``y`` as a finite floating ``(batch, *state)`` tensor (batch may be 0); TypeError or ValueError otherwise.
+    Costs one host synchronisation (the finiteness check)."""
+    if not isinstance(y, Tensor):
+        raise TypeError(bad_value(name, type(y).__name__, "a floating tensor shaped (batch, *state)",
+                                  f"pass {name} as a torch tensor, e.g. torch.tensor(..., dtype=torch.float64)"))
+    if y.dim() < 1 or not y.is_floating_point():
+        raise ValueError(bad_value(name, f"{y.dtype} tensor of shape {tuple(y.shape)}",
+                                   "a floating tensor shaped (batch, *state)",
+                                   "add a batch dimension and cast to float32 or float64"))
+    if not torch.isfinite(y).all():
+        bad = (~torch.isfinite(y)).reshape(y.shape[0], -1).any(1).nonzero()[0, 0].item()
+        raise ValueError(bad_value(name, f"<NaN/inf in sample {bad}>", "finite values", f"clean {name}"))
+    return y
+
+
+def finite_times(x: TimeLike, batch: int, name: str, device: torch.device) -> Tensor:
+    """:func:`as_batch_time` that also refuses NaN and infinite entries (one host synchronisation)."""
+    x_b = as_batch_time(x, batch, name, device)
+    if not torch.isfinite(x_b).all():
+        shown = x.tolist() if isinstance(x, Tensor) else x
+        raise ValueError(bad_value(name, shown, "finite values (a scalar or one per sample)",
+                                   f"check how {name} was computed"))
+    return x_b
 
 
 def as_batch_time(x: TimeLike, batch: int, name: str, device: torch.device) -> Tensor:
     """``x`` as a float64 ``(batch,)`` tensor: a Python number or 0-d tensor is broadcast, ``(batch,)`` is kept."""
-    x = torch.as_tensor(x, dtype=torch.float64, device=device) if not isinstance(x, Tensor) else x.to(device, torch.float64)
+    if isinstance(x, Tensor):
+        x = x.to(device, torch.float64)
+    else:
+        try:
+            x = torch.as_tensor(x, dtype=torch.float64, device=device)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(bad_value(name, x, "a float or a float64 tensor of shape () or (batch,)",
+                                      f"pass {name} as a number")) from exc
     if x.dim() == 0:
         return x.expand(batch)
     if x.shape != (batch,):
@@ -98,11 +145,22 @@ def rk_step(f: VectorField, t: TimeLike, y: Tensor, h: TimeLike, tableau: Butche
     saves one evaluation. Calls ``f`` ``s`` times (``s - 1`` when ``k1`` is given), ``s`` = number of stages.
     """
     tab = get_tableau(tableau)
-    t_b = as_batch_time(t, y.shape[0], "t", y.device)
-    h_b = as_batch_time(h, y.shape[0], "h", y.device)
+    check_callable("f", f)
+    y = check_state("y", y)
+    t_b = finite_times(t, y.shape[0], "t", y.device)
+    # A negative h integrates backwards and h = 0 returns y: both valid; NaN/inf would silently give NaN.
+    h_b = finite_times(h, y.shape[0], "h", y.device)
+    if k1 is not None and (not isinstance(k1, Tensor) or k1.shape != y.shape):
+        got = tuple(k1.shape) if isinstance(k1, Tensor) else type(k1).__name__
+        raise ValueError(bad_value("k1.shape", got, f"y's shape {tuple(y.shape)}", "pass k1=f(t, y)"))
+    return step_unchecked(f, t_b, y, h_b, tab, k1)
+
+
+def step_unchecked(f: VectorField, t_b: Tensor, y: Tensor, h_b: Tensor, tab: ButcherTableau,
+                   k1: Tensor | None = None) -> StepResult:
+    """:func:`rk_step` on checked inputs (no host synchronisation), for the solvers' loops and the regularisers.
+    t_b, h_b: float64 ``(batch,)``; tab: a tableau, not a name."""
     h_y = batch_view(h_b, y)
-    if k1 is not None and k1.shape != y.shape:
-        raise ValueError(bad_value("k1.shape", tuple(k1.shape), f"y's shape {tuple(y.shape)}", "pass k1=f(t, y)"))
     ks = [call_vector_field(f, t_b, y) if k1 is None else k1]
     y_stage = y
     for i in range(1, tab.stages):
@@ -136,6 +194,12 @@ def error_ratio(error: Tensor, y0: Tensor, y1: Tensor, rtol: float, atol: float,
     check_tolerances(rtol, atol)
     if norm not in ("rms", "max"):
         raise ValueError(bad_value("norm", norm, "'rms' or 'max'", "use norm='rms' (Hairer's and the paper's)"))
+    for name, x in (("error", error), ("y0", y0), ("y1", y1)):
+        if not isinstance(x, Tensor):
+            raise TypeError(bad_value(name, type(x).__name__, "a tensor shaped (batch, *state)", "pass tensors"))
+        if x.shape != error.shape or x.dim() < 1:
+            raise ValueError(bad_value(f"{name}.shape", tuple(x.shape), f"error's shape {tuple(error.shape)}, "
+                                       "(batch, *state)", "pass the error estimate and the states of one step"))
     scale = atol + rtol * torch.maximum(y0.abs(), y1.abs())
     return _norm(error / scale, norm, per_sample)
 
@@ -155,7 +219,14 @@ def initial_step_size(f: VectorField, t0: TimeLike, y0: Tensor, rtol: float, ato
     uses norms over the whole batch, so every sample gets the same step.
     """
     check_tolerances(rtol, atol)
-    t0_b = as_batch_time(t0, y0.shape[0], "t0", y0.device)
+    check_callable("f", f)
+    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+        raise ValueError(bad_value("order", order, "the method's order, an int >= 1", "pass tableau.order (5)"))
+    y0 = check_state("y0", y0)
+    t0_b = finite_times(t0, y0.shape[0], "t0", y0.device)
+    if f0 is not None and (not isinstance(f0, Tensor) or f0.shape != y0.shape):
+        got = tuple(f0.shape) if isinstance(f0, Tensor) else type(f0).__name__
+        raise ValueError(bad_value("f0.shape", got, f"y0's shape {tuple(y0.shape)}", "pass f0=f(t0, y0) or None"))
     f0 = call_vector_field(f, t0_b, y0) if f0 is None else f0
     scale = atol + rtol * y0.abs()
     d0 = _norm(y0 / scale, "rms", per_sample).double()

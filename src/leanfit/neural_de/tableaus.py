@@ -27,6 +27,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from leanfit.core.errors import bad_value
+
 __all__ = ["DOPRI5", "TABLEAUS", "TSIT5", "ButcherTableau", "check_tableau", "get_tableau"]
 
 
@@ -61,6 +63,10 @@ def check_tableau(tableau: ButcherTableau, tol: float = 1e-12) -> None:
     ``sum_i b_i = 1``; ``sum_i b_error_i = 0`` (the embedded weights also sum to one); FSAL means the last row
     of ``a`` equals ``b[:-1]``, ``b[-1] = 0`` and ``c[-1] = 1``; an interpolant must reproduce ``b`` at ``theta = 1``.
     """
+    if not isinstance(tableau, ButcherTableau):
+        raise TypeError(bad_value("tableau", tableau, "a ButcherTableau", "pass e.g. TSIT5 or get_tableau('tsit5')"))
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
+        raise ValueError(bad_value("tol", tol, "a finite float >= 0", "use the default tol=1e-12"))
     s, name = tableau.stages, tableau.name
     if len(tableau.a) != s or any(len(row) != i for i, row in enumerate(tableau.a)):
         raise ValueError(f"tableau {name!r}: a must be strictly lower triangular with {s} rows (row i has i entries)")
@@ -154,6 +160,9 @@ def get_tableau(method: str | ButcherTableau) -> ButcherTableau:
     """The tableau named ``method`` (``"tsit5"`` or ``"dopri5"``), or ``method`` itself if already a tableau."""
     if isinstance(method, ButcherTableau):
         return method
+    if not isinstance(method, str):
+        raise TypeError(bad_value("method", method, f"one of {sorted(TABLEAUS)} or a ButcherTableau",
+                                  "pass method='tsit5' (default)"))
     if method not in TABLEAUS:
         raise ValueError(
             f"method={method!r} is invalid: expected one of {sorted(TABLEAUS)} or a ButcherTableau; "
