@@ -20,6 +20,7 @@ from leanfit.moe.gating import (
 )
 from leanfit.moe.layer import SparseMoE
 from leanfit.moe.voronoi import MixingMeasure, per_parameter_errors, voronoi_cells, voronoi_loss
+from tests.errors import assert_user_error
 from tests.reference import sparse_moe_reference
 from tests.tolerances import assert_close
 
@@ -30,13 +31,8 @@ TRUE = {"gate_intercept": [0.5, 0.0], "gate_coef": [[2.0], [0.0]], "coef": [[1.0
         "var": [0.1, 0.2]}
 
 
-def _raises(exc: type[Exception], fragment: str, call: Callable[[], Any]) -> None:
-    """``call()`` raises ``exc`` whose message names the parameter (``fragment``) and what was expected."""
-    with pytest.raises(exc) as info:
-        call()
-    message = str(info.value)
-    assert fragment in message, f"{fragment!r} not in {message!r}"
-    assert "expected" in message, f"no 'expected' in {message!r}"
+def _raises(exc: type[Exception], fragments: str | tuple[str, ...], call: Callable[[], Any]) -> None:
+    assert_user_error(exc, fragments, call, expected=True)
 
 
 def _layer(**kwargs: Any) -> SparseMoE:

@@ -31,6 +31,7 @@ from leanfit.neural_de.sde import BrownianPath, sde_solve, sde_step
 from leanfit.neural_de.solver import PIController, solve
 from leanfit.neural_de.step import as_batch_time, batch_view, error_ratio, initial_step_size, rk_step
 from leanfit.neural_de.tableaus import TSIT5, check_tableau, get_tableau
+from tests.errors import assert_user_error
 from tests.reference import tsit5_step_reference
 from tests.tolerances import assert_close
 
@@ -47,13 +48,8 @@ def _noise(t: Tensor, y: Tensor) -> Tensor:
     return 0.1 * y
 
 
-def _raises(exc: type[Exception], fragment: str, call: Callable[[], Any]) -> None:
-    """``call()`` raises ``exc`` whose message names the parameter (``fragment``) and what was expected."""
-    with pytest.raises(exc) as info:
-        call()
-    message = str(info.value)
-    assert fragment in message, f"{fragment!r} not in {message!r}"
-    assert "expected" in message, f"no 'expected' in {message!r}"
+def _raises(exc: type[Exception], fragments: str | tuple[str, ...], call: Callable[[], Any]) -> None:
+    assert_user_error(exc, fragments, call, expected=True)
 
 
 # --- bad inputs, one test per function family ---

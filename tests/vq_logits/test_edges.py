@@ -32,6 +32,7 @@ from leanfit.vq_logits.functional import (
 from leanfit.vq_logits.head import VQLogitsHead
 from leanfit.vq_logits.hf import from_pretrained, replace_lm_head, vq_causal_lm_class
 from leanfit.vq_logits.mapping import build_mapping, unigram_floor, validate_mapping
+from tests.errors import assert_user_error
 from tests.reference import residual_log_probs_reference, vq_logits_reference
 from tests.tolerances import assert_close
 
@@ -52,11 +53,8 @@ def _problem(seed: int = 0) -> dict[str, Any]:
     }
 
 
-def _raises(error: type[Exception], fragments: tuple[str, ...], call: Callable[[], Any]) -> None:
-    with pytest.raises(error) as err:
-        call()
-    missing = [f for f in fragments if f not in str(err.value)]
-    assert not missing, f"message {str(err.value)!r} lacks {missing}"
+def _raises(exc: type[Exception], fragments: str | tuple[str, ...], call: Callable[[], Any]) -> None:
+    assert_user_error(exc, fragments, call)
 
 
 # --- the collapsed and residual losses and log-probs ---------------------------------------------------------------
