@@ -349,6 +349,37 @@ def test_response_tokens_cannot_influence_prompts(kind: str) -> None:
     assert max_diff(model.cache_prompts(changed, instruction).prompts[1], first.prompts[1]) > 1e-4
 
 
+def prompt_change(kind: str, instruction: torch.Tensor, seed: int = 0) -> float:
+    """max |prompts(x) - prompts(x')| over layers, x' = x with every token outside ``instruction`` but the first
+    redrawn (the measurement quoted in the README's IAPT section, seeds 0-2)."""
+    torch.manual_seed(10)
+    model = get_iapt_model(BACKBONES[kind](seed), cfg())
+    ids = tokens(*instruction.shape, seed=3 + seed)
+    outside = ~instruction
+    outside[:, 0] = False
+    other = ids.clone()
+    other[outside] = torch.randint(2, V, (int(outside.sum()),), generator=torch.Generator().manual_seed(9 + seed))
+    first, second = model.cache_prompts(ids, instruction), model.cache_prompts(other, instruction)
+    return max(max_diff(first.prompts[i], second.prompts[i]) for i in first.prompts)
+
+
+@pytest.mark.parametrize("kind, where, claimed", [
+    pytest.param("gpt2", "prefix", True, id="decoder-prefix-instruction"),
+    pytest.param("qwen2", "suffix", False, id="decoder-suffix-instruction"),
+    pytest.param("bert", "prefix", False, id="encoder"),
+])
+def test_tokens_outside_the_instruction_change_the_prompts_only_where_not_claimed(kind: str, where: str,
+                                                                                 claimed: bool) -> None:
+    """README: only in a decoder, and only tokens AFTER the instruction, leave the prompts exactly unchanged; an
+    input before the instruction (suffix instruction) or any token of an encoder's input reaches them."""
+    instruction = prefix_mask(3, 10, 6) if where == "prefix" else ~prefix_mask(3, 10, 4)
+    change = prompt_change(kind, instruction)
+    if claimed:
+        assert change == 0.0
+    else:  # measured 3.7e-2 (Qwen2, suffix) and 1.4e-2 (BERT) at seed 0, on prompts of size ~2.5
+        assert change > 1e-3, change
+
+
 # ------------------------------------------------------------------------------------------------ generation
 def padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
     long, short = tokens(1, 7, seed=6), tokens(1, 4, seed=7)
@@ -639,6 +670,68 @@ def test_gated_mixed_batches_cache_generate_and_save_load(kind: str, tmp_path: P
     loaded = IAPTModel.from_pretrained(BACKBONES[kind](0), tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(ids, instruction_mask=instruction, adapter_names=names).logits, mixed)
+
+
+def with_random_biases(kind: str) -> nn.Module:
+    """Backbone ``kind`` with every bias drawn from N(0, 0.5^2) (HF initialises them to zero)."""
+    model = BACKBONES[kind](0)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+def soft_keys_and_values(model: IAPTModel, kind: str, ids: torch.Tensor) -> torch.Tensor:
+    """(layers, B, k, 2 * kv_width): the keys and values every layer computes at the soft positions."""
+    slots = model.expand_inputs(ids).slot_index
+    seen: list[torch.Tensor] = []
+
+    def keep(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        seen.append(out.gather(1, slots[..., None].expand(-1, -1, out.shape[-1])))
+
+    layers = model.base_model.get_submodule(model.layers_path)
+    projections = [layer.attn.c_attn for layer in layers] if kind == "gpt2" else \
+        [proj for layer in layers for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj)]
+    hooks = [proj.register_forward_hook(keep) for proj in projections]
+    with torch.no_grad():
+        model(ids, instruction_mask=prefix_mask(*ids.shape, 6))
+    for hook in hooks:
+        hook.remove()
+    if kind == "gpt2":  # the fused projection: queries, keys, values
+        return torch.stack([out[..., out.shape[-1] // 3 :] for out in seen])
+    return torch.stack([torch.cat(seen[i : i + 2], -1) for i in range(0, len(seen), 2)])
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "qwen2"])
+def test_a_closed_gate_gives_zero_keys_and_values_with_biased_projections(kind: str) -> None:
+    """IAPTConfig: at the soft positions the gated layer's keys and values are gate x their ungated values, biases
+    included (before the bias correction: max |K|, |V| = 1.63 (GPT-2) and 1.67 (Qwen2) at a closed gate here)."""
+    torch.manual_seed(10)
+    model = get_iapt_model(with_random_biases(kind), cfg(prompt_gate=True, gate_scale=2.0))
+    ids = tokens(2, 9)
+
+    def at_gate(value: float) -> torch.Tensor:
+        with torch.no_grad():
+            for generator in model.iapt["default"].values():
+                generator.gate.fill_(value / generator.gate_scale)
+        return soft_keys_and_values(model, kind, ids)
+
+    open_, half, closed = at_gate(1.0), at_gate(0.3), at_gate(0.0)
+    assert closed.abs().max() <= 1e-6
+    assert open_.abs().max() > 0.5
+    # layer 0 (later layers' prompts depend on the earlier gates): local tolerance, as g (W x + b) is computed as
+    # W (g x) + b + (g - 1) b, float32 rounding of terms of size ~1
+    worst = (half[0] - 0.3 * open_[0]).abs().max().item()
+    assert worst <= 1e-6, worst  # measured 9e-8
+    with torch.no_grad():  # an open gate is the ungated adapter, biases and all
+        plain = get_iapt_model(with_random_biases(kind), cfg())
+        plain.iapt["default"].load_state_dict({k: v for k, v in model.iapt["default"].state_dict().items()
+                                               if not k.endswith("gate")})
+        at_gate(1.0)
+        assert max_diff(model(ids, instruction_mask=prefix_mask(2, 9, 6)).logits,
+                        plain(ids, instruction_mask=prefix_mask(2, 9, 6)).logits) <= 1e-5
 
 
 def test_prompt_gate_needs_a_pre_norm_backbone_and_a_non_zero_start() -> None:

@@ -11,10 +11,14 @@ state) take a share of the attention softmax.
 
 Pre-norm backbones (Llama, Qwen, GPT-2) normalise each layer's input, so a small soft token reaches the attention
 at full size: on SmolLM2 the training loss jumped in the first steps at rates of 3e-4 and above. ``prompt_gate``
-multiplies the soft positions' output of each layer's input norm by ``gate_scale * g`` with ``g`` a learned
-per-layer scalar starting at 0: the soft tokens' keys and values start at zero and grow as the gate opens
-(zero-initialised gating in the spirit of LLaMA-Adapter). It needs ``init_scale > 0`` (zero prompts behind a
-zero gate get no gradient) and a pre-norm layer (a normalisation module among each layer's direct children).
+multiplies the soft positions' output of each layer's input norm by ``G = gate_scale * g``, ``g`` a learned
+per-layer scalar starting at 0, and scales the bias of every linear map fed by that output (the attention's query,
+key and value projections, fused as in GPT-2 or not) by ``G`` there too: at the soft positions the layer's keys
+and values are ``G`` times their ungated values, so they start at exactly zero, biased projections included
+(GPT-2, Qwen2), and grow as the gate opens (zero-initialised gating in the spirit of LLaMA-Adapter). Zero keys
+still take a share of the attention softmax, so a closed gate is not the bare backbone. It needs
+``init_scale > 0`` (zero prompts behind a zero gate get no gradient) and a pre-norm layer (a normalisation module
+among each layer's direct children).
 """
 
 from __future__ import annotations
@@ -54,8 +58,8 @@ class IAPTConfig(BaseConfig):
     init_scale: float = option(0.0, ge=0, le=1e3,
                                help="std of the up-projection's initial weights; 0 = zero init (no content)")
     prompt_gate: bool = option(False, help="pre-norm backbones: scale the soft positions' output of each layer's "
-                               "input norm by a zero-initialised gate, so their keys and values grow from zero "
-                               "(needs init_scale > 0)")
+                               "input norm, and the biases of the projections it feeds, by a zero-initialised "
+                               "gate, so their keys and values grow from exactly zero (needs init_scale > 0)")
     # at most 1e4: gate_scale * g must stay far inside float32 (a huge scale times the zero gate is NaN)
     gate_scale: float = option(30.0, gt=0, le=1e4, help="the gate is gate_scale x its parameter, so it opens faster "
                                "than the generator's weights move")

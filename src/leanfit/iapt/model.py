@@ -29,13 +29,14 @@ How a call works (``forward``, ``generate`` and ``cache_prompts`` share it):
    consistent with the logits the caller sees; other models get the labels passed through (token labels with
    -100 at the placeholders).
 
-Leakage: only instruction positions are pooled, so in a decoder the response tokens (the training targets) can
-change neither the prompts nor any output at instruction positions. ``instruction_mask`` is therefore required
-whenever token labels (B, T) are given; sequence-level labels (classification) are not in the input and need
-none. Two caveats: the soft tokens summarise the WHOLE instruction, so a loss on instruction tokens after the
-slot could peek at later instruction tokens (give them label -100, as instruction tuning does anyway); and in
-an encoder every position sees every other, so there the instruction's hidden states (and the prompts) do
-depend on the rest of the input.
+Leakage: only instruction positions are pooled, so in a decoder the response tokens (the training targets), and
+any token after the instruction, can change neither the prompts nor any output at instruction positions.
+``instruction_mask`` is therefore required whenever token labels (B, T) are given; sequence-level labels
+(classification) are not in the input and need none. Three caveats: tokens BEFORE the instruction (an input placed
+ahead of it) reach its hidden states and so the prompts; the soft tokens summarise the WHOLE instruction, so a
+loss on instruction tokens after the slot could peek at later instruction tokens (give them label -100, as
+instruction tuning does anyway); and in an encoder every position sees every other, so there the instruction's
+hidden states (and the prompts) do depend on the rest of the input.
 
 Decoding: the prompts are computed once, at prefill, and reach later tokens through the KV cache. The hooks are
 one-shot per call (each layer injects at most once) and act only on a call whose sequence length is the
@@ -58,7 +59,7 @@ import dataclasses
 import functools
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -74,6 +75,7 @@ from leanfit.iapt.slots import (
     HookState,
     IAPTBatch,
     accepts_argument,
+    biased_linears,
     cache_length,
     check_mask,
     check_tensor,
@@ -123,6 +125,7 @@ class IAPTModel(nn.Module):
         self._state: HookState | None = None
         self._takes_position_ids = accepts_argument(base_model, "position_ids")  # read once, not per forward
         self._norm_hooks: list[Any] = []  # on each layer's input norm, once an adapter has prompt_gate
+        self._bias_hooks: list[Any] = []  # on each layer's biased linear maps, once an adapter has prompt_gate
         self._hooks = [layer.register_forward_pre_hook(functools.partial(self._pre_hook, i), with_kwargs=True)
                        for i, layer in enumerate(layers)]
         setattr(base_model, _HOOKED, True)
@@ -186,6 +189,9 @@ class IAPTModel(nn.Module):
                                             "use prompt_gate=False for post-norm models such as BERT"))
             self._norm_hooks = [norm.register_forward_hook(functools.partial(self._norm_hook, i))
                                 for i, norm in enumerate(present)]
+            layers = self.base_model.get_submodule(self.layers_path)
+            self._bias_hooks = [linear.register_forward_hook(functools.partial(self._bias_hook, i))
+                                for i, layer in enumerate(layers) for linear in biased_linears(layer)]
         self.iapt[adapter_name] = nn.ModuleDict(
             {str(i): PromptGenerator(self.hidden_size, config, dtype=dtype, device=ref.device)
              for i in config.layer_indices(self.num_layers)})
@@ -207,9 +213,9 @@ class IAPTModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """Remove the hooks and return the bare backbone (its parameters stay frozen)."""
-        for hook in (*self._hooks, *self._norm_hooks):
+        for hook in (*self._hooks, *self._norm_hooks, *self._bias_hooks):
             hook.remove()
-        self._hooks, self._norm_hooks = [], []
+        self._hooks, self._norm_hooks, self._bias_hooks = [], [], []
         with contextlib.suppress(AttributeError):
             delattr(self.base_model, _HOOKED)
         return self.base_model
@@ -477,14 +483,33 @@ class IAPTModel(nn.Module):
 
     def _norm_hook(self, layer: int, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
         """``prompt_gate``: the soft positions of the layer's normalised input scaled by the rows' gates (once,
-        right after this layer's injection)."""
+        right after this layer's injection); :meth:`_bias_hook` finishes the job for biased projections."""
         state = self._state
         if state is None or layer not in state.gates or output.ndim != 3 or output.shape[1] != state.seq_len:
             return None
         gates = state.gates.pop(layer)
         slots = state.view(output.shape[0]).slot_index
         scale = output.new_ones(output.shape[:2]).scatter(1, slots, gates[:, None].expand_as(slots).to(output.dtype))
-        return output * scale[..., None]
+        gated = output * scale[..., None]
+        state.gated = (layer, gated, gates)
+        return gated
+
+    def _bias_hook(self, layer: int, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        """``prompt_gate`` on a biased linear map fed by the gated norm output (the attention's query / key / value
+        projections, fused or not): its soft positions hold ``W (g x) + b``; adding ``(g - 1) b`` makes them
+        ``g (W x + b)``, exactly 0 at a closed gate. Bias-free backbones never get here."""
+        state = self._state
+        gated = None if state is None else state.gated
+        if gated is None or gated[0] != layer or not args or args[0] is not gated[1]:
+            return None
+        bias = cast(Tensor, module.bias)
+        if output.ndim != 3 or output.shape[-1] != bias.shape[0]:
+            return None
+        assert state is not None, "gated is only set during a call"
+        slots = state.view(output.shape[0]).slot_index
+        shift = (gated[2] - 1).to(output.dtype)[:, None, None] * bias.to(output.dtype)  # (N, 1, out)
+        index = slots[..., None].expand(-1, -1, output.shape[-1])
+        return output.scatter_add(1, index, shift.expand(-1, slots.shape[1], -1))
 
     # ----------------------------------------------------------------------------------------- calls
     def _strip_outputs(self, out: Any, batch: IAPTBatch) -> Any:
@@ -549,14 +574,17 @@ class IAPTModel(nn.Module):
                  cached_prompts: CachedPrompts | None = None, **kwargs: Any) -> Any:
         """The backbone's ``generate`` with prompts computed once at prefill; the returned sequences are the
         ORIGINAL input (placeholders removed) followed by the new tokens, (B * num_return_sequences, T + new).
-        ``instruction_mask`` defaults to every attended input token (the whole prompt is the instruction);
-        ``adapter_names`` / ``cached_prompts`` as in :meth:`forward`. Other keyword arguments
-        (``max_new_tokens``, ``do_sample``, ``num_beams``, ...) go to the backbone's ``generate``."""
+        Batches must be left-padded (right padding is a ValueError: the new tokens would follow the padding;
+        :func:`~leanfit.iapt.encoding.encode_instructions` builds such batches). ``instruction_mask`` defaults to
+        every attended input token (the whole prompt is the instruction); ``adapter_names`` / ``cached_prompts``
+        as in :meth:`forward`. Other keyword arguments (``max_new_tokens``, ``do_sample``, ``num_beams``, ...) go
+        to the backbone's ``generate``."""
         if kwargs.get("use_cache") is False:
             raise ConfigError(bad_value("use_cache", False, "True (the default) with IAPT", "the prompts are "
                                         "injected once, at prefill, and reach later tokens through the cache"))
         batch = self.expand_inputs(input_ids, attention_mask, instruction_mask, adapter_names=adapter_names,
                                    cached_prompts=cached_prompts)
+        _check_left_padded(batch.attention_mask)
         with self._activate(batch):
             out = self.base_model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
         sequences = out if isinstance(out, Tensor) else out.sequences
@@ -588,22 +616,59 @@ class IAPTModel(nn.Module):
         return CachedPrompts(name, record, gates)
 
     # ----------------------------------------------------------------------------------------- save / load
-    def save_pretrained(self, save_directory: str | os.PathLike, adapter_names: Sequence[str] | None = None) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, adapter_names: Sequence[str] | None = None, *,
+                        state_dict: Mapping[str, Tensor] | None = None) -> None:
         """One subfolder per adapter with ``adapter_config.json`` (the config, ``peft_type``, backbone id, hidden
         size and layer count) and ``adapter_model.safetensors`` (keys ``iapt.<layer>.<parameter>``); each
-        subfolder is replaced atomically."""
+        subfolder is replaced atomically.
+
+        ``state_dict``: as in PEFT, a state dict of the whole model (keys as in ``self.state_dict()``, e.g. one
+        gathered by ``transformers.Trainer`` under DeepSpeed or FSDP) to take the adapters' tensors from instead
+        of the live parameters; the backbone's entries are ignored."""
         _check_path("save_directory", save_directory)
         if adapter_names is not None and (isinstance(adapter_names, str) or not isinstance(adapter_names, Iterable)):
             raise TypeError(bad_value("adapter_names", adapter_names, "None or a list of adapter names",
                                       f"for one adapter pass [{adapter_names!r}]"))
+        if state_dict is not None and not isinstance(state_dict, Mapping):
+            raise TypeError(bad_value("state_dict", shown(state_dict), f"None or a mapping of parameter names to "
+                                      f"tensors, got {type(state_dict).__name__}", "pass model.state_dict()"))
         names = self.adapter_names if adapter_names is None else list(adapter_names)
         for name in names:
             self._check_adapter(name)
         for name in names:
-            tensors = {f"iapt.{key}": value for key, value in self.iapt[name].state_dict().items()}
+            tensors = {f"iapt.{key}": value for key, value in self._adapter_state(name, state_dict).items()}
             with atomic_dir(Path(save_directory) / name) as tmp:
                 atomic_write_json(tmp / CONFIG_NAME, {"peft_type": PEFT_TYPE, **self.peft_config[name].to_dict()})
                 atomic_save_tensors(tmp / WEIGHTS_NAME, tensors)
+
+    def _adapter_state(self, name: str, state_dict: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+        """Adapter ``name``'s tensors, keyed as in its generators' ``state_dict()``: the live ones, or those under
+        ``iapt.<name>.`` in the whole model's ``state_dict``."""
+        own = self.iapt[name].state_dict()
+        if state_dict is None:
+            return dict(own)
+        prefix = f"iapt.{name}."
+        found = {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
+        if set(found) != set(own):
+            missing = sorted(prefix + key for key in set(own) - set(found))
+            raise ConfigError(bad_value("state_dict", f"{len(state_dict)} entries, missing {missing[:3]}",
+                                        f"every tensor of adapter {name!r} (keys as in model.state_dict())",
+                                        "pass the state dict of this IAPTModel, or None for its live parameters"))
+        return found
+
+    def _reload_weights(self, path: str | os.PathLike) -> None:
+        """Load the weights saved under ``path`` (by :meth:`save_pretrained`) into this model's adapters of the
+        same names and configs; every adapter must be there (a checkpoint of this model)."""
+        folders = dict(_adapter_folders(_check_path("path", path), None))
+        if set(folders) != set(self.iapt):
+            raise ConfigError(bad_value("path", str(path), f"a checkpoint of adapters {self.adapter_names} (found: "
+                                        f"{sorted(folders)})", "resume with the model the checkpoint was saved from"))
+        for name, folder in folders.items():
+            if _read_config(folder) != self.peft_config[name]:
+                raise ConfigError(bad_value(str(folder / CONFIG_NAME), "another config", f"adapter {name!r}'s config "
+                                            "of this model", "resume with the model the checkpoint was saved from"))
+        for name, folder in folders.items():
+            self._load_weights(name, folder)
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None, *,
@@ -650,6 +715,16 @@ class IAPTModel(nn.Module):
                                         "the tensors its adapter_config.json describes",
                                         "save the adapter again with save_pretrained()"))
         self.iapt[name].load_state_dict(state)
+
+
+def _check_left_padded(attention_mask: Tensor) -> None:
+    """``generate`` appends new tokens after the last position: a row with padding after a real token (right
+    padding) would continue from its padding, so it is refused."""
+    after = (attention_mask[:, :-1] > attention_mask[:, 1:]).any(1).nonzero().flatten()
+    if after.numel():
+        raise ConfigError(bad_value("attention_mask", f"right padding (row {after[0].item()} has padding after a "
+                                    "real token)", "left padding in generate()", "set tokenizer.padding_side = "
+                                    "'left' before tokenizing, or build the batch with encode_instructions()"))
 
 
 def _check_path(param: str, path: Any) -> Path:

@@ -18,9 +18,9 @@ from torch import Tensor, nn
 
 from leanfit.core.errors import ConfigError, bad_value
 
-__all__ = ["CachedPrompts", "HookState", "IAPTBatch", "RowView", "accepts_argument", "cache_length", "check_dtype",
-           "check_mask", "check_tensor", "find_layers", "input_norm", "insert_at", "is_causal_lm", "shown",
-           "uses_checkpointing"]
+__all__ = ["CachedPrompts", "HookState", "IAPTBatch", "RowView", "accepts_argument", "biased_linears",
+           "cache_length", "check_dtype", "check_mask", "check_tensor", "find_layers", "input_norm", "insert_at",
+           "is_causal_lm", "shown", "uses_checkpointing"]
 
 
 class _Shown:
@@ -176,6 +176,9 @@ class HookState:
     views: dict[int, RowView] = field(default_factory=dict)
     gates: dict[int, Tensor] = field(default_factory=dict)  # (N,) row gates a layer's norm hook applies next
     gate_record: dict[int, Tensor] | None = None  # cache_prompts: each gated layer's gate
+    # (layer, the gated norm output, its (N,) row gates): the linear maps fed by exactly this tensor get their
+    # bias scaled by the gate at the soft positions too
+    gated: tuple[int, Tensor, Tensor] | None = None
 
     @property
     def seq_len(self) -> int:
@@ -256,6 +259,13 @@ def input_norm(layer: nn.Module) -> nn.Module | None:
     """The first normalisation module among ``layer``'s direct children (a pre-norm layer's input norm: Llama's
     ``input_layernorm``, GPT-2's ``ln_1``), None for post-norm layers such as BERT's, whose norms sit deeper."""
     return next((m for m in layer.children() if "norm" in type(m).__name__.lower()), None)
+
+
+def biased_linears(layer: nn.Module) -> list[nn.Module]:
+    """The affine maps inside ``layer`` that add a bias: modules with a 2-D ``weight`` and a 1-D ``bias`` tensor
+    (``nn.Linear``, GPT-2's ``Conv1D``); norms (1-D weights) and embeddings (no bias) are left out."""
+    return [m for m in layer.modules() if isinstance(getattr(m, "weight", None), Tensor) and m.weight.ndim == 2
+            and isinstance(getattr(m, "bias", None), Tensor) and m.bias.ndim == 1]
 
 
 def accepts_argument(model: nn.Module, name: str) -> bool:
