@@ -111,25 +111,35 @@ def error_ratio_reference(error, y0, y1, rtol, atol, norm="rms", per_sample=True
     return np.array([np.sqrt(np.mean(g**2)) if norm == "rms" else np.max(g) for g in groups])
 
 
-def initial_step_reference(fun, t0, y0, rtol, atol, order):
-    """Hairer, Norsett & Wanner, Solving ODEs I, II.4 (HINIT), one sample at a time in plain Python floats.
-    fun(t, y, i) -> dy for sample i; y0: (batch, n). Returns a list of step sizes."""
-    import math
+def initial_step_reference(fun, t0, y0, rtol, atol, iord):
+    """Hairer's HINIT (Solving ODEs I, II.4; the Fortran DOPRI5/DOP853 routine), one sample at a time in plain
+    Python floats, with HMAX = inf and forward direction. fun(t, y, i) -> dy for sample i; y0: (batch, n).
+    iord: DOPRI5's IORD, the power of h in the local error estimate (5 for a 5(4) pair). Norms are the book's RMS
+    norm (4.11); the Fortran sums squares without dividing by n (identical for n = 1). Returns a list of steps.
+
+        DNF = ||f0/sk||, DNY = ||y0/sk||, sk = atol + rtol |y0|
+        H = 1e-6 if DNF or DNY < 1e-5, else 0.01 DNY/DNF            (the explicit Euler step)
+        DER2 = ||(f(t0 + H, y0 + H f0) - f0)/sk|| / H               (second-derivative estimate)
+        DER12 = max(DER2, DNF); H1 = (0.01/DER12)**(1/IORD), or max(1e-6, 1e-3 H) if DER12 <= 1e-15
+        HINIT = min(100 H, H1)                                      (H**IORD * DER12 = 0.01)
+    """
 
     def rms(v):
-        return math.sqrt(sum(x * x for x in v) / len(v))
+        return math.sqrt(math.fsum(x * x for x in v) / len(v))
 
     out = []
-    for i, y in enumerate(y0):
-        y = [float(v) for v in y]
+    for i, row in enumerate(y0):
+        y = [float(v) for v in row]
         f0 = [float(v) for v in fun(t0, y, i)]
-        sc = [atol + rtol * abs(v) for v in y]
-        d0, d1 = rms([v / s for v, s in zip(y, sc, strict=True)]), rms([v / s for v, s in zip(f0, sc, strict=True)])
-        h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
-        f1 = [float(v) for v in fun(t0 + h0, [v + h0 * d for v, d in zip(y, f0, strict=True)], i)]
-        d2 = rms([(a - b) / s for a, b, s in zip(f1, f0, sc, strict=True)]) / h0
-        h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1.0 / (order + 1))
-        out.append(min(100 * h0, h1))
+        sk = [atol + rtol * abs(v) for v in y]
+        dnf = rms([a / b for a, b in zip(f0, sk, strict=True)])
+        dny = rms([a / b for a, b in zip(y, sk, strict=True)])
+        h = 1e-6 if dnf < 1e-5 or dny < 1e-5 else 0.01 * dny / dnf
+        f1 = [float(v) for v in fun(t0 + h, [a + h * b for a, b in zip(y, f0, strict=True)], i)]
+        der2 = rms([(a - b) / c for a, b, c in zip(f1, f0, sk, strict=True)]) / h
+        der12 = max(der2, dnf)
+        h1 = max(1e-6, 1e-3 * h) if der12 <= 1e-15 else (0.01 / der12) ** (1.0 / iord)
+        out.append(min(100 * h, h1))
     return out
 
 

@@ -245,7 +245,12 @@ def test_points_batch_needs_a_shared_step_record() -> None:
     ("build", "match"),
     [
         pytest.param(lambda: _ode(backend="torchdiffeq"), r"method='tsit5'.*'dopri5'", id="td-method"),
-        pytest.param(lambda: _ode(adjoint=True), r"adjoint=True.*backend='torchdiffeq'", id="adjoint"),
+        pytest.param(lambda: _ode(adjoint="adjoint"), r"adjoint='adjoint'.*'direct' or 'checkpoint' or 'backsolve'",
+                     id="adjoint"),
+        pytest.param(lambda: _ode(method="dopri5", backend="torchdiffeq", adjoint="checkpoint"),
+                     r"adjoint='checkpoint'.*backend='torchdiffeq'.*backend='leanfit'", id="adjoint-torchdiffeq"),
+        pytest.param(lambda: _ode(adjoint="backsolve")(torch.zeros(4, 16), "global"),
+                     r"adjoint='backsolve'.*global regulariser.*adjoint='checkpoint'", id="adjoint-global"),
         pytest.param(lambda: _ode(backend="jax"), r"backend='jax'", id="backend"),
         pytest.param(lambda: _ode(t1=0.0), r"t1=0.0 is invalid", id="t1"),
         pytest.param(lambda: _ode(rtol=-1.0), r"rtol=-1.0 is invalid", id="rtol"),
@@ -258,8 +263,8 @@ def test_ode_classifier_errors(build, match: str) -> None:
         build()
 
 
-@pytest.mark.parametrize("adjoint", [False, True], ids=["odeint", "odeint_adjoint"])
-def test_torchdiffeq_backend_matches_leanfit(adjoint: bool) -> None:
+@pytest.mark.parametrize("adjoint", ["direct", "backsolve"], ids=["odeint", "odeint_adjoint"])
+def test_torchdiffeq_backend_matches_leanfit(adjoint: str) -> None:
     """The closed box: torchdiffeq's dopri5 (optionally with the continuous adjoint) and leanfit's dopri5 agree on
     logits, the local regulariser at the same t_r and the gradient of logits + regulariser, within the tolerance."""
     pytest.importorskip("torchdiffeq")
@@ -278,6 +283,41 @@ def test_torchdiffeq_backend_matches_leanfit(adjoint: bool) -> None:
     assert b.nfe_joint > 0 and (b.nfe == b.nfe_joint).all() and b.reg_nfe == 8
     rel = ((grads[0] - grads[1]).abs().max() / grads[0].abs().max()).item()
     assert rel < 1e-5, f"relative gradient difference {rel:.3g}"
+
+
+@pytest.mark.parametrize(
+    ("adjoint", "name", "per_sample", "tol", "bound"),
+    [
+        pytest.param("checkpoint", "global", False, 1e-6, 1e-10, id="checkpoint-global"),
+        pytest.param("checkpoint", "local_taken", True, 1e-6, 1e-10, id="checkpoint-local_taken"),
+        pytest.param("backsolve", "local_unbiased", False, 1e-8, 1e-6, id="backsolve-local_unbiased"),
+    ],
+)
+def test_ode_classifier_adjoint_matches_direct(adjoint: str, name: str, per_sample: bool, tol: float,
+                                               bound: float) -> None:
+    """adjoint= changes only how the gradient is computed: the same logits, regulariser and NFE (bitwise), and the
+    gradient of logits + regulariser of the default adjoint='direct': checkpoint to rounding (at any tolerance),
+    backsolve to the tolerance (rtol = atol = 1e-8)."""
+    x = _x(F64)
+    direct = _ode(rtol=tol, atol=tol, per_sample=per_sample).double()
+    other = _ode(rtol=tol, atol=tol, per_sample=per_sample, adjoint=adjoint).double()
+    other.load_state_dict(direct.state_dict())
+    assert direct.adjoint == "direct"
+    outs, grads = [], []
+    for model in (direct, other):
+        outs.append(model(x, name, generator=_gen(3)))
+        (outs[-1].logits.square().sum() + (0.0 if outs[-1].reg is None else outs[-1].reg)).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    a, b = outs
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.nfe, b.nfe) and a.reg_nfe == b.reg_nfe
+    assert (a.reg is None and b.reg is None) or (a.reg is not None and b.reg is not None and torch.equal(a.reg, b.reg))
+    rel = ((grads[0] - grads[1]).abs().max() / grads[0].abs().max()).item()
+    assert rel <= bound, f"relative gradient difference {rel:.3g}"
+
+
+def test_ode_classifier_refuses_a_boolean_adjoint() -> None:
+    with pytest.raises(TypeError, match=r"adjoint=True is invalid.*adjoint='backsolve'.*odeint_adjoint"):
+        _ode(adjoint=True)
 
 
 def test_torchdiffeq_backend_rejects_record_based_regularizers() -> None:

@@ -79,8 +79,10 @@ def initial_h_reference(f, t: torch.Tensor, y: torch.Tensor, rtol: float, atol: 
 # --- local_regularizer against the sample-by-sample reference -------------------------------------------------
 
 # Tolerances of 1e-2 and a field with gain ~3: the error estimate h sum_i b_error_i k_i cancels (sum b_error = 0),
-# so two evaluation orders differ by ~eps |h k| / |error|; here EEst >= 4e-3 and the worst difference is 8e-14.
+# so two evaluation orders differ by ~eps |h k| / |error|. With the automatic step (h = 0.09 .. 0.13) EEst goes down
+# to 8e-4 and the worst relative difference is 1.3e-12 (value and gradient); with the given steps, 8e-14.
 LOCAL_TOL = 1e-2
+CANCEL_RTOL = 4e-12
 
 
 @pytest.mark.parametrize("k1", [False, True], ids=["k1-computed", "k1-given"])
@@ -103,11 +105,11 @@ def test_local_regularizer_matches_reference(points: str, estimate: str, step: s
     reg, info = local_regularizer(counted, t, y, step=steps[step], points=points, estimate=estimate, rtol=LOCAL_TOL,
                                   atol=LOCAL_TOL, k1=given)
     want = local_regularizer_reference(f, t, y, info.h, LOCAL_TOL, LOCAL_TOL, points=points, estimate=estimate)
-    assert rel(reg, want) <= 1e-12, (reg.item(), want.item())
+    assert rel(reg, want) <= CANCEL_RTOL, (reg.item(), want.item())
     grads = torch.autograd.grad(reg, params)
     grads_ref = torch.autograd.grad(want, params)
     for name, a, b in zip(["w1", "b1", "w2"], grads, grads_ref, strict=True):
-        assert rel(a, b) <= 1e-12, (name, rel(a, b), (a - b).abs().argmax().item())
+        assert rel(a, b) <= CANCEL_RTOL, (name, rel(a, b), (a - b).abs().argmax().item())
     assert info.nfe == counted.calls == 6 + (not k1) + (step == "initial")
     if step == "initial":  # Hairer's heuristic at y_r, joint for the batch norm
         h_ref = initial_h_reference(f, t, y, LOCAL_TOL, LOCAL_TOL, joint=points == "batch")

@@ -1,7 +1,8 @@
 """Locally regularised neural differential equations (Pal, Edelman & Rackauckas, ICML 2023).
 
 A batched explicit embedded Runge-Kutta solver (Tsit5, Dopri5) that exposes what the regularisers need: a public
-single step returning its error estimate, the automatic initial step, per-sample step-size control and statistics;
+single step returning its error estimate, the automatic initial step, per-sample step-size control and statistics,
+and three backward passes (direct backpropagation, checkpointed recomputation, the continuous adjoint);
 the local (one random step) and global (every accepted step) error regularisers; an adaptive SDE solver (Milstein
 or Euler-Maruyama, step-doubling error estimate, Brownian bridge memory) for the neural SDE variant; the paper's
 ODE and SDE classifiers."""

@@ -37,8 +37,8 @@ from leanfit.neural_de.regularizers import (
     sample_times,
     with_times,
 )
-from leanfit.neural_de.sde import Scheme, sde_solve, sde_step
-from leanfit.neural_de.solver import Solution, solve
+from leanfit.neural_de.sde import _INITIAL_STEP_ORDER, Scheme, sde_solve, sde_step
+from leanfit.neural_de.solver import Adjoint, Solution, solve
 from leanfit.neural_de.step import (
     as_batch_time,
     batch_view,
@@ -297,14 +297,18 @@ class NeuralODEClassifier(nn.Module):
     method, rtol, atol: the solver's (the paper: Tsit5 at ``1.4e-8`` in float64; the default ``1e-6`` suits
     float32). per_sample: per-sample step control, or one joint norm and step sequence for the batch (the paper's
     and torchdiffeq's; default). backend: ``"leanfit"`` (:func:`~leanfit.neural_de.solver.solve`; every
-    regulariser) or ``"torchdiffeq"`` (the closed box: ``odeint``, or ``odeint_adjoint`` with ``adjoint=True``;
-    ``method="dopri5"`` only, it has no Tsit5; only the ``none`` and unbiased initial-step local regularisers,
-    which need no step record). time_dependent: concatenate ``t`` to the field's input.
+    regulariser) or ``"torchdiffeq"`` (the closed box: ``odeint``, or ``odeint_adjoint`` with
+    ``adjoint="backsolve"``; ``method="dopri5"`` only, it has no Tsit5; only the ``none`` and unbiased
+    initial-step local regularisers, which need no step record). adjoint: the main solve's sensitivity method
+    (:func:`~leanfit.neural_de.solver.solve`): ``"direct"`` (default; backpropagation through every stage),
+    ``"checkpoint"`` (the same gradients, memory ``O(steps x state)``; leanfit backend only) or ``"backsolve"``
+    (the continuous adjoint, memory independent of the steps; not with the global regulariser).
+    time_dependent: concatenate ``t`` to the field's input.
     """
 
     def __init__(self, in_features: int, hidden: int, n_classes: int, t1: float = 1.0, method: str = "tsit5",
                  rtol: float = 1e-6, atol: float = 1e-6, per_sample: bool = False,
-                 backend: Literal["leanfit", "torchdiffeq"] = "leanfit", adjoint: bool = False,
+                 backend: Literal["leanfit", "torchdiffeq"] = "leanfit", adjoint: Adjoint = "direct",
                  time_dependent: bool = True) -> None:
         super().__init__()
         _check_int("in_features", in_features)
@@ -315,11 +319,16 @@ class NeuralODEClassifier(nn.Module):
         if backend == "torchdiffeq" and method != "dopri5":
             raise ValueError(bad_value("method", method, "'dopri5' for backend='torchdiffeq' (the only embedded pair "
                                        "both libraries have)", "pass method='dopri5'"))
-        if adjoint and backend != "torchdiffeq":
-            raise ValueError(bad_value("adjoint", adjoint, "False for backend='leanfit' (discrete sensitivities)",
-                                       "pass backend='torchdiffeq' for odeint_adjoint"))
+        if isinstance(adjoint, bool):
+            raise TypeError(bad_value("adjoint", adjoint, "'direct', 'checkpoint' or 'backsolve'",
+                                      f"pass adjoint={'backsolve' if adjoint else 'direct'!r} (torchdiffeq's "
+                                      f"{'odeint_adjoint' if adjoint else 'odeint'})"))
+        _check_choice("adjoint", adjoint, ["direct", "checkpoint", "backsolve"], "use adjoint='direct'")
+        if adjoint == "checkpoint" and backend != "leanfit":
+            raise ValueError(bad_value("adjoint", adjoint, "'direct' or 'backsolve' for backend='torchdiffeq' (it "
+                                       "has no checkpointed solve)", "pass backend='leanfit' for adjoint='checkpoint'"))
         self.in_features, self.t1, self.method, self.rtol, self.atol = in_features, float(t1), method, rtol, atol
-        self.per_sample, self.backend, self.adjoint = bool(per_sample), backend, bool(adjoint)
+        self.per_sample, self.backend, self.adjoint = bool(per_sample), backend, adjoint
         self.func = ConcatTanhMLP(in_features, hidden, time_dependent)
         self.head = nn.Linear(in_features, n_classes)
 
@@ -331,6 +340,10 @@ class NeuralODEClassifier(nn.Module):
         spec = RegularizerSpec.from_arg(regularizer)
         y0 = _flatten_input(x, self.in_features, spec)
         _check_points(spec, self.per_sample, spec.needs_record)
+        if spec.kind == "global" and self.adjoint == "backsolve":
+            raise ValueError(bad_value("adjoint", self.adjoint, "'direct' or 'checkpoint' for the global regulariser "
+                                       "(it differentiates every step's error estimate)",
+                                       "build the model with adjoint='checkpoint', or use a local regulariser"))
         t_eval = torch.tensor([0.0, self.t1], dtype=torch.float64, device=y0.device)
         t_r = times = keep = r_index = None
         if spec.needs_t_r:
@@ -339,7 +352,7 @@ class NeuralODEClassifier(nn.Module):
         if self.backend == "torchdiffeq":
             return self._forward_torchdiffeq(y0, spec, t_eval if times is None else times, t_r, r_index, generator)
         sol = solve(self.func, y0, t_eval if times is None else times, method=self.method, rtol=self.rtol,
-                    atol=self.atol, per_sample=self.per_sample, record_steps=spec.needs_record)
+                    atol=self.atol, per_sample=self.per_sample, record_steps=spec.needs_record, adjoint=self.adjoint)
         reg, info = None, None
         if spec.kind == "global":
             reg = global_regularizer(sol)
@@ -368,7 +381,7 @@ class NeuralODEClassifier(nn.Module):
         except ImportError as exc:
             raise MissingDependencyError("backend='torchdiffeq' needs torchdiffeq: pip install torchdiffeq") from exc
         counted = _CountingField(self.func)
-        integrate = odeint_adjoint if self.adjoint else odeint
+        integrate = odeint_adjoint if self.adjoint == "backsolve" else odeint
         ys = integrate(counted, y0, times, rtol=self.rtol, atol=self.atol, method=self.method)  # (T, batch, dim)
         nfe_joint, reg, info = counted.calls, None, None
         if t_r is not None and r_index is not None:
@@ -398,7 +411,7 @@ def sde_local_regularizer(drift: Field, diffusion: Field, sol: Solution, *, samp
     containing ``t_r ~ U[t0, t1]`` (or the given ``t_r``), ``"biased"`` a uniform one of the accepted steps. The
     regulariser steps from that step's start ``(t_j, y_j)`` (detached): an SDE solution has no dense output, so
     unlike the ODE case the state at ``t_r`` itself is not available. step: ``"taken"`` (``h_j``, default),
-    ``"initial"`` (Hairer's initial step for the drift with order 1, as :func:`~leanfit.neural_de.sde.sde_solve`
+    ``"initial"`` (Hairer's initial step for the drift, error ~ h^2, as :func:`~leanfit.neural_de.sde.sde_solve`
     starts; two drift calls) or a float. The Brownian increments are fresh ``N(0, h/2)`` draws from ``generator``
     (or ``dw = (dW1, dW2)``, each ``(batch, *state)``): the main solve's path is conditioned on its accepted steps,
     and a new draw gives an unbiased sample of the step's error over the noise.
@@ -431,7 +444,8 @@ def sde_local_regularizer(drift: Field, diffusion: Field, sol: Solution, *, samp
     if step == "taken":
         h = step_h[rows, j]
     elif step == "initial":
-        h, nfe = initial_step_size(drift, t, y, rtol, atol, order=1, per_sample=not joint), nfe + 2
+        h = initial_step_size(drift, t, y, rtol, atol, _INITIAL_STEP_ORDER, per_sample=not joint)
+        nfe += 2
     else:
         h = as_batch_time(float(step), y.shape[0], "step", y.device)
     if dw is None:

@@ -4,8 +4,9 @@ The local regulariser is ``R = EEst(t_r) * |h(t_r)|``: the scaled error estimate
 ``h`` from the state ``u(t_r)`` at a random time ``t_r``. The state, ``h`` and the first stage ``k_1`` are
 constants, so the term is a separate six-evaluation graph and gradients reach the parameters only through the
 stages ``k_2 .. k_7``; the main solve may therefore use any sensitivity method (torchdiffeq's ``odeint_adjoint``
-included). The global (ERNODE) regulariser ``sum_j EEst_j |h_j|`` over all accepted steps needs discrete
-sensitivities, i.e. backpropagation through this package's own :func:`~leanfit.neural_de.solver.solve`.
+included, or ``solve(adjoint="backsolve")``). The global (ERNODE) regulariser ``sum_j EEst_j |h_j|`` over all
+accepted steps needs discrete sensitivities, i.e. backpropagation through this package's own
+:func:`~leanfit.neural_de.solver.solve` (``adjoint="direct"``, or ``"checkpoint"`` to store one state per step).
 
 Why hand-written: torchdiffeq has no public single step (its ``_runge_kutta_step`` is private, torchdiffeq #248),
 no Tsit5, and its step callbacks report times and ``dt`` but no error; torchode's ``method.step`` returns an
@@ -110,7 +111,7 @@ def _step_size(f: VectorField, t: Tensor, y: Tensor, k1: Tensor, step: str | flo
     """The regulariser's step: the initial-step heuristic at ``y`` (one call of ``f``) or the given one."""
     if isinstance(step, str):
         _check_choice("step", step, ["initial"], "pass 'initial', a float > 0 or a (batch,) tensor of steps")
-        return initial_step_size(f, t, y, rtol, atol, tab.order, f0=k1, per_sample=not joint)
+        return initial_step_size(f, t, y, rtol, atol, tab.error_exponent, f0=k1, per_sample=not joint)
     if isinstance(step, bool) or not isinstance(step, (int, float, Tensor)):
         raise ValueError(bad_value("step", step, "'initial', a float > 0 or a (batch,) tensor", "pass step='initial'"))
     h = as_batch_time(step, y.shape[0], "step", y.device).detach()
@@ -339,10 +340,18 @@ def global_regularizer(sol: Solution) -> Tensor:
 
     sol: a :func:`~leanfit.neural_de.solver.solve` result with ``record_steps=True``; its ``step_error`` carries
     the graph, so backpropagating the value differentiates through the solver (discrete sensitivities; the step
-    sizes are constants). Returns the scalar mean over samples of each sample's sum (for a ``per_sample=False``
-    solve every row holds the joint value, so this is the paper's batch regulariser).
+    sizes are constants): ``adjoint="direct"`` or ``"checkpoint"`` (which recomputes the terms in its backward
+    pass); ``"backsolve"`` is refused (ValueError): a continuous adjoint has no discrete error estimates to
+    differentiate. Returns the scalar mean over samples of each sample's sum (for a ``per_sample=False`` solve
+    every row holds the joint value, so this is the paper's batch regulariser).
     """
     _, step_h, _, _ = _step_record(sol, "the global regulariser")
+    if sol.stats.adjoint == "backsolve":
+        raise ValueError(bad_value("adjoint", "backsolve", "'direct' or 'checkpoint' in the solve behind the global "
+                                   "regulariser (it differentiates every step's error estimate: discrete "
+                                   "sensitivities, which the continuous adjoint does not have)",
+                                   "solve with adjoint='checkpoint' (memory O(steps x state)) or use a local "
+                                   "regulariser, which works with any adjoint"))
     err = sol.stats.step_error
     assert err is not None  # checked by _step_record
     taken = torch.isfinite(step_h)

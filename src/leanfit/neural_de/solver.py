@@ -12,6 +12,12 @@ decisions themselves (error ratio, controller, initial step) are detached. With 
 ratio of every accepted step is also kept *with* its graph (``stats.step_error``), together with the state each
 step started from (``stats.step_y``): what the global error regulariser and the step-sampling local regulariser
 need. Time, step sizes and tolerances are float64; the state keeps its dtype.
+
+The backward pass is chosen by ``solve(adjoint=...)``: ``"direct"`` (autograd keeps every stage of every attempt),
+``"checkpoint"`` (the same discrete gradients from one stored state per accepted step, each step recomputed in
+the backward pass: memory O(steps x state)) or ``"backsolve"`` (the continuous adjoint integrated backwards with
+the same solver: memory independent of the number of steps, gradients to the tolerance). Both are
+autograd Functions over the whole solve with the field's parameters as inputs.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 from leanfit.core.errors import bad_value
 from leanfit.neural_de.step import (
@@ -40,7 +47,10 @@ from leanfit.neural_de.step import (
 )
 from leanfit.neural_de.tableaus import ButcherTableau, get_tableau
 
-__all__ = ["PIController", "PrecisionWarning", "Solution", "SolveStats", "solve"]
+__all__ = ["Adjoint", "PIController", "PrecisionWarning", "Solution", "SolveStats", "solve"]
+
+Adjoint = Literal["direct", "checkpoint", "backsolve"]
+_ADJOINTS = ("direct", "checkpoint", "backsolve")
 
 
 class PrecisionWarning(UserWarning):
@@ -139,8 +149,12 @@ class SolveStats:
     step_error: ``(batch, max_accepted)`` in the state dtype, the scaled error ``EEst`` of every accepted step with
     its autograd graph (differentiable w.r.t. the vector field's parameters), NaN-padded; only with
     ``record_steps=True``, else ``None``.
-    step_y: ``(batch, max_accepted, *state)``, the state every accepted step started from (graph kept), zero-padded;
-    only with ``record_steps=True``, else ``None``.
+    step_y: ``(batch, max_accepted, *state)``, the state every accepted step started from (graph kept with
+    ``adjoint="direct"``, detached otherwise), zero-padded; only with ``record_steps=True``, else ``None``.
+    adjoint: the sensitivity method of the solve (``step_error`` has a graph for ``"direct"`` and ``"checkpoint"``,
+    none for ``"backsolve"``). nfe_backward: batched calls of ``f`` by the backward pass of ``"checkpoint"`` (the
+    recomputed steps) or ``"backsolve"`` (the adjoint system, each call one evaluation and one vector-Jacobian
+    product); 0 until the backward has run, and always 0 for ``"direct"`` (autograd replays no call).
     """
 
     nfe: Tensor
@@ -152,6 +166,8 @@ class SolveStats:
     step_h: Tensor
     step_error: Tensor | None = None
     step_y: Tensor | None = None
+    adjoint: str = field(default="direct", kw_only=True)
+    nfe_backward: int = field(default=0, kw_only=True)
 
 
 @dataclass
@@ -192,8 +208,8 @@ def _check_inputs(y0: Tensor, t_eval: Sequence[float] | Tensor, max_steps: int) 
     if y0.dim() < 1 or not y0.is_floating_point():
         got = f"{type(y0).__name__} {getattr(y0, 'dtype', '')} {tuple(getattr(y0, 'shape', ()))}"
         raise ValueError(bad_value("y0", got, "a floating tensor shaped (batch, *state)", "add a batch dimension"))
-    if not torch.isfinite(y0).all():
-        bad = (~torch.isfinite(y0)).reshape(y0.shape[0], -1).any(1).nonzero()[0, 0].item()
+    if not torch.isfinite(y0.detach()).all():  # detached: a check must not record a graph (it saves y0)
+        bad = (~torch.isfinite(y0.detach())).reshape(y0.shape[0], -1).any(1).nonzero()[0, 0].item()
         raise ValueError(bad_value("y0", f"<NaN/inf in sample {bad}>", "finite values", "clean the initial state"))
     try:
         ts = torch.as_tensor(t_eval, dtype=torch.float64).detach().to(y0.device)
@@ -222,7 +238,7 @@ def _initial_state(f: VectorField, y0: Tensor, ts: Tensor, tab: ButcherTableau, 
                            "field and its parameters at the initial state")
     nfe = 1
     if h0 is None:
-        h = initial_step_size(f, t, y0, rtol, atol, tab.order, f0=f0, per_sample=per_sample)
+        h = initial_step_size(f, t, y0, rtol, atol, tab.error_exponent, f0=f0, per_sample=per_sample)
         nfe += 1
     else:
         h = as_batch_time(h0, batch, "h0", dev).detach().clone()
@@ -431,14 +447,15 @@ def _check_options(controller: PIController | None, flags: dict[str, object]) ->
 
 
 def _empty_solution(y0: Tensor, ts: Tensor, record_steps: bool, stats_type: type[SolveStats] = SolveStats,
-                    **extra: int) -> Solution:
+                    adjoint: str = "direct", **extra: int) -> Solution:
     """The result for a batch of 0 samples: nothing to integrate, so ``f`` is never called and every count is 0."""
     counts = torch.zeros(0, dtype=torch.long, device=y0.device)
     grid = torch.zeros(0, 0, dtype=torch.float64, device=y0.device)
     rows = y0.unsqueeze(1)  # (0, 1, *state): keeps y0's graph, if any
     step_error = y0.new_zeros(0, 0) if record_steps else None
     step_y = rows[:, :0].clone() if record_steps else None
-    stats = stats_type(counts, counts.clone(), counts.clone(), 0, 0, grid, grid.clone(), step_error, step_y, **extra)
+    stats = stats_type(counts, counts.clone(), counts.clone(), 0, 0, grid, grid.clone(), step_error, step_y,
+                       adjoint=adjoint, **extra)
     return Solution(ts=ts, ys=rows.expand(0, ts.numel(), *y0.shape[1:]).clone(), stats=stats)
 
 
@@ -446,7 +463,8 @@ def solve(f: VectorField, y0: Tensor, t_eval: Sequence[float] | Tensor, method: 
           rtol: float = 1e-6, atol: float = 1e-8, max_steps: int = 10_000, per_sample: bool = True,
           h0: float | Tensor | None = None, norm: Literal["rms", "max"] = "rms",
           interpolation: Literal["tableau", "hermite"] = "tableau", controller: PIController | None = None,
-          record_steps: bool = False) -> Solution:
+          record_steps: bool = False, adjoint: Adjoint = "direct",
+          adjoint_params: Sequence[Tensor] | None = None) -> Solution:
     """Integrate ``dy/dt = f(t, y)`` from ``t_eval[0]`` to ``t_eval[-1]`` for a batch of initial states.
 
     f: ``f(t, y)`` with ``t`` float64 ``(batch,)`` (each sample's own time) and ``y`` ``(batch, *state)``.
@@ -460,6 +478,29 @@ def solve(f: VectorField, y0: Tensor, t_eval: Sequence[float] | Tensor, method: 
     record_steps: also keep, for every accepted step, its error ratio with the autograd graph and its start
     state (``stats.step_error``, ``stats.step_y``), as the global and local regularisers need; costs no extra
     evaluation of ``f``, only the memory of one ``(batch,)`` ratio and one state per step attempt.
+    adjoint: how gradients of ``ys`` (and of ``stats.step_error``) are computed; the forward values are the same.
+
+    - ``"direct"`` (default): autograd through every stage of every attempt; memory ``O(stages x attempts x
+      state)`` plus what ``f`` saves per call.
+    - ``"checkpoint"``: the forward pass runs without a graph and keeps only the start ``(t_j, y_j, h_j)`` of each
+      attempt in which some sample accepted its step; the backward pass recomputes those steps one at a time,
+      last to first, and backpropagates through each (the rejected attempts are not recomputed). Gradients are
+      the discrete ones of ``"direct"`` up to rounding; memory ``O(steps x state)``; one extra call of ``f`` per
+      step in the backward pass (the first stage). The global regulariser works (its terms are recomputed too).
+    - ``"backsolve"``: the continuous adjoint. The backward pass integrates ``y``, ``a = dL/dy`` and
+      ``dL/dtheta = int a^T df/dtheta dt`` from ``t_eval[-1]`` back to ``t_eval[0]`` with the same method,
+      tolerances, controller and ``per_sample`` choice, restarting from the forward ``ys`` at each ``t_eval``
+      point and adding the cotangent of ``ys`` there (as torchdiffeq's ``odeint_adjoint``). The error norm covers
+      ``y`` and ``a``; the parameter integral is a quadrature with the method's weights ``b`` over each accepted
+      step, kept out of the norm (torchdiffeq's ``seminorm``). Gradients agree with ``"direct"`` to the solver
+      tolerance; memory ``O(len(t_eval) x state)``, independent of the number of steps. ``stats.step_error`` has no
+      graph, so the global regulariser refuses it.
+
+    With ``"checkpoint"`` and ``"backsolve"`` gradients reach ``y0`` and the parameters: ``f.parameters()`` when
+    ``f`` is an ``nn.Module``, else ``adjoint_params`` (required then: a tensor that ``f`` closes over and that is
+    not listed gets no gradient). ``f`` runs without grad in the forward pass; the rows of the batch must not
+    interact in ``f`` (as the per-sample step control already assumes); the backward pass itself is not
+    differentiable (no double backward).
     Returns :class:`Solution` with ``ys`` ``(batch, len(t_eval), *state)`` and :class:`SolveStats`; a batch of 0
     samples gives ``ys`` ``(0, len(t_eval), *state)`` and zero counts without calling ``f``.
 
@@ -475,19 +516,310 @@ def solve(f: VectorField, y0: Tensor, t_eval: Sequence[float] | Tensor, method: 
         raise ValueError(bad_value("interpolation", interpolation, "'tableau' or 'hermite'", "use the default"))
     if norm not in ("rms", "max"):
         raise ValueError(bad_value("norm", norm, "'rms' or 'max'", "use norm='rms' (Hairer's and the paper's)"))
+    params = _adjoint_params(f, adjoint, adjoint_params)
     how = interpolation if tab.interpolant is not None else "hermite"
     ts = _check_inputs(y0, t_eval, max_steps)
     _warn_precision(y0.dtype, rtol, atol)
     if y0.shape[0] == 0:
-        return _empty_solution(y0, ts, record_steps)
+        return _empty_solution(y0, ts, record_steps, adjoint=adjoint)
     ctrl = PIController.for_tableau(tab) if controller is None else controller
-    state = _initial_state(f, y0, ts, tab, rtol, atol, per_sample, h0)
+    run = _Run(f, tab, ctrl, ts, rtol, atol, norm, per_sample, how, record_steps, max_steps, h0)
+    if adjoint == "direct":
+        ys, stats = _integrate(run, y0)
+        return Solution(ts=ts, ys=ys, stats=stats)
+    function = _CheckpointSolve if adjoint == "checkpoint" else _BacksolveSolve
+    ys, step_error = function.apply(run, y0, *params)
+    assert run.stats is not None, "set by the forward pass"
+    if record_steps and adjoint == "checkpoint":
+        run.stats.step_error = step_error  # the output of the Function: its gradient is the recomputed steps'
+    return Solution(ts=ts, ys=ys, stats=run.stats)
+
+
+def _adjoint_params(f: VectorField, adjoint: object, adjoint_params: Sequence[Tensor] | None) -> tuple[Tensor, ...]:
+    """The tensors the checkpoint and backsolve backward passes differentiate ``f`` by (those requiring grad, each
+    once); ``()`` for ``"direct"``, which differentiates whatever ``f`` uses."""
+    if not isinstance(adjoint, str) or adjoint not in _ADJOINTS:
+        raise ValueError(bad_value("adjoint", adjoint, " or ".join(map(repr, _ADJOINTS)),
+                                   "use adjoint='direct' (the default), 'checkpoint' or 'backsolve'"))
+    if adjoint == "direct":
+        if adjoint_params is not None:
+            raise ValueError(bad_value("adjoint_params", "<given>", "None for adjoint='direct' (autograd finds every "
+                                       "tensor f uses)", "drop adjoint_params or pass adjoint='checkpoint'"))
+        return ()
+    if adjoint_params is None:
+        if not isinstance(f, torch.nn.Module):
+            raise ValueError(bad_value("adjoint_params", None, f"the tensors f depends on for adjoint={adjoint!r} "
+                                       "(f is not an nn.Module, so its parameters cannot be found)",
+                                       "pass adjoint_params=[w, b, ...] (or [] if f has none), or make f an nn.Module"))
+        candidates: Sequence[object] = list(f.parameters())
+    elif isinstance(adjoint_params, Tensor) or not isinstance(adjoint_params, (list, tuple)):
+        raise TypeError(bad_value("adjoint_params", type(adjoint_params).__name__, "a list or tuple of tensors",
+                                  "pass adjoint_params=[w, b] (or list(module.parameters()))"))
+    else:
+        candidates = adjoint_params
+    params: dict[int, Tensor] = {}
+    for i, p in enumerate(candidates):
+        if not isinstance(p, Tensor):
+            raise TypeError(bad_value(f"adjoint_params[{i}]", type(p).__name__, "a tensor", "pass tensors only"))
+        if p.requires_grad:
+            params.setdefault(id(p), p)
+    return tuple(params.values())
+
+
+@dataclass
+class _Run:
+    """One solve's field and options (checked), shared by the forward loop and the backward passes."""
+
+    f: VectorField
+    tab: ButcherTableau
+    ctrl: PIController
+    ts: Tensor
+    rtol: float
+    atol: float
+    norm: Literal["rms", "max"]
+    per_sample: bool
+    how: str
+    record_steps: bool
+    max_steps: int
+    h0: float | Tensor | None
+    stats: SolveStats | None = None  # set by the forward pass of a Function
+
+
+@dataclass
+class _Checkpoints:
+    """What ``adjoint="checkpoint"`` keeps of the forward loop: one entry per attempt in which some sample accepted
+    its step (``t``, ``h``: float64 ``(batch,)``, ``accepted``: bool ``(batch,)``, ``y``: ``(batch, *state)``, the
+    attempt's start), and the ``t_eval`` slots each of them wrote (``(kept index, rows, cols)``)."""
+
+    t: list[Tensor] = field(default_factory=list)
+    h: list[Tensor] = field(default_factory=list)
+    accepted: list[Tensor] = field(default_factory=list)
+    y: list[Tensor] = field(default_factory=list)
+    outputs: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
+
+    def add(self, state: _State, y_old: Tensor, n_outputs: int) -> None:
+        """Keep the attempt just made by ``_attempt`` if any sample accepted (one host synchronisation)."""
+        t_old, h_try, accepted = state.record[-1]
+        written = state.outputs[n_outputs:]
+        if not written and not bool(accepted.any()):
+            return  # every sample rejected (or had finished): the state did not move, nothing to recompute
+        k = len(self.t)
+        self.t.append(t_old)
+        self.h.append(h_try)
+        self.accepted.append(accepted)
+        self.y.append(y_old)
+        self.outputs.extend((torch.full_like(rows, k), rows, cols) for rows, cols, _ in written)
+
+    def stacked(self) -> tuple[Tensor, ...]:
+        """``(t, h, accepted, y)`` stacked to ``(kept, batch, ...)``, then ``(kept index, rows, cols)`` of the
+        outputs, each ``(P,)``. A finished solve accepted at least one step (its last one), so none is empty."""
+        assert self.t and self.outputs, "the last accepted step writes t_eval[-1]"
+        tensors = tuple(torch.stack(x) for x in (self.t, self.h, self.accepted, self.y))
+        return tensors + tuple(torch.cat(x) for x in zip(*self.outputs, strict=True))
+
+
+def _integrate(run: _Run, y0: Tensor, keep: _Checkpoints | None = None) -> tuple[Tensor, SolveStats]:
+    """The solver loop: ``ys`` ``(batch, T, *state)`` and the statistics. Differentiable as it runs (``"direct"``);
+    ``keep`` collects the checkpoints (run it under no_grad then)."""
+    state = _initial_state(run.f, y0, run.ts, run.tab, run.rtol, run.atol, run.per_sample, run.h0)
     n_attempts = 0
-    while _check_progress(state, ts, max_steps, n_attempts):
-        _attempt(f, state, tab, ctrl, ts, rtol, atol, norm, per_sample, how, record_steps)
+    while _check_progress(state, run.ts, run.max_steps, n_attempts):
+        y_old, n_outputs = state.y, len(state.outputs)
+        _attempt(run.f, state, run.tab, run.ctrl, run.ts, run.rtol, run.atol, run.norm, run.per_sample, run.how,
+                 run.record_steps)
         n_attempts += 1
+        if keep is not None:
+            keep.add(state, y_old, n_outputs)
     rows, cols, values = (torch.cat(x) for x in zip(*state.outputs, strict=True))
-    ys = y0.new_zeros(y0.shape[0], ts.numel(), *y0.shape[1:]).index_put((rows, cols), values)
+    ys = y0.new_zeros(y0.shape[0], run.ts.numel(), *y0.shape[1:]).index_put((rows, cols), values)
     packed = _pack_record(state.record, state.n_accepted, state.steps)
     stats = SolveStats(state.nfe, state.n_accepted, state.n_rejected, state.nfe_joint, n_attempts, *packed)
-    return Solution(ts=ts, ys=ys, stats=stats)
+    return ys, stats
+
+
+# --- adjoint="checkpoint": discrete gradients, recomputing one accepted step at a time ----------------------------
+
+
+class _CheckpointSolve(torch.autograd.Function):
+    """``(run, y0, *params) -> (ys, step_error)``: the solve without a graph, then a backward pass over the kept
+    steps. ``step_error`` is ``(batch, 0)`` unless ``run.record_steps``."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, run: _Run, y0: Tensor, *params: Tensor) -> tuple[Tensor, Tensor]:
+        keep = _Checkpoints()
+        ys, stats = _integrate(run, y0, keep)
+        if stats.step_y is not None:
+            stats.step_y = stats.step_y.detach()
+        stats.adjoint = "checkpoint"
+        run.stats = stats
+        ctx.run, ctx.params = run, params  # type: ignore[attr-defined]
+        ctx.save_for_backward(*keep.stacked())
+        ctx.set_materialize_grads(False)
+        error = stats.step_error if stats.step_error is not None else ys.new_zeros(ys.shape[0], 0)
+        return ys, error
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, g_ys: Tensor | None, g_error: Tensor | None) -> tuple[Tensor | None, ...]:
+        run, params = ctx.run, ctx.params  # type: ignore[attr-defined]
+        t_k, h_k, acc_k, y_k, out_k, out_rows, out_cols = ctx.saved_tensors  # type: ignore[attr-defined]
+        wrt = [p for p, need in zip(params, ctx.needs_input_grad[2:], strict=True) if need]  # type: ignore[attr-defined]
+        grads = [torch.zeros_like(p) for p in wrt]
+        slot = acc_k.long().cumsum(0) - 1  # index j of each kept attempt's accepted step in stats.step_error
+        per_attempt = torch.bincount(out_k, minlength=t_k.shape[0]).tolist()
+        firsts = [0, *torch.tensor(per_attempt).cumsum(0).tolist()]
+        adj = y_k.new_zeros(y_k.shape[1:])  # dL/dy at the end of the attempt being recomputed
+        for k in range(t_k.shape[0] - 1, -1, -1):
+            out = slice(firsts[k], firsts[k + 1])
+            with torch.enable_grad():
+                y = y_k[k].detach().requires_grad_()
+                outs, cots = _recompute_step(run, t_k[k], h_k[k], acc_k[k], y, adj, out_rows[out], out_cols[out],
+                                             g_ys, g_error, slot[k])
+                got = torch.autograd.grad(outs, [y, *wrt], cots, allow_unused=True)
+            adj = torch.zeros_like(y) if got[0] is None else got[0]
+            for acc, g in zip(grads, got[1:], strict=True):
+                if g is not None:
+                    acc += g
+        if g_ys is not None:
+            adj = adj + g_ys[:, 0]
+        it = iter(grads)
+        g_params = [next(it) if need else None for need in ctx.needs_input_grad[2:]]  # type: ignore[attr-defined]
+        return None, adj, *g_params
+
+
+def _recompute_step(run: _Run, t: Tensor, h_try: Tensor, accepted: Tensor, y: Tensor, adj: Tensor, rows: Tensor,
+                    cols: Tensor, g_ys: Tensor | None, g_error: Tensor | None,
+                    slot: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """One kept attempt with its graph, as ``_attempt`` computed it for the accepted samples (the others step by
+    ``h = 0``: their state carries over, and a rejected non-finite attempt cannot poison the gradient): the next
+    state, the dense output it wrote and its error ratios, each with its cotangent."""
+    tab = run.tab
+    keep = accepted.reshape(-1, *([1] * (y.dim() - 1)))
+    h = torch.where(accepted, h_try, torch.zeros_like(h_try))
+    res = step_unchecked(run.f, t, y, h, tab)  # k1 = f(t, y) recomputed: the FSAL stage of the step before
+    assert run.stats is not None
+    run.stats.nfe_backward += tab.stages
+    outs, cots = [torch.where(keep, res.y_next, y)], [adj]
+    if rows.numel() and g_ys is not None:
+        f1 = res.stages[-1]
+        if not tab.fsal:
+            f1 = call_vector_field(run.f, t + h, res.y_next)
+            run.stats.nfe_backward += 1
+        theta = ((run.ts[cols] - t[rows]) / h[rows]).clamp(0.0, 1.0)
+        slots = int(torch.bincount(rows).max())
+        values = _interpolate(tab, run.how, rows, y, res.y_next, res.stages, f1, h[rows], theta, slots)
+        at_end = (theta == 1.0).reshape(-1, *([1] * (values.dim() - 1)))
+        outs.append(torch.where(at_end, res.y_next[rows], values))
+        cots.append(g_ys[rows, cols])
+    if g_error is not None and run.record_steps:
+        err = torch.where(keep, res.error_estimate, torch.ones_like(res.error_estimate))
+        outs.append(error_ratio(err, y, res.y_next, run.rtol, run.atol, run.norm, run.per_sample))
+        picked = g_error.gather(1, slot.clamp(min=0)[:, None])[:, 0]
+        cots.append(torch.where(accepted, picked, torch.zeros_like(picked)))
+    return outs, cots
+
+
+# --- adjoint="backsolve": the continuous adjoint, integrated backwards with the same solver --------------------
+
+
+class _AdjointField:
+    """The adjoint system in reversed time ``s = -t`` on ``z = (y, a)`` stacked on dim 1, ``(batch, 2, *state)``:
+    ``dy/ds = -f(t, y)``, ``da/ds = a^T df/dy``. Each call evaluates ``f`` and one vector-Jacobian product. While
+    ``stages`` is a list (one step attempt), each call keeps ``(f(t, y), a)`` with the graph of ``f``, from which
+    :meth:`quadrature` takes ``a^T df/dtheta`` once the accepted samples are known."""
+
+    def __init__(self, f: VectorField, params: Sequence[Tensor]) -> None:
+        self.f, self.params = f, list(params)
+        self.stages: list[tuple[Tensor, Tensor]] | None = None
+        self.calls = 0
+
+    def __call__(self, s: Tensor, z: Tensor) -> Tensor:
+        a = z[:, 1]
+        keep_graph = self.stages is not None and bool(self.params)
+        with torch.enable_grad():
+            y = z[:, 0].detach().requires_grad_()
+            fy = call_vector_field(self.f, -s, y)
+            vjp = None
+            if fy.requires_grad:  # else f depends on neither y nor the parameters
+                (vjp,) = torch.autograd.grad(fy, y, a, retain_graph=keep_graph, allow_unused=True)
+        self.calls += 1
+        if keep_graph and self.stages is not None and fy.requires_grad:
+            self.stages.append((fy, a))
+        return torch.stack([-fy.detach(), torch.zeros_like(a) if vjp is None else vjp], 1)
+
+    def quadrature(self, run: _Run, t_old: Tensor, z_old: Tensor, h: Tensor, accepted: Tensor,
+                   grads: list[Tensor]) -> None:
+        """Add ``h sum_i b_i a_i^T df/dtheta(t_i, y_i)`` over the stages of the attempt just made, for the accepted
+        samples, to ``grads`` (the stages' own graphs; the first stage is re-evaluated at the attempt's start)."""
+        stages, self.stages = self.stages, None
+        if not self.params or stages is None or not bool(accepted.any()):
+            return
+        with torch.enable_grad():
+            first = call_vector_field(self.f, -t_old, z_old[:, 0].detach())
+        self.calls += 1
+        weight = torch.where(accepted, h, torch.zeros_like(h))
+        outs, cots = [], []
+        calls = [(first, z_old[:, 1]), *stages[: run.tab.stages - 1]]
+        if len(calls) != run.tab.stages or not first.requires_grad:
+            return  # f did not depend on the parameters in some stage: then it does in none (same f)
+        for b, (fy, a) in zip(run.tab.b, calls, strict=True):
+            if b != 0.0:
+                outs.append(fy)
+                cots.append(a * batch_view(weight * b, a))
+        got = torch.autograd.grad(outs, self.params, cots, allow_unused=True)
+        for acc, g in zip(grads, got, strict=True):
+            if g is not None:
+                acc += g
+
+
+class _BacksolveSolve(torch.autograd.Function):
+    """``(run, y0, *params) -> (ys, unused)``: the solve without a graph; the backward pass integrates the adjoint
+    system from ``t_eval[-1]`` to ``t_eval[0]``. Saves ``ys`` only."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, run: _Run, y0: Tensor, *params: Tensor) -> tuple[Tensor, Tensor]:
+        ys, stats = _integrate(run, y0)
+        if stats.step_y is not None:
+            stats.step_y = stats.step_y.detach()
+        stats.adjoint = "backsolve"
+        run.stats = stats
+        ctx.run, ctx.params = run, params  # type: ignore[attr-defined]
+        ctx.save_for_backward(ys)
+        ctx.set_materialize_grads(False)
+        return ys, ys.new_zeros(ys.shape[0], 0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, g_ys: Tensor | None, g_unused: Tensor | None) -> tuple[Tensor | None, ...]:
+        run, params = ctx.run, ctx.params  # type: ignore[attr-defined]
+        (ys,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        wrt = [p for p, need in zip(params, ctx.needs_input_grad[2:], strict=True) if need]  # type: ignore[attr-defined]
+        grads = [torch.zeros_like(p) for p in wrt]
+        field = _AdjointField(run.f, wrt)
+        g = torch.zeros_like(ys) if g_ys is None else g_ys
+        adj = g[:, -1]
+        for i in range(run.ts.numel() - 1, 0, -1):  # t_eval[i] -> t_eval[i - 1], restarting from the forward ys
+            z = _adjoint_segment(run, field, torch.stack([ys[:, i], adj], 1), run.ts[i], run.ts[i - 1], grads)
+            adj = z[:, 1] + g[:, i - 1]
+        assert run.stats is not None
+        run.stats.nfe_backward += field.calls
+        it = iter(grads)
+        g_params = [next(it) if need else None for need in ctx.needs_input_grad[2:]]  # type: ignore[attr-defined]
+        return None, adj, *g_params
+
+
+def _adjoint_segment(run: _Run, field: _AdjointField, z0: Tensor, t_from: Tensor, t_to: Tensor,
+                     grads: list[Tensor]) -> Tensor:
+    """Integrate the adjoint system from ``t_from`` back to ``t_to < t_from`` (``s`` from ``-t_from`` to ``-t_to``)
+    with the forward solve's method, tolerances, controller and step-control mode; returns ``z`` at ``t_to``."""
+    seg = torch.stack([-t_from, -t_to])
+    state = _initial_state(field, z0, seg, run.tab, run.rtol, run.atol, run.per_sample, None)
+    n_attempts = 0
+    while _check_progress(state, seg, run.max_steps, n_attempts):
+        t_old, z_old = state.t, state.y
+        field.stages = []
+        _attempt(field, state, run.tab, run.ctrl, seg, run.rtol, run.atol, run.norm, run.per_sample, run.how, False)
+        n_attempts += 1
+        _, h_try, accepted = state.record[-1]
+        field.quadrature(run, t_old, z_old, h_try, accepted, grads)
+    return state.y

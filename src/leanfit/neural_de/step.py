@@ -211,9 +211,16 @@ def initial_step_size(f: VectorField, t0: TimeLike, y0: Tensor, rtol: float, ato
 
     With ``sc = atol + rtol |y0|`` and RMS norms: ``d0 = ||y0/sc||``, ``d1 = ||f0/sc||``; ``h0 = 0.01 d0/d1``
     (``1e-6`` if either is below ``1e-5``); one explicit Euler step gives ``f1 = f(t0 + h0, y0 + h0 f0)`` and
-    ``d2 = ||(f1 - f0)/sc|| / h0``; ``h1 = (0.01 / max(d1, d2))**(1/(order+1))`` (``max(1e-6, 1e-3 h0)`` if
-    ``max(d1, d2) <= 1e-15``); the result is ``min(100 h0, h1)``. ``order`` is the method's order (5 for Tsit5 and
-    Dopri5, as in Hairer's DOPRI5 and OrdinaryDiffEq.jl). Calls ``f`` once, twice when ``f0`` is not given.
+    ``d2 = ||(f1 - f0)/sc|| / h0``; ``h1 = (0.01 / max(d1, d2))**(1/order)`` (``max(1e-6, 1e-3 h0)`` if
+    ``max(d1, d2) <= 1e-15``); the result is ``min(100 h0, h1)``. Calls ``f`` once, twice when ``f0`` is not given.
+
+    order: the power of ``h`` in the local error estimate the step will be controlled by, so that ``h1`` makes
+    ``h1**order * max(d1, d2) = 0.01``: Hairer's ``IORD`` (``H1=(0.01/DER12)**(1/IORD)``, 5 in DOPRI5, 8 in
+    DOP853) and OrdinaryDiffEq.jl's ``alg_order``; for an embedded ``p(p-1)`` pair it is the method's order ``p``,
+    ``tableau.error_exponent`` (5 for Tsit5 and Dopri5). scipy and torchdiffeq reach the same ``1/5`` by passing
+    the estimator's order 4 to a ``1/(order + 1)`` formula. The norms are RMS norms as in the book (its (4.11)),
+    scipy, torchdiffeq and OrdinaryDiffEq.jl; Hairer's Fortran HINIT uses unnormalised Euclidean sums instead
+    (the same for a scalar state).
 
     Returns float64 ``(batch,)``, detached (the paper treats this step size as a constant). per_sample=False
     uses norms over the whole batch, so every sample gets the same step.
@@ -221,7 +228,8 @@ def initial_step_size(f: VectorField, t0: TimeLike, y0: Tensor, rtol: float, ato
     check_tolerances(rtol, atol)
     check_callable("f", f)
     if isinstance(order, bool) or not isinstance(order, int) or order < 1:
-        raise ValueError(bad_value("order", order, "the method's order, an int >= 1", "pass tableau.order (5)"))
+        raise ValueError(bad_value("order", order, "the power of h in the error estimate, an int >= 1",
+                                   "pass tableau.error_exponent (5 for Tsit5 and Dopri5)"))
     y0 = check_state("y0", y0)
     t0_b = finite_times(t0, y0.shape[0], "t0", y0.device)
     if f0 is not None and (not isinstance(f0, Tensor) or f0.shape != y0.shape):
@@ -237,6 +245,5 @@ def initial_step_size(f: VectorField, t0: TimeLike, y0: Tensor, rtol: float, ato
     d2 = _norm((f1 - f0) / scale, "rms", per_sample).double() / h0
     dmax = torch.maximum(d1, d2)
     tiny = dmax <= 1e-15
-    h1 = torch.where(tiny, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / torch.where(tiny, 1.0, dmax)) ** (1.0 / (order + 1)))
+    h1 = torch.where(tiny, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / torch.where(tiny, 1.0, dmax)) ** (1.0 / order))
     return torch.minimum(100 * h0, h1)
-
