@@ -11,7 +11,13 @@ from torch import nn
 
 from leanfit.core.errors import ConfigError
 from leanfit.noisefit.config import NoiseFiTConfig
-from leanfit.noisefit.injector import NoiseInjector, find_decoder_layers, paper_v1_noise_std, token_noise_std
+from leanfit.noisefit.injector import (
+    NoiseInjector,
+    find_decoder_layers,
+    paper_v1_noise_std,
+    stream_seed,
+    token_noise_std,
+)
 from leanfit.noisefit.loss import statistics_mask
 from leanfit.studies.models.tiny_llama import tiny_llama
 from tests.reference import token_std_reference, v1_std_reference
@@ -323,6 +329,68 @@ def test_same_seed_same_noise_and_reseed():
             assert torch.equal(logits_of(model, batch), results[0])
 
 
+def _noisy_block_output(model: nn.Module, batch: dict, **kwargs) -> torch.Tensor:
+    """Block 0's output under a fresh injector on layer 0 (rel_noise 0.1, seed 3), noise on every position."""
+    seen: list[torch.Tensor] = []
+    with NoiseInjector(model, NoiseFiTConfig(layers=[0], rel_noise=0.1, seed=3), **kwargs) as injector:
+        handle = capture(find_decoder_layers(model)[0], seen)
+        with injector.noisy():
+            logits_of(model, batch)
+        handle.remove()
+    return seen[0]
+
+
+def _clean_block_output(model: nn.Module, batch: dict) -> torch.Tensor:
+    clean: list[torch.Tensor] = []
+    handle = capture(find_decoder_layers(model)[0], clean)
+    logits_of(model, batch)
+    handle.remove()
+    return clean[0]
+
+
+def _expected_block_output(model: nn.Module, batch: dict, seed: int) -> torch.Tensor:
+    """Block 0's clean output plus a draw of a ``torch.Generator`` seeded with ``seed`` times leanfit's std."""
+    h = _clean_block_output(model, batch)
+    draw = torch.randn(h.shape, generator=torch.Generator().manual_seed(seed))
+    return h + draw * token_noise_std(h, scale=0.1)
+
+
+def test_rank_0_draws_exactly_the_single_process_noise_and_rank_1_another_stream():
+    """Single process (no process group): the generator is seeded with config.seed itself, as before ranks were
+    mixed in (bitwise); rank 1 draws from seed + 1_000_003, so two processes given the same input differ."""
+    model, batch = llama(), make_batch()
+    model.train()
+    with torch.no_grad():
+        single, rank0, rank1 = (_noisy_block_output(model, batch, **kw) for kw in ({}, {"rank": 0}, {"rank": 1}))
+        assert torch.equal(single, _expected_block_output(model, batch, seed=3))
+        assert torch.equal(rank0, single)
+        assert torch.equal(rank1, _expected_block_output(model, batch, seed=3 + 1_000_003))
+        noise = (single - _clean_block_output(model, batch)).abs().max()
+    assert (rank1 - single).abs().max() > 0.5 * noise > 0
+
+
+def test_default_rank_is_the_process_group_rank(monkeypatch):
+    """Without ``rank=``, the injector reads the rank of an initialised process group (faked here; the real one is
+    exercised by test_distributed.py under torchrun)."""
+    model, batch = llama(), make_batch()
+    model.train()
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    assert NoiseInjector(model, NoiseFiTConfig(layers=[0])).rank == 1
+    with torch.no_grad():
+        assert torch.equal(_noisy_block_output(model, batch), _expected_block_output(model, batch, 3 + 1_000_003))
+
+
+@pytest.mark.parametrize("seed, rank, expected", [
+    (7, 0, 7),
+    (7, 2, 7 + 2 * 1_000_003),
+    (2**63 - 1, 2**62, (2**63 - 1 + 1_000_003 * 2**62) % 2**64),
+], ids=["rank-0-keeps-the-seed", "rank-2", "wraps-at-2**64"])
+def test_stream_seed(seed, rank, expected):
+    assert stream_seed(seed, rank) == expected
+    torch.Generator().manual_seed(stream_seed(seed, rank))  # a seed torch accepts
+
+
 # ------------------------------------------------------------------------------------- gradient checkpointing
 def _noisy_grads(model: nn.Module, batch: dict, injector: NoiseInjector) -> list[torch.Tensor]:
     model.zero_grad()
@@ -405,7 +473,8 @@ def test_paper_v1_training_noise_applies_noise_std_twice():
     ({"scales": {5: 0.1}}, r"scales="),
     ({"scales": {0: -1.0}}, r"scales="),
     ({"generator": "cuda"}, r"generator='cuda'"),
-], ids=["layer-out-of-range", "scale-for-unhooked-layer", "negative-scale", "generator"])
+    ({"rank": -1}, r"rank=-1.*>= 0"),
+], ids=["layer-out-of-range", "scale-for-unhooked-layer", "negative-scale", "generator", "negative-rank"])
 def test_bad_injector_arguments_raise(kwargs, match):
     model = llama()
     with pytest.raises(ConfigError, match=match):

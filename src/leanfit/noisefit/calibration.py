@@ -19,6 +19,13 @@ Two scores per layer, both measured in eval mode without gradient (the injector 
   points that bracket it (clamped to the grid's ends). All layers and scales of one batch see the same normal
   draw (the injector is reseeded with ``seed + batch index``), so the KL curves are smooth in the scale and the
   result is deterministic.
+
+Several processes: when a ``torch.distributed`` process group is initialised, :func:`calibrate` is a collective
+(every process must call it): each process measures its own batches, the sums and token counts behind the scores
+are added over all processes (``all_reduce``) before anything is chosen, and batch ``b`` of process ``r`` draws
+its noise as batch ``offset_r + b`` (the batches of the lower ranks come first). Every process thus picks the same
+layers and scales, those that one process picks on the union of the batches in rank order (up to the order of
+floating-point additions). :func:`snr_scores` and :func:`propagated_kl` alone measure the local batches only.
 """
 
 from __future__ import annotations
@@ -27,14 +34,20 @@ import contextlib
 import math
 import numbers
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from leanfit.core.errors import ConfigError, bad_value
 from leanfit.noisefit.config import CalibrationResult, NoiseFiTConfig, brief, check_int, check_real
-from leanfit.noisefit.injector import NoiseInjector, find_decoder_layers, paper_v1_noise_std, token_noise_std
+from leanfit.noisefit.injector import (
+    NoiseInjector,
+    find_decoder_layers,
+    paper_v1_noise_std,
+    process_rank,
+    token_noise_std,
+)
 from leanfit.noisefit.loss import masked_kl, shifted_completion_mask, statistics_mask
 
 __all__ = ["CalibrationResult", "SNR_DRAWS", "calibrate", "propagated_kl", "scale_for_target", "snr_scores"]
@@ -148,15 +161,26 @@ def snr_scores(model: nn.Module, batches: list[dict[str, Any]], config: NoiseFiT
     config = _check_config(config)
     n_draws = check_int("n_draws", n_draws, ge=1, fix=f"the reference uses {SNR_DRAWS}")
     _check_batch_list(batches, need_labels=not config.paper_v1)
+    return _snr_ratios(*_snr_sums(model, batches, config, n_draws), n_draws)
+
+
+def _snr_ratios(signal: list[float], noise: list[float], count: list[float], n_draws: int) -> list[float]:
+    return [(s / c) / (n / (c * n_draws) + 1e-6) for s, n, c in zip(signal, noise, count, strict=True)]
+
+
+def _snr_sums(model: nn.Module, batches: list[dict[str, Any]], config: NoiseFiTConfig, n_draws: int,
+              first_batch: int = 0) -> tuple[list[float], list[float], list[float]]:
+    """Per layer: sum |h|, sum |noise| over the draws and the number of elements, over ``batches``; batch ``b``
+    draws with seed ``config.seed + first_batch + b``."""
     blocks = find_decoder_layers(model)
-    signal, noise, count = [0.0] * len(blocks), [0.0] * len(blocks), [0] * len(blocks)
+    signal, noise, count = [0.0] * len(blocks), [0.0] * len(blocks), [0.0] * len(blocks)
     captured: dict[int, torch.Tensor] = {}
     hooks = [b.register_forward_hook(_capture(captured, i)) for i, b in enumerate(blocks)]
     try:
         for b, batch in enumerate(batches):
             model(**_inputs(batch))
             mask = None if config.paper_v1 else statistics_mask(batch["labels"])
-            gen = torch.Generator(device=captured[0].device).manual_seed(config.seed + b)
+            gen = torch.Generator(device=captured[0].device).manual_seed(config.seed + first_batch + b)
             for i in range(len(blocks)):
                 h = captured[i].float()
                 std = _probe_std(h, mask, config)
@@ -169,7 +193,7 @@ def snr_scores(model: nn.Module, batches: list[dict[str, Any]], config: NoiseFiT
     finally:
         for hook in hooks:
             hook.remove()
-    return [(s / c) / (n / (c * n_draws) + 1e-6) for s, n, c in zip(signal, noise, count, strict=True)]
+    return signal, noise, count
 
 
 def _capture(store: dict[int, torch.Tensor], layer: int):  # noqa: ANN202 - a closure over the layer index
@@ -197,6 +221,14 @@ def propagated_kl(model: nn.Module, batches: list[dict[str, Any]], config: Noise
     config = _check_config(config)
     pairs = _check_pairs(pairs, len(find_decoder_layers(model)))
     _check_batch_list(batches, need_labels=True)
+    sums, tokens = _kl_sums(model, batches, config, pairs)
+    return {key: value / tokens for key, value in sums.items()}
+
+
+def _kl_sums(model: nn.Module, batches: list[dict[str, Any]], config: NoiseFiTConfig, pairs: list[tuple[int, float]],
+             first_batch: int = 0) -> tuple[dict[tuple[int, float], float], float]:
+    """:func:`propagated_kl` before the division: the KL summed over completion tokens per distinct pair, and the
+    number of those tokens; batch ``b`` draws with seed ``config.seed + first_batch + b``."""
     sums = dict.fromkeys(pairs, 0.0)
     tokens = 0
     by_layer: dict[int, list[float]] = {}
@@ -209,18 +241,18 @@ def propagated_kl(model: nn.Module, batches: list[dict[str, Any]], config: Noise
         clean = model(**inputs).logits[:, :-1]
         tokens += int(mask.sum())
         for layer, scales in by_layer.items():
-            injector = NoiseInjector(model, config, layers=[layer])
+            injector = NoiseInjector(model, config, layers=[layer], rank=0)  # the draw depends on the batch only
             try:
                 for scale in scales:
                     injector.scales[layer] = scale
-                    injector.reseed(config.seed + b)
+                    injector.reseed(config.seed + first_batch + b)
                     with injector.noisy(token_mask=token_mask, noise_mask=noise_mask, force=True):
                         noisy = model(**inputs).logits[:, :-1]
                     kl = masked_kl(clean, noisy, mask, num_items=1) + masked_kl(noisy, clean, mask, num_items=1)
                     sums[(layer, scale)] += 0.5 * float(kl)
             finally:
                 injector.remove()
-    return {key: value / tokens for key, value in sums.items()}
+    return sums, float(tokens)
 
 
 def scale_for_target(scales: list[float], kls: list[float], target: float) -> float:
@@ -276,39 +308,46 @@ def calibrate(model: nn.Module, batches: Iterable[dict[str, Any]], config: Noise
     """Choose the noisy layers and their scales (see the module docstring).
 
     batches: dicts with ``input_ids``, ``attention_mask``, ``labels`` (B, T) as for training; the first
-    ``config.calib_batches`` are used (one under ``paper_v1``), moved to the model's device."""
+    ``config.calib_batches`` are used (one under ``paper_v1``), moved to the model's device. Under an initialised
+    ``torch.distributed`` process group every process must call it, each with its own batches: the measurements
+    are summed over the processes and all of them return the same result (``details["n_batches"]`` counts the
+    batches of all processes)."""
     config = _check_config(config)
     blocks = find_decoder_layers(model)
     n_layers, spec = len(blocks), config.layer_spec()
     param = next(iter(model.parameters()), None)
-    device = torch.device("cpu") if param is None else param.device
-    used = _check_batches(batches, config, device)
+    procs = _processes(torch.device("cpu") if param is None else param.device)
+    used, first, total = _shared_batches(batches, config, procs)
     if spec.kind == "explicit" and max(spec.indices) >= n_layers:
         raise ConfigError(bad_value("layers", config.layers, f"indices in [0, {n_layers})"))
     method = config.calibration_method()
-    details: dict[str, Any] = {"n_layers": n_layers, "n_batches": len(used), "spec": list(spec)}
+    details: dict[str, Any] = {"n_layers": n_layers, "n_batches": total, "n_processes": procs.world,
+                               "spec": list(spec)}
     with _calibration_mode(model):
         if method == "snr":
-            scores: list[float | None] = list(snr_scores(model, used, config))
+            sums = _snr_sums(model, used, config, SNR_DRAWS, first)
+            signal, noise, count = _split(_all_sum([v for part in sums for v in part], procs), n_layers)
+            scores: list[float | None] = list(_snr_ratios(signal, noise, count, SNR_DRAWS))
             order = _ranked(scores, descending=spec.kind != "snr_low")  # type: ignore[arg-type]
             layers = list(spec.indices) if spec.kind == "explicit" else sorted(order[: spec.n_keep(n_layers)])
             scales = {i: float(config.rel_noise) for i in layers}
             details["ranking"] = order
         else:
-            layers, scales, scores = _propagated(model, used, config, spec, n_layers, details)
+            layers, scales, scores = _propagated(model, used, config, spec, n_layers, details, procs, first)
     return CalibrationResult(layers, scales, scores, method, details)
 
 
 def _propagated(model: nn.Module, batches: list[dict[str, Any]], config: NoiseFiTConfig, spec: Any, n_layers: int,
-                details: dict[str, Any]) -> tuple[list[int], dict[int, float], list[float | None]]:
+                details: dict[str, Any], procs: _Processes,
+                first: int) -> tuple[list[int], dict[int, float], list[float | None]]:
     rel = float(config.rel_noise)
     candidates = list(spec.indices) if spec.kind == "explicit" else list(range(n_layers))
-    at_rel = propagated_kl(model, batches, config, [(i, rel) for i in candidates])
+    at_rel = _shared_kl(model, batches, config, [(i, rel) for i in candidates], procs, first)
     scores: list[float | None] = [at_rel.get((i, rel)) for i in range(n_layers)]
     order = _ranked([at_rel[(i, rel)] for i in candidates], descending=True)
     layers = sorted(candidates[j] for j in order[: spec.n_keep(n_layers)])
     grid = sorted(set(config.calib_scales) - {rel})
-    kl_grid = propagated_kl(model, batches, config, [(i, s) for i in layers for s in grid])
+    kl_grid = _shared_kl(model, batches, config, [(i, s) for i in layers for s in grid], procs, first)
     kl_grid.update({(i, rel): at_rel[(i, rel)] for i in layers})
     target = _median([at_rel[(i, rel)] for i in layers])
     all_scales = sorted(set(grid) | {rel})
@@ -316,3 +355,61 @@ def _propagated(model: nn.Module, batches: list[dict[str, Any]], config: NoiseFi
     details.update(target_kl=target, scale_grid=all_scales,
                    kl_grid={i: [kl_grid[(i, s)] for s in all_scales] for i in layers})
     return layers, scales, scores
+
+
+def _shared_kl(model: nn.Module, batches: list[dict[str, Any]], config: NoiseFiTConfig,
+               pairs: list[tuple[int, float]], procs: _Processes, first: int) -> dict[tuple[int, float], float]:
+    """:func:`propagated_kl` over the batches of all processes: sums and token counts added before dividing."""
+    sums, tokens = _kl_sums(model, batches, config, pairs, first)
+    *totals, all_tokens = _all_sum([*sums.values(), tokens], procs)
+    return {key: value / all_tokens for key, value in zip(sums, totals, strict=True)}
+
+
+# ------------------------------------------------------------------------------------------- several processes
+class _Processes(NamedTuple):
+    """The default ``torch.distributed`` group as calibration sees it (rank 0 of 1 without one); ``device``: where
+    the tensors of the collectives live (the model's device, which the group's backend serves)."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+
+def _processes(device: torch.device) -> _Processes:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return _Processes(process_rank(), dist.get_world_size(), device)
+    return _Processes(0, 1, device)
+
+
+def _all_sum(values: list[float], procs: _Processes) -> list[float]:
+    """``values`` added element-wise over all processes, in float64 (as given for one process)."""
+    if procs.world == 1:
+        return values
+    totals = torch.tensor(values, dtype=torch.float64, device=procs.device)
+    torch.distributed.all_reduce(totals)
+    return [float(v) for v in totals.tolist()]
+
+
+def _split(values: list[float], n: int) -> list[list[float]]:
+    return [values[i : i + n] for i in range(0, len(values), n)]
+
+
+def _shared_batches(batches: Iterable[dict[str, Any]], config: NoiseFiTConfig,
+                    procs: _Processes) -> tuple[list[dict[str, Any]], int, int]:
+    """This process's checked batches, the global index of its first batch and the number of batches of all
+    processes. The counts are exchanged before a rejected batch raises, so that the other processes raise too
+    instead of waiting forever in the next collective."""
+    try:
+        used, error = _check_batches(batches, config, procs.device), None
+    except (TypeError, ValueError) as err:
+        used, error = [], err
+    mine = -1.0 if error is not None else float(len(used))
+    counts = [int(c) for c in _all_sum([mine if r == procs.rank else 0.0 for r in range(procs.world)], procs)]
+    if error is not None:
+        raise error
+    rejected = [r for r, c in enumerate(counts) if c < 0]
+    if rejected:
+        raise ConfigError(bad_value("batches", f"rejected on process(es) {rejected}", "valid calibration batches "
+                                    "on every process", "see the error those processes raised"))
+    return used, sum(counts[: procs.rank]), sum(counts)

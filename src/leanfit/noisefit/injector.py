@@ -22,16 +22,20 @@ tokens given by ``token_mask`` (no padding, no prompt); ``noise_mask`` says wher
 computed without gradient: the noise is a constant perturbation (E[h~|h] = h). The reference v1 scale keeps
 its quadratic dependence on the activation size and its gradient path, see :func:`paper_v1_noise_std`.
 
-Randomness comes from a ``torch.Generator`` per device seeded with ``config.seed``, so runs are reproducible and
-the model's own random stream (dropout) is untouched. Gradient checkpointing: from transformers 5 the decoder
-blocks checkpoint ``forward`` and keep module hooks outside the checkpoint, so the noise is added once, by
-ordinary autograd ops, and never recomputed (tested). Where a hook runs inside a checkpointed region (blocks
-wrapped by hand in ``torch.utils.checkpoint``, several blocks per segment, or transformers 4.x, which
-checkpointed ``__call__``), the recomputation calls the hook again; it must then draw the same noise, or the
-gradients of everything downstream in the segment (and of the v1 noise scale) are wrong. Pass
-``generator="global"``: the draw uses the global RNG, which ``preserve_rng_state`` restores for the
-recomputation, and run ``backward()`` inside the ``noisy()`` block so that the recomputation is noisy too
-(tested with a reentrant checkpoint over two blocks).
+Randomness comes from a ``torch.Generator`` per device seeded with ``config.seed`` and the process rank
+(:func:`stream_seed`: ``seed + 1_000_003 * rank``, so a single process and rank 0 use ``config.seed`` itself):
+runs are reproducible, the processes of a distributed run draw different noise (identical draws would repeat
+one process's noise across the data-parallel batch), and the model's own random stream (dropout) is untouched.
+
+Gradient checkpointing: from transformers 5 the decoder blocks checkpoint ``forward`` and keep module hooks
+outside the checkpoint, so the noise is added once, by ordinary autograd ops, and never recomputed (tested).
+Where a hook runs inside a checkpointed region (blocks wrapped by hand in ``torch.utils.checkpoint``, several
+blocks per segment, or transformers 4.x, which checkpointed ``__call__``), the recomputation calls the hook
+again; it must then draw the same noise, or the gradients of everything downstream in the segment (and of the v1
+noise scale) are wrong. Pass ``generator="global"``: the draw uses the global RNG, which ``preserve_rng_state``
+restores for the recomputation, and run ``backward()`` inside the ``noisy()`` block so that the recomputation is
+noisy too (tested with a reentrant checkpoint over two blocks). The global RNG is the caller's: it differs per
+process only if the caller seeds it so (``transformers.set_seed`` gives every process the same stream).
 """
 
 from __future__ import annotations
@@ -48,13 +52,31 @@ from torch import nn
 from leanfit.core.errors import ConfigError, bad_value
 from leanfit.noisefit.config import CalibrationResult, NoiseFiTConfig, brief, check_int, check_real
 
-__all__ = ["NoiseInjector", "find_decoder_layers", "paper_v1_noise_std", "token_noise_std", "unwrap_model"]
+__all__ = ["NoiseInjector", "find_decoder_layers", "paper_v1_noise_std", "process_rank", "stream_seed",
+           "token_noise_std", "unwrap_model"]
 
 _BLOCK_LIST_NAMES = ("layers", "h", "blocks", "block", "layer")
 _EPS = 1e-6  # relative floor of MAD (times the token RMS) and the reference's stabiliser
 _V1_EPS = 1e-6
 _WINSOR_K = 5.0  # robust standard deviations kept when measuring a token's RMS and variance
 _MAD_TO_STD = 1.4826  # MAD -> standard deviation for Gaussian values
+_RANK_STRIDE = 1_000_003  # a prime: seed streams of ranks r and r + 1 are this far apart
+
+
+def process_rank() -> int:
+    """This process's rank in the default ``torch.distributed`` process group; 0 when none is initialised."""
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def stream_seed(seed: int, rank: int) -> int:
+    """The seed of process ``rank``'s noise generator: ``seed + 1_000_003 * rank`` modulo 2**64 (rank 0: ``seed``).
+
+    seed: an integer >= 0 (``config.seed``); rank: >= 0. Streams collide only when two seeds of a sweep differ by a
+    multiple of 1_000_003."""
+    seed = check_int("seed", seed, ge=0, lt=2**63, fix="pass config.seed")
+    rank = check_int("rank", rank, ge=0, fix="pass the process rank, e.g. torch.distributed.get_rank()")
+    return (seed + _RANK_STRIDE * rank) % 2**64
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -289,11 +311,13 @@ class NoiseInjector:
     layers: block indices (default: the explicit ``config.layers``; "auto"/"snr_*" need :func:`calibrate` first,
     see :meth:`from_calibration`); scales: relative noise per layer (default ``config.rel_noise``);
     generator: "private" (a seeded generator per device) or "global" (the global RNG, for hooks that run inside
-    a checkpointed region). Usable as a context manager that removes the hooks on exit."""
+    a checkpointed region); rank: the process rank mixed into the private generators' seed (see
+    :func:`stream_seed`; None = the ``torch.distributed`` rank, 0 without a process group; calibration passes 0
+    so that its draws depend on the batch only). Usable as a context manager that removes the hooks on exit."""
 
     def __init__(self, model: nn.Module, config: NoiseFiTConfig, layers: Sequence[int] | None = None,
                  scales: Mapping[int, float] | None = None, *,
-                 generator: Literal["private", "global"] = "private") -> None:
+                 generator: Literal["private", "global"] = "private", rank: int | None = None) -> None:
         if not isinstance(config, NoiseFiTConfig):
             raise TypeError(bad_value("config", type(config).__name__, "a NoiseFiTConfig",
                                       "build one with NoiseFiTConfig(layers=..., rel_noise=...)"))
@@ -305,6 +329,8 @@ class NoiseInjector:
         if generator not in ("private", "global"):
             raise ConfigError(bad_value("generator", generator, "'private' or 'global'"))
         self.generator_kind = generator
+        self.rank = process_rank() if rank is None else check_int(
+            "rank", rank, ge=0, fix="pass the process rank, or None for torch.distributed's")
         self._seed = int(config.seed)
         self._generators: dict[torch.device, torch.Generator] = {}
         self._state: _NoiseState | None = None
@@ -395,7 +421,8 @@ class NoiseInjector:
         return self._state is not None
 
     def reseed(self, seed: int | None = None) -> None:
-        """Restart the private generators from ``seed`` (default ``config.seed``; an integer >= 0)."""
+        """Restart the private generators from ``seed`` (default ``config.seed``; an integer >= 0), offset by the
+        rank as in :func:`stream_seed`."""
         self._seed = int(self.config.seed) if seed is None else check_int("seed", seed, ge=0, lt=2**63)
         self._generators.clear()
 
@@ -438,7 +465,7 @@ class NoiseInjector:
         gen = self._generators.get(device)
         if gen is None:
             gen = self._generators[device] = torch.Generator(device=device)
-            gen.manual_seed(self._seed)
+            gen.manual_seed(stream_seed(self._seed, self.rank))
         return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
 
     def _perturb(self, layer: int, hidden: torch.Tensor, state: _NoiseState) -> torch.Tensor:

@@ -11,7 +11,15 @@ baselines need no code: NEFTune is ``TrainingArguments(neftune_noise_alpha=...)`
 Loss scaling follows the plain Trainer's: when the model takes loss kwargs the Trainer passes
 ``num_items_in_batch`` (completion tokens of the whole accumulated batch, summed over processes) and both losses
 divide by it, times the process count under ``average_tokens_across_devices``, and the Trainer does not divide
-by the accumulation steps; otherwise they are per-micro-batch means and the Trainer divides.
+by the accumulation steps; otherwise they are per-micro-batch means and the Trainer divides. The ``paper_v1`` loss
+is always a per-micro-batch mean (the reference's): where the Trainer passed a token count, and so will not divide,
+it is divided by the accumulation steps here.
+
+The terms logged beside the Trainer's ``loss`` (``noisefit/ce``, ``noisefit/soft``, ``noisefit/consistency``,
+unweighted) are reduced as it reduces that loss: each micro-batch's term is scaled as its loss is (so the
+micro-batches of an optimizer step add up to the step's value, whatever the accumulation), the steps since the
+last log are averaged, and so are the processes. With the token-count normaliser the logged CE is therefore the
+completion-token mean of the whole accumulated batch, the same at every gradient accumulation setting.
 """
 
 from __future__ import annotations
@@ -19,14 +27,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import torch
 from transformers import Trainer, TrainerCallback
 
 from leanfit.core.errors import ConfigError, bad_value
 from leanfit.noisefit.config import NoiseFiTConfig, check_real
 
 if TYPE_CHECKING:
-    import torch
-
     from leanfit.noisefit.config import CalibrationResult
     from leanfit.noisefit.injector import NoiseInjector
 
@@ -36,6 +43,8 @@ else:
 
 __all__ = ["NoiseFiTCallback", "NoiseFiTMixin", "NoiseFiTTrainer", "RDropTrainer"]
 
+_PARTS = ("ce", "soft", "consistency")
+
 
 class NoiseFiTCallback(TrainerCallback):
     """Attaches a :class:`NoiseInjector` to the trainer's model for the duration of ``train()``.
@@ -43,7 +52,7 @@ class NoiseFiTCallback(TrainerCallback):
     On train begin: layers and per-layer scales come from :func:`calibrate` on the first ``config.calib_batches``
     batches of the train dataloader (explicit layers with ``calibration="snr"`` skip it: all at ``rel_noise``);
     the result is kept in ``trainer.calibration``. On train end (also when training stops early) the hooks are
-    removed.
+    removed. It also counts the optimizer steps whose loss terms :meth:`NoiseFiTMixin.log` averages.
     """
 
     def __init__(self, trainer: NoiseFiTMixin) -> None:
@@ -53,7 +62,11 @@ class NoiseFiTCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._noisefit_sums, self.trainer._noisefit_steps = None, 0
         self.trainer._attach_noise()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._noisefit_steps += 1
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer._detach_noise()
@@ -90,6 +103,8 @@ class NoiseFiTMixin(_MixinBase):
         self.calibration_batches = calibration_batches
         self.injector: NoiseInjector | None = None
         self.calibration: CalibrationResult | None = None
+        self._noisefit_sums: torch.Tensor | None = None  # (3,) the terms since the last log, scaled as the loss
+        self._noisefit_steps = 0  # optimizer steps since the last log
         self.add_callback(NoiseFiTCallback(self))
 
     # -- hooks lifetime --------------------------------------------------------------------------------------
@@ -133,17 +148,45 @@ class NoiseFiTMixin(_MixinBase):
 
         if self.injector is None or not model.training:  # evaluation: the plain loss, never noisy
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        num_items = _token_count(self, num_items_in_batch)
-        out = noisefit_loss(model, inputs, self.injector, self.noisefit_config, num_items_in_batch=num_items)
-        out = out._replace(loss=_as_trainer_scales(self, out.loss, num_items))
-        self._noisefit_parts = {k: float(getattr(out, k).detach()) for k in ("ce", "soft", "consistency")}
+        cfg, num_items = self.noisefit_config, _token_count(self, num_items_in_batch)
+        out = noisefit_loss(model, inputs, self.injector, cfg, num_items_in_batch=None if cfg.paper_v1 else num_items)
+        if cfg.paper_v1:  # a per-micro-batch mean, but a Trainer that passed a token count will not average it
+            loss = out.loss if num_items is None else out.loss / self._accumulation_steps()
+            num_items = None
+        else:
+            loss = _as_trainer_scales(self, out.loss, num_items)
+        out = out._replace(loss=loss)
+        self._add_parts(out, num_items)
         return (out.loss, {"logits": out.logits_clean}) if return_outputs else out.loss
 
+    def _accumulation_steps(self) -> int:
+        """Micro-batches of the current optimizer step (the Trainer sets it per step; 1 outside ``train()``)."""
+        return getattr(self, "current_gradient_accumulation_steps", 1)
+
+    def _add_parts(self, out: Any, num_items: Any) -> None:
+        """Adds the micro-batch's terms, scaled as the loss the Trainer accumulates for logging: divided by the
+        all-process token count (times the process count, see :func:`_as_trainer_scales`), or per-micro-batch
+        means divided by the accumulation steps; either way one optimizer step adds up to its own value."""
+        parts = torch.stack([getattr(out, k).detach().float() for k in _PARTS])
+        parts = _as_trainer_scales(self, parts, num_items)
+        if num_items is None:
+            parts = parts / self._accumulation_steps()
+        self._noisefit_sums = parts if self._noisefit_sums is None else self._noisefit_sums + parts
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        parts = getattr(self, "_noisefit_parts", None)
-        if parts and "loss" in logs:
-            logs = {**logs, **{f"noisefit/{k}": v for k, v in parts.items()}}
+        """Adds ``noisefit/ce|soft|consistency`` to the Trainer's training logs (those with ``loss``): the mean over
+        the optimizer steps since the last such log and over the processes, as the Trainer reduces ``loss``."""
+        if "loss" in logs and self._noisefit_sums is not None and self._noisefit_steps > 0:
+            logs = {**logs, **self._logged_parts(self._noisefit_sums)}
         super().log(logs, *args, **kwargs)
+
+    def _logged_parts(self, sums: torch.Tensor) -> dict[str, float]:
+        """The accumulated terms ``sums`` (3,) averaged over steps and processes (a collective: every process logs
+        together, as for the Trainer's own loss); resets the accumulators."""
+        per_process = self.accelerator.gather(sums[None]).reshape(-1, len(_PARTS))  # (processes, 3)
+        means = (per_process.mean(0) / self._noisefit_steps).tolist()
+        self._noisefit_sums, self._noisefit_steps = None, 0
+        return {f"noisefit/{k}": float(v) for k, v in zip(_PARTS, means, strict=True)}
 
 
 class NoiseFiTTrainer(NoiseFiTMixin, Trainer):
