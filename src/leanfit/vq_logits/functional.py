@@ -8,7 +8,10 @@ empty cluster):
   ``-log p(y) = logsumexp_k(z_k + B_k) - z_{M(y)} - b_y``;
 - ``p(v) = softmax(z + B)_{M(v)} * exp(b_v - B_{M(v)})``: sampling draws a cluster, then a token of that cluster
   from a fixed table (:class:`ClusterTables`);
-- greedy decoding is ``argmax_k (z_k + max_{v in k} b_v)``, then that cluster's best token.
+- greedy decoding is ``argmax_k (z_k + max_{v in k} b_v)``, then that cluster's best token;
+- a decoding step that changes a few logits per row (repetition penalty, n-gram bans: :class:`TokenOverrides`)
+  treats those tokens as holes in their clusters plus E extra candidates, O(K + E log E) per row; a bias of
+  ``-inf`` in the tables bans a token for every row at no cost per step.
 
 All functions use plain differentiable torch ops (no custom autograd), so gradients are exact by construction;
 the tests compare every quantity with the materialised head in float64. ``materialized_logits`` exists only for
@@ -19,8 +22,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -28,6 +32,7 @@ from leanfit.core.errors import bad_value
 
 __all__ = [
     "ClusterTables",
+    "TokenOverrides",
     "cluster_log_normalizers",
     "collapsed_argmax",
     "collapsed_cross_entropy",
@@ -36,6 +41,8 @@ __all__ = [
     "collapsed_sample",
     "cluster_layout",
     "dense_sample",
+    "kept_clusters",
+    "kept_tokens",
     "materialized_logits",
     "residual_cross_entropy",
     "residual_log_probs",
@@ -379,9 +386,11 @@ class ClusterTables:
     """Per-cluster decoding tables, built once per (mapping, bias) in O(V log V).
 
     Tokens are laid out cluster by cluster (``offsets``), by descending bias within a cluster (``order``,
-    ``sorted_bias``). ``keys`` lets one ``searchsorted`` count, for any cluster and threshold, how many of its
-    tokens have bias >= threshold: ``keys[j] = cluster(j) * R + rank(-sorted_bias[j])`` with ``uniq`` the sorted
-    distinct values of ``-sorted_bias``; integers, so the counts are exact.
+    ``sorted_bias``; ``position`` is the inverse of ``order``). ``keys`` lets one ``searchsorted`` count, for any
+    cluster and threshold, how many of its tokens have bias >= threshold: ``keys[j] = cluster(j) * R +
+    rank(-sorted_bias[j])`` with ``uniq`` the sorted distinct values of ``-sorted_bias``; integers, so the counts are
+    exact. A bias of ``-inf`` bans a token (how decoding suppresses tokens for every row alike); ``n_finite`` counts
+    the tokens of each cluster that are not banned (they come first in its layout).
     """
 
     num_codes: int
@@ -392,6 +401,8 @@ class ClusterTables:
     keys: torch.Tensor  # (V,) int64
     uniq: torch.Tensor  # (U,) float64 ascending
     segment: torch.Tensor  # (V,) cluster of each position
+    position: torch.Tensor  # (V,) layout position of each token
+    n_finite: torch.Tensor  # (K,) tokens of each cluster with a finite bias
     _prefix_mass: dict[float, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -413,7 +424,10 @@ class ClusterTables:
         bias_max[nonempty] = sorted_bias[offsets[:-1][nonempty]]
         uniq, rank = torch.unique(-sorted_bias, sorted=True, return_inverse=True)
         keys = segment * (uniq.numel() + 1) + rank
-        return cls(num_codes, order, offsets, sorted_bias, bias_max, keys, uniq, segment)
+        position = torch.empty_like(order)
+        position[order] = torch.arange(order.numel(), device=order.device)
+        n_finite = torch.bincount(mapping, weights=torch.isfinite(b).double(), minlength=num_codes).long()
+        return cls(num_codes, order, offsets, sorted_bias, bias_max, keys, uniq, segment, position, n_finite)
 
     def count_at_least(self, thresholds: torch.Tensor) -> torch.Tensor:
         """For thresholds (N, K): number of tokens of cluster k with bias >= thresholds[i, k]: (N, K) int64."""
@@ -434,7 +448,8 @@ class ClusterTables:
         temperature = _check_temperature(temperature)
         if temperature in self._prefix_mass:
             return self._prefix_mass[temperature]
-        shifted = ((self.sorted_bias - self.bias_max[self.segment]) / temperature).exp()
+        finite = torch.isfinite(self.sorted_bias)  # a banned token has no mass (and -inf - -inf would be nan)
+        shifted = torch.where(finite, ((self.sorted_bias - self.bias_max[self.segment]) / temperature).exp(), 0.0)
         pm = torch.zeros(shifted.numel() + 1, dtype=torch.float64, device=shifted.device)
         pm[1:] = shifted.cumsum(0)
         if len(self._prefix_mass) >= 8:  # a few temperatures per model in practice; bound the memory anyway
@@ -443,13 +458,114 @@ class ClusterTables:
         return pm
 
 
-def collapsed_argmax(hidden: torch.Tensor, codebook: torch.Tensor, tables: ClusterTables) -> torch.Tensor:
-    """Greedy token per row, ``argmax_v l_v``, in O(N K): (N,)."""
+# --- decoding with a few per-row logits overridden ---------------------------------------------------------------
+# Repetition penalties, n-gram bans and multi-token sequence biases change a handful of logits per row and step.
+# Those tokens become "holes" in their cluster's layout: a cluster's best remaining token is the first position
+# after its leading run of holes, its kept mass is its prefix mass minus the holes' masses, and the overridden
+# tokens compete as E extra candidates. Everything stays O(K + E log E) per row, never O(V).
+
+
+@dataclass(frozen=True)
+class TokenOverrides:
+    """Logits that replace the head's for a few tokens per row (penalised, banned or biased tokens of one step).
+
+    tokens: (N, E) integer ids in [0, V), ``-1`` for an unused slot, no id twice in a row; values: (N, E) floating
+    point, the new logits (``-inf`` bans the token). Tokens banned for every row alike belong in the tables' bias
+    instead (``ClusterTables.build(mapping, K, bias)`` with ``-inf`` entries), which costs nothing per step."""
+
+    tokens: torch.Tensor
+    values: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Holes:
+    """Overrides sorted by layout position per row; unused slots last (position V, cluster K, value -inf)."""
+
+    pos: torch.Tensor  # (N, E) int64
+    cluster: torch.Tensor  # (N, E) int64
+    tokens: torch.Tensor  # (N, E) int64, -1 for unused slots
+    values: torch.Tensor  # (N, E) float64
+    valid: torch.Tensor  # (N, E) bool
+    slot: torch.Tensor  # (N, E) int64: the column of each entry in the caller's TokenOverrides
+
+
+def _holes(tables: ClusterTables, tokens: torch.Tensor, values: torch.Tensor) -> _Holes | None:
+    if tokens.shape[1] == 0:
+        return None
+    vocab = tables.order.numel()
+    valid = tokens >= 0
+    pos, slot = torch.where(valid, tables.position[tokens.clamp_min(0)], vocab).sort(dim=1)
+    valid = valid.gather(1, slot)
+    values = torch.where(valid, values.double().gather(1, slot), -math.inf)
+    at = pos.clamp(max=vocab - 1)
+    cluster = torch.where(valid, tables.segment[at], tables.num_codes)
+    return _Holes(pos, cluster, torch.where(valid, tables.order[at], -1), values, valid, slot)
+
+
+def _check_overrides(overrides: Any, n: int, tables: ClusterTables) -> _Holes | None:
+    if overrides is None:
+        return None
+    if not isinstance(overrides, TokenOverrides):
+        raise TypeError(bad_value("overrides", _shown(overrides), "None or a TokenOverrides(tokens, values)"))
+    tokens, values = overrides.tokens, overrides.values
+    _check_tensor("overrides.tokens", tokens, dims=2, kind="int", shape=f"(N, E) = ({n}, E)")
+    _check_tensor("overrides.values", values, dims=2, kind="float", shape=f"(N, E) = ({n}, E)")
+    if tokens.shape[0] != n or values.shape != tokens.shape:
+        raise ValueError(bad_value("overrides.values", _shown(values), f"the shape of overrides.tokens "
+                                   f"{tuple(tokens.shape)}, with N = {n} rows as hidden"))
+    vocab = tables.order.numel()
+    if ((tokens < -1) | (tokens >= vocab)).any():
+        raise ValueError(f"overrides.tokens holds ids outside [0, {vocab}) other than -1 (an unused slot); "
+                         "pass token ids of the head's vocabulary")
+    holes = _holes(tables, tokens.long(), values)
+    if holes is not None and (holes.valid[:, 1:] & (holes.pos[:, 1:] == holes.pos[:, :-1])).any():
+        raise ValueError("overrides.tokens names a token twice in one row: give each token one value per row")
+    return holes
+
+
+def _first_free(tables: ClusterTables, holes: _Holes) -> torch.Tensor:
+    """(N, K) layout position of each cluster's best token that is not overridden (the cluster's end if none)."""
+    k = tables.num_codes
+    starts = tables.offsets[:-1]
+    col = torch.arange(holes.pos.shape[1], device=holes.pos.device).expand_as(holes.pos)
+    first = torch.ones_like(holes.valid)
+    first[:, 1:] = holes.cluster[:, 1:] != holes.cluster[:, :-1]
+    rank = col - torch.where(first, col, 0).cummax(dim=1).values  # rank among the row's holes of its cluster
+    # the j-th hole of a cluster sits at start + j exactly when holes 0..j fill the cluster's first j + 1 places
+    leading = holes.valid & (holes.pos - starts[holes.cluster.clamp(max=k - 1)] == rank)
+    run = torch.zeros(holes.pos.shape[0], k + 1, dtype=torch.long, device=col.device)
+    return starts + run.scatter_add(1, holes.cluster, leading.long())[:, :k]
+
+
+def _free_bias(tables: ClusterTables, first_free: torch.Tensor) -> torch.Tensor:
+    """(N, K) bias of each cluster's best token that is not overridden; -inf when none is left."""
+    inside = first_free < tables.offsets[1:]
+    return torch.where(inside, tables.sorted_bias[first_free.clamp(max=tables.order.numel() - 1)], -math.inf)
+
+
+def collapsed_argmax(hidden: torch.Tensor, codebook: torch.Tensor, tables: ClusterTables, *,
+                     overrides: TokenOverrides | None = None) -> torch.Tensor:
+    """Greedy token per row, ``argmax_v l_v``, in O(N K) (plus O(N E log E) with ``overrides``): (N,)."""
     _check_hidden_codebook(hidden, codebook)
     _check_tables(tables, codebook.shape[0])
-    z = code_logits(hidden, codebook).double()
-    k = (z + tables.bias_max).argmax(dim=-1)
-    return tables.order[tables.offsets[k]]
+    holes = _check_overrides(overrides, hidden.shape[0], tables)
+    return _argmax(code_logits(hidden, codebook).double(), tables, holes)
+
+
+def _argmax(z: torch.Tensor, tables: ClusterTables, holes: _Holes | None) -> torch.Tensor:
+    """:func:`collapsed_argmax` from code logits z (N, K) float64, on checked inputs."""
+    if holes is None:
+        k = (z + tables.bias_max).argmax(dim=-1)
+        return tables.order[tables.offsets[k]]
+    first_free = _first_free(tables, holes)
+    regular = z + _free_bias(tables, first_free)
+    k = regular.argmax(dim=-1, keepdim=True)
+    best = regular.gather(1, k).squeeze(1)
+    token = tables.order[first_free.gather(1, k).squeeze(1).clamp(max=tables.order.numel() - 1)]
+    top = holes.values.max(dim=-1).values
+    top_token = torch.where(holes.valid & (holes.values == top[:, None]), holes.tokens, tables.order.numel()).amin(-1)
+    # a tie between an overridden token and a regular one goes to the lower id, as argmax over V does
+    return torch.where((top > best) | ((top == best) & (top_token < token)), top_token, token)
 
 
 def _top_k_thresholds(z: torch.Tensor, tables: ClusterTables, top_k: int) -> torch.Tensor:
@@ -471,6 +587,42 @@ def _top_k_thresholds(z: torch.Tensor, tables: ClusterTables, top_k: int) -> tor
     return thresholds.scatter(1, c_star.unsqueeze(1), b_star.unsqueeze(1))
 
 
+def _top_k_cut(z: torch.Tensor, tables: ClusterTables, top_k: int, holes: _Holes,
+               free_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_top_k_thresholds` with overridden tokens: the k-th largest of the regular candidates (the first
+    k + E places of the top clusters by best regular token, holes skipped) and the E override values. Returns the
+    bias thresholds (N, K) and the logit cutoff (N,) that the overrides must reach."""
+    e = holes.pos.shape[1]
+    vocab, kc, width = tables.order.numel(), min(top_k, tables.num_codes), top_k + e
+    top_clusters = (z + free_bias).topk(kc, dim=-1).indices  # (N, kc)
+    pos = tables.offsets[top_clusters].unsqueeze(-1) + torch.arange(width, device=z.device)  # (N, kc, width)
+    inside = pos < tables.offsets[top_clusters + 1].unsqueeze(-1)
+    flat = pos.flatten(1)
+    hole = (holes.pos.gather(1, torch.searchsorted(holes.pos, flat).clamp(max=e - 1)) == flat).view_as(pos)
+    cand_bias = torch.where(inside & ~hole, tables.sorted_bias[pos.clamp(max=vocab - 1)], -math.inf)
+    cand = (z.gather(1, top_clusters).unsqueeze(-1) + cand_bias).flatten(1)
+    every = torch.cat([cand, holes.values], dim=1)
+    idx = every.topk(min(top_k, every.shape[1]), dim=-1).indices[:, -1:]  # the k-th largest
+    value = every.gather(1, idx)
+    regular = idx < cand.shape[1]
+    at = idx.clamp(max=cand.shape[1] - 1)
+    c_star = top_clusters.gather(1, at // width)
+    b_star = cand_bias.flatten(1).gather(1, at)
+    by_bias = (b_star + (z.gather(1, c_star) - z)).scatter(1, c_star, b_star)
+    return torch.where(regular, by_bias, value - z), value.squeeze(1)
+
+
+def _check_min_p(min_p: Any) -> float | None:
+    if min_p is None:
+        return None
+    expected = "None or a probability in [0, 1]"
+    if isinstance(min_p, bool) or not isinstance(min_p, numbers.Real):
+        raise TypeError(bad_value("min_p", _shown(min_p), expected, "pass a Python float"))
+    if not (math.isfinite(float(min_p)) and 0 <= float(min_p) <= 1):
+        raise ValueError(bad_value("min_p", min_p, expected, "pass min_p=None to keep every token"))
+    return float(min_p)
+
+
 def collapsed_sample(
     hidden: torch.Tensor,
     codebook: torch.Tensor,
@@ -479,37 +631,104 @@ def collapsed_sample(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    min_p: float | None = None,
+    overrides: TokenOverrides | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Sample one token per row from ``softmax(l / T)`` restricted as Hugging Face's top-k (keep every token whose
-    logit is >= the k-th largest) and then top-p (smallest set of most likely tokens with mass >= p) warpers do.
+    logit is >= the k-th largest), then top-p (smallest set of most likely tokens with mass >= p), then min-p (keep
+    tokens with probability >= min_p times the largest) warpers do.
 
     Cost per row is O(K log V) (O(K d) for the code logits), independent of V up to the logarithm: a cluster is
     drawn from the truncated cluster masses, then a token by inverse CDF within that cluster's kept prefix.
-    temperature: finite > 0; top_k: None or >= 1; top_p: None or in (0, 1]."""
+    ``overrides`` replaces a few logits per row first (O(E log E) more per row). temperature: finite > 0; top_k:
+    None or >= 1; top_p: None or in (0, 1]; min_p: None or in [0, 1]."""
     _check_hidden_codebook(hidden, codebook)
     _check_tables(tables, codebook.shape[0])
     temperature, top_k, top_p = _check_sampling(temperature, top_k, top_p)
+    min_p = _check_min_p(min_p)
     _check_generator(generator)
+    holes = _check_overrides(overrides, hidden.shape[0], tables)
     z = code_logits(hidden, codebook).double()  # (N, K)
-    counts, log_w = _kept_clusters(z, tables, temperature, top_k, top_p)
+    return _sample(z, tables, temperature, top_k, top_p, min_p, holes, generator)
+
+
+def _sample(z: torch.Tensor, tables: ClusterTables, temperature: float, top_k: int | None, top_p: float | None,
+            min_p: float | None, holes: _Holes | None, generator: torch.Generator | None) -> torch.Tensor:
+    """:func:`collapsed_sample` from code logits z (N, K) float64, on checked inputs."""
+    counts, log_w, override_log_w = _kept(z, tables, temperature, top_k, top_p, min_p, holes)
+    return _draw(tables, temperature, counts, log_w, override_log_w, holes, generator)
+
+
+def _draw(tables: ClusterTables, temperature: float, counts: torch.Tensor, log_w: torch.Tensor,
+          override_log_w: torch.Tensor | None, holes: _Holes | None,
+          generator: torch.Generator | None) -> torch.Tensor:
+    """A cluster (or an overridden token) from the kept masses, then a token by inverse CDF within the cluster's
+    kept prefix, its holes skipped."""
     pm, starts = tables.prefix_mass(temperature), tables.offsets[:-1]
-    cluster = torch.multinomial(torch.softmax(log_w, dim=-1), 1, generator=generator).squeeze(1)
+    k = log_w.shape[1]
+    weights = log_w if override_log_w is None else torch.cat([log_w, override_log_w], dim=1)
+    pick = torch.multinomial(torch.softmax(weights, dim=-1), 1, generator=generator).squeeze(1)
+    cluster = pick.clamp(max=k - 1)
     # inverse CDF within the kept prefix of the drawn cluster
     start = starts[cluster]
     n_kept = counts.gather(1, cluster.unsqueeze(1)).squeeze(1)
-    u = torch.rand(z.shape[0], generator=generator, dtype=torch.float64, device=z.device)
-    target = pm[start] + u * (pm[start + n_kept] - pm[start])
+    u = torch.rand(log_w.shape[0], generator=generator, dtype=torch.float64, device=log_w.device)
+    if holes is None:
+        target = pm[start] + u * (pm[start + n_kept] - pm[start])
+    else:
+        target = pm[start] + _skip_holes(pm, holes, cluster, start, start + n_kept, u)
     pos = torch.searchsorted(pm, target, right=True) - 1  # pm[pos] <= target < pm[pos + 1]
     pos = torch.minimum(torch.maximum(pos, start), start + n_kept - 1)
-    return tables.order[pos]
+    if holes is None:
+        return tables.order[pos]
+    token = tables.order[_off_holes(pos, holes, start, start + n_kept).clamp(0, tables.order.numel() - 1)]
+    overridden = holes.tokens.gather(1, (pick - k).clamp_min(0).unsqueeze(1)).squeeze(1)
+    return torch.where(pick >= k, overridden, token)
+
+
+def _skip_holes(pm: torch.Tensor, holes: _Holes, cluster: torch.Tensor, start: torch.Tensor, end: torch.Tensor,
+                u: torch.Tensor) -> torch.Tensor:
+    """Offset from ``pm[start]`` of the point at fraction ``u`` of the cluster's regular kept mass: each hole that
+    starts at or before the point (in regular mass) pushes it on by the hole's own mass."""
+    at = holes.pos.clamp(max=pm.numel() - 2)
+    inside = holes.valid & (holes.cluster == cluster.unsqueeze(1)) & (holes.pos < end.unsqueeze(1))
+    mass = torch.where(inside, pm[at + 1] - pm[at], 0.0)
+    t = u * (pm[end] - pm[start] - mass.sum(dim=1))
+    ahead = pm[at] - pm[start].unsqueeze(1) - (mass.cumsum(dim=1) - mass)  # regular mass before each hole
+    return t + torch.where(inside & (ahead <= t.unsqueeze(1)), mass, 0.0).sum(dim=1)
+
+
+def _off_holes(pos: torch.Tensor, holes: _Holes, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """Moves a position that rounding left on a hole to the next regular one of the kept prefix (or the previous
+    one at its end); the holes' own mass is never drawn, so this only happens within a few ulps of a boundary."""
+    e = holes.pos.shape[1]
+    for step in (1, -1):
+        for _ in range(e):
+            found = holes.pos.gather(1, torch.searchsorted(holes.pos, pos.unsqueeze(1)).clamp(max=e - 1))
+            hit = found.squeeze(1) == pos
+            if not bool(hit.any()):
+                return pos
+            nxt = pos + step
+            pos = torch.where(hit & (nxt >= start) & (nxt < end), nxt, pos)
+    return pos
 
 
 def kept_clusters(z: torch.Tensor, tables: ClusterTables, *, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """What top-k then top-p keep, cluster by cluster, from code logits ``z`` (N, K) float64: ``counts`` (N, K), the
-    kept tokens of cluster k being its first ``counts[:, k]`` in ``tables.order`` (bias descending), and their
-    log masses ``log_w`` (N, K) under ``softmax(l / T)`` up to a per-row constant."""
+                  top_p: float | None = None, min_p: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What top-k, top-p then min-p keep, cluster by cluster, from code logits ``z`` (N, K) float64: ``counts``
+    (N, K), the kept tokens of cluster k being its first ``counts[:, k]`` in ``tables.order`` (bias descending), and
+    their log masses ``log_w`` (N, K) under ``softmax(l / T)`` up to a per-row constant."""
+    counts, log_w, _ = kept_tokens(z, tables, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    return counts, log_w
+
+
+def kept_tokens(z: torch.Tensor, tables: ClusterTables, *, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, min_p: float | None = None,
+                overrides: TokenOverrides | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`kept_clusters` with ``overrides``: also the log masses (N, E) of the overridden tokens (``-inf`` for
+    those dropped), column by column as in ``overrides.tokens``, or None without overrides. The prefixes in
+    ``counts`` then still count the overridden tokens among them; ``log_w`` holds the other tokens' mass only."""
     if not isinstance(tables, ClusterTables):
         _check_tables(tables, 0)
     _check_tensor("z", z, dims=2, kind="float", shape=f"(N, K) = (N, {tables.num_codes})")
@@ -517,50 +736,108 @@ def kept_clusters(z: torch.Tensor, tables: ClusterTables, *, temperature: float 
         raise ValueError(bad_value("z", _shown(z), f"code logits of shape (N, K) = (N, {tables.num_codes}), K from "
                                    "tables", "pass code_logits(hidden, codebook) of the tables' codebook"))
     temperature, top_k, top_p = _check_sampling(temperature, top_k, top_p)
-    return _kept_clusters(z, tables, temperature, top_k, top_p)
+    min_p = _check_min_p(min_p)
+    holes = _check_overrides(overrides, z.shape[0], tables)
+    counts, log_w, override_log_w = _kept(z.double(), tables, temperature, top_k, top_p, min_p, holes)
+    if holes is not None and override_log_w is not None:  # back to the caller's column order
+        override_log_w = torch.empty_like(override_log_w).scatter(1, holes.slot, override_log_w)
+    elif overrides is not None:
+        override_log_w = torch.full(overrides.tokens.shape, -math.inf, dtype=torch.float64, device=z.device)
+    return counts, log_w, override_log_w
 
 
-def _kept_clusters(z: torch.Tensor, tables: ClusterTables, temperature: float, top_k: int | None,
-                   top_p: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    thresholds = torch.full_like(z, -math.inf)
-    if top_k is not None:
-        thresholds = _top_k_thresholds(z, tables, top_k)
+_FLOOR = torch.finfo(torch.float64).min  # a bias threshold never admits a banned (-inf) token
+
+
+def _kept(z: torch.Tensor, tables: ClusterTables, temperature: float, top_k: int | None, top_p: float | None,
+          min_p: float | None, holes: _Holes | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(counts, log_w, override_log_w) on checked inputs. A kept set is "every token with logit >= c": per cluster
+    a bias threshold (N, K) for the regular tokens and a logit cutoff (N,) for the overridden ones."""
+    n, k = z.shape
     pm, starts = tables.prefix_mass(temperature), tables.offsets[:-1]
     best = (z + tables.bias_max) / temperature
+    free_bias = tables.bias_max.expand_as(z)
+    thresholds, cut = torch.full_like(z, -math.inf), torch.full((n,), -math.inf, dtype=z.dtype, device=z.device)
+    if holes is not None:
+        free_bias = _free_bias(tables, _first_free(tables, holes))
+        at = holes.pos.clamp(max=pm.numel() - 2)
+        hole_mass, hole_cluster = pm[at + 1] - pm[at], holes.cluster.clamp(max=k - 1)
+        hole_start = starts[hole_cluster]
+        if top_k is not None:
+            thresholds, cut = _top_k_cut(z, tables, top_k, holes, free_bias)
+    elif top_k is not None:
+        thresholds = _top_k_thresholds(z, tables, top_k)
 
-    def kept(bias_thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        counts = tables.count_at_least(bias_thresholds)
+    def kept(bias_thresholds: torch.Tensor, cutoff: torch.Tensor) -> _Kept:
+        counts = tables.count_at_least(bias_thresholds.clamp_min(_FLOOR))
         within = pm[starts + counts] - pm[starts]
-        return counts, torch.where(counts > 0, best + within.clamp_min(1e-300).log(), -math.inf)
+        if holes is None:
+            log_w = torch.where(counts > 0, best + within.clamp_min(1e-300).log(), -math.inf)
+            return _Kept(counts, log_w, None, counts.sum(-1))
+        inside = holes.valid & (holes.pos < hole_start + counts.gather(1, hole_cluster))
+        spare = torch.zeros(n, k + 1, dtype=within.dtype, device=z.device)
+        within = within - spare.scatter_add(1, holes.cluster, torch.where(inside, hole_mass, 0.0))[:, :k]
+        regular = counts - spare.long().scatter_add(1, holes.cluster, inside.long())[:, :k]
+        log_w = torch.where(regular > 0, best + within.clamp_min(1e-300).log(), -math.inf)
+        keep = torch.isfinite(holes.values) & (holes.values >= cutoff.unsqueeze(1))
+        override_log_w = torch.where(keep, holes.values / temperature, -math.inf)
+        return _Kept(counts, log_w, override_log_w, regular.sum(-1) + keep.sum(-1))
 
-    counts, log_w = kept(thresholds)
-    if top_p is None or top_p >= 1.0:
-        return counts, log_w
-    # Raise each row's logit cutoff c (keep l_v >= c) to the largest value whose kept set still holds mass >= top_p
-    # of what top-k left, by bisection; every step is an exact count. [lo, hi) brackets the cutoff: the set at lo
-    # is enough, the set at hi is not. It stops once one token (or one tie of equal logits) separates them.
-    nonempty = tables.offsets[1:] > starts
-    bias_min = torch.where(nonempty, tables.sorted_bias[(tables.offsets[1:] - 1).clamp_min(0)], math.inf)
-    lowest = torch.where(nonempty, z + bias_min, math.inf).min(dim=-1).values
-    total = torch.logsumexp(log_w, dim=-1)
-    lo, hi = lowest - 1.0, (z + tables.bias_max).max(dim=-1).values  # lo keeps all top-k left; hi only the best
+    hi = (z + free_bias).max(dim=-1).values  # the largest logit
+    if holes is not None:
+        hi = torch.maximum(hi, holes.values.max(dim=-1).values)
+    cutoff = torch.full_like(hi, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        cutoff = _top_p_cutoff(z, tables, top_p, hi, holes, kept(thresholds, cut), lambda c: kept(
+            torch.maximum(thresholds, c.unsqueeze(1) - z), torch.maximum(cut, c)))
+    if min_p is not None and min_p > 0:  # p_v >= min_p * p_max  <=>  l_v >= l_max + T log(min_p)
+        cutoff = torch.maximum(cutoff, hi + temperature * math.log(min_p))
+    out = kept(torch.maximum(thresholds, cutoff.unsqueeze(1) - z), torch.maximum(cut, cutoff))
+    return out.counts, out.log_w, out.override_log_w
+
+
+class _Kept(NamedTuple):
+    counts: torch.Tensor  # (N, K) kept prefix of each cluster, holes included
+    log_w: torch.Tensor  # (N, K) log mass of each cluster's kept regular tokens
+    override_log_w: torch.Tensor | None  # (N, E) log mass of each kept overridden token, -inf if dropped
+    n_kept: torch.Tensor  # (N,) number of kept tokens
+
+
+def _mass(kept: _Kept) -> torch.Tensor:
+    every = kept.log_w if kept.override_log_w is None else torch.cat([kept.log_w, kept.override_log_w], dim=1)
+    return torch.logsumexp(every, dim=-1)
+
+
+def _top_p_cutoff(z: torch.Tensor, tables: ClusterTables, top_p: float, hi: torch.Tensor, holes: _Holes | None,
+                  after_top_k: _Kept, kept_at: Callable[[torch.Tensor], _Kept]) -> torch.Tensor:
+    """The largest logit cutoff c whose kept set {l >= c} still holds mass >= top_p of what top-k left (N,)."""
+    # Raise each row's cutoff by bisection; every step is an exact count. [lo, hi) brackets the cutoff: the set at
+    # lo is enough, the set at hi is not. It stops once one token (or one tie of equal logits) separates them.
+    starts = tables.offsets[:-1]
+    finite = tables.n_finite > 0
+    bias_min = torch.where(finite, tables.sorted_bias[(starts + tables.n_finite - 1).clamp_min(0)], math.inf)
+    lowest = torch.where(finite, z + bias_min, math.inf).min(dim=-1).values
+    if holes is not None:
+        lowest = torch.minimum(lowest, torch.where(torch.isfinite(holes.values), holes.values, math.inf).amin(-1))
+    total = _mass(after_top_k)
+    lo = lowest - 1.0  # lo keeps all that top-k left; hi only the best
     log_p = math.log(top_p)
-    c_hi, lw_hi = kept(torch.maximum(thresholds, hi.unsqueeze(1) - z))
-    n_lo, n_hi = counts.sum(-1), c_hi.sum(-1)
-    best_enough = torch.logsumexp(lw_hi, dim=-1) - total >= log_p  # the best token(s) alone hold mass >= top_p
+    at_hi = kept_at(hi)
+    n_lo, n_hi = after_top_k.n_kept, at_hi.n_kept
+    best_enough = _mass(at_hi) - total >= log_p  # the best token(s) alone hold mass >= top_p
     lo, n_lo = torch.where(best_enough, hi, lo), torch.where(best_enough, n_hi, n_lo)
     for _ in range(200):
         active = (n_lo - n_hi > 1) & ((hi - lo) > 1e-13 * hi.abs().clamp_min(1.0))
         if not bool(active.any()):
             break
         mid = (lo + hi) / 2
-        c_mid, lw = kept(torch.maximum(thresholds, mid.unsqueeze(1) - z))
-        enough = (torch.logsumexp(lw, dim=-1) - total >= log_p) & active
+        at_mid = kept_at(mid)
+        n_mid = at_mid.n_kept
+        enough = (_mass(at_mid) - total >= log_p) & active
         short = ~enough & active
-        n_mid = c_mid.sum(-1)
         lo, n_lo = torch.where(enough, mid, lo), torch.where(enough, n_mid, n_lo)
         hi, n_hi = torch.where(short, mid, hi), torch.where(short, n_mid, n_hi)
-    return kept(torch.maximum(thresholds, lo.unsqueeze(1) - z))
+    return lo
 
 
 # --- within-cluster low-rank residual --------------------------------------------------------------------------

@@ -6,10 +6,26 @@ included; the paper's Option A) and turns the model into a subclass of its own c
 - ``forward(..., labels=...)`` returns the exact full-vocabulary loss (Hugging Face's shift and ``-100`` masking,
   ``num_items_in_batch`` for gradient accumulation) without materialising N x V logits (``logits`` is ``None``
   then); without labels it returns the logits of the kept positions, as usual;
-- ``generate(...)`` decodes greedy or sampled (temperature, top-k, top-p) with the head's O(K) argmax/sampler and
-  the KV cache, so a step never touches V-sized tensors; other generation options fall back to the standard
-  ``GenerationMixin.generate`` on materialised logits;
+- ``generate(...)`` honours the GenerationConfig with the head's O(K) decoding where every setting has an O(K)
+  form, and falls back to the standard ``GenerationMixin.generate`` on materialised logits (with a one-time
+  warning) where one has not (see :mod:`leanfit.vq_logits.generation`);
 - ``save_pretrained`` / :func:`from_pretrained` round-trip (config key ``vq_logits``, head in the safetensors).
+
+A saved folder has ``model_type`` ``"leanfit-vq-logits"`` (the base's type is ``vq_logits["base_model_type"]``)
+and an ``auto_map`` naming ``leanfit_vq_logits.py``, a module file written beside it that only imports leanfit's
+classes. Importing this module registers :class:`VQLogitsConfig` and the model classes with ``AutoConfig`` and
+``AutoModelForCausalLM`` (``import leanfit.vq_logits`` does it too when transformers' configurations are already
+imported; importing the package alone stays free of torch). So ``AutoModelForCausalLM.from_pretrained(folder)``
+
+- with leanfit's classes registered, returns the VQ model (class, head and logits as saved);
+- otherwise raises transformers' "contains custom code ... pass trust_remote_code=True" error (model type unknown
+  to transformers), never a model with a random head; with ``trust_remote_code=True`` the module file imports
+  leanfit and loads the VQ model, or raises an ImportError naming ``leanfit.vq_logits.from_pretrained`` where
+  leanfit is not installed.
+
+Folders saved before this format (the base's ``model_type`` plus ``vq_logits``) still load with
+:func:`from_pretrained`, and saving them again upgrades them; the Auto classes read such a folder as the plain base
+model, as before.
 
 The subclass is made by wrapping, not by editing model code: it calls the model's own decoder
 (``model.get_decoder()``) and replaces only the output head.
@@ -17,28 +33,164 @@ The subclass is made by wrapping, not by editing model code: it calls the model'
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import transformers
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from leanfit.core.errors import bad_value
-from leanfit.vq_logits.functional import _check_int, _check_sampling, _is_integer_dtype, _shown
+from leanfit.vq_logits.functional import _shown
+from leanfit.vq_logits.generation import vq_generate
 from leanfit.vq_logits.head import Mode, VQLogitsHead
 
-__all__ = ["from_pretrained", "replace_lm_head", "vq_causal_lm_class"]
+__all__ = ["MODEL_TYPE", "REMOTE_CODE_FILE", "VQLogitsConfig", "from_pretrained", "replace_lm_head",
+           "vq_causal_lm_class", "vq_config_class"]
 
-_FAST_GENERATE_KEYS = {"input_ids", "attention_mask", "max_new_tokens", "max_length", "do_sample", "temperature",
-                       "top_k", "top_p", "eos_token_id", "pad_token_id", "generation_config", "generator"}
+MODEL_TYPE = "leanfit-vq-logits"  # config.json's model_type: unknown to transformers without leanfit
+REMOTE_CODE_FILE = "leanfit_vq_logits.py"  # written beside config.json; auto_map points at it
+_REMOTE_CODE = '''"""Entry point of a leanfit VQ-Logits checkpoint for transformers' trust_remote_code.
+
+It holds no model code: the classes come from the installed leanfit package. With leanfit imported,
+AutoModelForCausalLM.from_pretrained(folder) needs no trust_remote_code; leanfit.vq_logits.from_pretrained(folder)
+loads the folder too.
+"""
+
+try:
+    from leanfit.vq_logits.hf import VQLogitsConfig, vq_causal_lm_class
+except ImportError as error:
+    raise ImportError("this folder holds a leanfit VQ-Logits model: install leanfit and load it with "
+                      "leanfit.vq_logits.from_pretrained(folder)") from error
+
+{name} = vq_causal_lm_class({base_model_type!r})
+__all__ = ["VQLogitsConfig", "{name}"]
+'''
+
+
+class VQLogitsConfig(PreTrainedConfig):
+    """The configuration of a model with a VQ head: its base's configuration plus ``vq_logits`` (the head's sizes
+    and ``base_model_type``), saved under model type ``"leanfit-vq-logits"``.
+
+    Models use one subclass per base, ``vq_config_class(LlamaConfig)`` (``VQLogitsLlamaConfig``); this class
+    itself only dispatches: ``AutoConfig`` hands it a saved config.json and gets back an instance of the subclass
+    for the saved base."""
+
+    model_type = MODEL_TYPE
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        if cls is VQLogitsConfig:
+            spec = _spec_of(config_dict.get("vq_logits"))
+            return vq_config_class(_base_config_class(spec)).from_dict(config_dict, **kwargs)
+        return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: Any = "AutoConfig") -> None:
+        """A no-op: leanfit registers its classes itself and writes its own module file (``REMOTE_CODE_FILE``)."""
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """config.json (with ``auto_map``) and the module file ``REMOTE_CODE_FILE`` that ``auto_map`` names."""
+        spec = _spec(self)
+        auto_map = _auto_map(spec["base_model_type"])
+        if auto_map is not None:
+            self.auto_map = auto_map
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        if auto_map is not None:
+            name = auto_map["AutoModelForCausalLM"].split(".")[-1]
+            Path(save_directory, REMOTE_CODE_FILE).write_text(
+                _REMOTE_CODE.format(name=name, base_model_type=spec["base_model_type"]), encoding="utf-8")
+
+
+_VQ_CONFIGS: dict[type[Any], type[Any]] = {}  # one subclass per base configuration class
+
+
+def vq_config_class(base: type[Any]) -> type[Any]:
+    """``VQLogits<BaseConfig>``: ``base`` (a transformers configuration class) as a :class:`VQLogitsConfig`."""
+    if not (isinstance(base, type) and issubclass(base, PreTrainedConfig)):
+        raise TypeError(bad_value("base", _shown(base), "a transformers configuration class",
+                                  "pass type(model.config)"))
+    if issubclass(base, VQLogitsConfig):
+        return base
+    if base not in _VQ_CONFIGS:
+        _VQ_CONFIGS[base] = type(f"VQLogits{base.__name__}", (VQLogitsConfig, base), {"__module__": __name__})
+        model = _causal_lm_of(base)
+        if model is not None:
+            vq_causal_lm_class(model)  # registers the pair with AutoModelForCausalLM
+    return _VQ_CONFIGS[base]
+
+
+def _causal_lm_of(config_class: type[Any]) -> type[Any] | None:
+    """transformers' own *ForCausalLM class for a configuration class, if it has one."""
+    try:
+        found: Any = AutoModelForCausalLM._model_mapping[config_class]
+    except KeyError:
+        return None
+    return found if isinstance(found, type) else None
+
+
+def _base_config_class(spec: dict[str, Any]) -> type[Any]:
+    base_type = spec.get("base_model_type")
+    try:
+        found: type[Any] = CONFIG_MAPPING[base_type if isinstance(base_type, str) else ""]
+        return found
+    except KeyError:
+        raise ValueError(f"vq_logits.base_model_type={base_type!r} is not a model type of transformers "
+                         f"{transformers.__version__}: expected the model type of the model the VQ head was put on "
+                         "(e.g. 'llama'); install the transformers version that saved the folder") from None
+
+
+def _auto_map(base_model_type: str) -> dict[str, str] | None:
+    """config.json's ``auto_map``; None for a base without an AutoModelForCausalLM class (the folder then loads
+    with :func:`from_pretrained` only, and the Auto classes refuse its model type)."""
+    try:
+        model = _causal_lm_of(_base_config_class({"base_model_type": base_model_type}))
+    except ValueError:  # a configuration class transformers does not know
+        model = None
+    if model is None:
+        return None
+    module = REMOTE_CODE_FILE.removesuffix(".py")
+    return {"AutoConfig": f"{module}.VQLogitsConfig", "AutoModelForCausalLM": f"{module}.VQLogits{model.__name__}"}
 
 
 def _spec(config: Any) -> dict[str, Any]:
-    spec = getattr(config, "vq_logits", None)
+    return _spec_of(getattr(config, "vq_logits", None))
+
+
+def _spec_of(spec: Any) -> dict[str, Any]:
     if not isinstance(spec, dict):
         raise ValueError("config has no 'vq_logits' entry: load a model saved after replace_lm_head(...)")
     return spec
+
+
+def _as_vq_config(config: Any) -> Any:
+    """``config`` (with a ``vq_logits`` entry) as an instance of its :func:`vq_config_class`, in place: the form
+    of configs saved before the Auto registration, and of base configs handed to a VQ class."""
+    spec = _spec(config)
+    if not isinstance(config, VQLogitsConfig):
+        spec.setdefault("base_model_type", type(config).model_type)
+        config.__class__ = vq_config_class(type(config))
+    auto_map = _auto_map(spec["base_model_type"])
+    if auto_map is not None:
+        config.auto_map = auto_map
+    return config
+
+
+def _vq_forward_with_positions(self: Any, input_ids: torch.Tensor | None = None,
+                               attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                               logits_to_keep: int | torch.Tensor = 0, position_ids: torch.Tensor | None = None,
+                               **kwargs: Any) -> Any:
+    """:func:`_vq_forward` for bases whose forward takes ``position_ids``: the parameter is named so that
+    ``GenerationMixin.generate`` (which looks for it in the signature) passes the positions of left-padded rows,
+    as it does for the base; models with absolute positions (GPT-2) decode padded rows wrongly without them."""
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    return _vq_forward(self, input_ids, attention_mask, labels, logits_to_keep, **kwargs)
 
 
 def _vq_forward(self: Any, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -68,89 +220,12 @@ def _vq_forward(self: Any, input_ids: torch.Tensor | None = None, attention_mask
                                   hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 
-@torch.no_grad()
-def _fast_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *, max_new_tokens: int,
-                   do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
-                   eos_token_id: list[int], pad_token_id: int | None, generator: torch.Generator | None) -> torch.Tensor:
-    """Greedy/sampled decoding with the KV cache and the head's O(K) argmax/sampler."""
-    from transformers import DynamicCache
-
-    head: VQLogitsHead = model.get_output_embeddings()
-    head.tables()  # build once, before the loop
-    decoder = model.get_decoder()
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    cache = DynamicCache()
-    out = decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                  use_cache=True)
-    sequences, done = input_ids, torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    eos = torch.tensor(eos_token_id or [], dtype=torch.long, device=input_ids.device)
-    for _ in range(max_new_tokens):
-        last = out.last_hidden_state[:, -1, :]
-        if do_sample:
-            nxt = head.sample(last, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        else:
-            nxt = head.argmax(last)
-        if pad_token_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
-        sequences = torch.cat([sequences, nxt[:, None]], dim=1)
-        done |= torch.isin(nxt, eos)
-        if bool(done.all()):
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        positions = positions[:, -1:] + 1
-        out = decoder(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache,
-                      use_cache=True)
-    return sequences
-
-
 def _vq_generate(self: Any, inputs: torch.Tensor | None = None, **kwargs: Any) -> Any:
-    import copy
-
-    if inputs is not None:
-        kwargs["input_ids"] = inputs
-    if set(kwargs) - _FAST_GENERATE_KEYS or kwargs.get("input_ids") is None:
-        kwargs.pop("generator", None)
-        return super(type(self), self).generate(**kwargs)  # standard path on materialised logits
-    config = copy.deepcopy(kwargs.pop("generation_config", None) or self.generation_config)
-    generator = kwargs.pop("generator", None)
-    input_ids, attention_mask = kwargs.pop("input_ids"), kwargs.pop("attention_mask", None)
-    config.update(**kwargs)
-    if (getattr(config, "num_beams", 1) or 1) > 1 or (getattr(config, "repetition_penalty", 1.0) or 1.0) != 1.0:
-        return super(type(self), self).generate(input_ids=input_ids, attention_mask=attention_mask,
-                                                generation_config=config)
-    _check_generate_inputs(input_ids, attention_mask, config.max_new_tokens)
-    max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - input_ids.shape[1]
-    eos = config.eos_token_id
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    # top_k 0 or None means no top-k, as in transformers; a temperature of 0 is an error there too, not 1
-    temperature = 1.0 if config.temperature is None else config.temperature
-    top_k = config.top_k or None
-    if config.do_sample:  # checked before the prefill, not at the first sampled token
-        temperature, top_k, _ = _check_sampling(temperature, top_k, config.top_p)
-    return _fast_generate(
-        self, input_ids, attention_mask, max_new_tokens=max(0, max_new), do_sample=bool(config.do_sample),
-        temperature=temperature, top_k=top_k, top_p=config.top_p,
-        eos_token_id=eos, pad_token_id=config.pad_token_id, generator=generator,
-    )
-
-
-def _check_generate_inputs(input_ids: Any, attention_mask: Any, max_new_tokens: Any) -> None:
-    expected = "an integer tensor of token ids, shape (batch, length)"
-    if not isinstance(input_ids, torch.Tensor) or not _is_integer_dtype(input_ids.dtype):
-        raise TypeError(bad_value("input_ids", _shown(input_ids), expected, "use the tokenizer's input_ids"))
-    if input_ids.dim() != 2:
-        raise ValueError(bad_value("input_ids", _shown(input_ids), expected, "add a batch dimension with [None]"))
-    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
-                                       or attention_mask.shape != input_ids.shape):
-        raise ValueError(bad_value("attention_mask", _shown(attention_mask),
-                                   f"None or a tensor of the shape of input_ids {tuple(input_ids.shape)}"))
-    if max_new_tokens is not None:
-        _check_int("max_new_tokens", max_new_tokens, 0, "None or an integer >= 0")
+    return vq_generate(self, inputs, kwargs, super(type(self), self).generate)
 
 
 def _vq_init(self: Any, config: Any, *args: Any, **kwargs: Any) -> None:
-    spec = _spec(config)
+    spec = _spec(_as_vq_config(config))
     super(type(self), self).__init__(config, *args, **kwargs)
     placeholder = torch.zeros(spec["vocab_size"], dtype=torch.long)  # the real map is loaded with the weights
     self.set_output_embeddings(VQLogitsHead(spec["hidden_size"], placeholder, spec["num_codes"],
@@ -161,15 +236,34 @@ def _vq_init(self: Any, config: Any, *args: Any, **kwargs: Any) -> None:
 _VQ_CLASSES: dict[type[Any], type[Any]] = {}  # one subclass per base, so isinstance and pickling see one class
 
 
-def vq_causal_lm_class(base: type[Any]) -> type[Any]:
-    """``VQLogits<Base>``: ``base`` with the VQ head's forward, generate and untied weights (one class per base)."""
+def _no_auto_class(cls: Any, auto_class: Any = "AutoModel") -> None:
+    """A no-op: leanfit registers its classes itself and writes its own module file (``REMOTE_CODE_FILE``)."""
+
+
+def vq_causal_lm_class(base: type[Any] | str) -> type[Any]:
+    """``VQLogits<Base>``: ``base`` with the VQ head's forward, generate and untied weights (one class per base).
+
+    ``base`` is a transformers *ForCausalLM class, or a model type (``"llama"``) for its AutoModelForCausalLM
+    class. Its ``config_class`` is ``vq_config_class(base.config_class)``; when ``base`` is the class
+    AutoModelForCausalLM picks for that configuration, the pair is registered with the Auto classes."""
+    if isinstance(base, str):
+        model = _causal_lm_of(_base_config_class({"base_model_type": base}))
+        if model is None:
+            raise ValueError(bad_value("base", base, "a model type with a *ForCausalLM class in transformers"))
+        base = model
     if not isinstance(base, type):
         raise TypeError(bad_value("base", _shown(base), "a transformers *ForCausalLM class", "pass type(model)"))
     if base not in _VQ_CLASSES:
-        _VQ_CLASSES[base] = type(f"VQLogits{base.__name__}", (base,), {
-            "__init__": _vq_init, "forward": _vq_forward, "generate": _vq_generate, "_tied_weights_keys": {},
+        config_class = vq_config_class(base.config_class)
+        positions = "position_ids" in inspect.signature(base.forward).parameters
+        _VQ_CLASSES[base] = cls = type(f"VQLogits{base.__name__}", (base,), {
+            "__init__": _vq_init, "forward": _vq_forward_with_positions if positions else _vq_forward,
+            "generate": _vq_generate, "_tied_weights_keys": {},
+            "config_class": config_class, "register_for_auto_class": classmethod(_no_auto_class),
             "__module__": __name__,
         })
+        if _causal_lm_of(base.config_class) is base:
+            AutoModelForCausalLM.register(config_class, cls, exist_ok=True)
     return _VQ_CLASSES[base]
 
 
@@ -191,22 +285,24 @@ def replace_lm_head(model: Any, num_codes: int, *, mapping: str | Callable[..., 
     head = VQLogitsHead.from_linear(linear, num_codes, mapping=mapping, counts=counts, token_bias=token_bias,
                                     residual_rank=residual_rank, bias_init=bias_init, seed=seed, mode=mode)
     model.config.vq_logits = {"num_codes": num_codes, "vocab_size": head.vocab_size, "hidden_size": head.hidden_size,
-                              "token_bias": token_bias, "residual_rank": residual_rank, "mode": mode}
+                              "token_bias": token_bias, "residual_rank": residual_rank, "mode": mode,
+                              "base_model_type": type(model.config).model_type}
     model.config.tie_word_embeddings = False
     if hasattr(model.config, "get_text_config"):
         model.config.get_text_config().tie_word_embeddings = False
     model.__class__ = vq_causal_lm_class(model.__class__)
+    _as_vq_config(model.config)
     model.set_output_embeddings(head)
     return model
 
 
 def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> Any:
-    """Load a model saved after :func:`replace_lm_head` (``save_pretrained``)."""
+    """Load a model saved after :func:`replace_lm_head` (``save_pretrained``), in either folder format (see the
+    module's docstring); ``kwargs`` go to transformers' ``from_pretrained`` (``dtype``, ``device_map``, ...)."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(bad_value("path", _shown(path), "a folder written by save_pretrained (str or PathLike)"))
-    from transformers import AutoConfig, AutoModelForCausalLM
+    config = _as_vq_config(AutoConfig.from_pretrained(path))
+    return vq_causal_lm_class(config.vq_logits["base_model_type"]).from_pretrained(path, config=config, **kwargs)
 
-    config = AutoConfig.from_pretrained(path)
-    _spec(config)
-    base: Any = AutoModelForCausalLM._model_mapping[type(config)]
-    return vq_causal_lm_class(base).from_pretrained(path, config=config, **kwargs)
+
+AutoConfig.register(MODEL_TYPE, VQLogitsConfig, exist_ok=True)
