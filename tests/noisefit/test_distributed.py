@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from leanfit.noisefit.calibration import calibrate
 from tests.noisefit import _dist_calibrate as script
@@ -19,13 +18,7 @@ from tests.noisefit import _dist_calibrate as script
 SCRIPT = Path(script.__file__)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The references run a tiny model: one intra-op thread is ~4x faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
