@@ -109,8 +109,8 @@ def _run_folder(out: Path, name: str, run_id: str) -> RunDir:
     parent = out / name
     if (not run_id or run_id != run_id.strip() or run_id.startswith(".") or any(c in run_id for c in "/\\\0")
             or (parent / run_id).resolve().parent != parent.resolve()):
-        raise ConfigError(bad_value("--run-id", run_id, "one folder name (letters, digits, - and _)",
-                                    f"it would be written outside --out={str(out)!r}"))
+        raise ConfigError(bad_value("--run-id", run_id, f"one plain folder name inside --out={str(out)!r}",
+                                    "use letters, digits, - and _, such as --run-id run1"))
     return RunDir(parent / run_id)
 
 
