@@ -37,6 +37,35 @@ def test_study_records_every_fit_and_reports(study):
     assert all(f["cell_sizes"].count(2) == 1 for f in fits if f["setting"] == "over")
 
 
+def test_single_start_success_is_recorded_and_reported(study):
+    """One fit per replication from the estimator's own start (n_init=1); its success rate per setting and n is the
+    mean of the records, shown in the report's "Single starts" table and in the headline."""
+    _, path, results = study
+    fits = read_jsonl(path / "fits.jsonl")
+    assert all(len(f["single_reached"]) == 1 and len(f["single_gap"]) == 1 for f in fits)
+    # the threshold is the study's: reached exactly when the single start's log-likelihood is at least the truth's
+    assert all(hit == (gap >= -1e-12 * abs(f["truth_loglik"]))
+               for f in fits for hit, gap in zip(f["single_reached"], f["single_gap"], strict=True))
+    report = (path / "report.md").read_text()
+    assert "### Single starts" in report and "init='random'" in report
+    for row in results["per_n"]:
+        hits = [h for f in fits if (f["setting"], f["n"]) == (row["setting"], row["n"]) for h in f["single_reached"]]
+        assert row["single_starts"] == len(hits) == 2
+        assert row["single_start_success"] == pytest.approx(sum(hits) / len(hits), abs=0)
+        line = f"| {row['setting']} | {row['n']} | {row['fits']} | 2 | {row['single_start_success']:.4g} |"
+        assert line in report, line
+    total = [h for f in fits for h in f["single_reached"]]
+    assert results["single_start_success"] == pytest.approx(sum(total) / len(total), abs=0)
+    assert "single starts from the estimator's own start (init='random')" in results["headline"]
+
+
+def test_no_single_starts_leaves_the_rates_alone(study, tmp_path):
+    _, _, results = study
+    _, without = run_experiment("topk-moe", out=tmp_path, overrides=[*TINY, "single_starts=0"])
+    assert without["slopes"] == results["slopes"] and without["single_start_success"] is None
+    assert all(r["single_starts"] == 0 and r["single_start_success"] is None for r in without["per_n"])
+
+
 def test_slope_is_the_least_squares_slope_of_the_means():
     fits = [{"n": n, "rep": r, "loss": 3.0 * n**-0.5 * (1 + 0.1 * r)} for n in (100, 1000, 10000) for r in range(3)]
     s = rate_slope(fits, "loss", n_boot=200, seed=0)
@@ -52,8 +81,9 @@ def test_slope_needs_two_sample_sizes_with_positive_values():
 def test_parallel_fits_equal_sequential_fits(study, tmp_path):
     _, _, results = study
     _, parallel = run_experiment("topk-moe", out=tmp_path, overrides=[*TINY, "jobs=2"])
+    timing = ("mean_seconds", "mean_single_seconds")
     assert parallel["slopes"] == results["slopes"] and parallel["per_n"] == [
-        {**row, "mean_seconds": p["mean_seconds"]} for row, p in zip(results["per_n"], parallel["per_n"], strict=True)]
+        {**row, **{k: p[k] for k in timing}} for row, p in zip(results["per_n"], parallel["per_n"], strict=True)]
 
 
 def test_the_old_knob_name_n_jobs_is_read_as_jobs():
@@ -74,7 +104,7 @@ def test_resume_finishes_an_interrupted_study(study, tmp_path):
     _, resumed = run_experiment("topk-moe", out=tmp_path, overrides=TINY, resume=True)
     again = read_jsonl(copy / "fits.jsonl")
     key = lambda f: (f["setting"], f["n"], f["rep"])  # noqa: E731
-    strip = lambda f: {k: v for k, v in f.items() if k != "seconds"}  # noqa: E731
+    strip = lambda f: {k: v for k, v in f.items() if k not in ("seconds", "single_seconds")}  # noqa: E731
     assert sorted(map(strip, again), key=key) == sorted(map(strip, done), key=key)
     assert resumed["slopes"] == results["slopes"]
 
@@ -102,6 +132,8 @@ def test_split_needs_a_log2_margin_over_the_unselected_experts():
                                                     ("settings=[under]", "settings="),
                                                     ("backend=spark", "backend='spark'"),
                                                     ("replications=1", "replications=1"),
+                                                    ("single_starts=-1", "single_starts=-1"),
+                                                    ("single_start_init=given", "single_start_init='given'"),
                                                     ("jobs=0", "jobs=0")])
 def test_bad_settings(tmp_path, override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[")):
