@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Literal
 
 __all__ = ["build_parser", "main"]
 
@@ -25,11 +26,17 @@ def _add_run_options(p: argparse.ArgumentParser, *, default_out: str, resumable:
     p.add_argument("name", metavar="NAME", help="registered name (see `leanfit list`)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, dotted for nested fields (train.steps=100); see --help-config")
-    p.add_argument("--preset", default="quick", help="preset: quick (minutes) or full (what results quote)")
-    p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config values (applied after the preset)")
+    p.add_argument("--preset", help="preset: quick (minutes) or full (what results quote); default: the preset of "
+                                    "a run record given as --config, else quick")
+    p.add_argument("--config", metavar="FILE.yaml",
+                   help="YAML file of config values, or a run folder's config.yaml (applied after the preset)")
     p.add_argument("--out", default=default_out, metavar="DIR", help=f"output root (default: {default_out})")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--help-config", action="store_true", help="list every config key with type, default and help")
+    p.add_argument("--seed", type=int, help="random seed (default: the seed of a run record given as --config, else 0)")
+    p.add_argument("--help-config", action="store_true",
+                   help="list every config key with its type, the value --preset runs, the default and help")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (preset, --config, overrides) as YAML, in the form of a run's "
+                        "config.yaml, and exit without running")
     if resumable:
         p.add_argument("--resume", action="store_true",
                        help="continue the run folder of this command from its newest checkpoint")
@@ -73,14 +80,18 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_config_help(kind: str, name: str) -> int:
+def _print_config_help(kind: Literal["experiment", "benchmark"], name: str, preset: str | None) -> int:
     from leanfit.core import registry
-    from leanfit.core.config import config_help
+    from leanfit.core.config import config_help, flat_values
 
     entry = registry.get(kind, name)
-    print(f"config keys of {name} (presets: {', '.join(entry.presets)}):")
+    preset = preset or "quick"
+    runs = flat_values(entry.preset_config(preset))
+    print(f"config keys of {name}, values of preset {preset} (presets: {', '.join(entry.presets)}):")
     for key, tp, default, help_text in config_help(entry.config_cls):
-        print(f"  {key}: {tp} = {default}\n      {help_text}")
+        value = repr(runs[key])
+        print(f"  {key}: {tp} = {value}" + ("" if value == default else f"  (default: {default})")
+              + f"\n      {help_text}")
     if kind == "experiment":
         from leanfit.core.runner import RUN_KEYS
 
@@ -90,9 +101,22 @@ def _print_config_help(kind: str, name: str) -> int:
     return 0
 
 
+def _print_config(kind: Literal["experiment", "benchmark"], args: argparse.Namespace) -> int:
+    import yaml
+
+    from leanfit.core.runner import resolved_record
+
+    record = resolved_record(kind, args.name, preset=args.preset, config_file=args.config, overrides=args.overrides,
+                             seed=args.seed)
+    print(yaml.safe_dump(record, sort_keys=False), end="")
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     if args.help_config:
-        return _print_config_help("experiment", args.name)
+        return _print_config_help("experiment", args.name, args.preset)
+    if args.print_config:
+        return _print_config("experiment", args)
     from leanfit.core.runner import run_experiment
 
     path, results = run_experiment(
@@ -106,7 +130,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.help_config:
-        return _print_config_help("benchmark", args.name)
+        return _print_config_help("benchmark", args.name, args.preset)
+    if args.print_config:
+        return _print_config("benchmark", args)
     from leanfit.core.runner import run_benchmark
 
     path = run_benchmark(args.name, preset=args.preset, config_file=args.config, overrides=args.overrides,

@@ -7,7 +7,7 @@ from typing import Literal
 
 import pytest
 
-from leanfit.core.config import BaseConfig, coerce, config_help, load_yaml, option, parse_overrides
+from leanfit.core.config import BaseConfig, coerce, config_help, flat_values, load_yaml, option, parse_overrides
 from leanfit.core.errors import ConfigError
 
 
@@ -150,3 +150,19 @@ def test_config_help_lists_nested_keys_with_help():
     assert rows["mode"][0] == "'fast' | 'slow'"
     assert rows["sizes"][1] == "[1, 2]"
     assert len(rows) == 8
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [("sizes", "list[int]"), ("limit", "int | None"), ("mode", "'fast' | 'slow'"), ("inner.rate", "float")],
+    ids=["list-with-element-type", "optional", "literal", "nested-scalar"],
+)
+def test_config_help_names_types_as_annotated(key, expected):
+    assert {k: tp for k, tp, _, _ in config_help(Outer)}[key] == expected
+
+
+def test_flat_values_has_the_keys_of_config_help_with_the_configs_values():
+    config = Outer.from_dict({"sizes": [3], "inner": {"width": 2}})
+    values = flat_values(config)
+    assert list(values) == [key for key, *_ in config_help(Outer)]
+    assert values["sizes"] == [3] and values["inner.width"] == 2 and values["inner.rate"] == 0.5

@@ -34,6 +34,7 @@ __all__ = [
     "check_fields",
     "coerce",
     "config_help",
+    "flat_values",
     "load_yaml",
     "merge_nested",
     "option",
@@ -246,8 +247,19 @@ def merge_nested(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str
 
 
 def _type_name(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
+    """``int``, ``list[int]``, ``tuple[float, ...]``, ``int | None``, ``'a' | 'b'``: an annotation as it reads."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if tp is type(None):
+        return "None"
+    if tp is Ellipsis:
+        return "..."
+    if origin is not None:
+        name = getattr(origin, "__name__", None) or str(origin).replace("typing.", "")
+        return f"{name}[{', '.join(_type_name(a) for a in args)}]" if args else name
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -372,6 +384,18 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"--config={str(path)!r} must hold a mapping of keys to values, got {type(data).__name__}")
     return data
+
+
+def flat_values(config: BaseConfig) -> dict[str, Any]:
+    """The plain value of every key of :func:`config_help` (nested fields dotted): ``{"train.steps": 300, ...}``."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, BaseConfig):
+            out.update({f"{f.name}.{k}": v for k, v in flat_values(value).items()})
+        else:
+            out[f.name] = _plain(value)
+    return out
 
 
 def config_help(cls: type[BaseConfig], prefix: str = "") -> list[tuple[str, str, str, str]]:

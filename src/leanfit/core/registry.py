@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from leanfit.core.config import BaseConfig
-from leanfit.core.errors import ConfigError
+from leanfit.core.errors import ConfigError, bad_value
 
 if TYPE_CHECKING:  # types only: the runner and the report import this module
     from leanfit.core.report import Report
@@ -59,6 +59,12 @@ class Entry:
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     report: ReportFn | None = None
     in_demo: bool = True
+
+    def preset_config(self, preset: str) -> BaseConfig:
+        """The config ``preset`` runs: the class defaults with the preset's values applied."""
+        if preset not in self.presets:
+            raise ConfigError(bad_value("--preset", preset, "one of " + ", ".join(self.presets)))
+        return self.config_cls.from_dict(self.presets[preset])
 
 
 def register(

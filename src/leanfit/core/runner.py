@@ -23,7 +23,7 @@ from leanfit.core.io import sha256_bytes
 from leanfit.core.progress import notice
 from leanfit.core.runs import RunDir, is_main_process
 
-__all__ = ["RunContext", "resolve_config", "run_experiment", "run_id_for"]
+__all__ = ["RunContext", "resolve_config", "resolved_record", "run_experiment", "run_id_for"]
 
 ConfigT = TypeVar("ConfigT", bound=BaseConfig)
 
@@ -51,28 +51,98 @@ RUN_KEYS = {"report_to": "experiment trackers: none (default), tensorboard, mlfl
                          "events go into the run folder"}
 
 
-def _values(
+# the keys of a run folder's config.yaml (what RunDir.write_config writes); such a file passed as --config
+RECORD_KEYS = frozenset({"experiment", "kind", "preset", "seed", "config", "report_to"})
+
+
+def _as_record(entry: registry.Entry, data: Mapping[str, Any], path: str | os.PathLike) -> Mapping[str, Any] | None:
+    """``data`` when it is a run record (a run folder's ``config.yaml``) of ``entry``; None for a plain mapping of
+    config keys. A record of another experiment or benchmark is refused."""
+    if not (isinstance(data.get("experiment"), str) and isinstance(data.get("config"), Mapping)
+            and set(data) <= RECORD_KEYS):
+        return None
+    kind = data.get("kind", "experiment")
+    if (data["experiment"], kind) != (entry.name, entry.kind):
+        command = "run" if kind == "experiment" else "bench"
+        raise ConfigError(f"--config={str(path)!r} is the run record of {kind} {data['experiment']!r}, not of "
+                          f"{entry.kind} {entry.name!r}; pass it to `leanfit {command} {data['experiment']}`")
+    return data
+
+
+@dataclass(frozen=True)
+class _Settings:
+    preset: str
+    seed: int
+    values: dict[str, Any]
+
+
+def _settings(
     entry: registry.Entry,
-    preset: str,
+    preset: str | None,
+    seed: int | None,
     config_file: str | os.PathLike | None,
     overrides: Sequence[str] | Mapping[str, Any],
-) -> dict[str, Any]:
+) -> _Settings:
+    """Preset, seed and config values (not yet converted) in the order of precedence. A run record given as
+    ``config_file`` supplies its config (and report_to), and its preset and seed where the caller passes None."""
+    record: Mapping[str, Any] = {}
+    from_file: Mapping[str, Any] = {}
+    if config_file is not None:
+        from_file = load_yaml(config_file)
+        record = _as_record(entry, from_file, config_file) or {}
+        if record:
+            from_file = {**record["config"], **({"report_to": record["report_to"]} if "report_to" in record else {})}
+    preset = preset if preset is not None else str(record.get("preset", "quick"))
+    seed = seed if seed is not None else record.get("seed", 0)
     if preset not in entry.presets:
         raise ConfigError(bad_value("--preset", preset, "one of " + ", ".join(entry.presets)))
-    values: dict[str, Any] = dict(entry.presets[preset])
-    if config_file is not None:
-        values = merge_nested(values, load_yaml(config_file))
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ConfigError(bad_value("--seed", seed, "a non-negative integer"))
+    values = merge_nested(entry.presets[preset], from_file)
     extra = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
-    return merge_nested(values, extra)
+    return _Settings(preset, seed, merge_nested(values, extra))
 
 
 def resolve_config(
     entry: registry.Entry,
-    preset: str = "quick",
+    preset: str | None = "quick",
     config_file: str | os.PathLike | None = None,
     overrides: Sequence[str] | Mapping[str, Any] = (),
 ) -> BaseConfig:
-    return entry.config_cls.from_dict(_values(entry, preset, config_file, overrides))
+    return entry.config_cls.from_dict(_settings(entry, preset, 0, config_file, overrides).values)
+
+
+def resolved_record(
+    kind: registry.Kind,
+    name: str,
+    *,
+    preset: str | None = None,
+    config_file: str | os.PathLike | None = None,
+    overrides: Sequence[str] | Mapping[str, Any] = (),
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """The record a run with these settings writes as its ``config.yaml`` (experiment, kind, preset, seed, the
+    resolved config, report_to when set), without running anything. ``preset`` and ``seed`` default to the run
+    record given as ``config_file``, else to ``quick`` and 0; passing that record back reproduces it."""
+    entry = registry.get(kind, name)
+    return _resolve(entry, _settings(entry, preset, seed, config_file, overrides))[0]
+
+
+def _resolve(entry: registry.Entry, settings: _Settings) -> tuple[dict[str, Any], BaseConfig, tuple[str, ...]]:
+    """(record, config, report_to): the config built and checked; ``report_to`` only for experiments."""
+    from leanfit.core.config import coerce
+    from leanfit.core.tracking import parse_report_to
+
+    values = dict(settings.values)
+    report_to: tuple[str, ...] = ()
+    if entry.kind == "experiment":
+        report_to = parse_report_to(coerce(values.pop("report_to", "none"), Any, "report_to"))
+    config = entry.config_cls.from_dict(values)
+    record: dict[str, Any] = {"experiment": entry.name, "kind": entry.kind, "preset": settings.preset,
+                              "seed": settings.seed, "config": config.to_dict()}
+    if report_to:
+        record["report_to"] = list(report_to)
+    return record, config, report_to
 
 
 def run_id_for(preset: str, seed: int, config: BaseConfig) -> str:
@@ -152,36 +222,34 @@ def _first_difference(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = 
 def run_experiment(
     name: str,
     *,
-    preset: str = "quick",
+    preset: str | None = None,
     config_file: str | os.PathLike | None = None,
     overrides: Sequence[str] | Mapping[str, Any] = (),
     out: str | os.PathLike = "runs",
-    seed: int = 0,
+    seed: int | None = None,
     resume: bool = False,
     run_id: str | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """Run experiment ``name`` and return (run folder, results)."""
-    from leanfit.core.config import coerce
+    """Run experiment ``name`` and return (run folder, results).
+
+    ``preset`` and ``seed`` left as None come from a run record given as ``config_file`` (a run folder's
+    ``config.yaml``), else they are ``quick`` and 0."""
     from leanfit.core.env import environment_info
-    from leanfit.core.tracking import close_trackers, open_trackers, parse_report_to
+    from leanfit.core.tracking import close_trackers, open_trackers
 
     entry = registry.get("experiment", name)
-    values = _values(entry, preset, config_file, overrides)
-    report_to = parse_report_to(coerce(values.pop("report_to", "none"), Any, "report_to"))
-    config = entry.config_cls.from_dict(values)
-    if seed < 0:
-        raise ConfigError(bad_value("--seed", seed, "a non-negative integer"))
+    settings = _settings(entry, preset, seed, config_file, overrides)
+    record, config, report_to = _resolve(entry, settings)
+    preset, seed = settings.preset, settings.seed
     out = Path(out)
     run = _run_folder(out, name, run_id if run_id is not None else run_id_for(preset, seed, config))
-    record: dict[str, Any] = {"experiment": name, "kind": "experiment", "preset": preset, "seed": seed,
-                              "config": config.to_dict()}
     if is_main_process():
         _check_writable(out)
     with run.lock():
         if is_main_process():
             if _prepare_folder(run, record, resume, entry):
                 return run.path, run.results() or {}
-            run.write_config({**record, "report_to": list(report_to)} if report_to else record)
+            run.write_config(record)
             run.write_env(environment_info())
             run.trackers = open_trackers(report_to, run.path, f"{name}/{run.path.name}", record["config"])
         ctx = RunContext(name=name, config=config, seed=seed, run=run, resume=resume, preset=preset,
@@ -195,25 +263,27 @@ def run_experiment(
 def run_benchmark(
     name: str,
     *,
-    preset: str = "quick",
+    preset: str | None = None,
     config_file: str | os.PathLike | None = None,
     overrides: Sequence[str] | Mapping[str, Any] = (),
     out: str | os.PathLike = "benchmarks/results",
-    seed: int = 0,
+    seed: int | None = None,
 ) -> Path:
     """Run benchmark ``name`` into ``OUT/<name>/`` (replacing earlier results there): ``results.csv`` (one row
-    per measurement), ``results.json`` (rows + summary), ``env.json`` (machine), ``report.md`` and plots."""
+    per measurement), ``results.json`` (rows + summary), ``env.json`` (machine), ``report.md`` and plots.
+    ``preset`` and ``seed`` default as in :func:`run_experiment`."""
     entry = registry.get("benchmark", name)
-    config = resolve_config(entry, preset, config_file, overrides)
+    settings = _settings(entry, preset, seed, config_file, overrides)
+    record, config, _ = _resolve(entry, settings)
     out = Path(out)
     _check_writable(out)
     run = RunDir(out / name)
     with run.lock():
         for stale in ("metrics.jsonl", "results.json"):
             (run.path / stale).unlink(missing_ok=True)
-        run.write_config({"experiment": name, "kind": "benchmark", "preset": preset, "seed": seed,
-                          "config": config.to_dict()})
-        _execute(entry, RunContext(name=name, config=config, seed=seed, run=run, resume=False, preset=preset))
+        run.write_config(record)
+        _execute(entry, RunContext(name=name, config=config, seed=settings.seed, run=run, resume=False,
+                                   preset=settings.preset))
     return run.path
 
 
