@@ -214,9 +214,6 @@ def _headline(cfg: MoEBenchConfig, rows: list[dict[str, Any]]) -> str:
 
 
 def _layer_report(rep: Any, run: RunDir, rows: list[dict[str, Any]]) -> None:
-    from leanfit.core.report import line_plot
-
-    cells = sorted({tuple(r[c] for c in _CELL) for r in rows})
     rep.section("Layer").text(
         "`speedup_vs_hf` = time of `hf_mixtral` (transformers' eager per-expert loop) / time of the method; "
         "`fraction_of_ideal` = time of `ideal_dense` (the same SwiGLU MLP over the T*K routed rows with one expert's "
@@ -224,17 +221,46 @@ def _layer_report(rep: Any, run: RunDir, rows: list[dict[str, Any]]) -> None:
         "and the gradients of the input and all weights. Medians of interleaved rounds in one process."
     )
     for mode in sorted({r["mode"] for r in rows}, key=MODES.index):
-        series = {}
-        for method in LAYER_METHODS:
-            ms = {tuple(r[c] for c in _CELL): r["ms"] for r in rows if r["method"] == method and r["mode"] == mode}
-            if ms:
-                series[method] = (list(range(len(cells))), [ms.get(c, float("nan")) for c in cells])
-        line_plot(run.plots_dir / f"layer_{mode}.png", series, xlabel="configuration (T, d, E, K), table order",
-                  ylabel="time per call (ms)", title=f"sparse MoE layer, {mode}, CPU", logy=True)
-        rep.figure(f"plots/layer_{mode}.png", f"{mode}: time per call, configurations in the order of the table")
+        _speedup_plot(run.plots_dir / f"layer_{mode}.png", [r for r in rows if r["mode"] == mode], mode)
+        rep.figure(f"plots/layer_{mode}.png", f"{mode}: speed-up over transformers' Mixtral loop (hf_mixtral = 1) "
+                   "per configuration (d, E, K), one panel per token count T")
     cols = ["method", "mode", "t", "d", "e", "k", "intermediate", "ms", "tokens_per_s", "speedup_vs_hf",
             "fraction_of_ideal"]
     rep.table(sorted(rows, key=lambda r: (tuple(r[c] for c in _CELL), MODES.index(r["mode"]))), cols)
+
+
+def _speedup_plot(path: Any, rows: list[dict[str, Any]], mode: str) -> None:
+    """Bars of ``speedup_vs_hf`` per configuration (d, E, K), one row of panels per T; hf_mixtral is the line at 1."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from leanfit.core.report import save_figure
+
+    groups = sorted({(r["d"], r["e"], r["k"]) for r in rows})
+    methods = [m for m in LAYER_METHODS if m != "hf_mixtral" and any(r["method"] == m for r in rows)]
+    speedup = {(r["t"], r["d"], r["e"], r["k"], r["method"]): r.get("speedup_vs_hf") for r in rows}
+    tokens = sorted({r["t"] for r in rows})
+    values = [v for v in speedup.values() if v]
+    fig, axes = plt.subplots(len(tokens), 1, figsize=(max(6.4, 0.8 * len(groups) + 1.5), 3.0 * len(tokens)),
+                             dpi=110, squeeze=False)
+    width = 0.8 / max(len(methods), 1)
+    for ax, t in zip(axes[:, 0], tokens, strict=True):
+        for i, method in enumerate(methods):
+            ys = [speedup.get((t, *g, method)) or math.nan for g in groups]
+            ax.bar([j + (i - (len(methods) - 1) / 2) * width for j in range(len(groups))], ys, width, label=method,
+                   color=f"C{LAYER_METHODS.index(method)}")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        if values and max(values) / min(values) > 10:
+            ax.set_yscale("log")
+        ax.set_xticks(range(len(groups)), [f"d={d}\nE={e}, K={k}" for d, e, k in groups], fontsize=7)
+        ax.set(title=f"sparse MoE layer, {mode}, T = {t} tokens, CPU", ylabel="speed-up over hf_mixtral (x)")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0, 0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    save_figure(fig, path)
 
 
 def _estimator_report(rep: Any, run: RunDir, rows: list[dict[str, Any]]) -> None:

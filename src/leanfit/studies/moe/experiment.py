@@ -376,7 +376,7 @@ def _rate_plot(path: Any, setting: str, rows: list[dict[str, Any]], slopes: list
     from leanfit.core.report import save_figure
 
     ns = np.asarray([r["n"] for r in rows], dtype=float)
-    fig, ax = plt.subplots(figsize=(7.0, 4.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(10.5, 4.6), dpi=110)
     for i, key in enumerate(THEORY[setting]):
         ys = np.asarray([r[f"mean_{key}"] for r in rows])
         if not np.isfinite(ys).all() or (ys <= 0).any():
@@ -390,7 +390,9 @@ def _rate_plot(path: Any, setting: str, rows: list[dict[str, Any]], slopes: list
     ax.set(xscale="log", yscale="log", xlabel="n", ylabel="mean error over replications",
            title=f"top-K Gaussian MoE, {setting}-specified")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6)
+    # beside the axes: inside, the legend covers the curves of the larger errors
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="slope [95% CI] (theory)",
+              title_fontsize=7)
     save_figure(fig, path)
 
 

@@ -257,27 +257,48 @@ def report(run: RunDir, results: dict[str, Any]) -> Report:
 
 
 def _pareto(run: RunDir, summary: list[dict[str, Any]]) -> None:
+    """One colour per map, one marker and line style per head variant (bias, residual rank); each line joins the
+    code counts K of one recipe. Legends beside the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     from leanfit.core.report import save_figure
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    keys = sorted({(r["mapping"], r["bias"], r["rank"]) for r in summary if r["head"] == "vq"})
-    for (mapping, bias, rank), marker in zip(keys, "osD^v<>ph*XP" * 3, strict=False):
-        pts = sorted((100 * r["reduction"], r["ppl_ratio_mean"], r["ppl_ratio_std"]) for r in summary
-                     if r["head"] == "vq" and (r["mapping"], r["bias"], r["rank"]) == (mapping, bias, rank))
-        xs, ys, es = zip(*pts, strict=True)
-        label = f"{mapping}, {'bias' if bias else 'no bias'}" + (f", r={rank}" if rank else "")
-        ax.errorbar(xs, ys, yerr=es, marker=marker, capsize=3, label=label)
-    ax.axhline(1.0, color="k", lw=0.8, ls="--", label="full softmax")
-    ax.axhline(1.04, color="grey", lw=0.8, ls=":", label="paper's claim (+4%)")
+    vq = [r for r in summary if r["head"] == "vq"]
+    mappings = sorted({r["mapping"] for r in vq})
+    variants = sorted({(r["bias"], r["rank"]) for r in vq})
+    colour = {m: f"C{i % 10}" for i, m in enumerate(mappings)}
+    style = {v: (marker, line) for v, marker, line in zip(variants, "osD^v<>p" * 4, ["-", "--", ":", "-."] * 8,
+                                                          strict=False)}
+
+    def variant_name(bias: bool, rank: int) -> str:
+        return ("bias" if bias else "no bias") + (f", residual r={rank}" if rank else "")
+
+    fig, ax = plt.subplots(figsize=(9.6, 4.6), dpi=110)
+    for mapping in mappings:
+        for variant in variants:
+            pts = sorted((100 * r["reduction"], r["ppl_ratio_mean"], r["ppl_ratio_std"]) for r in vq
+                         if r["mapping"] == mapping and (r["bias"], r["rank"]) == variant)
+            if pts:
+                xs, ys, es = zip(*pts, strict=True)
+                ax.errorbar(xs, ys, yerr=es, color=colour[mapping], marker=style[variant][0],
+                            linestyle=style[variant][1], capsize=3, markersize=5)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.axhline(1.04, color="grey", lw=0.8, ls=":")
     ax.set(xlabel="head-parameter reduction (%)", ylabel="validation perplexity ratio (log scale)",
-           title="vq-logits (a)", yscale="log")
+           title="vq-logits (a): each line joins the code counts K of one recipe", yscale="log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+    maps = [Line2D([], [], color=colour[m], lw=2, label=m) for m in mappings]
+    refs = [Line2D([], [], color="k", lw=0.8, ls="--", label="full softmax"),
+            Line2D([], [], color="grey", lw=0.8, ls=":", label="paper's claim (+4%)")]
+    heads = [Line2D([], [], color="0.3", marker=style[v][0], ls=style[v][1], label=variant_name(*v)) for v in variants]
+    first = ax.legend(handles=maps + refs, title="map", fontsize=7, title_fontsize=7, loc="upper left",
+                      bbox_to_anchor=(1.01, 1.0))
+    ax.add_artist(first)
+    ax.legend(handles=heads, title="head", fontsize=7, title_fontsize=7, loc="lower left", bbox_to_anchor=(1.01, 0.0))
     save_figure(fig, run.plots_dir / "pareto.png")
 
 
