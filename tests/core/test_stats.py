@@ -9,7 +9,7 @@ import pytest
 from scipy import stats as sps
 
 from leanfit.core.errors import ConfigError
-from leanfit.core.stats import bootstrap_ci, choose_within_drop, paired_bootstrap_ci, slope_ci
+from leanfit.core.stats import bootstrap_ci, choose_within_drop, paired_bootstrap_ci, slope_ci, t_interval
 
 
 # --- naive references ------------------------------------------------------------------------------------------------
@@ -226,6 +226,19 @@ def test_choose_within_drop_breaks_full_ties_with_tiebreak_then_order():
     assert pick()["lambda"] == 2.0
 
 
+# --- Student-t interval ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("values", [[-1.91, -1.11, -0.10], [0.5, 2.0, 1.0, 4.0, -1.0]], ids=["3-seeds", "5-seeds"])
+def test_t_interval_equals_scipy(values):
+    mean, low, high = t_interval(values)
+    ref = sps.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=sps.sem(values))
+    assert mean == pytest.approx(np.mean(values), abs=1e-12)
+    assert (low, high) == pytest.approx(ref, abs=1e-12)
+
+
+def test_t_interval_of_equal_values_has_zero_width():
+    assert tuple(t_interval([2.5, 2.5, 2.5])) == (2.5, 2.5, 2.5)
+
+
 # --- bad input -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("call", "param"), [
     (lambda: bootstrap_ci([1.0, 2.0], n_boot=0), "n_boot=0"),
@@ -238,8 +251,11 @@ def test_choose_within_drop_breaks_full_ties_with_tiebreak_then_order():
     (lambda: paired_bootstrap_ci([1.0], [0.0], effect="relative"), "stat\\(b\\)"),
     (lambda: slope_ci([1.0, 2.0], [[1.0]]), "samples"),
     (lambda: choose_within_drop([], score=len, cost=len, baseline=0.0, max_drop_points=1.0), "records"),
+    (lambda: t_interval([1.0]), "values"),
+    (lambda: t_interval([1.0, float("nan")]), "values"),
+    (lambda: t_interval([1.0, 2.0], level=0.0), "level=0.0"),
 ], ids=["n-boot", "level", "groups", "rank-3", "trailing-rank", "paired-shape", "effect", "zero-baseline",
-        "slope-levels", "no-records"])
+        "slope-levels", "no-records", "t-one-value", "t-nan", "t-level"])
 def test_bad_input_names_the_parameter(call, param):
     with pytest.raises(ConfigError, match=param):
         call()

@@ -1,6 +1,7 @@
 """Statistics shared by the studies: percentile-bootstrap intervals (one sample, seeds x items two-way, whole
 groups), paired effects of two arms (difference or relative change), the slope of a log-log fit with a stratified
-bootstrap interval, and the selection of a setting on validation (:func:`choose_within_drop`).
+bootstrap interval, the Student-t interval of a mean over a few seeds (:func:`t_interval`), and the selection of a
+setting on validation (:func:`choose_within_drop`).
 
 Every function reproduces the numbers the studies committed bit for bit: the same random streams, the same
 resampling order and the same quantile positions.
@@ -35,6 +36,7 @@ __all__ = [
     "choose_within_drop",
     "paired_bootstrap_ci",
     "slope_ci",
+    "t_interval",
 ]
 
 Stat = Callable[[np.ndarray], float]
@@ -42,7 +44,7 @@ T = TypeVar("T")
 
 
 class ConfidenceInterval(NamedTuple):
-    """A point estimate on the full data and a percentile-bootstrap interval ``[low, high]``."""
+    """A point estimate on the full data and an interval ``[low, high]`` (percentile bootstrap, or Student t)."""
 
     estimate: float
     low: float
@@ -204,6 +206,23 @@ def slope_ci(
     # 2.5 and 97.5 exactly at level 0.95: the committed slope intervals were read at those percentiles
     low, high = np.percentile(boots, [round(50 * (1 - level), 10), round(50 * (1 + level), 10)])
     return ConfidenceInterval(point, float(low), float(high))
+
+
+def t_interval(values: Sequence[float], *, level: float = 0.95) -> ConfidenceInterval:
+    """Mean of ``values`` with its Student-t interval ``mean -/+ t_(n-1) sd / sqrt(n)``.
+
+    For a handful of seeds (paired per-seed differences of two arms, say), where a bootstrap over 3 values has only
+    10 distinct resamples. values: (n,) finite, n >= 2; sd with n - 1 degrees of freedom."""
+    from scipy import stats as sps
+
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or x.size < 2 or not np.isfinite(x).all():
+        raise ConfigError(bad_value("values", values, "a 1-D sequence of at least 2 finite numbers"))
+    if not 0 < level < 1:
+        raise ConfigError(bad_value("level", level, "a coverage in (0, 1) such as 0.95"))
+    mean = float(x.mean())
+    half = float(sps.t.ppf((1 + level) / 2, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size))
+    return ConfidenceInterval(mean, mean - half, mean + half)
 
 
 # --- selection on validation -----------------------------------------------------------------------------------------
