@@ -61,9 +61,10 @@ def test_single_start_success_is_recorded_and_reported(study):
 
 def test_no_single_starts_leaves_the_rates_alone(study, tmp_path):
     _, _, results = study
-    _, without = run_experiment("topk-moe", out=tmp_path, overrides=[*TINY, "single_starts=0"])
+    path, without = run_experiment("topk-moe", out=tmp_path, overrides=[*TINY, "single_starts=0"])
     assert without["slopes"] == results["slopes"] and without["single_start_success"] is None
     assert all(r["single_starts"] == 0 and r["single_start_success"] is None for r in without["per_n"])
+    assert "### Single starts" not in (path / "report.md").read_text()  # no empty table
 
 
 def test_slope_is_the_least_squares_slope_of_the_means():

@@ -354,14 +354,15 @@ def report(run: RunDir, results: dict[str, Any]) -> Report:
                    "with 95% bootstrap CIs, theory slopes dashed")
     rep.section("Slopes").table(results["slopes"], ["setting", "quantity", "slope", "ci_lo", "ci_hi", "ci_half_width",
                                                     "theory", "covers_theory"])
-    init = results.get("single_start_init", "random")
-    rep.section("Single starts").text(
-        "Fraction of fits from one start that reach the truth's log-likelihood on their data: "
-        f"`single_start_success` from the estimator's own start (init={init!r}, its other defaults, n_init=1; the "
-        "default n_init=5 keeps the best of five and hides this), `reached_truth_first` from the perturbed truth the "
-        "rate fits start at.")
-    rep.table(results["per_n"], ["setting", "n", "fits", "single_starts", "single_start_success",
-                                 "reached_truth_first", "reached_truth"])
+    if results.get("single_start_success") is not None:  # runs with single_starts=0, and records from before it
+        init = results.get("single_start_init", "random")
+        rep.section("Single starts").text(
+            "Fraction of fits from one start that reach the truth's log-likelihood on their data: "
+            f"`single_start_success` from the estimator's own start (init={init!r}, its other defaults, n_init=1; "
+            "the default n_init=5 keeps the best of five and hides this), `reached_truth_first` from the perturbed "
+            "truth the rate fits start at.")
+        rep.table(results["per_n"], ["setting", "n", "fits", "single_starts", "single_start_success",
+                                     "reached_truth_first", "reached_truth"])
     rep.section("Per sample size").table(results["per_n"])
     return rep
 
