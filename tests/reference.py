@@ -534,3 +534,57 @@ def masked_kl_reference(p, q, mask, t, num_items):
         total = total + (a * (a.log() - b.log())).sum()
         count += 1
     return total / (count if num_items is None else num_items)
+
+
+# --- vq_logits: Sigma-weighted clustering and the learned map (loops, float64) ---
+
+
+def sigma_kmeans_reference(weight, second_moment, num_codes, weights, ridge, iters, init):
+    """Weighted k-means in the metric ``S = Sigma + ridge * tr(Sigma)/d * I`` point by point: ``S^{1/2}`` from
+    scipy's sqrtm, distances and weighted means by explicit loops; an empty code restarts at the token with the
+    largest weighted error. Returns (labels (V,), codebook (K, d) mapped back by the inverse root)."""
+    import numpy as np
+    from scipy.linalg import sqrtm
+
+    s = second_moment.double().numpy()
+    s = s + ridge * np.trace(s) / s.shape[0] * np.eye(s.shape[0])
+    root = np.real(sqrtm(s))
+    x = weight.double().numpy() @ root
+    w = weights.double().numpy()
+    centers = x[init.numpy()].copy()
+
+    def assign(c):
+        return np.array([int(np.argmin([((xv - ck) ** 2).sum() for ck in c])) for xv in x])
+
+    def means(labels):
+        out, mass = np.zeros_like(centers), np.zeros(num_codes)
+        for v, k in enumerate(labels):
+            out[k] += w[v] * x[v]
+            mass[k] += w[v]
+        return np.where(mass[:, None] > 0, out / np.maximum(mass, 1e-300)[:, None], 0.0), mass
+
+    labels = assign(centers)
+    for _ in range(iters):
+        centers, mass = means(labels)
+        empty = [k for k in range(num_codes) if mass[k] == 0]
+        if empty:
+            err = np.array([w[v] * ((x[v] - centers[labels[v]]) ** 2).sum() for v in range(len(x))])
+            for k, v in zip(empty, np.argsort(-err, kind="stable")[: len(empty)], strict=True):
+                centers[k] = x[v]
+        new = assign(centers)
+        if (new == labels).all() and not empty:
+            break
+        labels = new
+    centers, _ = means(labels)
+    return torch.as_tensor(labels), torch.as_tensor(centers @ np.linalg.inv(root))
+
+
+def reassign_reference(vectors, codebook, sigma, mapping, movable, targets):
+    """Each movable token to argmin over target codes of (x_v - c_k)^T Sigma (x_v - c_k), token by token."""
+    out = mapping.clone()
+    for v in range(vectors.shape[0]):
+        if movable[v]:
+            cost = [float((vectors[v] - c) @ sigma @ (vectors[v] - c)) if targets[k] else float("inf")
+                    for k, c in enumerate(codebook.double())]
+            out[v] = int(torch.tensor(cost).argmin())
+    return out

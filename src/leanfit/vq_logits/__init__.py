@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING
 from leanfit.core.lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from leanfit.vq_logits.compress import CompressConfig as CompressConfig
+    from leanfit.vq_logits.compress import compress_lm_head as compress_lm_head
+    from leanfit.vq_logits.compress import teacher_kl as teacher_kl
     from leanfit.vq_logits.functional import ClusterTables as ClusterTables
     from leanfit.vq_logits.functional import TokenOverrides as TokenOverrides
     from leanfit.vq_logits.functional import cluster_log_normalizers as cluster_log_normalizers
@@ -26,6 +29,9 @@ if TYPE_CHECKING:
     from leanfit.vq_logits.mapping import build_mapping as build_mapping
     from leanfit.vq_logits.mapping import unigram_floor as unigram_floor
     from leanfit.vq_logits.mapping import validate_mapping as validate_mapping
+    from leanfit.vq_logits.sigma import hidden_moments as hidden_moments
+    from leanfit.vq_logits.sigma import reassign_mapping as reassign_mapping
+    from leanfit.vq_logits.sigma import sigma_kmeans as sigma_kmeans
 else:  # names resolve on first use: importing the package does not import torch
     __getattr__, __dir__, __all__ = lazy_exports(__name__, __file__)
     if "transformers.configuration_utils" in sys.modules:  # torch and transformers' configs are loaded already:

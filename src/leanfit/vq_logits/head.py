@@ -269,6 +269,52 @@ class VQLogitsHead(nn.Module):
                                       top_k=top_k, top_p=top_p, generator=generator)
         return out.reshape(hidden.shape[:-1])
 
+    # --- a learned map ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def token_vectors(self) -> torch.Tensor:
+        """Each token's output vector as the head scores it, ``c_{M(v)} + P^T u_v``: (V, d), detached.
+
+        Without ``residual_rank`` every token of a cluster has the same vector (its code), so a map can only be
+        learned from the head's own state when the residual term exists: ``u_v`` is then the part of token v that
+        its code does not explain, which is what says where it belongs (see ``sigma.reassign_mapping``)."""
+        vectors = self.codebook.detach()[self.mapping]
+        if self.residual_rank:
+            proj, emb = self._residual()
+            vectors = vectors + emb.detach() @ proj.detach()
+        return vectors
+
+    @torch.no_grad()
+    def reassign(self, mapping: torch.Tensor, *, anchor: torch.Tensor | None = None) -> int:
+        """Move tokens to new codes in place: ``mapping`` (V,) integer in [0, K); returns how many moved.
+
+        A moved token keeps, as far as the head can represent it, the scores it had: with ``anchor`` (d,), a
+        typical hidden state such as the mean, its logit at ``anchor`` is unchanged (the bias absorbs
+        ``(c_old - c_new) . anchor``); with ``residual_rank`` its vector ``c + P^T u`` moves by the least-squares
+        projection of ``c_old - c_new`` onto P's rows. Parameters stay the same tensors (an optimiser keeps
+        them); the cached layout and decoding tables are rebuilt on next use, so the loss, log-probs and
+        decoding stay exact for the new map."""
+        new = validate_mapping(mapping, self.vocab_size, self.num_codes).to(self.mapping.device)
+        if anchor is not None:
+            _check_anchor(anchor, self.hidden_size)
+        moved = (new != self.mapping).nonzero().squeeze(1)
+        if moved.numel() == 0:
+            return 0
+        delta = (self.codebook[self.mapping[moved]] - self.codebook[new[moved]]).double()  # (n, d)
+        shift = torch.zeros(moved.numel(), dtype=torch.float64, device=delta.device)
+        if anchor is not None:
+            shift += delta @ anchor.double()
+        if self.residual_rank:
+            proj, emb = self._residual()
+            du = delta @ torch.linalg.pinv(proj.double())  # (n, r): u P closest to delta
+            emb[moved] += du.to(emb.dtype)
+            if anchor is not None:
+                shift -= du @ (proj.double() @ anchor.double())
+        if self.bias is not None:
+            self.bias[moved] += shift.to(self.bias.dtype)
+        self.mapping.copy_(new)
+        self._layout = self._tables = None
+        return int(moved.numel())
+
     # --- accounting ------------------------------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:
         """Stored numbers of the head: codebook K*d, bias V (if any), map V (an index per token)."""
@@ -286,3 +332,11 @@ class VQLogitsHead(nn.Module):
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, vocab_size={self.vocab_size}, num_codes={self.num_codes}, "
                 f"token_bias={self.bias is not None}, residual_rank={self.residual_rank}, mode={self.mode!r}")
+
+
+def _check_anchor(anchor: Any, d: int) -> None:
+    expected = f"None or a finite floating-point tensor of shape (d,) = ({d},)"
+    if not isinstance(anchor, torch.Tensor) or not anchor.is_floating_point():
+        raise TypeError(bad_value("anchor", _shown(anchor), expected, "pass the mean hidden state"))
+    if tuple(anchor.shape) != (d,) or not bool(torch.isfinite(anchor).all()):
+        raise ValueError(bad_value("anchor", _shown(anchor), expected, "pass the mean hidden state"))

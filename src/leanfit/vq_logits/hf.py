@@ -50,7 +50,8 @@ from leanfit.vq_logits.functional import _shown
 from leanfit.vq_logits.generation import vq_generate
 from leanfit.vq_logits.head import Mode, VQLogitsHead
 
-__all__ = ["MODEL_TYPE", "REMOTE_CODE_FILE", "VQLogitsConfig", "from_pretrained", "replace_lm_head",
+__all__ = ["MODEL_TYPE", "REMOTE_CODE_FILE", "VQLogitsConfig", "check_logit_transform", "from_pretrained",
+           "replace_lm_head",
            "vq_causal_lm_class", "vq_config_class"]
 
 MODEL_TYPE = "leanfit-vq-logits"  # config.json's model_type: unknown to transformers without leanfit
@@ -278,10 +279,7 @@ def replace_lm_head(model: Any, num_codes: int, *, mapping: str | Callable[..., 
             f"model={type(model).__name__} has no recognisable output layer (get_output_embeddings() returned "
             f"{type(linear).__name__}); pass a transformers *ForCausalLM model"
         )
-    for attr in ("final_logit_softcapping", "logit_scale"):
-        if getattr(model.config, attr, None) not in (None, 1.0):
-            raise ValueError(f"model.config.{attr}={getattr(model.config, attr)!r} transforms the logits, which a VQ "
-                             "head cannot represent exactly; use a model without it")
+    check_logit_transform(model)
     head = VQLogitsHead.from_linear(linear, num_codes, mapping=mapping, counts=counts, token_bias=token_bias,
                                     residual_rank=residual_rank, bias_init=bias_init, seed=seed, mode=mode)
     model.config.vq_logits = {"num_codes": num_codes, "vocab_size": head.vocab_size, "hidden_size": head.hidden_size,
@@ -294,6 +292,14 @@ def replace_lm_head(model: Any, num_codes: int, *, mapping: str | Callable[..., 
     _as_vq_config(model.config)
     model.set_output_embeddings(head)
     return model
+
+
+def check_logit_transform(model: Any) -> None:
+    """Refuse a model whose config transforms the logits after the output layer (a VQ head cannot represent it)."""
+    for attr in ("final_logit_softcapping", "logit_scale"):
+        if getattr(getattr(model, "config", None), attr, None) not in (None, 1.0):
+            raise ValueError(f"model.config.{attr}={getattr(model.config, attr)!r} transforms the logits, which a VQ "
+                             "head cannot represent exactly; use a model without it")
 
 
 def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> Any:
