@@ -30,7 +30,8 @@ BATCH, FEATURES, HIDDEN, CLASSES = 8, 16, 8, 3
 TOL = 1e-3  # loose tolerances keep every solve at a few steps
 PRESETS = [pytest.param(name, id=name) for name in REGULARIZER_PRESETS]
 REGULARIZED = [pytest.param(name, id=name) for name in REGULARIZER_PRESETS if name != "vanilla"]
-SDE_PRESETS = [pytest.param(name, id=name) for name in REGULARIZER_PRESETS if name != "local_subset"]  # ODE only
+ODE_ONLY = ("local_subset", "local_start", "local_start_k1", "local_taken_const_batch", "local_taken_batch")
+SDE_PRESETS = [pytest.param(name, id=name) for name in REGULARIZER_PRESETS if name not in ODE_ONLY]
 
 
 def _x(dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
@@ -179,9 +180,10 @@ def test_ode_preset_forward_and_regularizer_gradient(name: str) -> None:
     assert model.head.weight.grad is None
 
 
-# one biased point per batch needs the shared step sequence of per_sample=False (its error is tested below)
+# one recorded point per batch needs the shared step sequence of per_sample=False (its error is tested below)
 NFE_CASES = [pytest.param(name, ps, id=f"{name}-{'per-sample' if ps else 'joint'}")
-             for ps in (False, True) for name in REGULARIZER_PRESETS if not (ps and name == "local_biased")]
+             for ps in (False, True) for name, spec in REGULARIZER_PRESETS.items()
+             if not (ps and spec.needs_record and spec.kind == "local" and spec.points == "batch")]
 
 
 @pytest.mark.parametrize(("name", "per_sample"), NFE_CASES)
@@ -190,7 +192,8 @@ def test_ode_nfe_equals_counted_calls(name: str, per_sample: bool) -> None:
     model, calls = _ode(per_sample=per_sample), [0]
     model.func.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     out = model(_x(), name, generator=_gen())
-    expected_reg = {"vanilla": 0, "global": 0, "local_taken": 7, "local_subset": 7}.get(name, 8)  # 6 stages + k1 (+ initial step)
+    spec = REGULARIZER_PRESETS[name]  # 6 stages + k1 (+ the initial-step heuristic)
+    expected_reg = 0 if spec.kind != "local" else 7 + (spec.step == "initial")
     assert out.nfe_total == calls[0] and out.reg_nfe == expected_reg
     assert int(out.nfe.max()) <= out.nfe_joint and (per_sample or (out.nfe == out.nfe_joint).all())
 
@@ -507,3 +510,18 @@ def test_subset_share_outside_0_1_is_refused(rows) -> None:
         RegularizerSpec("local", rows=rows)
     with pytest.raises(ConfigError, match=r"RegularizerSpec.rows=0.5.*kind='global'"):
         RegularizerSpec("global", rows=0.5)
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"step": "taken"}, r"from_step_start=True is invalid.*step='taken'"),
+    ({"sampling": "biased"}, r"from_step_start=True is invalid.*sampling='biased'"),
+    ({"from_step_start": 1}, None),
+])
+def test_from_step_start_spec_is_checked(kw: dict, match: str | None) -> None:
+    with pytest.raises(ConfigError, match=match or r"from_step_start=1 is invalid: expected a bool"):
+        RegularizerSpec("local", **{"from_step_start": True, **kw})
+
+
+def test_sde_refuses_from_step_start() -> None:
+    with pytest.raises(ValueError, match=r"regularizer.from_step_start=True is invalid.*drop from_step_start"):
+        _sde()(_x(), "local_start", generator=_gen())

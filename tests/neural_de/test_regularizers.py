@@ -472,6 +472,35 @@ def test_unbiased_initial_from_saved_state_equals_local_regularizer() -> None:
     assert reg.item() == want.item() and torch.equal(info.t, t_r) and counted.calls == info.nfe == 8
 
 
+@pytest.mark.parametrize("first_stage", ["constant", "graph"])
+def test_initial_step_from_step_start_equals_local_regularizer_there(first_stage: str) -> None:
+    """from_step_start: t_r in step j (start, middle) -> the initial-step regulariser at (t_j, y_j), the recorded
+    start, not at u(t_r); the same value as local_regularizer called there, and a different one from u(t_r)."""
+    y0 = torch.tensor(VDP_Y0, dtype=F64)
+    sol = solve(vdp, y0, [0.0, T1], rtol=1e-3, atol=1e-3, record_steps=True)
+    st, rows = sol.stats, torch.arange(3)
+    jj = torch.minimum(torch.tensor(2), sol.stats.n_accepted - 1)
+    t_j, h_j, y_j = st.step_t[rows, jj], st.step_h[rows, jj], st.step_y[rows, jj]
+    for where in (0.0, 0.5):
+        t_r = t_j + where * h_j
+        reg, info = regularize_solution(vdp, sol, step="initial", points="sample", t_r=t_r, rtol=1e-3, atol=1e-3,
+                                        from_step_start=True, first_stage=first_stage)
+        want, want_info = local_regularizer(vdp, t_j, y_j, points="sample", rtol=1e-3, atol=1e-3,
+                                            first_stage=first_stage)
+        assert torch.equal(info.t, t_j) and torch.equal(info.y, y_j) and torch.equal(info.h, want_info.h)
+        assert reg.item() == want.item() and info.nfe == 8
+    times, _, r = with_times([0.0, T1], t_r)  # the paper's: from u(t_r) at the middle of step j
+    mid = solve(vdp, y0, times, rtol=1e-3, atol=1e-3)
+    paper, _ = regularize_solution(vdp, mid, step="initial", points="sample", t_r=t_r, rtol=1e-3, atol=1e-3)
+    assert abs(paper.item() - reg.item()) > 1e-6 * abs(reg.item())
+
+
+@pytest.mark.parametrize("kwargs", [{"step": "taken"}, {"sampling": "biased"}], ids=["taken", "biased"])
+def test_from_step_start_refused_where_it_changes_nothing(small_solves: dict[str, Solution], kwargs: dict) -> None:
+    with pytest.raises(ValueError, match=r"from_step_start=True is invalid: expected False.*drop from_step_start"):
+        regularize_solution(vdp, small_solves["record"], points="sample", from_step_start=True, **kwargs)
+
+
 # --- with_times and sample_times ----------------------------------------------------------------------------------
 
 

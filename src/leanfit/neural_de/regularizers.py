@@ -294,7 +294,8 @@ def regularize_solution(f: VectorField, sol: Solution, *, sampling: Sampling = "
                         estimate: Estimate = "error", rtol: float = 1e-6, atol: float = 1e-8,
                         method: str | ButcherTableau = "tsit5", t_r: float | Tensor | None = None,
                         generator: torch.Generator | None = None, first_stage: FirstStage = "constant",
-                        rows: Tensor | None = None) -> tuple[Tensor, LocalRegularizerInfo]:
+                        rows: Tensor | None = None,
+                        from_step_start: bool = False) -> tuple[Tensor, LocalRegularizerInfo]:
     """The local regulariser of a leanfit :func:`~leanfit.neural_de.solver.solve` result.
 
     sampling: ``"unbiased"`` (``t_r ~ U[t0, t1]``) or ``"biased"`` (uniform over the solver's accepted step points
@@ -308,7 +309,10 @@ def regularize_solution(f: VectorField, sol: Solution, *, sampling: Sampling = "
     shared, i.e. ``per_sample=False``) or ``"sample"`` (one point per sample). rtol, atol: the main solve's.
     generator: for the draws. first_stage: as in :func:`local_regularizer`. rows: indices of the samples to step
     from (a random subset makes the mean over it an unbiased estimate of the batch mean with ``points="sample"``,
-    at a fraction of the arithmetic; None: every sample). Returns the value and :class:`LocalRegularizerInfo` of
+    at a fraction of the arithmetic; None: every sample). from_step_start: unbiased sampling with ``"initial"`` or a
+    float step only: step from the start ``(t_j, y_j)`` of the recorded step containing ``t_r`` (drawn here when
+    ``t_r`` is None) instead of from ``u(t_r)``, as ``"taken"`` and biased sampling always do (an ablation of that
+    difference; needs ``record_steps=True``). Returns the value and :class:`LocalRegularizerInfo` of
     :func:`local_regularizer` (over the chosen samples).
     """
     _check_choice("sampling", sampling, ["unbiased", "biased"], "use sampling='unbiased' (the paper's default)")
@@ -317,10 +321,15 @@ def regularize_solution(f: VectorField, sol: Solution, *, sampling: Sampling = "
         _check_choice("step", step, ["initial", "taken"], "pass 'initial', 'taken' or a float > 0")
     if sampling == "biased" and t_r is not None:
         raise ValueError(bad_value("t_r", t_r, "None for sampling='biased' (it draws solver points)", "drop t_r"))
+    if not isinstance(from_step_start, bool):
+        raise TypeError(bad_value("from_step_start", from_step_start, "a bool", "pass True or False"))
+    if from_step_start and (sampling == "biased" or step == "taken"):
+        raise ValueError(bad_value("from_step_start", True, f"False for sampling={sampling!r}, step={step!r} (it "
+                                   "steps from a recorded step start already)", "drop from_step_start"))
     check_callable("f", f)
     check_tolerances(rtol, atol)
     _check_solution(sol)
-    if sampling == "unbiased" and step != "taken":
+    if sampling == "unbiased" and step != "taken" and not from_step_start:
         t, y = _state_at(sol, t_r, step)
         h: str | float | Tensor = step
     else:

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from leanfit.core.device import device_name, synchronize
 from leanfit.core.registry import register
+from leanfit.studies.neural_de.ablation import ABLATION_METHODS, contrasts, report_section
 from leanfit.studies.neural_de.config import DEArmConfig, NeuralDEExperimentConfig
 
 if TYPE_CHECKING:
@@ -55,6 +56,20 @@ PRESETS = {
               "ode": {"hidden": 32, "steps": 120, "lambdas": [0.1, 1.0, 10.0], "rtol": 1e-6, "atol": 1e-6, "lr": 3e-3,
                       "eval_every": 60},
               "sde": {"steps": 120, "lambdas": [1.0, 10.0], "eval_every": 60}},
+    # one change at a time between the paper's local regulariser and local_taken (studies.neural_de.ablation),
+    # the quick preset's model and training with lambda over 1e-3 .. 1e3
+    "ablation": {"seeds": [0, 1, 2], "timing_repeats": 3, "sde": {"enabled": False},
+                 "ode": {"methods": list(ABLATION_METHODS), "hidden": 32, "steps": 120, "lr": 3e-3, "eval_every": 60,
+                         "lambdas": [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0], "rtol": 1e-6, "atol": 1e-6}},
+    # the same arms on MNIST-5k at the lambdas the digits ablation chose on validation
+    # (benchmarks/results/neural-de-ablation/): a 7 x 7 grid there would take about two hours on two CPU cores
+    "ablation-mnist": {"dataset": "mnist5k", "seeds": [0, 1, 2], "timing_repeats": 2, "eval_batch": 500,
+                       "sde": {"enabled": False},
+                       "ode": {"methods": list(ABLATION_METHODS), "hidden": 100, "steps": 120, "batch_size": 128,
+                               "lr": 3e-3, "eval_every": 60, "rtol": 1e-6, "atol": 1e-6,
+                               "method_lambdas": {"global": 1.0, "local_unbiased": 0.01, "local_start": 0.1,
+                                                  "local_start_k1": 0.001, "local_taken_const_batch": 0.001,
+                                                  "local_taken_batch": 1.0, "local_taken": 10.0}}},
     "full": {"dataset": "mnist5k", "eval_batch": 512,
              "ode": {"hidden": 100, "steps": 600, "batch_size": 256, "eval_every": 200},
              "sde": {"steps": 600, "batch_size": 256, "eval_every": 200}},
@@ -130,6 +145,8 @@ class _Eval:
     nfe_joint: float  # mean calls of f per eval batch, joint norm
     nfe_sample: float | None = None  # mean per-sample NFE with per-sample control
     logits: Any = field(default=None, repr=False)
+    correct: list[int] = field(default_factory=list, repr=False)  # per item, for paired bootstrap intervals
+    nfe_batches: list[int] = field(default_factory=list, repr=False)  # joint NFE of each batch
 
 
 def evaluate(model: Any, X: Any, y: Any, batch: int, seed: int, per_sample: bool = False) -> _Eval:
@@ -138,13 +155,15 @@ def evaluate(model: Any, X: Any, y: Any, batch: int, seed: int, per_sample: bool
 
     gen = torch.Generator(device=X.device).manual_seed(seed)  # the SDE's Brownian paths
     model.eval()
-    correct, nfe, nfe_sample, n_batches = 0, 0.0, 0.0, 0
+    hits: list[int] = []
+    nfes: list[int] = []
+    nfe_sample = 0.0
     with torch.no_grad():
         for i in range(0, len(y), batch):
             xb, yb = X[i : i + batch], y[i : i + batch]
             out = model(xb, generator=gen)
-            correct += int((out.logits.argmax(1) == yb).sum())
-            nfe, n_batches = nfe + out.nfe_joint, n_batches + 1
+            hits += (out.logits.argmax(1) == yb).long().tolist()
+            nfes.append(int(out.nfe_joint))
             if per_sample:
                 model.per_sample = True
                 try:
@@ -152,7 +171,8 @@ def evaluate(model: Any, X: Any, y: Any, batch: int, seed: int, per_sample: bool
                 finally:
                     model.per_sample = False
     model.train()
-    return _Eval(correct / len(y), nfe / n_batches, nfe_sample / len(y) if per_sample else None)
+    return _Eval(sum(hits) / len(y), statistics.fmean(nfes), nfe_sample / len(y) if per_sample else None,
+                 correct=hits, nfe_batches=nfes)
 
 
 def train_one(ctx: RunContext[NeuralDEExperimentConfig], data: DEData, family: str, method: str, lam: float, seed: int,
@@ -269,12 +289,13 @@ def run_family(ctx: RunContext[NeuralDEExperimentConfig], data: DEData, family: 
     cfg = ctx.config
     arm: DEArmConfig = getattr(cfg, family)
     first, methods = cfg.seeds[0], [m for m in arm.methods if m != "vanilla"]
-    first_round = [("vanilla", 0.0, s) for s in cfg.seeds] + [(m, lam, first) for m in methods for lam in arm.lambdas]
+    grid = {m: [arm.method_lambdas[m]] if m in arm.method_lambdas else arm.lambdas for m in methods}
+    first_round = [("vanilla", 0.0, s) for s in cfg.seeds] + [(m, lam, first) for m in methods for lam in grid[m]]
     done = train_many(ctx, data, family, first_round)
     records = [done[("vanilla", 0.0, s)] for s in cfg.seeds]
     chosen = {}
     for method in methods:
-        sweep = [done[(method, lam, first)] for lam in arm.lambdas]
+        sweep = [done[(method, lam, first)] for lam in grid[method]]
         # the fewest validation NFE among the lambdas within max_acc_drop of vanilla's validation accuracy
         best = choose_within_drop(sweep, score=lambda r: r["val_accuracy"], cost=lambda r: r["val_nfe_joint"],
                                   baseline=done[("vanilla", 0.0, first)]["val_accuracy"],
@@ -304,7 +325,8 @@ def score(ctx: RunContext[NeuralDEExperimentConfig], data: DEData, family: str, 
     for r in records:
         ev = evaluate(models[r["name"]], X, y, cfg.eval_batch, derive_seed(r["seed"], "test"), per_sample=True)
         rows.append({**{k: v for k, v in r.items() if k != "sweep"}, "test_accuracy": ev.accuracy,
-                     "test_nfe_joint": ev.nfe_joint, "test_nfe_sample": ev.nfe_sample})
+                     "test_nfe_joint": ev.nfe_joint, "test_nfe_sample": ev.nfe_sample,
+                     "test_correct": ev.correct, "test_nfe_batches": ev.nfe_batches})
     times: dict[str, list[float]] = {name: [] for name in models}
     gen = torch.Generator(device=device)
     with progress_bar(cfg.timing_repeats + 1, f"{family} prediction timing") as bar, torch.no_grad():
@@ -410,6 +432,8 @@ def report(run: RunDir, results: dict[str, Any]) -> Report:
             rep.figure(f"plots/{family}_nfe_training.png", f"{title}: NFE of the main solve per training step "
                        "(mean over seeds, smoothed)")
             rep.figure(f"plots/{family}_acc_vs_nfe.png", f"{title}: test accuracy against test NFE (per seed)")
+    if results.get("contrasts"):
+        report_section(rep, run, results)
     if results.get("targets"):
         rep.section("Targets (neural ODE)").table(results["targets"])
     if results.get("sweeps"):
@@ -491,4 +515,5 @@ def run(ctx: RunContext[NeuralDEExperimentConfig]) -> dict[str, Any]:
     summary = summarise(rows)
     return {"dataset": cfg.dataset, "splits": data.sizes(),
             "threads": threads, "device": device_name(resolve_device(cfg.device)), "jobs": cfg.jobs, "rows": rows,
-            "summary": summary, "targets": targets(summary), "sweeps": sweeps, "headline": _headline(summary)}
+            "summary": summary, "targets": targets(summary), "sweeps": sweeps, "headline": _headline(summary),
+            "contrasts": contrasts(rows)}
