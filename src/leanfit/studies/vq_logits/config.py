@@ -9,7 +9,7 @@ from leanfit.core.errors import ConfigError, bad_value
 from leanfit.studies.lm.config import DataConfig, ModelConfig
 from leanfit.studies.lm.train import TrainConfig
 
-__all__ = ["PretrainedHeadConfig", "ScratchGridConfig", "VQLogitsExperimentConfig"]
+__all__ = ["RECIPES", "PretrainedHeadConfig", "PretrainedStudyConfig", "ScratchGridConfig", "VQLogitsExperimentConfig"]
 
 _MAPPINGS = ("kmeans", "random", "contiguous", "equal_mass", "hybrid")
 
@@ -61,3 +61,45 @@ class VQLogitsExperimentConfig(BaseConfig):
     train: TrainConfig = option(default_factory=TrainConfig, help="schedule shared by every head (equal budgets)")
     scratch: ScratchGridConfig = option(default_factory=ScratchGridConfig, help="part (a): heads trained from scratch")
     pretrained: PretrainedHeadConfig = option(default_factory=PretrainedHeadConfig, help="part (b): SmolLM2 head")
+
+
+# the recipes of ``vq-logits-pretrained``, in the order of the report (the baselines are always run)
+RECIPES = ("paper", "leanfit-v1", "freq-sigma", "distilled", "learned-map", "rank-r")
+
+
+@dataclass
+class PretrainedStudyConfig(BaseConfig):
+    model: str = option("smollm2-135m-instruct", help="pretrained causal LM (alias, folder or hub id); trunk frozen")
+    corpus: str = option("shakespeare", help="distillation domain: its train split feeds the head, its valid split "
+                                             "picks configs, its test split is scored once")
+    other_domains: list[str] = option(default_factory=lambda: ["austen", "bbc-news"],
+                                      help="held-out domains scored on their test split (corpora names, bbc-news, "
+                                           "rotten-tomatoes); one not installed is skipped and named in the report")
+    reductions: list[float] = option(default_factory=lambda: [50.0, 80.0, 90.0, 95.0, 98.0], gt=0, lt=100,
+                                     help="head-parameter reductions (%) against V x d; each sets a parameter budget")
+    recipes: list[str] = option(default_factory=lambda: list(RECIPES), help="recipes to run: " + ", ".join(RECIPES))
+    distil_baseline: bool = option(True, help="also distil the Sigma-SVD low-rank baseline (same steps as the VQ heads)")
+    text_tokens: int = option(16384, ge=64, help="distillation-domain tokens the heads are fitted on")
+    sample_tokens: int = option(4096, ge=0, help="tokens sampled from the model itself, added to the fitting states")
+    valid_tokens: int = option(4096, ge=16, help="validation tokens (config choice)")
+    test_tokens: int = option(8192, ge=16, help="test tokens per domain (scored once)")
+    seq_len: int = option(256, ge=8, help="tokens per trunk window")
+    steps: int = option(100, ge=0, help="training steps of every trained head (distillation, CE fine-tune)")
+    batch_tokens: int = option(512, ge=1, help="hidden states per training step")
+    distil_lr: float = option(2e-3, gt=0, help="Adam learning rate of the distillation (cosine decay)")
+    finetune_lr: float = option(1e-3, gt=0, help="AdamW learning rate of leanfit-v1's CE fine-tune")
+    rank_shares: list[float] = option(default_factory=lambda: [0.25, 0.5], gt=0, lt=1,
+                                      help="shares of the budget left after bias and map given to the rank-r term "
+                                           "of 'rank-r'; the one with the best validation ratio at the start is "
+                                           "distilled")
+    kmeans_iters: int = option(8, ge=0, help="Lloyd iterations of every k-means (plain and Sigma-weighted)")
+    threads: int = option(0, ge=0, help="torch threads (0: auto, see leanfit.core.device.configure_threads)")
+
+    def __post_init__(self) -> None:
+        for r in self.recipes:
+            if r not in RECIPES:
+                raise ConfigError(bad_value("recipes", r, "names from " + ", ".join(RECIPES),
+                                            "e.g. recipes=[paper,distilled]"))
+        if not self.reductions:
+            raise ConfigError(bad_value("reductions", self.reductions, "at least one reduction in (0, 100)",
+                                        "e.g. reductions=[80,95]"))

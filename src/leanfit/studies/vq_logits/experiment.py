@@ -19,6 +19,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from leanfit.core.registry import register
+from leanfit.studies.vq_logits import pretrained as _pretrained  # noqa: F401  (registers vq-logits-pretrained)
 from leanfit.studies.vq_logits.config import VQLogitsExperimentConfig
 
 if TYPE_CHECKING:
