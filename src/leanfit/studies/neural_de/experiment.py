@@ -437,7 +437,13 @@ def report(run: RunDir, results: dict[str, Any]) -> Report:
     if results.get("targets"):
         rep.section("Targets (neural ODE)").table(results["targets"])
     if results.get("sweeps"):
-        rep.section("Lambda sweeps (first seed, validation)").table(results["sweeps"])
+        rep.section("Lambda sweeps (first seed, validation)")
+        fixed = {fam: arm.get("method_lambdas") for fam, arm in run.read_config().get("config", {}).items()
+                 if isinstance(arm, dict) and arm.get("method_lambdas")}
+        for fam, lams in fixed.items():
+            rep.text(f"{fam}: lambda fixed per method by the config, not chosen here (method_lambdas: "
+                     + ", ".join(f"{m} {lam:g}" for m, lam in lams.items()) + "); only those lambdas were trained.")
+        rep.table(results["sweeps"])
     return rep
 
 
