@@ -11,6 +11,10 @@
 2. **Frequency-aware codes.** Tokens are ranked by a smoothed frequency ``f``: their count in the texts plus
    ``prior_weight`` times the teacher's mean predicted probability (so unseen tokens the model expects still
    rank). The ``singleton_fraction * K`` most frequent get a code of their own (their logit stays exact).
+   The default share 0.5 was chosen on validation text (SmolLM2-135M-Instruct, V=49,152, distilled on
+   Shakespeare; perplexity ratio to the original head before distillation, Shakespeare / BBC news): K=768:
+   share 0.25 -> 2.81 / 42.8, 0.5 -> 2.85 / 40.2, 0.75 -> 2.98 / 52.4; K=9216: 0.5 -> 1.38 / 4.20,
+   0.75 -> 1.36 / 4.68. More singletons leave the clustered tail too few codes out of domain.
 3. **Sigma-weighted clustering of the rest.** A code ``c`` standing in for token ``v`` makes the logit error
    ``(w_v - c) . h``, mean square ``(w_v - c)^T Sigma (w_v - c)`` with ``Sigma = E[h h^T]``: weighted k-means of
    the rows of ``W Sigma^{1/2}`` (weights ``f``: the expected KL of a logit error grows with the token's
