@@ -725,26 +725,32 @@ def _recompute_step(run: _Run, t: Tensor, h_try: Tensor, accepted: Tensor, y: Te
 class _AdjointField:
     """The adjoint system in reversed time ``s = -t`` on ``z = (y, a)`` stacked on dim 1, ``(batch, 2, *state)``:
     ``dy/ds = -f(t, y)``, ``da/ds = a^T df/dy``. Each call evaluates ``f`` and one vector-Jacobian product. While
-    ``stages`` is a list (one step attempt), each call keeps ``(f(t, y), a)`` with the graph of ``f``, from which
-    :meth:`quadrature` takes ``a^T df/dtheta`` once the accepted samples are known."""
+    ``stages`` is a list (one step attempt), each call also records what :meth:`quadrature` needs for
+    ``a^T df/dtheta`` once the accepted samples are known. Per-sample control (``joint=False``) keeps
+    ``(f(t, y), a)`` with the graph of ``f``: each sample's stages are weighted by its own step and acceptance
+    before the sum over the batch. With one joint step (``joint=True``) the weight is the same for every sample,
+    so each call takes ``a^T df/dtheta`` at once, in the same backward pass as ``a^T df/dy``, and keeps only those
+    parameter-sized sums: no stage graph outlives its call (memory: one call's graph instead of an attempt's)."""
 
-    def __init__(self, f: VectorField, params: Sequence[Tensor]) -> None:
-        self.f, self.params = f, list(params)
-        self.stages: list[tuple[Tensor, Tensor]] | None = None
+    def __init__(self, f: VectorField, params: Sequence[Tensor], joint: bool = False) -> None:
+        self.f, self.params, self.joint = f, list(params), joint
+        self.stages: list[tuple[Tensor, Tensor]] | list[list[Tensor | None]] | None = None
         self.calls = 0
 
     def __call__(self, s: Tensor, z: Tensor) -> Tensor:
         a = z[:, 1]
-        keep_graph = self.stages is not None and bool(self.params)
+        record = self.stages is not None and bool(self.params)
         with torch.enable_grad():
             y = z[:, 0].detach().requires_grad_()
             fy = call_vector_field(self.f, -s, y)
-            vjp = None
+            vjp, param_vjps = None, None
             if fy.requires_grad:  # else f depends on neither y nor the parameters
-                (vjp,) = torch.autograd.grad(fy, y, a, retain_graph=keep_graph, allow_unused=True)
+                wrt = [y, *self.params] if record and self.joint else [y]
+                vjp, *param_vjps = torch.autograd.grad(fy, wrt, a, retain_graph=record and not self.joint,
+                                                       allow_unused=True)
         self.calls += 1
-        if keep_graph and self.stages is not None and fy.requires_grad:
-            self.stages.append((fy, a))
+        if record and self.stages is not None and fy.requires_grad:
+            self.stages.append(param_vjps if self.joint else (fy, a))  # type: ignore[arg-type]
         return torch.stack([-fy.detach(), torch.zeros_like(a) if vjp is None else vjp], 1)
 
     def quadrature(self, run: _Run, t_old: Tensor, z_old: Tensor, h: Tensor, accepted: Tensor,
@@ -758,10 +764,13 @@ class _AdjointField:
             first = call_vector_field(self.f, -t_old, z_old[:, 0].detach())
         self.calls += 1
         weight = torch.where(accepted, h, torch.zeros_like(h))
+        if len(stages) < run.tab.stages - 1 or not first.requires_grad:
+            return  # f did not depend on the parameters in some stage: then it does in none (same f)
+        if self.joint:
+            self._joint_quadrature(run, first, z_old[:, 1], stages, weight, grads)  # type: ignore[arg-type]
+            return
         outs, cots = [], []
         calls = [(first, z_old[:, 1]), *stages[: run.tab.stages - 1]]
-        if len(calls) != run.tab.stages or not first.requires_grad:
-            return  # f did not depend on the parameters in some stage: then it does in none (same f)
         for b, (fy, a) in zip(run.tab.b, calls, strict=True):
             if b != 0.0:
                 outs.append(fy)
@@ -770,6 +779,20 @@ class _AdjointField:
         for acc, g in zip(grads, got, strict=True):
             if g is not None:
                 acc += g
+
+    def _joint_quadrature(self, run: _Run, first: Tensor, a_old: Tensor, stages: list[list[Tensor | None]],
+                          weight: Tensor, grads: list[Tensor]) -> None:
+        """:meth:`quadrature` for one joint step: ``h sum_i b_i`` over the stages' parameter products."""
+        assert bool((weight == weight[0]).all()), "a joint step shares its size and acceptance"
+        first_vjps = torch.autograd.grad(first, self.params, a_old, allow_unused=True)
+        per_stage: list[Sequence[Tensor | None]] = [first_vjps, *stages[: run.tab.stages - 1]]
+        h = float(weight[0])
+        for b, vjps in zip(run.tab.b, per_stage, strict=True):
+            if b == 0.0:
+                continue
+            for acc, g in zip(grads, vjps, strict=True):
+                if g is not None:
+                    acc.add_(g, alpha=h * b)
 
 
 class _BacksolveSolve(torch.autograd.Function):
@@ -795,7 +818,7 @@ class _BacksolveSolve(torch.autograd.Function):
         (ys,) = ctx.saved_tensors  # type: ignore[attr-defined]
         wrt = [p for p, need in zip(params, ctx.needs_input_grad[2:], strict=True) if need]  # type: ignore[attr-defined]
         grads = [torch.zeros_like(p) for p in wrt]
-        field = _AdjointField(run.f, wrt)
+        field = _AdjointField(run.f, wrt, joint=not run.per_sample)
         g = torch.zeros_like(ys) if g_ys is None else g_ys
         adj = g[:, -1]
         for i in range(run.ts.numel() - 1, 0, -1):  # t_eval[i] -> t_eval[i - 1], restarting from the forward ys

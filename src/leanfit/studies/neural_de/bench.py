@@ -48,6 +48,10 @@ from typing import TYPE_CHECKING, Any
 from leanfit.core.bench import TimingConfig, add_ratios, median_iqr, time_side_by_side, torch_threads
 from leanfit.core.config import option
 from leanfit.core.registry import register
+from leanfit.studies.neural_de.adjoint_cost import PRESETS as ADJOINT_PRESETS
+from leanfit.studies.neural_de.adjoint_cost import AdjointCostConfig
+from leanfit.studies.neural_de.adjoint_cost import report as adjoint_report
+from leanfit.studies.neural_de.adjoint_cost import run as adjoint_run
 
 if TYPE_CHECKING:
     from leanfit.core.report import Report
@@ -510,3 +514,8 @@ def run(ctx: RunContext[NeuralDEBenchConfig]) -> dict[str, Any]:
     return {"rows": rows, "summary": summary, "headline": _headline(summary, cfg.target), "skipped": skipped,
             "threads": threads, "versions": versions,
             "device": device_name(device)}
+
+
+register("neural-de-adjoint", kind="benchmark", description="training cost of a neural ODE classifier under each "
+         "adjoint (direct, checkpoint, backsolve): time, NFE, accuracy, peak memory",
+         config_cls=AdjointCostConfig, presets=ADJOINT_PRESETS, report=adjoint_report)(adjoint_run)
