@@ -3,8 +3,7 @@ docs/cli.md lists every registered key with its type, default and preset values.
 
 A block runs on its own in a fresh namespace (the examples do not share state), in this process, with its own
 asserts as the check. A block that must not run (it needs a network or a GPU) is fenced ```py instead. README.md's
-quickstarts run too; its neural_de results section (between ``<!-- neural_de:begin -->`` and
-``<!-- neural_de:end -->``) still shows the solver's API as a fragment, so blocks inside those markers are not run."""
+quickstarts run too."""
 
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-NOT_RUN = re.compile(r"<!-- neural_de:begin -->.*?<!-- neural_de:end -->", re.S)  # README's fragment section
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.S | re.M)
 RUN_INFO = "python"  # the info string of a block the tests run
 SHOW_INFO = "py"  # shown (highlighted as Python), never run
@@ -26,9 +24,8 @@ SHOW_INFO = "py"  # shown (highlighted as Python), never run
 def python_blocks(path: Path) -> list[tuple[int, str]]:
     """(line of the opening fence, code) of every block fenced exactly ```python."""
     text = path.read_text(encoding="utf-8")
-    skipped = [m.span() for m in NOT_RUN.finditer(text)]
     return [(text.count("\n", 0, m.start()) + 1, m.group(2)) for m in FENCE.finditer(text)
-            if m.group(1).strip() == RUN_INFO and not any(a <= m.start() < b for a, b in skipped)]
+            if m.group(1).strip() == RUN_INFO]
 
 
 CASES = [(path, line, code) for path in DOC_FILES for line, code in python_blocks(path)]
