@@ -81,7 +81,7 @@ def test_pretrained_study_at_tiny_sizes(tmp_path, pretrained_folder, tiny_corpus
     overrides = [f"model={pretrained_folder}", f"corpus={tiny_corpus}", f"other_domains=[{other_corpus},austen]",
                  "reductions=[50,80]", "text_tokens=1024", "sample_tokens=128", "valid_tokens=256",
                  "test_tokens=256", "seq_len=64", "steps=6", "batch_tokens=256", "rank_shares=[0.25,0.5]",
-                 "kmeans_iters=3", "threads=1"]
+                 "kmeans_iters=3", "reassign_every=2", "threads=1"]
     path, results = run_experiment("vq-logits-pretrained", out=tmp_path, overrides=overrides)
     rows = results["rows"]
     original = rows[0]
@@ -104,6 +104,8 @@ def test_pretrained_study_at_tiny_sizes(tmp_path, pretrained_folder, tiny_corpus
         assert at["freq-sigma"]["K"] == at["distilled"]["K"] == vq_shape(vocab, D, p)
         # distillation lowers the KL on the fitting data, hence (on the tiny model) the validation ratio
         assert at["distilled"]["valid_ratio"] < at["freq-sigma"]["valid_ratio"]
+        # the learned map moves tokens, so it ends elsewhere than the fixed one from the same start
+        assert at["learned-map"]["valid_ratio"] != at["distilled"]["valid_ratio"]
         assert len(at["rank-r"]["candidates"]) == 2 and at["rank-r"]["rank"] >= 1
     report = (path / "report.md").read_text()
     assert "austen" in report and (path / "plots" / "pareto.png").stat().st_size > 1000
@@ -116,7 +118,8 @@ def test_pretrained_study_at_tiny_sizes(tmp_path, pretrained_folder, tiny_corpus
     ({"reductions": []}, "reductions"),
     ({"reductions": [100.0]}, "reductions"),
     ({"rank_shares": [1.5]}, "rank_shares"),
-], ids=["unknown-recipe", "no-reduction", "reduction-100", "share-above-1"])
+    ({"steps": 30, "reassign_every": 50}, "reassign_every"),
+], ids=["unknown-recipe", "no-reduction", "reduction-100", "share-above-1", "map-never-moves"])
 def test_bad_config_names_the_parameter(overrides, fragment):
     from leanfit.core.errors import ConfigError
     from leanfit.studies.vq_logits.config import PretrainedStudyConfig

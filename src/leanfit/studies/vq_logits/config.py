@@ -92,6 +92,8 @@ class PretrainedStudyConfig(BaseConfig):
                                       help="shares of the budget left after bias and map given to the rank-r term "
                                            "of 'rank-r'; the one with the best validation ratio at the start is "
                                            "distilled")
+    reassign_every: int = option(10, ge=1, help="distillation steps between moves of the learned map "
+                                                "('learned-map', 'rank-r'); below steps, or the map never moves")
     kmeans_iters: int = option(8, ge=0, help="Lloyd iterations of every k-means (plain and Sigma-weighted)")
     threads: int = option(0, ge=0, help="torch threads (0: auto, see leanfit.core.device.configure_threads)")
 
@@ -100,6 +102,11 @@ class PretrainedStudyConfig(BaseConfig):
             if r not in RECIPES:
                 raise ConfigError(bad_value("recipes", r, "names from " + ", ".join(RECIPES),
                                             "e.g. recipes=[paper,distilled]"))
+        learned = {"learned-map", "rank-r"} & set(self.recipes)
+        if learned and self.steps and self.reassign_every >= self.steps:
+            raise ConfigError(bad_value("reassign_every", self.reassign_every, f"fewer than steps={self.steps} (else "
+                                        f"{', '.join(sorted(learned))} never move the map)",
+                                        "lower reassign_every or raise steps"))
         if not self.reductions:
             raise ConfigError(bad_value("reductions", self.reductions, "at least one reduction in (0, 100)",
                                         "e.g. reductions=[80,95]"))
