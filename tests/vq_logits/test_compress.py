@@ -5,6 +5,7 @@ distillation and a bitwise save/load round trip of compressed tiny Llamas (tied 
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -348,3 +349,15 @@ def test_learned_map_bad_input_names_the_parameter(error, fragments, call):
     head = _head(0, torch.Generator().manual_seed(8))
     message = assert_user_error(error, fragments, lambda: call(head))
     assert "\n" not in message
+
+
+def test_a_learned_map_that_cannot_move_says_so():
+    """Reassignments happen every reassign_every steps before the last: with steps <= reassign_every there are none,
+    and the user is told instead of silently getting the fixed map; with one more step there is no warning."""
+    with pytest.warns(UserWarning, match=r"steps=2 <= reassign_every=2: the map never moves"):
+        compress_lm_head(_llama(False), CharTokenizer(), TEXTS, K, steps=2, reassign_every=2, **FAST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compress_lm_head(_llama(False), CharTokenizer(), TEXTS, K, steps=3, reassign_every=2, **FAST)
+        compress_lm_head(_llama(False), CharTokenizer(), TEXTS, K, steps=2, mapping="fixed", **FAST)
+

@@ -35,6 +35,7 @@ import contextlib
 import inspect
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, NamedTuple
@@ -424,6 +425,10 @@ def compress_lm_head(model: Any, tokenizer: Any, texts: Sequence[str], num_codes
     are the fields of :class:`CompressConfig` (``residual_rank``, ``mapping``, ``steps``, ``seed``, ...). The
     recipe is in this module's docstring. Does not change torch's global random state."""
     cfg = _config(num_codes, options)
+    if cfg.mapping == "learned" and 0 < cfg.steps <= cfg.reassign_every:
+        warnings.warn(f"mapping='learned' with steps={cfg.steps} <= reassign_every={cfg.reassign_every}: the map never "
+                      "moves, so the result equals mapping='fixed'; pass reassign_every below steps, or "
+                      "mapping='fixed'", UserWarning, stacklevel=2)
     teacher = _output_layer(model)
     check_logit_transform(model)
     vocab_size = teacher.weight.shape[0]
