@@ -50,7 +50,8 @@ from leanfit.vq_logits.head import VQLogitsHead
 from leanfit.vq_logits.hf import check_logit_transform, replace_lm_head
 from leanfit.vq_logits.sigma import hidden_moments, reassign_mapping, sigma_kmeans, sigma_roots
 
-__all__ = ["CompressConfig", "compress_lm_head", "compressed_head", "distil_head", "teacher_kl"]
+__all__ = ["CompressConfig", "Statistics", "Teacher", "collect_hidden", "compress_lm_head", "compressed_head",
+           "distil_head", "output_layer", "statistics", "teacher_kl", "text_hidden", "token_stream"]
 
 
 @dataclass
@@ -127,7 +128,9 @@ class Teacher(NamedTuple):
         return out if out.dtype in (torch.float32, torch.float64) else out.float()
 
 
-def _output_layer(model: Any) -> Teacher:
+def output_layer(model: Any) -> Teacher:
+    """The model's output layer as the distillation teacher (its weight (V, d) and bias, detached); refuses a model
+    whose output layer is not an ``nn.Linear``."""
     linear = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(linear, nn.Linear):
         raise TypeError(bad_value("model", _shown(model), "a transformers *ForCausalLM whose output layer "
@@ -185,7 +188,7 @@ def _check_texts(texts: Any) -> list[str]:
     return list(texts)
 
 
-def _token_stream(tokenizer: Any, texts: list[str], max_tokens: int) -> torch.Tensor:
+def token_stream(tokenizer: Any, texts: list[str], max_tokens: int) -> torch.Tensor:
     """Token ids of the texts one after the other (the tokenizer's EOS between them), at most ``max_tokens``."""
     if not callable(tokenizer):
         raise TypeError(bad_value("tokenizer", _shown(tokenizer), "a transformers tokenizer (callable on a string)",
@@ -216,7 +219,7 @@ def _trunk(model: Any) -> Any:
     return decoder
 
 
-def _text_hidden(model: Any, stream: torch.Tensor, cfg: CompressConfig, bar: Any) -> torch.Tensor:
+def text_hidden(model: Any, stream: torch.Tensor, cfg: CompressConfig, bar: Any) -> torch.Tensor:
     """Final hidden states (n, d) of every position of the stream, in windows of ``seq_len``."""
     device = next(model.parameters()).device
     cut = stream.numel() // cfg.seq_len * cfg.seq_len
@@ -429,20 +432,20 @@ def compress_lm_head(model: Any, tokenizer: Any, texts: Sequence[str], num_codes
         warnings.warn(f"mapping='learned' with steps={cfg.steps} <= reassign_every={cfg.reassign_every}: the map never "
                       "moves, so the result equals mapping='fixed'; pass reassign_every below steps, or "
                       "mapping='fixed'", UserWarning, stacklevel=2)
-    teacher = _output_layer(model)
+    teacher = output_layer(model)
     check_logit_transform(model)
     vocab_size = teacher.weight.shape[0]
     if cfg.num_codes > vocab_size:
         raise ValueError(bad_value("num_codes", cfg.num_codes, f"1 <= num_codes <= V={vocab_size} (the model's "
                                    "vocabulary)", "fewer codes than tokens is the point of the head"))
     texts = _check_texts(texts)
-    stream = _token_stream(tokenizer, texts, cfg.max_text_tokens)
+    stream = token_stream(tokenizer, texts, cfg.max_text_tokens)
     if int(stream.max()) >= vocab_size:
         raise ValueError(bad_value("tokenizer", _shown(tokenizer), f"token ids below V={vocab_size}",
                                    "pass the tokenizer of this model"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        hidden = _collect_hidden(model, teacher, stream, cfg)
+        hidden = collect_hidden(model, teacher, stream, cfg)
         counts = torch.bincount(stream, minlength=vocab_size)
         with _stage(f"vq_logits: codes for {cfg.num_codes} of {vocab_size} tokens", cfg.show_progress):
             stats = statistics(hidden, teacher, counts, cfg.prior_weight, seed=cfg.seed)
@@ -459,7 +462,10 @@ def _stage(description: str, enabled: bool) -> contextlib.AbstractContextManager
     return stage(description) if enabled else contextlib.nullcontext()
 
 
-def _collect_hidden(model: Any, teacher: Teacher, stream: torch.Tensor, cfg: CompressConfig) -> torch.Tensor:
+def collect_hidden(model: Any, teacher: Teacher, stream: torch.Tensor, cfg: CompressConfig) -> torch.Tensor:
+    """The states :func:`compress_lm_head` distils on, (n + sample_tokens, d): those of ``stream`` (from
+    :func:`token_stream`), then those of ``cfg.sample_tokens`` tokens sampled from the model. Seed the global RNG
+    as :func:`compress_lm_head` does (``cfg.seed``) to get its states exactly."""
     from leanfit.core.progress import progress_bar
 
     was_training = model.training
@@ -467,7 +473,7 @@ def _collect_hidden(model: Any, teacher: Teacher, stream: torch.Tensor, cfg: Com
     try:
         with torch.no_grad(), progress_bar(stream.numel() + cfg.sample_tokens, "vq_logits: hidden states",
                                            enabled=cfg.show_progress) as bar:
-            text = _text_hidden(model, stream, cfg, bar)
+            text = text_hidden(model, stream, cfg, bar)
             sampled = _sampled_hidden(model, teacher, stream, cfg, torch.Generator().manual_seed(cfg.seed), bar)
     finally:
         model.train(was_training)

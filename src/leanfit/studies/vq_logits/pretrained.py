@@ -84,12 +84,12 @@ def _eval_states(model: Any, tokenizer: Any, texts: list[str], n_tokens: int, se
     import torch
 
     from leanfit.core.progress import progress_bar
-    from leanfit.vq_logits.compress import CompressConfig, _text_hidden, _token_stream
+    from leanfit.vq_logits.compress import CompressConfig, text_hidden, token_stream
 
-    stream = _token_stream(tokenizer, texts, n_tokens + 1)
+    stream = token_stream(tokenizer, texts, n_tokens + 1)
     cfg = CompressConfig(num_codes=1, seq_len=seq_len)
     with torch.no_grad(), progress_bar(stream.numel(), "trunk states (held out)") as bar:
-        h = _text_hidden(model, stream, cfg, bar)
+        h = text_hidden(model, stream, cfg, bar)
     return {"h": h[:-1].contiguous(), "y": stream[1:].contiguous()}
 
 
@@ -98,13 +98,13 @@ def _fit_states(model: Any, tokenizer: Any, teacher: Any, texts: list[str], pc: 
     """The fitting states as compress_lm_head collects them (same seed, same order): h (N, d), stream (n,)."""
     import torch
 
-    from leanfit.vq_logits.compress import _collect_hidden, _token_stream
+    from leanfit.vq_logits.compress import collect_hidden, token_stream
 
     cfg = _compress_config(pc, seed)
-    stream = _token_stream(tokenizer, texts, cfg.max_text_tokens)
+    stream = token_stream(tokenizer, texts, cfg.max_text_tokens)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        hidden = _collect_hidden(model, teacher, stream, cfg)
+        hidden = collect_hidden(model, teacher, stream, cfg)
     return {"h": hidden, "stream": stream}
 
 
@@ -423,13 +423,13 @@ def _original(ctx: RunContext[PretrainedStudyConfig], teacher: Any, states: dict
 def run(ctx: RunContext[PretrainedStudyConfig]) -> dict[str, Any]:
     from leanfit.core.device import configure_threads
     from leanfit.studies.models.pretrained import load_pretrained
-    from leanfit.vq_logits.compress import _output_layer, statistics
+    from leanfit.vq_logits.compress import output_layer, statistics
 
     pc = ctx.config
     threads = configure_threads(pc.threads, small_workload=False)
     model, tokenizer = load_pretrained(pc.model)
     model.eval().requires_grad_(False)
-    teacher = _output_layer(model)
+    teacher = output_layer(model)
     states, skipped = prepare_states(ctx.run, model, tokenizer, teacher, pc, ctx.seed)
     fit = states["fit"]
     counts = fit["stream"].bincount(minlength=teacher.weight.shape[0])
