@@ -588,3 +588,40 @@ def reassign_reference(vectors, codebook, sigma, mapping, movable, targets):
                     for k, c in enumerate(codebook.double())]
             out[v] = int(torch.tensor(cost).argmin())
     return out
+
+
+def context_reassign_reference(sums, counts, mapping, covariance, num_codes, shrinkage, ridge, movable):
+    """Token by token: the shrunk context mean's nearest pooled code mean, Mahalanobis under the ridged covariance."""
+    d = covariance.shape[0]
+    s = covariance.double() + ridge * float(torch.linalg.eigvalsh(covariance.double()).clamp_min(0).mean()) * torch.eye(d, dtype=torch.float64)
+    inv = torch.linalg.inv(s)
+    code_mean, seen = {}, []
+    for k in range(num_codes):
+        members = [v for v in range(len(mapping)) if int(mapping[v]) == k]
+        n = sum(float(counts[v]) for v in members)
+        if n > 0:
+            code_mean[k] = sum(sums[v].double() for v in members) / n
+            seen.append(k)
+    out = mapping.clone()
+    for v in range(len(mapping)):
+        if movable[v] and counts[v] > 0:
+            mu = (sums[v].double() + shrinkage * code_mean[int(mapping[v])]) / (float(counts[v]) + shrinkage)
+            cost = [float((mu - code_mean[k]) @ inv @ (mu - code_mean[k])) for k in seen]
+            out[v] = seen[int(torch.tensor(cost).argmin())]
+    fit = {}  # each moved-or-kept observed token's weighted distance to its chosen code, for the refill
+    for v in range(len(mapping)):
+        if movable[v] and counts[v] > 0:
+            mu = (sums[v].double() + shrinkage * code_mean[int(mapping[v])]) / (float(counts[v]) + shrinkage)
+            diff = mu - code_mean[int(out[v])]
+            fit[v] = float(counts[v]) * float(diff @ inv @ diff)
+    for k in range(num_codes):
+        if any(int(c) == k for c in out):
+            continue
+        shared = {v: c for v, c in fit.items() if c >= 0 and sum(int(out[u]) == int(out[v]) for u in range(len(out))) > 1}
+        if not shared:
+            break
+        v = max(shared, key=lambda u: (shared[u], -u))
+        if shared[v] <= 0:
+            break
+        out[v], fit[v] = k, -1.0
+    return out

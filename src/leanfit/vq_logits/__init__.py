@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from leanfit.vq_logits.hf import from_pretrained as from_pretrained
     from leanfit.vq_logits.hf import replace_lm_head as replace_lm_head
     from leanfit.vq_logits.hf import vq_causal_lm_class as vq_causal_lm_class
+    from leanfit.vq_logits.learn import MapLearner as MapLearner
+    from leanfit.vq_logits.learn import context_reassign as context_reassign
     from leanfit.vq_logits.mapping import MAPPINGS as MAPPINGS
     from leanfit.vq_logits.mapping import build_mapping as build_mapping
     from leanfit.vq_logits.mapping import unigram_floor as unigram_floor
