@@ -44,6 +44,8 @@ class TrainConfig(BaseConfig):
     device: str = option("auto", help="auto | cpu | cuda | cuda:N | mps")
     mixed_precision: Literal["no", "bf16", "fp16"] = option("no", help="accelerate mixed precision")
     threads: int = option(0, help="torch CPU threads; 0 = auto (1 for small models, see `leanfit bench threads`)")
+    patience: int = option(0, help="stop when the validation loss has not improved for this many evaluations and "
+                                   "restore the best weights (0: train every step)", ge=0)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_tokens", "keep_checkpoints"):
@@ -66,6 +68,8 @@ class TrainResult:
     train_seconds: float
     resumed_from: int | None
     final_losses: dict[str, float]
+    best_step: int = 0  # step of the best validation loss (the weights returned under ``patience``)
+    stopped_early: bool = False
 
 
 def next_token_loss(model: Any, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -90,6 +94,45 @@ def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+class _Best:
+    """The best validation loss so far, its step, and (under ``patience``) its weights on disk for a resume."""
+
+    def __init__(self, path: Any, patience: int) -> None:
+        self.path, self.patience = path, patience
+        self.loss, self.step, self.bad = math.inf, 0, 0
+        self.weights: dict[str, Any] | None = None
+
+    def state(self) -> dict[str, Any]:
+        return {"best_loss": self.loss if math.isfinite(self.loss) else None, "best_step": self.step,
+                "bad_evals": self.bad}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        if state.get("best_loss") is not None:
+            self.loss, self.step, self.bad = state["best_loss"], state["best_step"], state["bad_evals"]
+
+    def update(self, step: int, loss: float, model: Any, acc: Any) -> bool:
+        """Record an evaluation; True when training should stop."""
+        from leanfit.core.io import atomic_save_tensors
+
+        if loss < self.loss:
+            self.loss, self.step, self.bad = loss, step, 0
+            if self.patience:
+                state = acc.unwrap_model(model).state_dict()
+                self.weights = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+                if acc.is_main_process:
+                    atomic_save_tensors(self.path, self.weights)
+            return False
+        self.bad += 1
+        return bool(self.patience) and self.bad >= self.patience
+
+    def load_into(self, model: Any, acc: Any) -> None:
+        from safetensors.torch import load_file
+
+        acc.wait_for_everyone()
+        weights = self.weights if self.weights is not None else load_file(str(self.path))
+        model.load_state_dict(weights)
 
 
 def evaluate(accelerator: Any, model: Any, windows: torch.Tensor, loss_fn: LossFn, batch_size: int) -> float:
@@ -153,15 +196,18 @@ def train_lm(
     start, train_seconds, resumed_from = 0, 0.0, None
     val_loss, train_loss = float("nan"), float("nan")
     loss_sum, loss_n = torch.zeros((), dtype=torch.float64), 0
+    best = _Best(run.path / "best.safetensors", cfg.patience)
     if resume and (state := ckpt.load()) is not None:
         start = resumed_from = state["step"]
         train_seconds, loss_n = state["train_seconds"], state["loss_n"]
         loss_sum = torch.tensor(state["loss_sum"], dtype=torch.float64)
+        best.restore_state(state)
     elif resume and (logged := run.metrics()):
         notice(f"--resume: no checkpoint under {str(ckpt.root)!r}; training {description!r} again from step 0 "
                f"(up to step {max(m.get('step', 0) for m in logged)} was logged)")
     run.truncate_metrics(start)  # records logged after the checkpoint (or before a first one) are redone
     tokens_per_step = cfg.batch_size * cfg.seq_len
+    last = start
     with progress_bar(cfg.steps, description, enabled=acc.is_main_process, completed=start) as bar:
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
@@ -184,16 +230,28 @@ def train_lm(
                         tokens_per_s=step * tokens_per_step / max(train_seconds, 1e-9))
                 bar.advance(0, loss=mean)
                 train_loss, loss_sum, loss_n = mean, torch.zeros((), dtype=torch.float64), 0
+            stop = False
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 val_loss = evaluate(acc, model, windows, loss_fn, cfg.batch_size)
                 run.log(step, val_loss=val_loss, val_ppl=math.exp(val_loss))
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                ckpt.save(step, {"train_seconds": train_seconds, "loss_sum": loss_sum.item(), "loss_n": loss_n})
+                stop = best.update(step, val_loss, model, acc)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps and not stop:
+                ckpt.save(step, {"train_seconds": train_seconds, "loss_sum": loss_sum.item(), "loss_n": loss_n,
+                                 **best.state()})
             bar.advance(1)
-    rate = cfg.steps * tokens_per_step / max(train_seconds, 1e-9)
+            last = step
+            if stop:
+                notice(f"{description}: validation loss not improved for {cfg.patience} evaluations; stopped at "
+                       f"step {step}, weights of step {best.step} restored")
+                break
+    if best.step and best.step != last and cfg.patience:
+        best.load_into(acc.unwrap_model(model), acc)
+        val_loss = best.loss
+    rate = last * tokens_per_step / max(train_seconds, 1e-9)
     final = {
         name: evaluate(acc, model, eval_windows(tokens, cfg.seq_len, cfg.eval_tokens), loss_fn, cfg.batch_size)
         for name, tokens in (final_eval or {}).items()
     }
-    result = TrainResult(cfg.steps, val_loss, train_loss, rate, train_seconds, resumed_from, final)
+    result = TrainResult(last, val_loss, train_loss, rate, train_seconds, resumed_from, final,
+                         best_step=best.step or last, stopped_early=last < cfg.steps)
     return acc.unwrap_model(model), result
