@@ -60,3 +60,39 @@ def test_quick_grid_at_tiny_sizes(tmp_path, pretrained_folder, tiny_corpus):
     # finished sub-runs are reused on --resume: the results do not change
     again_path, again = run_experiment("vq-logits", out=tmp_path, overrides=overrides, resume=True)
     assert again_path == path and read_json(path / "results.json")["rows"] == again["rows"]
+
+
+def test_plateau_budget_learned_and_counted_maps(tmp_path, tiny_corpus):
+    """The fair protocol: a full-softmax probe sets every run's steps, the learned map needs no full-softmax run,
+    hybrid-counted's map run is half the budget, and every ratio is against the stronger full softmax."""
+    overrides = [
+        f"data.corpus={tiny_corpus}", "data.vocab_size=320", "data.valid_fraction=0.2", "data.test_fraction=0.2",
+        "model.d_model=32", "model.n_heads=2", "model.n_layers=1", "train.steps=8", "train.batch_size=8",
+        "train.seq_len=32", "train.eval_every=4", "train.checkpoint_every=4", "train.eval_tokens=1024",
+        "train.log_every=4", "train.lr=0.03", "scratch.budget=plateau", "scratch.probe_factor=3",
+        "scratch.patience=1", "scratch.mappings=[learned,hybrid-counted]", "scratch.code_fractions=[16]",
+        "scratch.paper_recipe=false", "scratch.learn_every=4", "pretrained.enabled=false",
+    ]
+    path, results = run_experiment("vq-logits", out=tmp_path, overrides=overrides)
+    probe = read_json(path / "runs" / "probe-s0" / "result.json")
+    budget = results["budget"]
+    assert budget == probe["best_step"] and 4 <= budget <= 24 and budget % 4 == 0
+    assert probe["stopped_early"] == (probe["steps"] < 24)
+    # a probe that ended at its best step is the budget's full-softmax run; else that run is trained
+    reused = probe["best_step"] == probe["steps"]
+    names = sorted(p.name for p in (path / "runs").iterdir())
+    assert names == ["K20-hybrid-counted-bias-s0", "K20-learned-bias-s0", "full-half-s0",
+                     *([] if reused else ["full-s0"]), "probe-s0"]
+    rows = {r["mapping"]: r for r in results["rows"]}
+    ref = probe["val_loss"] if reused else min(probe["val_loss"],
+                                                read_json(path / "runs" / "full-s0" / "result.json")["val_loss"])
+    assert rows["-"]["val_loss"] == ref
+    for m in ("learned", "hybrid-counted"):
+        assert rows[m]["ppl_ratio"] == pytest.approx(math.exp(rows[m]["val_loss"] - ref), rel=1e-12)
+        assert math.isfinite(rows[m]["test_ppl_ratio"])
+    assert rows["learned"]["steps"] == budget and rows["learned"]["map_steps"] == 0
+    assert rows["hybrid-counted"]["steps"] + rows["hybrid-counted"]["map_steps"] == budget
+    assert read_json(path / "runs" / "full-half-s0" / "result.json")["steps"] == budget // 2
+    moved = read_json(path / "runs" / "K20-learned-bias-s0" / "result.json")["moved"]
+    assert len(moved) == budget // 4 and sum(moved) > 0  # the map moved, every learn_every steps
+    assert "best step" in (path / "report.md").read_text()

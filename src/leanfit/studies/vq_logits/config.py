@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from leanfit.core.config import BaseConfig, option
 from leanfit.core.errors import ConfigError, bad_value
@@ -12,22 +13,37 @@ from leanfit.studies.lm.train import TrainConfig
 __all__ = ["RECIPES", "PretrainedHeadConfig", "PretrainedStudyConfig", "ScratchGridConfig", "VQLogitsExperimentConfig"]
 
 _MAPPINGS = ("kmeans", "random", "contiguous", "equal_mass", "hybrid")
+# from scratch also: "learned" (equal_mass start, moved during training by leanfit.vq_logits.MapLearner; no
+# full-softmax run) and "hybrid-counted" (hybrid from a full-softmax run of half the budget, the head trains the rest)
+_SCRATCH_MAPPINGS = (*_MAPPINGS, "learned", "hybrid-counted")
 
 
 @dataclass
 class ScratchGridConfig(BaseConfig):
     code_fractions: list[int] = option(default_factory=lambda: [64], help="K = V / f for each f")
     mappings: list[str] = option(default_factory=lambda: ["equal_mass", "kmeans", "random", "hybrid"],
-                                 help="token->code maps (kmeans/hybrid cluster the seed-0 baseline's trained head)")
+                                 help="token->code maps: " + ", ".join(_SCRATCH_MAPPINGS) + " (kmeans/hybrid cluster "
+                                      "the seed-0 baseline's trained head, outside the budget; hybrid-counted "
+                                      "clusters a full-softmax run of half the budget and trains the head the "
+                                      "other half; learned moves tokens during training)")
     bias: list[bool] = option(default_factory=lambda: [True], help="per-token bias on/off")
     residual_ranks: list[int] = option(default_factory=lambda: [0], help="within-cluster low-rank term ranks (0 = off)")
     paper_recipe: bool = option(True, help="also run the paper's recipe (kmeans map, no bias) at every K")
     seeds: list[int] = option(default_factory=lambda: [0], help="seeds; every head and the baseline use each")
+    budget: Literal["fixed", "plateau"] = option("fixed", help="fixed: every run trains train.steps; plateau: a "
+                                                 "full-softmax probe per seed trains up to probe_factor x train.steps "
+                                                 "and stops after patience evaluations without a better validation "
+                                                 "loss; the latest best step of the probes becomes every run's steps")
+    probe_factor: int = option(4, ge=1, help="cap of the plateau probe, in multiples of train.steps")
+    patience: int = option(2, ge=1, help="evaluations without improvement that end the plateau probe")
+    learn_every: int = option(100, ge=1, help="training steps between reassignments of the learned map")
+    learn_shrinkage: float = option(8.0, ge=0, help="observations with which a token's context mean is shrunk to "
+                                                    "its code's (learned map)")
 
     def __post_init__(self) -> None:
         for m in self.mappings:
-            if m not in _MAPPINGS:
-                raise ConfigError(bad_value("scratch.mappings", m, "names from " + ", ".join(_MAPPINGS)))
+            if m not in _SCRATCH_MAPPINGS:
+                raise ConfigError(bad_value("scratch.mappings", m, "names from " + ", ".join(_SCRATCH_MAPPINGS)))
         if not self.seeds or any(f < 1 for f in self.code_fractions):
             raise ConfigError("scratch.seeds must be non-empty and scratch.code_fractions positive")
 

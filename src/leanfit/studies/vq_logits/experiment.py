@@ -29,8 +29,17 @@ if TYPE_CHECKING:
 
 __all__ = ["PRESETS"]
 
-PRESETS = {
+PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"train": {"steps": 200, "eval_every": 100, "checkpoint_every": 100}},
+    # the full softmax trained to its plateau (up to 4 x 600 steps), every head given its budget, the map's
+    # full-softmax run counted (hybrid-counted) or not needed (learned); test split scored once per run
+    "fair": {
+        "train": {"steps": 600, "eval_every": 100, "checkpoint_every": 200, "eval_tokens": 32768},
+        "scratch": {"budget": "plateau", "probe_factor": 4, "patience": 3, "code_fractions": [128, 256],
+                    "mappings": ["equal_mass", "learned", "hybrid", "hybrid-counted"], "bias": [True],
+                    "residual_ranks": [0], "paper_recipe": False, "seeds": [0, 1]},
+        "pretrained": {"enabled": False},
+    },
     "full": {
         "train": {"steps": 600, "eval_every": 200, "checkpoint_every": 200, "eval_tokens": 65536},
         "scratch": {"code_fractions": [16, 64, 256], "mappings": ["equal_mass", "kmeans", "random", "hybrid"],
@@ -44,8 +53,24 @@ def _vq_loss(model: Any, inputs: Any, targets: Any) -> Any:
     return model(input_ids=inputs, shift_labels=targets).loss
 
 
-def _train_one(ctx: RunContext[VQLogitsExperimentConfig], name: str, build: Any, data: dict[str, Any], vq: bool, seed: int) -> dict[str, Any]:
-    """Train (or resume, or reuse) one sub-run; returns its record."""
+def _learned_loss(learner: Any) -> Any:
+    """The VQ loss that first hands the step's hidden states and targets to a ``MapLearner`` (training steps only)."""
+    def loss(model: Any, inputs: Any, targets: Any) -> Any:
+        model = getattr(model, "module", model)  # DDP-wrapped under torchrun
+        hidden = model.get_decoder()(input_ids=inputs).last_hidden_state
+        if model.training:
+            learner.observe(hidden, targets)
+        return model.get_output_embeddings().loss(hidden, targets)
+
+    return loss
+
+
+def _train_one(ctx: RunContext[VQLogitsExperimentConfig], name: str, build: Any, data: dict[str, Any], *,
+               seed: int, steps: int | None = None, patience: int = 0, loss_fn: Any = None,
+               learner: Any = None) -> dict[str, Any]:
+    """Train (or resume, or reuse) one sub-run of ``steps`` (default train.steps); returns its record. A full-softmax
+    run (``loss_fn`` None) also stores its trained head (kmeans/hybrid maps cluster it)."""
+    import dataclasses
     import shutil
 
     from leanfit.core.io import atomic_save_tensors
@@ -54,16 +79,22 @@ def _train_one(ctx: RunContext[VQLogitsExperimentConfig], name: str, build: Any,
     sub = ctx.run.subrun(name)
     if (done := sub.stored()) is not None:
         return done
-    model = build()
-    model, result = train_lm(model, data["tokens"]["train"], data["tokens"]["valid"], ctx.config.train, run=sub,
-                             seed=seed, resume=ctx.resume, loss_fn=_vq_loss if vq else next_token_loss,
-                             description=name)
-    record = {"name": name, "val_loss": result.val_loss, "tokens_per_s": result.tokens_per_s}
+    cfg = dataclasses.replace(ctx.config.train, steps=steps or ctx.config.train.steps, patience=patience)
+    made = build()
+    model, result = train_lm(made, data["tokens"]["train"], data["tokens"]["valid"], cfg, run=sub, seed=seed,
+                             resume=ctx.resume, loss_fn=loss_fn or next_token_loss, description=name,
+                             final_eval={"test": data["tokens"]["test"]})
+    record = {"name": name, "val_loss": result.val_loss, "test_loss": result.final_losses["test"],
+              "steps": result.step, "best_step": result.best_step, "stopped_early": result.stopped_early,
+              "tokens_per_s": result.tokens_per_s}
+    if learner is not None:
+        record["moved"] = learner.moved
     if ctx.is_main:
-        if not vq:  # the trained full head: kmeans/hybrid maps cluster it
+        if loss_fn is None:
             atomic_save_tensors(sub.path / "head.safetensors", {"weight": model.get_output_embeddings().weight})
         sub.store(record)
         shutil.rmtree(sub.checkpoint_dir, ignore_errors=True)  # a finished sub-run is never resumed
+        (sub.path / "best.safetensors").unlink(missing_ok=True)  # the early-stopping copy (its result is stored)
     return record
 
 
@@ -79,15 +110,17 @@ def _scratch_grid(cfg: VQLogitsExperimentConfig) -> list[tuple[int, str, bool, i
     return grid
 
 
-def run_scratch(ctx: RunContext[VQLogitsExperimentConfig], data: dict[str, Any]) -> list[dict[str, Any]]:
+def run_scratch(ctx: RunContext[VQLogitsExperimentConfig], data: dict[str, Any]) -> dict[str, Any]:
+    """Every from-scratch run; returns rows (one per run) and the budget (steps of every run, probe records)."""
     import torch
     from safetensors.torch import load_file
 
     from leanfit.studies.models.tiny_llama import tiny_llama
     from leanfit.vq_logits.hf import replace_lm_head
+    from leanfit.vq_logits.learn import MapLearner
     from leanfit.vq_logits.mapping import build_mapping, unigram_floor
 
-    cfg = ctx.config
+    cfg, sc = ctx.config, ctx.config.scratch
     vocab = data["tokenizer"].get_vocab_size()
     counts = torch.bincount(data["tokens"]["train"], minlength=vocab).double()
     m = cfg.model
@@ -99,34 +132,64 @@ def run_scratch(ctx: RunContext[VQLogitsExperimentConfig], data: dict[str, Any])
     def seed_of(s: int) -> int:  # grid seed s under --seed g: the full-s0 run with --seed 0 is lm-baseline's run
         return ctx.seed + s
 
-    baselines = {s: _train_one(ctx, f"full-s{s}", lambda s=s: trunk(seed_of(s)), data, vq=False, seed=seed_of(s))
-                 for s in cfg.scratch.seeds}
-    trained_head = load_file(str(ctx.run.path / "runs" / f"full-s{cfg.scratch.seeds[0]}" / "head.safetensors"))["weight"]
+    budget, probes = cfg.train.steps, {}
+    if sc.budget == "plateau":  # the full softmax trains until its validation loss stops improving
+        probes = {s: _train_one(ctx, f"probe-s{s}", lambda s=s: trunk(seed_of(s)), data, seed=seed_of(s),
+                                steps=sc.probe_factor * cfg.train.steps, patience=sc.patience) for s in sc.seeds}
+        budget = max(p["best_step"] for p in probes.values())
+    half = budget // 2
+
+    def baseline(s: int) -> dict[str, Any]:
+        probe = probes.get(s)
+        if probe is not None and probe["best_step"] == probe["steps"] == budget:
+            return probe  # trained the budget's schedule on the same batches and ended at its best: the same run
+        return _train_one(ctx, f"full-s{s}", lambda: trunk(seed_of(s)), data, seed=seed_of(s), steps=budget)
+
+    baselines = {s: baseline(s) for s in sc.seeds}
+    reference = {s: min([baselines[s]] + ([probes[s]] if s in probes else []), key=lambda r: r["val_loss"])
+                 for s in sc.seeds}  # the stronger full softmax of each seed: every ratio is against it
+    head_file = ctx.run.path / "runs" / baselines[sc.seeds[0]]["name"] / "head.safetensors"
+    trained_head = load_file(str(head_file))["weight"]
+    if "hybrid-counted" in sc.mappings:
+        _train_one(ctx, f"full-half-s{sc.seeds[0]}", lambda: trunk(seed_of(sc.seeds[0])), data,
+                   seed=seed_of(sc.seeds[0]), steps=half)
+        half_head = load_file(str(ctx.run.path / "runs" / f"full-half-s{sc.seeds[0]}" / "head.safetensors"))["weight"]
     full_params = vocab * m.d_model
+
+    def ratios(rec: dict[str, Any], s: int) -> dict[str, float]:
+        ref = reference[s]
+        return {"val_loss": rec["val_loss"], "test_loss": rec["test_loss"], "val_ppl": math.exp(rec["val_loss"]),
+                "ppl_ratio": math.exp(rec["val_loss"] - ref["val_loss"]),
+                "test_ppl_ratio": math.exp(rec["test_loss"] - ref["test_loss"])}
+
     rows = [{"head": "full softmax", "K": vocab, "mapping": "-", "bias": False, "rank": 0, "seed": s,
-             "val_loss": b["val_loss"],
-             "val_ppl": math.exp(b["val_loss"]), "ppl_ratio": 1.0, "head_params": full_params, "reduction": 0.0,
-             "unigram_floor": 0.0} for s, b in baselines.items()]
+             **ratios(reference[s], s), "steps": reference[s]["best_step"], "map_steps": 0,
+             "head_params": full_params, "reduction": 0.0, "unigram_floor": 0.0} for s in sc.seeds]
     for f, mapping, bias, rank, seed in _scratch_grid(cfg):
         k = max(1, vocab // f)
-        tokens_to_code = build_mapping(mapping, vocab_size=vocab, num_codes=k, embeddings=trained_head, counts=counts,
-                                       seed=seed)
+        steps, map_steps, learner = budget, 0, None
+        if mapping == "hybrid-counted":  # the map's full-softmax run is half of this head's budget
+            tokens_to_code = build_mapping("hybrid", vocab_size=vocab, num_codes=k, embeddings=half_head,
+                                           counts=counts, seed=seed)
+            steps, map_steps = budget - half, half
+        else:
+            tokens_to_code = build_mapping("equal_mass" if mapping == "learned" else mapping, vocab_size=vocab,
+                                           num_codes=k, embeddings=trained_head, counts=counts, seed=seed)
         name = f"K{k}-{mapping}-{'bias' if bias else 'nobias'}{f'-r{rank}' if rank else ''}-s{seed}"
-
-        def build(seed: int = seed, tokens_to_code: Any = tokens_to_code, k: int = k, bias: bool = bias,
-                  rank: int = rank) -> Any:
-            return replace_lm_head(trunk(seed_of(seed)), k, mapping=tokens_to_code, counts=counts, token_bias=bias,
-                                   residual_rank=rank, bias_init="unigram" if bias else "zeros")
-
-        rec = _train_one(ctx, name, build, data, vq=True, seed=seed_of(seed))
+        model = replace_lm_head(trunk(seed_of(seed)), k, mapping=tokens_to_code, counts=counts, token_bias=bias,
+                                residual_rank=rank, bias_init="unigram" if bias else "zeros")
+        loss_fn = _vq_loss
+        if mapping == "learned":
+            learner = MapLearner(model.get_output_embeddings(), every=sc.learn_every, shrinkage=sc.learn_shrinkage)
+            loss_fn = _learned_loss(learner)
+        rec = _train_one(ctx, name, lambda model=model: model, data, seed=seed_of(seed), steps=steps,
+                         loss_fn=loss_fn, learner=learner)
         params = k * m.d_model + (vocab if bias else 0) + vocab + rank * (m.d_model + vocab)
         rows.append({"head": "vq", "K": k, "mapping": mapping, "bias": bias, "rank": rank, "seed": seed,
-                     "val_loss": rec["val_loss"],
-                     "val_ppl": math.exp(rec["val_loss"]),
-                     "ppl_ratio": math.exp(rec["val_loss"] - baselines[seed]["val_loss"]),
+                     **ratios(rec, seed), "steps": rec["steps"], "map_steps": map_steps,
                      "head_params": params, "reduction": 1 - params / full_params,
                      "unigram_floor": unigram_floor(counts, tokens_to_code, k)})
-    return rows
+    return {"rows": rows, "budget": budget, "probes": list(probes.values()), "baselines": list(baselines.values())}
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -142,7 +205,9 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append({"head": head, "K": k, "mapping": mapping, "bias": bias, "rank": rank, "seeds": len(rs),
                     "ppl_ratio_mean": statistics.fmean(ratios),
                     "ppl_ratio_std": statistics.stdev(ratios) if len(ratios) > 1 else 0.0,
+                    "test_ppl_ratio_mean": statistics.fmean(r.get("test_ppl_ratio", math.nan) for r in rs),
                     "val_ppl_mean": statistics.fmean(r["val_ppl"] for r in rs), "reduction": rs[0]["reduction"],
+                    "steps": rs[0].get("steps", 0), "map_steps": rs[0].get("map_steps", 0),
                     "unigram_floor": rs[0]["unigram_floor"]})
     return sorted(out, key=lambda r: (r["head"] != "full softmax", r["K"], r["ppl_ratio_mean"]))
 
@@ -239,11 +304,29 @@ def report(run: RunDir, results: dict[str, Any]) -> Report:
 
     rep = Report("Results")
     rep.section("(a) From scratch: VQ heads vs the full-softmax lm-baseline (equal token budgets)")
-    rep.text(f"V = {results['vocab_size']}, d = {results['d_model']}; ratio = exp(val loss - full-softmax val loss of "
-             "the same seed); reduction counts codebook + bias + map against V x d. Unigram floor: excess loss (nats) "
-             "a bias-free head with this map cannot avoid.")
-    rep.table(results["summary"], ["head", "K", "mapping", "bias", "rank", "seeds", "ppl_ratio_mean", "ppl_ratio_std",
-                                   "val_ppl_mean", "reduction", "unigram_floor"])
+    probes = results.get("probes") or []
+    if probes:
+        stops = ", ".join(f"{p['name']}: best step {p['best_step']} of {p['steps']} trained (val ppl "
+                          f"{math.exp(p['val_loss']):.1f})" for p in probes)
+        rep.text(f"Budget: a full-softmax probe per seed trained until its validation loss stopped improving ({stops}); "
+                 f"the latest best step, {results['budget']}, is every run's number of steps (its own cosine "
+                 "schedule). Each seed's ratios are against the stronger of its probe's best weights and its "
+                 f"{results['budget']}-step full-softmax run. kmeans/hybrid maps cluster that run's trained head, "
+                 "outside the budget (map_steps; a probe that ended at the budget is that run); hybrid-counted clusters a full-softmax run of half the budget and "
+                 "trains its head the other half; learned starts from equal_mass and moves tokens every "
+                 "learn_every steps (leanfit.vq_logits.MapLearner), no full-softmax run.")
+    rep.text(f"V = {results['vocab_size']}, d = {results['d_model']}; ratio = exp(loss - full-softmax loss of the same "
+             "seed) on the validation split (configs are compared on it) and on the test split (scored once per run); "
+             "reduction counts codebook + bias + map against V x d. Unigram floor: excess loss (nats) a bias-free "
+             "head with this map cannot avoid.")
+    columns = ["head", "K", "mapping", "bias", "rank", "seeds", "ppl_ratio_mean", "ppl_ratio_std"]
+    if probes:
+        columns += ["test_ppl_ratio_mean", "steps", "map_steps"]
+    rep.table(results["summary"], [*columns, "val_ppl_mean", "reduction", "unigram_floor"])
+    if (pick := results.get("headline", {}).get("at_97")) is not None:
+        rep.text(f"At >= 97% reduction the best head on validation is K={pick['K']} {pick['mapping']} "
+                 f"({100 * pick['reduction']:.2f}%): validation ratio {pick['ppl_ratio_mean']:.3f}, test ratio "
+                 f"{pick['test_ppl_ratio_mean']:.3f} (mean of {pick['seeds']} seeds).")
     _pareto(run, results["summary"])
     rep.figure("plots/pareto.png", "Validation perplexity ratio against head-parameter reduction, per map")
     _curves(run)
@@ -322,10 +405,12 @@ def run(ctx: RunContext[VQLogitsExperimentConfig]) -> dict[str, Any]:
     from leanfit.studies.lm.experiment import prepare_lm_data
 
     data = prepare_lm_data(ctx.config.data)
-    rows = run_scratch(ctx, data)
+    scratch = run_scratch(ctx, data)
+    rows = scratch["rows"]
     summary = summarise(rows)
     results: dict[str, Any] = {"vocab_size": data["tokenizer"].get_vocab_size(), "d_model": ctx.config.model.d_model,
-                               "rows": rows, "summary": summary}
+                               "rows": rows, "summary": summary, "budget": scratch["budget"],
+                               "probes": scratch["probes"], "baselines": scratch["baselines"]}
     if ctx.config.pretrained.enabled:
         results["pretrained"] = run_pretrained(ctx)
     vq = [r for r in summary if r["head"] == "vq"]
@@ -333,4 +418,7 @@ def run(ctx: RunContext[VQLogitsExperimentConfig]) -> dict[str, Any]:
     if best:
         results["headline"] = {"best_ppl_ratio": best["ppl_ratio_mean"], "at_reduction": best["reduction"],
                                "K": best["K"], "mapping": best["mapping"]}
+        high = [r for r in vq if r["reduction"] >= 0.97]
+        if high:
+            results["headline"]["at_97"] = min(high, key=lambda r: r["ppl_ratio_mean"])
     return results
