@@ -149,7 +149,7 @@ def save_figure(fig: Any, path: str | os.PathLike) -> Path:
 
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", bbox_inches="tight")  # legends placed beside the axes stay in the picture
     plt.close(fig)
     return atomic_write_bytes(path, buf.getvalue())
 
