@@ -70,7 +70,7 @@ def test_plateau_budget_learned_and_counted_maps(tmp_path, tiny_corpus):
         "model.d_model=32", "model.n_heads=2", "model.n_layers=1", "train.steps=8", "train.batch_size=8",
         "train.seq_len=32", "train.eval_every=4", "train.checkpoint_every=4", "train.eval_tokens=1024",
         "train.log_every=4", "train.lr=0.03", "scratch.budget=plateau", "scratch.probe_factor=3",
-        "scratch.patience=1", "scratch.mappings=[learned,hybrid-counted]", "scratch.code_fractions=[16]",
+        "scratch.patience=1", "scratch.mappings=[learned,hybrid-counted,hybrid]", "scratch.code_fractions=[16]",
         "scratch.paper_recipe=false", "scratch.learn_every=4", "pretrained.enabled=false",
     ]
     path, results = run_experiment("vq-logits", out=tmp_path, overrides=overrides)
@@ -81,7 +81,7 @@ def test_plateau_budget_learned_and_counted_maps(tmp_path, tiny_corpus):
     # a probe that ended at its best step is the budget's full-softmax run; else that run is trained
     reused = probe["best_step"] == probe["steps"]
     names = sorted(p.name for p in (path / "runs").iterdir())
-    assert names == ["K20-hybrid-counted-bias-s0", "K20-learned-bias-s0", "full-half-s0",
+    assert names == ["K20-hybrid-bias-s0", "K20-hybrid-counted-bias-s0", "K20-learned-bias-s0", "full-half-s0",
                      *([] if reused else ["full-s0"]), "probe-s0"]
     rows = {r["mapping"]: r for r in results["rows"]}
     ref = probe["val_loss"] if reused else min(probe["val_loss"],
@@ -92,6 +92,7 @@ def test_plateau_budget_learned_and_counted_maps(tmp_path, tiny_corpus):
         assert math.isfinite(rows[m]["test_ppl_ratio"])
     assert rows["learned"]["steps"] == budget and rows["learned"]["map_steps"] == 0
     assert rows["hybrid-counted"]["steps"] + rows["hybrid-counted"]["map_steps"] == budget
+    assert rows["hybrid"]["steps"] == rows["hybrid"]["map_steps"] == budget  # its map's run is beside the budget
     assert read_json(path / "runs" / "full-half-s0" / "result.json")["steps"] == budget // 2
     moved = read_json(path / "runs" / "K20-learned-bias-s0" / "result.json")["moved"]
     assert len(moved) == budget // 4 and sum(moved) > 0  # the map moved, every learn_every steps

@@ -175,6 +175,8 @@ def run_scratch(ctx: RunContext[VQLogitsExperimentConfig], data: dict[str, Any])
         else:
             tokens_to_code = build_mapping("equal_mass" if mapping == "learned" else mapping, vocab_size=vocab,
                                            num_codes=k, embeddings=trained_head, counts=counts, seed=seed)
+            if mapping in ("kmeans", "hybrid"):  # clusters the baseline's head: a full-softmax run beside the budget
+                map_steps = budget
         name = f"K{k}-{mapping}-{'bias' if bias else 'nobias'}{f'-r{rank}' if rank else ''}-s{seed}"
         model = replace_lm_head(trunk(seed_of(seed)), k, mapping=tokens_to_code, counts=counts, token_bias=bias,
                                 residual_rank=rank, bias_init="unigram" if bias else "zeros")
@@ -312,7 +314,7 @@ def report(run: RunDir, results: dict[str, Any]) -> Report:
                  f"the latest best step, {results['budget']}, is every run's number of steps (its own cosine "
                  "schedule). Each seed's ratios are against the stronger of its probe's best weights and its "
                  f"{results['budget']}-step full-softmax run. kmeans/hybrid maps cluster that run's trained head, "
-                 "outside the budget (map_steps; a probe that ended at the budget is that run); hybrid-counted clusters a full-softmax run of half the budget and "
+                 "beside the budget (map_steps; a probe that ended at the budget is that run); hybrid-counted clusters a full-softmax run of half the budget and "
                  "trains its head the other half; learned starts from equal_mass and moves tokens every "
                  "learn_every steps (leanfit.vq_logits.MapLearner), no full-softmax run.")
     rep.text(f"V = {results['vocab_size']}, d = {results['d_model']}; ratio = exp(loss - full-softmax loss of the same "
