@@ -147,9 +147,13 @@ def save_figure(fig: Any, path: str | os.PathLike) -> Path:
     """Lay out, save as PNG (atomically) and close a matplotlib figure."""
     import matplotlib.pyplot as plt
 
+    from matplotlib.legend import Legend
+
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")  # legends placed beside the axes stay in the picture
+    # legends placed beside the axes stay in the picture, also one kept with ax.add_artist (tight leaves it out)
+    legends = [c for ax in fig.axes for c in ax.get_children() if isinstance(c, Legend)]
+    fig.savefig(buf, format="png", bbox_inches="tight", bbox_extra_artists=legends)
     plt.close(fig)
     return atomic_write_bytes(path, buf.getvalue())
 
