@@ -36,8 +36,8 @@ class ScratchGridConfig(BaseConfig):
                                                  "loss; the latest best step of the probes becomes every run's steps")
     probe_factor: int = option(4, ge=1, help="cap of the plateau probe, in multiples of train.steps")
     patience: int = option(2, ge=1, help="evaluations without improvement that end the plateau probe")
-    learn_every: int = option(100, ge=1, help="training steps between reassignments of the learned map")
-    learn_shrinkage: float = option(8.0, ge=0, help="observations with which a token's context mean is shrunk to "
+    learn_every: int = option(200, ge=1, help="training steps between reassignments of the learned map")
+    learn_shrinkage: float = option(2.0, ge=0, help="observations with which a token's context mean is shrunk to "
                                                     "its code's (learned map)")
 
     def __post_init__(self) -> None:
