@@ -146,7 +146,6 @@ def bar_chart(
 def save_figure(fig: Any, path: str | os.PathLike) -> Path:
     """Lay out, save as PNG (atomically) and close a matplotlib figure."""
     import matplotlib.pyplot as plt
-
     from matplotlib.legend import Legend
 
     fig.tight_layout()
