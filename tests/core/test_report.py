@@ -111,3 +111,25 @@ def test_render_index_links_each_report(tmp_path):
     lines = path.read_text().splitlines()
     assert lines[4] == "| a | [runs/a/report.md](runs/a/report.md) | loss = 0.25, n = 12,345 |"
     assert lines[5] == "| b | [runs/b/report.md](runs/b/report.md) | one \\| line summary |"
+
+
+def test_a_legend_beside_the_axes_widens_the_picture(tmp_path):
+    """A legend past the figure's right edge (one kept with ax.add_artist, which tight_layout leaves out) is in the
+    saved picture; a figure without one keeps its size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from leanfit.core.report import save_figure
+
+    fig, ax = plt.subplots(figsize=(4, 3), dpi=100)
+    ax.plot([1, 2], label="a long legend label")
+    ax.add_artist(ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0)))
+    ax.legend(handles=[], loc="lower left", bbox_to_anchor=(1.01, 0.0))
+    width, _ = _png_size(save_figure(fig, tmp_path / "beside.png"))
+    assert width > 400 + 100
+    fig, ax = plt.subplots(figsize=(4, 3), dpi=100)
+    ax.plot([1, 2], label="inside")
+    ax.legend()
+    assert _png_size(save_figure(fig, tmp_path / "inside.png")) == (400, 300)

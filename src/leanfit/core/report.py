@@ -150,9 +150,14 @@ def save_figure(fig: Any, path: str | os.PathLike) -> Path:
 
     fig.tight_layout()
     buf = io.BytesIO()
-    # legends placed beside the axes stay in the picture, also one kept with ax.add_artist (tight leaves it out)
+    # a legend placed beside the axes and past the figure's edge (tight_layout leaves out one kept with
+    # ax.add_artist) widens the picture to hold it; every other figure keeps its size
     legends = [c for ax in fig.axes for c in ax.get_children() if isinstance(c, Legend)]
-    fig.savefig(buf, format="png", bbox_inches="tight", bbox_extra_artists=legends)
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+    spill = any(e.x0 < box.x0 - 1 or e.x1 > box.x1 + 1 or e.y0 < box.y0 - 1 or e.y1 > box.y1 + 1
+                for e in (legend.get_window_extent(renderer) for legend in legends))
+    fig.savefig(buf, format="png", **({"bbox_inches": "tight", "bbox_extra_artists": legends} if spill else {}))
     plt.close(fig)
     return atomic_write_bytes(path, buf.getvalue())
 
