@@ -125,10 +125,12 @@ def test_state_round_trip_reassigns_identically():
     (ValueError, ("hidden=", "(..., 8)"), lambda h: MapLearner(h).observe(torch.zeros(3, 5), torch.zeros(3).long())),
     (ValueError, "labels=", lambda h: MapLearner(h).observe(torch.zeros(3, 8), torch.zeros(4).long())),
     (ValueError, ("labels=", "[0, 12)"), lambda h: MapLearner(h).observe(torch.zeros(3, 8), torch.full((3,), 12))),
+    (TypeError, ("labels=", ".long()"), lambda h: MapLearner(h).observe(torch.zeros(3, 8), torch.zeros(3))),
     (ValueError, "covariance=", lambda h: context_reassign(torch.zeros(12, 8), torch.ones(12), h.mapping,
                                                           torch.eye(5))),
     (ValueError, "counts=", lambda h: context_reassign(torch.zeros(12, 8), -torch.ones(12), h.mapping, torch.eye(8))),
-], ids=["head", "every", "shrinkage", "movable", "hidden", "labels-shape", "labels-range", "covariance", "counts"])
+], ids=["head", "every", "shrinkage", "movable", "hidden", "labels-shape", "labels-range", "labels-dtype",
+        "covariance", "counts"])
 def test_bad_input_names_the_parameter(error, fragments, call):
     head = VQLogitsHead(8, torch.arange(12) % 4, 4)
     message = assert_user_error(error, fragments, lambda: call(head))

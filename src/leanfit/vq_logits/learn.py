@@ -153,6 +153,8 @@ class MapLearner:
                       shape="(..., d)")
         if hidden.dim() < 1 or hidden.shape[-1] != self.head.hidden_size:
             raise ValueError(bad_value("hidden", _shown(hidden), f"shape (..., d) = (..., {self.head.hidden_size})"))
+        if isinstance(labels, torch.Tensor) and (labels.is_floating_point() or labels.dtype == torch.bool):
+            raise TypeError(bad_value("labels", _shown(labels), "an integer tensor of token ids", "cast it with .long()"))
         if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(hidden.shape[:-1]):
             raise ValueError(bad_value("labels", _shown(labels), f"an integer tensor of shape {tuple(hidden.shape[:-1])} "
                                        "(hidden's leading dimensions)"))
