@@ -33,7 +33,7 @@ from leanfit.core.errors import bad_value
 from leanfit.vq_logits.functional import _check_int, _check_tensor, _shown
 from leanfit.vq_logits.head import VQLogitsHead
 from leanfit.vq_logits.mapping import validate_mapping
-from leanfit.vq_logits.sigma import _check_ridge, _nearest, sigma_roots
+from leanfit.vq_logits.sigma import _check_mask, _check_ridge, _nearest, sigma_roots
 
 __all__ = ["MapLearner", "context_reassign"]
 
@@ -70,11 +70,7 @@ def context_reassign(sums: torch.Tensor, counts: torch.Tensor, mapping: torch.Te
         num_codes = int(mapping.max()) + 1 if isinstance(mapping, torch.Tensor) and mapping.numel() else 1
     num_codes = _check_int("num_codes", num_codes, 1, "a positive number of codes")
     mapping = validate_mapping(mapping, vocab_size, num_codes).to(sums.device)
-    if movable is None:
-        movable = torch.ones(vocab_size, dtype=torch.bool, device=sums.device)
-    elif not isinstance(movable, torch.Tensor) or movable.dtype != torch.bool or tuple(movable.shape) != (vocab_size,):
-        raise (TypeError if not isinstance(movable, torch.Tensor) or movable.dtype != torch.bool else ValueError)(
-            bad_value("movable", _shown(movable), f"None or a bool tensor of shape (V,) = ({vocab_size},)"))
+    movable = _check_mask("movable", movable, vocab_size, "V", sums.device)
     s, n = sums.double(), counts.double().to(sums.device)
     code_sum = torch.zeros(num_codes, d, dtype=torch.float64, device=s.device).index_add(0, mapping, s)
     code_n = torch.zeros(num_codes, dtype=torch.float64, device=s.device).index_add(0, mapping, n)
@@ -92,13 +88,14 @@ def context_reassign(sums: torch.Tensor, counts: torch.Tensor, mapping: torch.Te
     # a code left with no token gets the worst-fitted token of a shared code (weight x distance),
     # as k-means refills an empty cluster: else two groups could share a code for good while another idles
     cost = n[rows] * ((z_rows - z_code[nearest]) ** 2).sum(-1)
-    for k in range(num_codes):
-        if bool((out == k).any()):
-            continue
-        shared = torch.bincount(out, minlength=num_codes)[out[rows]] > 1
+    sizes = torch.bincount(out, minlength=num_codes)
+    for k in (sizes == 0).nonzero().squeeze(1).tolist():
+        shared = sizes[out[rows]] > 1
         pick = cost.masked_fill(~shared, -1.0).argmax()
         if cost[pick] <= 0 or not shared[pick]:
             break
+        sizes[out[rows[pick]]] -= 1
+        sizes[k] += 1
         out[rows[pick]], cost[pick] = k, -1.0
     return out
 
@@ -132,10 +129,8 @@ class MapLearner:
         self.shrinkage = _check_real("shrinkage", shrinkage, "a finite number >= 0 (observations)")
         self.ridge = _check_ridge(ridge)
         v, d = head.vocab_size, head.hidden_size
-        if movable is not None and (not isinstance(movable, torch.Tensor) or movable.dtype != torch.bool
-                                    or tuple(movable.shape) != (v,)):
-            raise (TypeError if not isinstance(movable, torch.Tensor) or movable.dtype != torch.bool else ValueError)(
-                bad_value("movable", _shown(movable), f"None or a bool tensor of shape (V,) = ({v},)"))
+        if movable is not None:
+            _check_mask("movable", movable, v, "V", head.codebook.device)
         self.movable = movable
         self.ignore_index = ignore_index
         device = head.codebook.device
