@@ -178,14 +178,16 @@ def run_scratch(ctx: RunContext[VQLogitsExperimentConfig], data: dict[str, Any])
             if mapping in ("kmeans", "hybrid"):  # clusters the baseline's head: a full-softmax run beside the budget
                 map_steps = budget
         name = f"K{k}-{mapping}-{'bias' if bias else 'nobias'}{f'-r{rank}' if rank else ''}-s{seed}"
-        model = replace_lm_head(trunk(seed_of(seed)), k, mapping=tokens_to_code, counts=counts, token_bias=bias,
-                                residual_rank=rank, bias_init="unigram" if bias else "zeros")
-        loss_fn = _vq_loss
-        if mapping == "learned":
-            learner = MapLearner(model.get_output_embeddings(), every=sc.learn_every, shrinkage=sc.learn_shrinkage)
-            loss_fn = _learned_loss(learner)
-        rec = _train_one(ctx, name, lambda model=model: model, data, seed=seed_of(seed), steps=steps,
-                         loss_fn=loss_fn, learner=learner)
+        if (rec := ctx.run.subrun(name).stored()) is None:  # a stored sub-run needs no model
+            model = replace_lm_head(trunk(seed_of(seed)), k, mapping=tokens_to_code, counts=counts, token_bias=bias,
+                                    residual_rank=rank, bias_init="unigram" if bias else "zeros")
+            loss_fn = _vq_loss
+            if mapping == "learned":
+                learner = MapLearner(model.get_output_embeddings(), every=sc.learn_every,
+                                     shrinkage=sc.learn_shrinkage)
+                loss_fn = _learned_loss(learner)
+            rec = _train_one(ctx, name, lambda model=model: model, data, seed=seed_of(seed), steps=steps,
+                             loss_fn=loss_fn, learner=learner)
         params = k * m.d_model + (vocab if bias else 0) + vocab + rank * (m.d_model + vocab)
         rows.append({"head": "vq", "K": k, "mapping": mapping, "bias": bias, "rank": rank, "seed": seed,
                      **ratios(rec, seed), "steps": rec["steps"], "map_steps": map_steps,
