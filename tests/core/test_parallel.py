@@ -1,16 +1,17 @@
 """core.parallel: loky and threading run a Parallel; an unknown backend is refused before anything starts; run_jobs
 gives the sequential results in order on every backend, calls back on each result, and refuses jobs != 1 under
-torchrun with one line."""
+torchrun with one line; JobsConfig validates the knobs once for every study and hands them to run_jobs."""
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import pytest
 from joblib import Parallel, delayed
 
 from leanfit.core.errors import ConfigError
-from leanfit.core.parallel import joblib_backend, run_jobs
+from leanfit.core.parallel import JobsConfig, joblib_backend, run_jobs
 
 
 def _draws(seed: int) -> list[float]:
@@ -69,3 +70,27 @@ def test_jobs_under_torchrun_are_refused_with_one_line(jobs, monkeypatch):
 def test_jobs_joblib_cannot_use_are_refused(jobs):
     with pytest.raises(ConfigError, match="jobs="):
         run_jobs(_draws, [1, 2], jobs=jobs, desc="jobs")
+
+
+@dataclass
+class _ThreadSafeJobs(JobsConfig):
+    threads_safe = True
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"jobs": 0}, r"jobs=0 is invalid: expected an integer >= 1, or -1 for one job per core"),
+    ({"jobs": -2}, r"jobs=-2 is invalid: expected a value >= -1"),
+    ({"backend": "spark"}, r"backend='spark' is invalid: expected one of 'loky', 'threading', 'dask', 'ray'"),
+    ({"backend": "threading"}, r"backend='threading' is invalid: expected loky, dask or ray; these jobs seed torch's"),
+])
+def test_jobs_config_refuses_bad_knobs_naming_them(values, message):
+    with pytest.raises(ConfigError, match=message):
+        JobsConfig.from_dict(values)
+
+
+def test_jobs_config_hands_its_knobs_to_run_jobs():
+    cfg = _ThreadSafeJobs.from_dict({"jobs": 2, "backend": "threading", "scheduler_address": ""})
+    assert cfg.job_options() == {"jobs": 2, "backend": "threading", "address": ""}
+    seeds = [3, 1, 2]
+    assert run_jobs(_draws, seeds, **cfg.job_options(), desc="config") == [_draws(s) for s in seeds]
+    assert list(JobsConfig().to_dict()) == ["jobs", "backend", "scheduler_address"]

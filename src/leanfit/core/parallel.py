@@ -2,21 +2,25 @@
 time or ``jobs`` at once through joblib, on a backend of :func:`joblib_backend`: ``loky`` (processes on this
 machine), ``threading``, ``dask`` (a ``dask.distributed`` cluster) or ``ray``.
 
-Every study names its knob ``jobs`` (1: one at a time in this process; -1: one per core, joblib's convention) and
-gets the same refusal under ``torchrun``, where a data-parallel launch already splits every batch over processes."""
+A study's config inherits the knobs from :class:`JobsConfig`: ``jobs`` (1: one at a time in this process; -1: one
+per core, joblib's convention), ``backend`` and ``scheduler_address``, with one validation, and every study gets the
+same refusal under ``torchrun``, where a data-parallel launch already splits every batch over processes."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, TypeVar, get_args
 
+from leanfit.core.config import BaseConfig, option
 from leanfit.core.errors import ConfigError, LeanfitError, bad_value
 
-__all__ = ["BACKENDS", "check_jobs", "joblib_backend", "run_jobs"]
+__all__ = ["BACKENDS", "Backend", "JobsConfig", "check_jobs", "joblib_backend", "run_jobs"]
 
-BACKENDS = ("loky", "threading", "dask", "ray")
+Backend = Literal["loky", "threading", "dask", "ray"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -63,6 +67,33 @@ def check_jobs(jobs: int) -> None:
     if jobs != 1 and world > 1:
         raise ConfigError(bad_value("jobs", jobs, f"1 under torchrun (WORLD_SIZE={world})", "a data-parallel launch "
                                     "already splits every batch over processes; set jobs=1"))
+
+
+@dataclass
+class JobsConfig(BaseConfig):
+    """The job-runner knobs of a study's config (inherit it; its fields come first): how many independent jobs run
+    at once and where. A study with another default redeclares ``jobs``; one whose jobs are safe in threads of one
+    process (they set no process-wide state: torch's global generator, its thread count) sets ``threads_safe``."""
+
+    threads_safe: ClassVar[bool] = False
+
+    jobs: int = option(1, ge=-1, help="independent jobs at once (joblib workers; 1: one at a time in this process, "
+                       "-1: one per core); jobs at once share the machine, so keep 1 where their times are compared")
+    backend: Backend = option("loky", help="joblib backend when jobs != 1: loky (processes on this machine), "
+                              "threading, dask or ray")
+    scheduler_address: str = option("", help="backend dask or ray: the scheduler or cluster address to join "
+                                    "(empty: start a local one)")
+
+    def __post_init__(self) -> None:
+        if self.jobs == 0:
+            raise ConfigError(bad_value("jobs", self.jobs, "an integer >= 1, or -1 for one job per core"))
+        if self.backend == "threading" and not self.threads_safe:
+            raise ConfigError(bad_value("backend", self.backend, "loky, dask or ray", "these jobs seed torch's "
+                                        "global generator, which threads of one process would share"))
+
+    def job_options(self) -> dict[str, Any]:
+        """``jobs``, ``backend`` and ``address`` as keyword arguments of :func:`run_jobs`."""
+        return {"jobs": self.jobs, "backend": self.backend, "address": self.scheduler_address}
 
 
 def _indexed(fn: Callable[[Any], Any], index: int, item: Any) -> tuple[int, Any]:

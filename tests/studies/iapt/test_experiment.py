@@ -295,7 +295,7 @@ def test_rouge_l_matches_hand_computed_values(pred, ref, expected):
     ("warmup_fraction=1.0", "warmup_fraction"), ("valid_fraction=0.9", "valid_fraction"), ("lrs.iapt=[]", "lrs.iapt"),
     ("decoder.methods=[iapt,prefix]", "decoder.methods"), ("decoder.steps=0", "decoder.steps"),
     ("lora_r=-1", "lora_r"), ("iapt.bottleneck=0", "bottleneck"), ("jobs=0", "jobs"), ("backend=spark", "backend"),
-    ("device=tpu", "device"), ("max_grad_norm=-1", "max_grad_norm"), ("activation_lr_scale=0", "activation_lr_scale"),
+    ("backend=threading", "backend"), ("device=tpu", "device"), ("max_grad_norm=-1", "max_grad_norm"), ("activation_lr_scale=0", "activation_lr_scale"),
     ("decoder.max_grad_norm=-1", "decoder.max_grad_norm"), ("decoder.gate_init_scale=0", "decoder.gate_init_scale"),
 ], ids=lambda v: str(v).split("=")[0])
 def test_bad_settings_are_refused(override, match, tmp_path):

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from leanfit.core.config import BaseConfig, option
 from leanfit.core.errors import ConfigError, bad_value
-from leanfit.core.parallel import BACKENDS
+from leanfit.core.parallel import JobsConfig
 from leanfit.iapt.config import IAPTConfig
 
 __all__ = ["ABLATIONS", "DECODER_METHODS", "METHODS", "TASKS", "DecoderConfig", "IAPTExperimentConfig",
@@ -105,7 +105,7 @@ class DecoderConfig(BaseConfig):
 
 
 @dataclass
-class IAPTExperimentConfig(BaseConfig):
+class IAPTExperimentConfig(JobsConfig):
     tasks: list[Literal["bbc-news", "rotten-tomatoes"]] = option(
         default_factory=lambda: list(TASKS), help="classification tasks (may be empty)")
     methods: list[str] = option(default_factory=lambda: list(METHODS), help=f"subset of {METHODS}; must hold iapt")
@@ -139,12 +139,10 @@ class IAPTExperimentConfig(BaseConfig):
                                   "default; 0 = off)")
     threads: int = option(0, help="torch threads (0: auto = 1, see leanfit.core.device)")
     device: str = option("auto", help="encoder study: auto (CUDA when present, else CPU), cpu or cuda")
-    jobs: int = option(1, help="classifiers trained at once (joblib workers; they share the machine, so keep 1 "
-                       "when timing on a CPU)")
-    backend: str = option("loky", help="joblib backend of jobs > 1: loky (processes), dask or ray")
     decoder: DecoderConfig = option(default_factory=DecoderConfig, help="headline generation with a causal LM")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if "iapt" not in self.methods or len(set(self.methods)) != len(self.methods):
             raise ConfigError(bad_value("methods", self.methods, f"distinct names from {METHODS} including 'iapt'",
                                         "IAPT's count is the budget the other methods are matched to"))
@@ -173,8 +171,5 @@ class IAPTExperimentConfig(BaseConfig):
             raise ConfigError(bad_value("activation_lr_scale", self.activation_lr_scale, "a multiple > 0"))
         if not self.max_grad_norm >= 0:
             raise ConfigError(bad_value("max_grad_norm", self.max_grad_norm, "a norm >= 0 (0 = no clipping)"))
-        _positive(self, ("jobs",))
-        if self.backend not in BACKENDS:
-            raise ConfigError(bad_value("backend", self.backend, f"one of {BACKENDS}"))
         if self.device.strip().lower() not in ("auto", "cpu") and not self.device.strip().lower().startswith("cuda"):
             raise ConfigError(bad_value("device", self.device, "auto, cpu or cuda[:N]"))

@@ -237,7 +237,7 @@ def _run_job(ctx: RunContext[IAPTExperimentConfig], job: Job, show_progress: boo
 def run_classifiers(ctx: RunContext[IAPTExperimentConfig], jobs: Sequence[Job], title: str) -> list[dict[str, Any]]:
     """The records of ``jobs`` in order; ``cfg.jobs`` classifiers at once through joblib when > 1."""
     cfg = ctx.config
-    return run_jobs(partial(_run_job, ctx, show_progress=False), jobs, jobs=cfg.jobs, backend=cfg.backend,
+    return run_jobs(partial(_run_job, ctx, show_progress=False), jobs, **cfg.job_options(),
                     desc=f"{title}: {len(jobs)} classifiers, {cfg.jobs} at once", serial_fn=partial(_run_job, ctx),
                     postfix=lambda r: {"last": r["name"]})
 

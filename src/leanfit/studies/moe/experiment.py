@@ -45,8 +45,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from leanfit.core.config import BaseConfig, option
+from leanfit.core.config import option
 from leanfit.core.errors import ConfigError
+from leanfit.core.parallel import JobsConfig
 from leanfit.core.registry import register
 
 if TYPE_CHECKING:
@@ -71,7 +72,8 @@ _PARAMS = ("gate_coef", "coef", "intercept", "var")
 
 
 @dataclass
-class TopKMoEStudyConfig(BaseConfig):
+class TopKMoEStudyConfig(JobsConfig):
+    threads_safe = True  # each fit draws from its own numpy generator
     ns: list[int] = option(default_factory=lambda: [1000, 1931, 3728, 7197, 13895, 26827, 51795, 100000],
                            help="sample sizes (log-spaced)")
     replications: int = option(20, help="independent data sets per sample size and setting")
@@ -90,9 +92,8 @@ class TopKMoEStudyConfig(BaseConfig):
     single_start_init: str = option("random", help="the estimator's init for the single starts: random (its "
                                     "default), dense or kmeans")
     bootstrap: int = option(2000, help="bootstrap resamples of the replications for slope CIs")
-    jobs: int = option(-1, help="fits at once (joblib workers; -1: one per core, 1: one at a time in this process)")
-    backend: str = option("loky", help="joblib backend: loky (processes), threading, dask or ray")
-    scheduler_address: str = option("", help="dask scheduler or ray cluster address (empty: start a local one)")
+    jobs: int = option(-1, ge=-1, help="fits at once (joblib workers; -1: one per core, 1: one at a time in this "
+                       "process)")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], *, where: str = "") -> TopKMoEStudyConfig:
@@ -105,13 +106,10 @@ class TopKMoEStudyConfig(BaseConfig):
         return super().from_dict(values, where=where)
 
     def __post_init__(self) -> None:
-        if self.jobs == 0:
-            raise ValueError("jobs=0 is invalid: expected an integer >= 1, or -1 for one fit per core")
+        super().__post_init__()
         unknown = sorted(set(self.settings) - set(SETTINGS))
         if unknown or not self.settings:
             raise ValueError(f"settings={self.settings} is invalid: expected a non-empty subset of {sorted(SETTINGS)}")
-        if self.backend not in ("loky", "threading", "dask", "ray"):
-            raise ValueError(f"backend={self.backend!r} is invalid: expected loky, threading, dask or ray")
         if min(self.ns, default=0) < 50:
             raise ValueError(f"ns={self.ns} is invalid: expected sample sizes >= 50")
         if self.single_starts < 0:
@@ -432,7 +430,7 @@ def run(ctx: RunContext[TopKMoEStudyConfig]) -> dict[str, Any]:
     todo = [t for t in _tasks(cfg, ctx.seed) if (t["setting"], t["n"], t["rep"]) not in finished]
     todo.sort(key=lambda t: -t["n"])  # largest fits first keeps the workers busy to the end
     began = time.perf_counter()
-    new = run_jobs(fit_one, todo, jobs=cfg.jobs, backend=cfg.backend, address=cfg.scheduler_address,
+    new = run_jobs(fit_one, todo, **cfg.job_options(),
                    desc="topk-moe fits", completed=len(done), on_result=lambda record: append_jsonl(path, record),
                    postfix=lambda r: {"size": r["n"], "setting": r["setting"], "loss": r["loss"]})
     fits = sorted([*done, *new], key=lambda f: (f["setting"], f["n"], f["rep"]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from leanfit.core.config import BaseConfig, option
+from leanfit.core.parallel import JobsConfig
 
 __all__ = ["DATASETS", "ODE_METHODS", "SDE_METHODS", "DEArmConfig", "NeuralDEExperimentConfig", "SDEArmConfig"]
 
@@ -70,7 +71,7 @@ class SDEArmConfig(DEArmConfig):
 
 
 @dataclass
-class NeuralDEExperimentConfig(BaseConfig):
+class NeuralDEExperimentConfig(JobsConfig):
     dataset: str = option("digits", help=f"one of {DATASETS}")
     val_fraction: float = option(0.15, help="validation share (stratified)")
     test_fraction: float = option(0.2, help="test share (stratified)")
@@ -83,13 +84,11 @@ class NeuralDEExperimentConfig(BaseConfig):
     timing_repeats: int = option(5, help="warm prediction-time repeats per model (median reported)")
     threads: int = option(0, help="torch threads (0: auto, 1 for these small workloads)")
     device: str = option("auto", help="auto (CUDA when present, else CPU), cpu or cuda[:N]")
-    jobs: int = option(1, help="models trained at once (joblib processes; they share the machine, so keep 1 when "
-                       "training times are compared)")
-    backend: str = option("loky", help="joblib backend of jobs > 1: loky (processes), dask or ray")
     ode: DEArmConfig = option(default_factory=DEArmConfig, help="neural ODE family")
     sde: SDEArmConfig = option(default_factory=SDEArmConfig, help="neural SDE family")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset={self.dataset!r} is invalid: expected one of {DATASETS}")
         if self.dtype not in ("float32", "float64"):
@@ -101,10 +100,6 @@ class NeuralDEExperimentConfig(BaseConfig):
             raise ValueError(f"seeds={self.seeds} is invalid: expected distinct non-negative integers")
         if self.lambda_decay < 1:
             raise ValueError(f"lambda_decay={self.lambda_decay} is invalid: expected >= 1 (1: constant lambda)")
-        if self.jobs < 1:
-            raise ValueError(f"jobs={self.jobs} is invalid: expected an integer >= 1 (1: one model at a time)")
-        if self.backend not in ("loky", "dask", "ray"):
-            raise ValueError(f"backend={self.backend!r} is invalid: expected loky, dask or ray")
         if self.device.strip().lower().startswith("mps"):
             raise ValueError(f"device={self.device!r} is invalid: MPS has no float64 and per-step host syncs; use "
                              "cpu or cuda")

@@ -272,7 +272,7 @@ def train_many(ctx: RunContext[NeuralDEExperimentConfig], data: DEData, family: 
     from leanfit.core.parallel import run_jobs
 
     cfg = ctx.config
-    records = run_jobs(partial(_train_job, ctx, data, family), jobs, jobs=cfg.jobs, backend=cfg.backend,
+    records = run_jobs(partial(_train_job, ctx, data, family), jobs, **cfg.job_options(),
                        desc=f"{family}: {len(jobs)} models, {cfg.jobs} at once",
                        serial_fn=partial(_train_job, ctx, data, family, show_progress=True),
                        postfix=lambda r: {"last": r["name"], "val_acc": r["val_accuracy"]})
