@@ -112,11 +112,18 @@ def _print_config(kind: Literal["experiment", "benchmark"], args: argparse.Names
     return 0
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _config_request(kind: Literal["experiment", "benchmark"], args: argparse.Namespace) -> int | None:
+    """The exit code of ``--help-config`` or ``--print-config`` when one was asked for (nothing runs then)."""
     if args.help_config:
-        return _print_config_help("experiment", args.name, args.preset)
+        return _print_config_help(kind, args.name, args.preset)
     if args.print_config:
-        return _print_config("experiment", args)
+        return _print_config(kind, args)
+    return None
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    if (code := _config_request("experiment", args)) is not None:
+        return code
     from leanfit.core.runner import run_experiment
 
     path, results = run_experiment(
@@ -129,10 +136,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    if args.help_config:
-        return _print_config_help("benchmark", args.name, args.preset)
-    if args.print_config:
-        return _print_config("benchmark", args)
+    if (code := _config_request("benchmark", args)) is not None:
+        return code
     from leanfit.core.runner import run_benchmark
 
     path = run_benchmark(args.name, preset=args.preset, config_file=args.config, overrides=args.overrides,
