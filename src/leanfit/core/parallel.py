@@ -3,8 +3,9 @@ time or ``jobs`` at once through joblib, on a backend of :func:`joblib_backend`:
 machine), ``threading``, ``dask`` (a ``dask.distributed`` cluster) or ``ray``.
 
 A study's config inherits the knobs from :class:`JobsConfig`: ``jobs`` (1: one at a time in this process; -1: one
-per core, joblib's convention), ``backend`` and ``scheduler_address``, with one validation, and every study gets the
-same refusal under ``torchrun``, where a data-parallel launch already splits every batch over processes."""
+per core, joblib's convention), ``backend`` and ``scheduler_address``, with one validation; the runner refuses
+``jobs != 1`` of such a config under ``torchrun`` (a data-parallel launch already splits every batch over
+processes) before anything is written, with the same line for every study."""
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ from leanfit.core import registry
 from leanfit.core.config import BaseConfig, load_yaml, merge_nested, parse_overrides
 from leanfit.core.errors import ConfigError, LeanfitError, RunExistsError, RunFailedError, bad_value
 from leanfit.core.io import sha256_bytes
+from leanfit.core.parallel import JobsConfig, check_jobs
 from leanfit.core.progress import notice
 from leanfit.core.runs import RunDir, is_main_process
 
@@ -240,6 +241,8 @@ def run_experiment(
     entry = registry.get("experiment", name)
     settings = _settings(entry, preset, seed, config_file, overrides)
     record, config, report_to = _resolve(entry, settings)
+    if isinstance(config, JobsConfig):
+        check_jobs(config.jobs)  # refused under torchrun before anything is written
     preset, seed = settings.preset, settings.seed
     out = Path(out)
     run = _run_folder(out, name, run_id if run_id is not None else run_id_for(preset, seed, config))

@@ -94,13 +94,11 @@ PRESETS: dict[str, dict[str, Any]] = {
           config_cls=IAPTExperimentConfig, presets=PRESETS, report=report)
 def run(ctx: RunContext[IAPTExperimentConfig]) -> dict[str, Any]:
     from leanfit.core.device import configure_threads
-    from leanfit.core.parallel import check_jobs
     from leanfit.studies.iapt import decoder, train
     from leanfit.studies.iapt import report as rep
     from leanfit.studies.iapt.task import task_env
 
     cfg = ctx.config
-    check_jobs(cfg.jobs)  # before any data is prepared: the refusal under torchrun is the first line
     threads = configure_threads(cfg.threads, small_workload=True)
     budgets = []
     for task in cfg.tasks:

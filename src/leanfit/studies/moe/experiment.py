@@ -418,10 +418,9 @@ def _headline(slopes: list[dict[str, Any]], fits: list[dict[str, Any]], init: st
           report=report)
 def run(ctx: RunContext[TopKMoEStudyConfig]) -> dict[str, Any]:
     from leanfit.core.io import append_jsonl, read_jsonl
-    from leanfit.core.parallel import check_jobs, run_jobs
+    from leanfit.core.parallel import run_jobs
 
     cfg = ctx.config
-    check_jobs(cfg.jobs)  # before any data is prepared: the refusal under torchrun is the first line
     path = ctx.run.path / "fits.jsonl"
     done = read_jsonl(path) if (ctx.resume and path.exists()) else []
     if not ctx.resume:

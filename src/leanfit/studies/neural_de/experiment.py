@@ -503,10 +503,8 @@ def _headline(summary: list[dict[str, Any]]) -> str:
           report=report)
 def run(ctx: RunContext[NeuralDEExperimentConfig]) -> dict[str, Any]:
     from leanfit.core.device import configure_threads
-    from leanfit.core.parallel import check_jobs
 
     cfg = ctx.config
-    check_jobs(cfg.jobs)  # before any data is prepared: the refusal under torchrun is the first line
     threads = configure_threads(cfg.threads, small_workload=True)
     data = load_data(cfg)
     rows, sweeps = [], []
