@@ -74,14 +74,14 @@ def test_jobs_joblib_cannot_use_are_refused(jobs):
 
 @dataclass
 class _ThreadSafeJobs(JobsConfig):
-    threads_safe = True
+    thread_safe = True
 
 
 @pytest.mark.parametrize(("values", "message"), [
     ({"jobs": 0}, r"jobs=0 is invalid: expected an integer >= 1, or -1 for one job per core"),
     ({"jobs": -2}, r"jobs=-2 is invalid: expected a value >= -1"),
     ({"backend": "spark"}, r"backend='spark' is invalid: expected one of 'loky', 'threading', 'dask', 'ray'"),
-    ({"backend": "threading"}, r"backend='threading' is invalid: expected loky, dask or ray; these jobs seed torch's"),
+    ({"backend": "threading"}, r"backend='threading' is invalid: expected loky, dask or ray; this study's jobs set process-wide state"),
 ])
 def test_jobs_config_refuses_bad_knobs_naming_them(values, message):
     with pytest.raises(ConfigError, match=message):

@@ -74,9 +74,9 @@ def check_jobs(jobs: int) -> None:
 class JobsConfig(BaseConfig):
     """The job-runner knobs of a study's config (inherit it; its fields come first): how many independent jobs run
     at once and where. A study with another default redeclares ``jobs``; one whose jobs are safe in threads of one
-    process (they set no process-wide state: torch's global generator, its thread count) sets ``threads_safe``."""
+    process (they set no process-wide state: torch's global generator, its thread count) sets ``thread_safe``."""
 
-    threads_safe: ClassVar[bool] = False
+    thread_safe: ClassVar[bool] = False
 
     jobs: int = option(1, ge=-1, help="independent jobs at once (joblib workers; 1: one at a time in this process, "
                        "-1: one per core); jobs at once share the machine, so keep 1 where their times are compared")
@@ -88,9 +88,9 @@ class JobsConfig(BaseConfig):
     def __post_init__(self) -> None:
         if self.jobs == 0:
             raise ConfigError(bad_value("jobs", self.jobs, "an integer >= 1, or -1 for one job per core"))
-        if self.backend == "threading" and not self.threads_safe:
-            raise ConfigError(bad_value("backend", self.backend, "loky, dask or ray", "these jobs seed torch's "
-                                        "global generator, which threads of one process would share"))
+        if self.backend == "threading" and not self.thread_safe:
+            raise ConfigError(bad_value("backend", self.backend, "loky, dask or ray", "this study's jobs set "
+                                        "process-wide state (torch's global generator) that threads would share"))
 
     def job_options(self) -> dict[str, Any]:
         """``jobs``, ``backend`` and ``address`` as keyword arguments of :func:`run_jobs`."""

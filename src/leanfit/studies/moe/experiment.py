@@ -73,7 +73,7 @@ _PARAMS = ("gate_coef", "coef", "intercept", "var")
 
 @dataclass
 class TopKMoEStudyConfig(JobsConfig):
-    threads_safe = True  # each fit draws from its own numpy generator
+    thread_safe = True  # each fit draws from its own numpy generator
     ns: list[int] = option(default_factory=lambda: [1000, 1931, 3728, 7197, 13895, 26827, 51795, 100000],
                            help="sample sizes (log-spaced)")
     replications: int = option(20, help="independent data sets per sample size and setting")
