@@ -78,8 +78,7 @@ class _ThreadSafeJobs(JobsConfig):
 
 
 @pytest.mark.parametrize(("values", "message"), [
-    ({"jobs": 0}, r"jobs=0 is invalid: expected an integer >= 1, or -1 for one job per core"),
-    ({"jobs": -2}, r"jobs=-2 is invalid: expected a value >= -1"),
+    ({"jobs": 0}, r"jobs=0 is invalid: expected a non-zero integer \(1: one at a time, -1: one per core\)"),
     ({"backend": "spark"}, r"backend='spark' is invalid: expected one of 'loky', 'threading', 'dask', 'ray'"),
     ({"backend": "threading"}, r"backend='threading' is invalid: expected loky, dask or ray; this study's jobs set process-wide state"),
 ])

@@ -63,7 +63,7 @@ def joblib_backend(name: str, address: str = "") -> Iterator[None]:
 def check_jobs(jobs: int) -> None:
     """Refuse ``jobs`` that joblib cannot use (0, not an integer) and ``jobs != 1`` under ``torchrun``."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs == 0:
-        raise ConfigError(bad_value("jobs", jobs, "an integer >= 1, or -1 for one job per core"))
+        raise ConfigError(bad_value("jobs", jobs, "a non-zero integer (1: one at a time, -1: one per core)"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if jobs != 1 and world > 1:
         raise ConfigError(bad_value("jobs", jobs, f"1 under torchrun (WORLD_SIZE={world})", "a data-parallel launch "
@@ -78,19 +78,28 @@ class JobsConfig(BaseConfig):
 
     thread_safe: ClassVar[bool] = False
 
-    jobs: int = option(1, ge=-1, help="independent jobs at once (joblib workers; 1: one at a time in this process, "
-                       "-1: one per core); jobs at once share the machine, so keep 1 where their times are compared")
-    backend: Backend = option("loky", help="joblib backend when jobs != 1: loky (processes on this machine), "
-                              "threading, dask or ray")
+    jobs: int = option(1, help="independent jobs at once (joblib workers; 1: one at a time in this process, -1: one "
+                       "per core, -2: all cores but one); jobs at once share the machine, so keep 1 where their "
+                       "times are compared")
+    backend: Backend = option("loky", help="joblib backend when jobs != 1: loky (processes on this machine), dask, "
+                              "ray, or threading where the study's jobs are thread-safe")
     scheduler_address: str = option("", help="backend dask or ray: the scheduler or cluster address to join "
                                     "(empty: start a local one)")
 
     def __post_init__(self) -> None:
         if self.jobs == 0:
-            raise ConfigError(bad_value("jobs", self.jobs, "an integer >= 1, or -1 for one job per core"))
+            raise ConfigError(bad_value("jobs", self.jobs, "a non-zero integer (1: one at a time, -1: one per core)"))
         if self.backend == "threading" and not self.thread_safe:
             raise ConfigError(bad_value("backend", self.backend, "loky, dask or ray", "this study's jobs set "
                                         "process-wide state (torch's global generator) that threads would share"))
+
+    def workers(self) -> int:
+        """How many jobs run at once on this machine (``jobs`` < 0 resolved as joblib does: -1 every core)."""
+        if self.jobs == 1:
+            return 1
+        from joblib import effective_n_jobs
+
+        return int(effective_n_jobs(self.jobs))
 
     def job_options(self) -> dict[str, Any]:
         """``jobs``, ``backend`` and ``address`` as keyword arguments of :func:`run_jobs`."""

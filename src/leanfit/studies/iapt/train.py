@@ -177,7 +177,7 @@ def _train_classifier(ctx: RunContext[IAPTExperimentConfig], task: Classificatio
 
     record = {"name": spec.name, **dataclasses.asdict(spec), **counts, "size": _size(task, spec),
               "steps": cfg.steps, "batch_size": cfg.batch_size, "processes": acc.num_processes,
-              "train_device": device_name(acc.device), "jobs": cfg.jobs,
+              "train_device": device_name(acc.device), "jobs": cfg.workers(),
               "max_grad_norm": cfg.max_grad_norm}
     record.update(train_loop(acc, model, optimizer, scheduler, batches, loss_fn, spec.name, sub / "losses.jsonl",
                               cfg.max_grad_norm, show_progress))
@@ -235,10 +235,10 @@ def _run_job(ctx: RunContext[IAPTExperimentConfig], job: Job, show_progress: boo
 
 
 def run_classifiers(ctx: RunContext[IAPTExperimentConfig], jobs: Sequence[Job], title: str) -> list[dict[str, Any]]:
-    """The records of ``jobs`` in order; ``cfg.jobs`` classifiers at once through joblib when > 1."""
+    """The records of ``jobs`` in order; ``cfg.workers()`` classifiers at once through joblib when ``cfg.jobs != 1``."""
     cfg = ctx.config
     return run_jobs(partial(_run_job, ctx, show_progress=False), jobs, **cfg.job_options(),
-                    desc=f"{title}: {len(jobs)} classifiers, {cfg.jobs} at once", serial_fn=partial(_run_job, ctx),
+                    desc=f"{title}: {len(jobs)} classifiers, {cfg.workers()} at once", serial_fn=partial(_run_job, ctx),
                     postfix=lambda r: {"last": r["name"]})
 
 

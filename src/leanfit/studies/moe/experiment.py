@@ -92,8 +92,8 @@ class TopKMoEStudyConfig(JobsConfig):
     single_start_init: str = option("random", help="the estimator's init for the single starts: random (its "
                                     "default), dense or kmeans")
     bootstrap: int = option(2000, help="bootstrap resamples of the replications for slope CIs")
-    jobs: int = option(-1, ge=-1, help="fits at once (joblib workers; -1: one per core, 1: one at a time in this "
-                       "process)")
+    jobs: int = option(-1, help="fits at once (joblib workers; -1: one per core, -2: all cores but one, 1: one at a "
+                       "time in this process)")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], *, where: str = "") -> TopKMoEStudyConfig:

@@ -242,7 +242,7 @@ def train_one(ctx: RunContext[NeuralDEExperimentConfig], data: DEData, family: s
     result = {"name": name, "family": family, "method": method, "lambda": lam, "seed": seed,
               "val_accuracy": final.accuracy, "val_nfe_joint": final.nfe_joint, "train_seconds": train_seconds,
               "train_nfe_per_step": nfe_sum / arm.steps, "train_device": device_name(device),
-              "train_jobs": cfg.jobs}
+              "train_jobs": cfg.workers()}
     if ctx.is_main:
         atomic_save_tensors(sub / "model.safetensors", {k: v.detach() for k, v in model.state_dict().items()})
     subrun.store(result)
@@ -266,14 +266,14 @@ def _train_job(ctx: RunContext[NeuralDEExperimentConfig], data: DEData, family: 
 
 def train_many(ctx: RunContext[NeuralDEExperimentConfig], data: DEData, family: str,
                jobs: list[tuple[str, float, int]]) -> dict[tuple[str, float, int], dict[str, Any]]:
-    """Train (or reuse) every ``(method, lambda, seed)`` of ``jobs``; ``cfg.jobs`` of them at once."""
+    """Train (or reuse) every ``(method, lambda, seed)`` of ``jobs``; ``cfg.workers()`` of them at once."""
     from functools import partial
 
     from leanfit.core.parallel import run_jobs
 
     cfg = ctx.config
     records = run_jobs(partial(_train_job, ctx, data, family), jobs, **cfg.job_options(),
-                       desc=f"{family}: {len(jobs)} models, {cfg.jobs} at once",
+                       desc=f"{family}: {len(jobs)} models, {cfg.workers()} at once",
                        serial_fn=partial(_train_job, ctx, data, family, show_progress=True),
                        postfix=lambda r: {"last": r["name"], "val_acc": r["val_accuracy"]})
     return dict(zip(jobs, records, strict=True))
@@ -282,7 +282,7 @@ def train_many(ctx: RunContext[NeuralDEExperimentConfig], data: DEData, family: 
 def run_family(ctx: RunContext[NeuralDEExperimentConfig], data: DEData, family: str) -> list[dict[str, Any]]:
     """Sweep lambda on the first seed, train the chosen lambda on every seed; returns the trained records.
 
-    Two rounds of independent models (run ``cfg.jobs`` at a time): every seed's vanilla with the first seed's
+    Two rounds of independent models (run ``cfg.workers()`` at a time): every seed's vanilla with the first seed's
     sweep, then the chosen lambdas on the other seeds."""
     from leanfit.core.stats import choose_within_drop
 
@@ -518,6 +518,6 @@ def run(ctx: RunContext[NeuralDEExperimentConfig]) -> dict[str, Any]:
             rows += score(ctx, data, family, records)
     summary = summarise(rows)
     return {"dataset": cfg.dataset, "splits": data.sizes(),
-            "threads": threads, "device": device_name(resolve_device(cfg.device)), "jobs": cfg.jobs, "rows": rows,
+            "threads": threads, "device": device_name(resolve_device(cfg.device)), "jobs": cfg.workers(), "rows": rows,
             "summary": summary, "targets": targets(summary), "sweeps": sweeps, "headline": _headline(summary),
             "contrasts": contrasts(rows)}
