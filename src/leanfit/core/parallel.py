@@ -22,6 +22,7 @@ __all__ = ["BACKENDS", "Backend", "JobsConfig", "check_jobs", "joblib_backend", 
 
 Backend = Literal["loky", "threading", "dask", "ray"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
+_JOBS = "a non-zero integer (1: one at a time, -1: one per core)"  # what jobs may be
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -63,7 +64,7 @@ def joblib_backend(name: str, address: str = "") -> Iterator[None]:
 def check_jobs(jobs: int) -> None:
     """Refuse ``jobs`` that joblib cannot use (0, not an integer) and ``jobs != 1`` under ``torchrun``."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs == 0:
-        raise ConfigError(bad_value("jobs", jobs, "a non-zero integer (1: one at a time, -1: one per core)"))
+        raise ConfigError(bad_value("jobs", jobs, _JOBS))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if jobs != 1 and world > 1:
         raise ConfigError(bad_value("jobs", jobs, f"1 under torchrun (WORLD_SIZE={world})", "a data-parallel launch "
@@ -88,7 +89,7 @@ class JobsConfig(BaseConfig):
 
     def __post_init__(self) -> None:
         if self.jobs == 0:
-            raise ConfigError(bad_value("jobs", self.jobs, "a non-zero integer (1: one at a time, -1: one per core)"))
+            raise ConfigError(bad_value("jobs", self.jobs, _JOBS))
         if self.backend == "threading" and not self.thread_safe:
             raise ConfigError(bad_value("backend", self.backend, "loky, dask or ray", "this study's jobs set "
                                         "process-wide state (torch's global generator) that threads would share"))
